@@ -1,0 +1,1 @@
+"""Evaluation harness: metrics, significance tests, click models and reports (later issues)."""

@@ -1,0 +1,40 @@
+"""Where the engine keeps its files, and the defaults every job shares (one place for each constant)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV_VAR = "LTR_SEARCH_HOME"
+DEFAULT_HOME = Path(".ltr-search")
+DEFAULT_INDEX_NAME = "default"
+
+# On-disk index bundle format; bump when a file layout or manifest field changes meaning.
+INDEX_SCHEMA_VERSION = 1
+# How many generations an index keeps besides the active one (for rollback).
+DEFAULT_KEEP_GENERATIONS = 3
+
+# Lucene's BM25 defaults as Anserini uses them for BEIR.
+DEFAULT_BM25_K1 = 0.9
+DEFAULT_BM25_B = 0.4
+
+# Corpora larger than this get an HNSW index; smaller ones are searched exactly.
+DEFAULT_HNSW_THRESHOLD = 200_000
+
+
+def resolve_home(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """The engine home: `--home`, else $LTR_SEARCH_HOME, else ./.ltr-search."""
+    if cli_value:
+        return Path(cli_value).expanduser().resolve()
+    env_value = os.environ.get(HOME_ENV_VAR)
+    if env_value:
+        return Path(env_value).expanduser().resolve()
+    return DEFAULT_HOME.resolve()
+
+
+def encoders_dir(home: Path) -> Path:
+    """Exported ONNX encoders, shared by every index in this home (content-addressed)."""
+    return home / "encoders"
+
+
+def indexes_dir(home: Path) -> Path:
+    return home / "indexes"

@@ -1,0 +1,1 @@
+"""Query side: retrievers over an index generation, the command line, and (later) the ranking pipeline and API."""
