@@ -1,0 +1,321 @@
+"""BM25 inverted index on scipy.sparse, per field (title, text) and combined ("all").
+
+Layout, after bm25s: one CSR matrix per field with a row per term and a column per document,
+holding the *precomputed* BM25 weight of that term in that document, so a query is a sum of a
+few rows. A parallel array keeps the raw term frequency for ranking features.
+
+Scoring is Lucene's BM25 (Lucene >= 8, as Anserini and Elasticsearch use it):
+    idf(t)   = ln(1 + (N - df + 0.5) / (df + 0.5))
+    w(t, d)  = idf(t) * tf / (tf + k1 * (1 - b + b * dl / avgdl))
+with N the number of documents that have the field (non-empty) and avgdl their mean length.
+Differences from Lucene: document lengths are exact (Lucene stores them lossily in one byte),
+and from rank-bm25's BM25Okapi: its idf is ln((N - df + 0.5) / (df + 0.5)) floored at
+epsilon * mean idf, and its weight has an extra (k1 + 1) factor. Repeated query terms count
+once per occurrence, like a Lucene BooleanQuery of their term queries.
+"""
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from indexing.config import DEFAULT_BM25_B, DEFAULT_BM25_K1
+
+COMBINED_FIELD = "all"
+SOURCE_FIELDS: tuple[str, ...] = ("title", "text")
+TF_MAX = np.iinfo(np.uint16).max  # raw term frequencies are stored saturated at this value
+
+
+@dataclass(frozen=True)
+class BM25Settings:
+    k1: float = DEFAULT_BM25_K1
+    b: float = DEFAULT_BM25_B
+
+    def __post_init__(self) -> None:
+        if not (self.k1 >= 0):
+            raise ValueError(f"BM25 k1 must be >= 0, got {self.k1}")
+        if not (0 <= self.b <= 1):
+            raise ValueError(f"BM25 b must be in [0, 1], got {self.b}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BM25Settings":
+        return cls(k1=float(data["k1"]), b=float(data["b"]))
+
+
+def lucene_idf(df: np.ndarray, doc_count: int) -> np.ndarray:
+    """Lucene's always-positive BM25 idf, vectorised over document frequencies."""
+    df = np.asarray(df, dtype=np.float64)
+    return np.log1p((doc_count - df + 0.5) / (df + 0.5))
+
+
+@dataclass
+class FieldIndex:
+    """The BM25 postings of one field. Rows are term ids, columns document indices."""
+
+    name: str
+    weights: sp.csr_matrix  # float32 precomputed BM25 weight per (term, doc)
+    term_freqs: np.ndarray  # uint16, parallel to weights.data
+    doc_lengths: np.ndarray  # int32 per document
+    doc_count: int  # documents with a non-empty field
+    avg_length: float
+    idf: np.ndarray  # float32 per term
+
+    @property
+    def document_frequencies(self) -> np.ndarray:
+        return np.diff(self.weights.indptr)
+
+
+@dataclass
+class CandidateStats:
+    """Per-(query, candidate) statistics that later become ranking features.
+
+    Arrays are indexed [candidate] or [candidate, term], terms being the distinct analysed query
+    terms in query order (`terms`, with `term_counts` occurrences each; `known` says whether the
+    index has seen a term at all).
+    """
+
+    doc_indices: np.ndarray
+    terms: tuple[str, ...]
+    term_counts: np.ndarray
+    known: np.ndarray
+    query_length: int
+    bm25: dict[str, np.ndarray]
+    term_freqs: dict[str, np.ndarray]
+    idf: dict[str, np.ndarray]
+    field_lengths: dict[str, np.ndarray]
+
+    def matched_terms(self, field: str) -> np.ndarray:
+        """How many distinct query terms occur in each candidate's field."""
+        return (self.term_freqs[field] > 0).sum(axis=1)
+
+
+class BM25Index:
+    """Per-field BM25 over one shared vocabulary. Build with `BM25Builder`, or `load`."""
+
+    def __init__(self, vocabulary: list[str], fields: dict[str, FieldIndex], settings: BM25Settings):
+        self.vocabulary = vocabulary
+        self.term_to_id = {term: i for i, term in enumerate(vocabulary)}
+        self.fields = fields
+        self.settings = settings
+        self.n_docs = len(next(iter(fields.values())).doc_lengths)
+
+    # ----- query side -------------------------------------------------------------------------
+    def query_term_ids(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct known term ids of an analysed query and how often each occurs in it."""
+        ids = [self.term_to_id[t] for t in tokens if t in self.term_to_id]
+        if not ids:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        unique, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+        return unique, counts.astype(np.float32)
+
+    def scores(self, tokens: Sequence[str], field: str = COMBINED_FIELD) -> np.ndarray:
+        """BM25 score of every document (float32, length n_docs)."""
+        term_ids, counts = self.query_term_ids(tokens)
+        return accumulate_scores(self._field(field).weights, term_ids, counts, self.n_docs)
+
+    def top_k(self, tokens: Sequence[str], k: int, field: str = COMBINED_FIELD) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the k best matching documents (only documents that match)."""
+        return top_k_positive(self.scores(tokens, field), k)
+
+    def candidate_stats(self, tokens: Sequence[str], doc_indices: np.ndarray) -> CandidateStats:
+        doc_indices = np.asarray(doc_indices, dtype=np.int64)
+        distinct = list(dict.fromkeys(tokens))
+        counts = np.array([tokens.count(t) for t in distinct], dtype=np.float32)
+        known = np.array([t in self.term_to_id for t in distinct], dtype=bool)
+        term_ids = np.array([self.term_to_id.get(t, -1) for t in distinct], dtype=np.int64)
+        bm25, tfs, idfs, lengths = {}, {}, {}, {}
+        for name, field in self.fields.items():
+            weights, freqs = gather_postings(field.weights, field.term_freqs, term_ids, doc_indices)
+            bm25[name] = (weights * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(doc_indices), np.float32)
+            tfs[name] = freqs
+            df = np.where(known, field.document_frequencies[np.maximum(term_ids, 0)], 0)
+            idfs[name] = lucene_idf(df, field.doc_count).astype(np.float32)
+            lengths[name] = field.doc_lengths[doc_indices]
+        return CandidateStats(
+            doc_indices=doc_indices,
+            terms=tuple(distinct),
+            term_counts=counts,
+            known=known,
+            query_length=len(tokens),
+            bm25=bm25,
+            term_freqs=tfs,
+            idf=idfs,
+            field_lengths=lengths,
+        )
+
+    def _field(self, field: str) -> FieldIndex:
+        try:
+            return self.fields[field]
+        except KeyError:
+            raise ValueError(f"unknown BM25 field '{field}'; index has {', '.join(self.fields)}") from None
+
+    # ----- persistence --------------------------------------------------------------------------
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Write the index as .npy files (memory-mappable) and return its manifest entry."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "vocab.json").write_text(json.dumps(self.vocabulary, ensure_ascii=False), encoding="utf-8")
+        fields = {}
+        for name, field in self.fields.items():
+            arrays = {
+                "data": field.weights.data.astype(np.float32, copy=False),
+                "indices": field.weights.indices.astype(np.int32, copy=False),
+                "indptr": field.weights.indptr.astype(np.int64, copy=False),
+                "tf": field.term_freqs,
+                "doclen": field.doc_lengths,
+            }
+            for suffix, values in arrays.items():
+                np.save(directory / f"{name}.{suffix}.npy", values)
+            fields[name] = {"doc_count": field.doc_count, "avg_length": field.avg_length, "postings": int(field.weights.nnz)}
+        return {"settings": self.settings.to_dict(), "vocabulary": len(self.vocabulary), "documents": self.n_docs, "fields": fields}
+
+    @classmethod
+    def load(cls, directory: Path, description: Mapping[str, Any], mmap: bool = True) -> "BM25Index":
+        mode = "r" if mmap else None
+        vocabulary = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        n_docs = int(description["documents"])
+        fields = {}
+        for name, info in description["fields"].items():
+            def part(suffix: str) -> np.ndarray:
+                return np.load(directory / f"{name}.{suffix}.npy", mmap_mode=mode)
+
+            indptr = part("indptr")
+            if len(indptr) != len(vocabulary) + 1:
+                raise ValueError(f"{directory}: field '{name}' has {len(indptr) - 1} term rows, vocabulary has {len(vocabulary)}")
+            weights = sp.csr_matrix((part("data"), part("indices"), indptr), shape=(len(vocabulary), n_docs), copy=False)
+            weights.has_sorted_indices = True  # written sorted by the builder; skips a full scan
+            field = FieldIndex(
+                name=name,
+                weights=weights,
+                term_freqs=part("tf"),
+                doc_lengths=part("doclen"),
+                doc_count=int(info["doc_count"]),
+                avg_length=float(info["avg_length"]),
+                idf=np.empty(0, dtype=np.float32),
+            )
+            field.idf = lucene_idf(field.document_frequencies, field.doc_count).astype(np.float32)
+            fields[name] = field
+        return cls(vocabulary, fields, BM25Settings.from_dict(description["settings"]))
+
+
+class BM25Builder:
+    """Collects analysed documents one at a time (token strings are dropped right away, so a
+    million documents fit in memory) and builds a `BM25Index`."""
+
+    def __init__(self, fields: Sequence[str] = SOURCE_FIELDS):
+        self.field_names = tuple(fields)
+        self.term_to_id: dict[str, int] = {}
+        self._term_ids = {name: array("i") for name in self.field_names}
+        self._lengths = {name: array("i") for name in self.field_names}
+
+    def add(self, tokens_by_field: Mapping[str, Iterable[str]]) -> None:
+        vocab = self.term_to_id
+        for name in self.field_names:
+            ids = [vocab.setdefault(t, len(vocab)) for t in tokens_by_field.get(name, ())]
+            self._term_ids[name].extend(ids)
+            self._lengths[name].append(len(ids))
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._lengths[self.field_names[0]])
+
+    def build(self, settings: BM25Settings = BM25Settings()) -> BM25Index:
+        n_terms, n_docs = len(self.term_to_id), self.n_docs
+        counts = {}
+        for name in self.field_names:
+            ids = np.frombuffer(self._term_ids[name], dtype=np.int32)
+            lengths = np.frombuffer(self._lengths[name], dtype=np.int32)
+            counts[name] = term_document_counts(ids, lengths, n_terms, n_docs)
+        counts[COMBINED_FIELD] = sum((counts[name] for name in self.field_names[1:]), counts[self.field_names[0]]).tocsr()
+        counts[COMBINED_FIELD].sort_indices()
+        fields = {name: field_from_counts(name, matrix, settings) for name, matrix in counts.items()}
+        vocabulary = [""] * n_terms
+        for term, i in self.term_to_id.items():
+            vocabulary[i] = term
+        return BM25Index(vocabulary, fields, settings)
+
+
+def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:
+    """Term-frequency matrix (terms x docs, float32, sorted indices) from flat token ids."""
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int32), lengths)
+    ones = np.ones(len(term_ids), dtype=np.float32)
+    matrix = sp.csr_matrix((ones, (term_ids, doc_of_token)), shape=(n_terms, n_docs))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def field_from_counts(name: str, counts: sp.csr_matrix, settings: BM25Settings) -> FieldIndex:
+    """Turn raw term frequencies into precomputed Lucene BM25 weights."""
+    lengths = np.asarray(counts.sum(axis=0)).ravel().astype(np.int32)
+    doc_count = int(np.count_nonzero(lengths))
+    avg_length = float(lengths.sum() / doc_count) if doc_count else 0.0
+    df = np.diff(counts.indptr)
+    idf = lucene_idf(df, doc_count).astype(np.float32)
+    tf = counts.data.astype(np.float32)
+    row_idf = np.repeat(idf, df)
+    norm = settings.k1 * (1.0 - settings.b + settings.b * lengths[counts.indices] / max(avg_length, 1e-9))
+    weights = (row_idf * tf / (tf + norm)).astype(np.float32)
+    matrix = sp.csr_matrix((weights, counts.indices.astype(np.int32), counts.indptr.astype(np.int64)), shape=counts.shape)
+    term_freqs = np.minimum(tf, TF_MAX).astype(np.uint16)
+    return FieldIndex(name, matrix, term_freqs, lengths, doc_count, avg_length, idf)
+
+
+def accumulate_scores(weights: sp.csr_matrix, term_ids: np.ndarray, counts: np.ndarray, n_docs: int) -> np.ndarray:
+    """Sum the weight rows of the query terms into a dense score vector (the hot loop).
+
+    Within one row document indices are unique, so plain fancy-index addition is exact and much
+    faster than np.add.at.
+    """
+    scores = np.zeros(n_docs, dtype=np.float32)
+    indptr, indices, data = weights.indptr, weights.indices, weights.data
+    for term, count in zip(term_ids.tolist(), counts.tolist()):
+        start, end = indptr[term], indptr[term + 1]
+        if start == end:
+            continue
+        if count == 1.0:
+            scores[indices[start:end]] += data[start:end]
+        else:
+            scores[indices[start:end]] += count * data[start:end]
+    return scores
+
+
+def top_k_positive(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of the strictly positive scores, best first, ties by document index."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    candidates = np.flatnonzero(scores > 0)
+    if candidates.size > k:
+        best = np.argpartition(scores[candidates], candidates.size - k)[candidates.size - k:]
+        candidates = candidates[best]
+    candidate_scores = scores[candidates]
+    order = np.lexsort((candidates, -candidate_scores))
+    return candidates[order].astype(np.int64), candidate_scores[order]
+
+
+def gather_postings(
+    weights: sp.csr_matrix, term_freqs: np.ndarray, term_ids: np.ndarray, doc_indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and term frequencies of (candidate, term) pairs; terms with id -1 are all zero."""
+    out_w = np.zeros((len(doc_indices), len(term_ids)), dtype=np.float32)
+    out_tf = np.zeros((len(doc_indices), len(term_ids)), dtype=np.float32)
+    indptr, indices, data = weights.indptr, weights.indices, weights.data
+    for column, term in enumerate(term_ids.tolist()):
+        if term < 0:
+            continue
+        start, end = indptr[term], indptr[term + 1]
+        if start == end:
+            continue
+        row = indices[start:end]
+        where = np.searchsorted(row, doc_indices)
+        where_clipped = np.minimum(where, len(row) - 1)
+        hit = row[where_clipped] == doc_indices
+        out_w[hit, column] = data[start + where_clipped[hit]]
+        out_tf[hit, column] = term_freqs[start + where_clipped[hit]]
+    return out_w, out_tf
