@@ -1,0 +1,294 @@
+"""Immutable index generations and the atomic `ACTIVE` pointer.
+
+    HOME/indexes/NAME/
+        ACTIVE                      the active generation id, replaced atomically (os.replace)
+        .lock                       held (flock) by the one build/rollback allowed at a time
+        generations/g000007/        an immutable bundle: manifest.json + the files it lists
+        generations/.staging-.../   a build in progress; never read, removed by the next build
+
+A build writes everything into a staging directory, fsyncs it, renames it to its generation id,
+verifies every checksum and only then replaces ACTIVE. A build killed at any point therefore
+leaves ACTIVE and the generation it names untouched. Loading checks sizes and SHA-256 of every
+file the manifest lists, so a corrupt or truncated bundle is refused with the file's name.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from indexing.config import INDEX_SCHEMA_VERSION, indexes_dir
+
+MANIFEST_FILE = "manifest.json"
+ACTIVE_FILE = "ACTIVE"
+LOCK_FILE = ".lock"
+GENERATIONS_DIR = "generations"
+STAGING_PREFIX = ".staging-"
+GENERATION_PATTERN = re.compile(r"^g(\d{6,})$")
+INDEX_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class IndexBundleError(Exception):
+    """Base class for index bundle problems ."""
+
+
+class IndexNotFoundError(IndexBundleError):
+    pass
+
+
+class IndexCorruptError(IndexBundleError):
+    """A generation whose manifest or files do not match: names the generation and the file."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"index generation {path} is corrupt: {reason}")
+
+
+class IndexBusyError(IndexBundleError):
+    pass
+
+
+@dataclass(frozen=True)
+class IndexGeneration:
+    """One verified, immutable bundle on disk."""
+
+    name: str
+    generation: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return generation_number(self.generation)
+
+
+def validate_index_name(name: str) -> str:
+    if not INDEX_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid index name '{name}': use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def generation_number(generation: str) -> int:
+    match = GENERATION_PATTERN.match(generation)
+    if not match:
+        raise ValueError(f"invalid generation id '{generation}' (expected g000001 style)")
+    return int(match.group(1))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class IndexStore:
+    """All indexes of one engine home."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.root = indexes_dir(home)
+
+    # ----- discovery ---------------------------------------------------------------------------
+    def index_dir(self, name: str) -> Path:
+        return self.root / validate_index_name(name)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / GENERATIONS_DIR).is_dir())
+
+    def generations(self, name: str) -> list[str]:
+        """Committed generation ids, oldest first."""
+        directory = self.index_dir(name) / GENERATIONS_DIR
+        if not directory.is_dir():
+            return []
+        ids = [p.name for p in directory.iterdir() if p.is_dir() and GENERATION_PATTERN.match(p.name)]
+        return sorted(ids, key=generation_number)
+
+    def active_generation(self, name: str) -> str | None:
+        pointer = self.index_dir(name) / ACTIVE_FILE
+        try:
+            value = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        generation_number(value)
+        return value
+
+    def open(self, name: str, generation: str | None = None, verify: bool = True) -> IndexGeneration:
+        """Load a generation (the active one by default), refusing it if any file is off."""
+        if generation is None:
+            generation = self.active_generation(name)
+            if generation is None:
+                known = ", ".join(self.names()) or "none"
+                raise IndexNotFoundError(
+                    f"no active index named '{name}' in {self.root} (indexes here: {known}); "
+                    f"build one with `ltr-search index build --dataset PATH --name {name}`"
+                )
+        path = self.index_dir(name) / GENERATIONS_DIR / generation
+        if not path.is_dir():
+            raise IndexCorruptError(path, "generation directory is missing")
+        manifest = read_manifest(path)
+        check_files(path, manifest, full=verify)
+        return IndexGeneration(name, generation, path, manifest)
+
+    # ----- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """One writer (build, rebuild, rollback) per index at a time; readers never lock."""
+        directory = self.index_dir(name)
+        (directory / GENERATIONS_DIR).mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK_FILE, "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise IndexBusyError(f"another build or rollback of index '{name}' is running") from None
+                raise
+            yield
+        finally:
+            handle.close()
+
+    def new_staging_dir(self, name: str) -> Path:
+        """A fresh private directory for a build (call while holding the lock)."""
+        generations = self.index_dir(name) / GENERATIONS_DIR
+        for stale in generations.glob(STAGING_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
+        path = generations / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, name: str, staging: Path, manifest: dict[str, Any]) -> IndexGeneration:
+        """Checksum, fsync and rename a staged build into the next generation id (not activated)."""
+        existing = self.generations(name)
+        number = generation_number(existing[-1]) + 1 if existing else 1
+        generation = f"g{number:06d}"
+        manifest = dict(manifest)
+        manifest.update(
+            schema_version=INDEX_SCHEMA_VERSION,
+            name=name,
+            generation=generation,
+            files=describe_files(staging),
+        )
+        write_json_durably(staging / MANIFEST_FILE, manifest)
+        fsync_tree(staging)
+        final = staging.parent / generation
+        os.replace(staging, final)
+        fsync_dir(staging.parent)
+        return self.open(name, generation, verify=True)
+
+    def activate(self, name: str, generation: str) -> None:
+        """Point ACTIVE at a generation in one atomic rename (after verifying it)."""
+        self.open(name, generation, verify=True)
+        directory = self.index_dir(name)
+        tmp = directory / f"{ACTIVE_FILE}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(generation + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / ACTIVE_FILE)
+        fsync_dir(directory)
+
+    def previous_generation(self, name: str) -> str:
+        active = self.active_generation(name)
+        older = [g for g in self.generations(name) if active is None or generation_number(g) < generation_number(active)]
+        if not older:
+            raise IndexNotFoundError(f"index '{name}' has no generation older than {active} to roll back to")
+        return older[-1]
+
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Delete all but the active generation and the `keep` newest others; returns deleted ids."""
+        active = self.active_generation(name)
+        others = [g for g in self.generations(name) if g != active]
+        doomed = others[: max(len(others) - keep, 0)]
+        for generation in doomed:
+            shutil.rmtree(self.index_dir(name) / GENERATIONS_DIR / generation)
+        return doomed
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexCorruptError(path, f"{MANIFEST_FILE} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexCorruptError(path, f"{MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise IndexCorruptError(path, f"{MANIFEST_FILE} has no file list")
+    version = manifest.get("schema_version")
+    if version != INDEX_SCHEMA_VERSION:
+        raise IndexCorruptError(
+            path, f"schema version {version} is not supported (this engine reads {INDEX_SCHEMA_VERSION}); rebuild the index"
+        )
+    return manifest
+
+
+def check_files(path: Path, manifest: dict[str, Any], full: bool = True) -> None:
+    """Sizes always; SHA-256 too when `full` (the default for every load)."""
+    for relative, expected in manifest["files"].items():
+        file = path / relative
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise IndexCorruptError(path, f"{relative} is missing") from None
+        if size != expected["bytes"]:
+            raise IndexCorruptError(path, f"{relative} has {size} bytes, manifest says {expected['bytes']} (truncated?)")
+        if full and sha256_file(file) != expected["sha256"]:
+            raise IndexCorruptError(path, f"{relative} does not match its SHA-256 checksum")
+
+
+def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        files[file.relative_to(directory).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+    return files
+
+
+def write_json_durably(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_tree(directory: Path) -> None:
+    for file in directory.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        fsync_dir(sub)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,126 @@
+"""The embedded index: one verified generation on disk, memory-mapped, ready to answer queries.
+
+This is the serving path: it loads BM25 postings, stored fields, vectors and the ONNX encoder,
+and must never import torch (a test checks `sys.modules`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from indexing.analysis import Analyzer, AnalyzerSettings
+from indexing.bm25 import COMBINED_FIELD, BM25Index, CandidateStats
+from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR
+from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
+from indexing.config import encoders_dir
+from indexing.docstore import DocStore
+from indexing.encoder import EncoderError, OnnxEncoder
+from indexing.vectors import load_vector_index
+
+PIPELINES = ("bm25", "dense")
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    score: float
+    rank: int  # 1-based
+
+
+class DenseUnavailableError(RuntimeError):
+    pass
+
+
+class EmbeddedIndex:
+    """Retrieval over one index generation. Thread-safe for concurrent reads."""
+
+    def __init__(self, home: Path, generation: IndexGeneration):
+        self.home = home
+        self.generation = generation
+        manifest = generation.manifest
+        self.analyzer = Analyzer(AnalyzerSettings.from_dict(manifest["analyzer"]))
+        try:
+            self.bm25 = BM25Index.load(generation.path / BM25_DIR, manifest["bm25"])
+            self.docs = DocStore(generation.path / DOCS_DIR)
+        except (ValueError, KeyError, OSError) as exc:
+            raise IndexCorruptError(generation.path, f"cannot load: {exc}") from exc
+        self.vectors = None
+        self.encoder = None
+        dense = manifest.get("dense")
+        if dense:
+            self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
+            self.encoder = _open_encoder(home, dense["encoder"])
+
+    @classmethod
+    def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True) -> "EmbeddedIndex":
+        return cls(home, IndexStore(home).open(name, generation, verify=verify))
+
+    @property
+    def name(self) -> str:
+        return self.generation.name
+
+    @property
+    def has_dense(self) -> bool:
+        return self.vectors is not None
+
+    def __len__(self) -> int:
+        return self.bm25.n_docs
+
+    def search(self, query: str, k: int = 10, pipeline: str = "bm25") -> list[Hit]:
+        if pipeline == "bm25":
+            return self.search_bm25(query, k)
+        if pipeline == "dense":
+            return self.search_dense(query, k)
+        raise ValueError(f"unknown pipeline '{pipeline}'; choose one of {', '.join(PIPELINES)}")
+
+    def search_bm25(self, query: str, k: int = 10, field: str = COMBINED_FIELD) -> list[Hit]:
+        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)
+        return self._hits(indices, scores)
+
+    def search_dense(self, query: str, k: int = 10) -> list[Hit]:
+        if self.vectors is None or self.encoder is None:
+            raise DenseUnavailableError(
+                f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
+                "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
+            )
+        query_vector = self.encoder.encode([query])
+        scores, indices = self.vectors.search(query_vector, k)
+        return self._hits(indices[0], scores[0])
+
+    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
+        """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
+        indices = np.array([self._index_of(doc_id) for doc_id in doc_ids], dtype=np.int64)
+        return self.bm25.candidate_stats(self.analyzer.analyze(query), indices)
+
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        return self.docs.get_by_id(doc_id)
+
+    def _index_of(self, doc_id: str) -> int:
+        try:
+            return self.docs.index_of[doc_id]
+        except KeyError:
+            raise KeyError(f"unknown document id '{doc_id}' in index '{self.name}'") from None
+
+    def _hits(self, indices: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        ids = self.docs.ids
+        return [Hit(ids[i], float(s), rank) for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), start=1) if i >= 0]
+
+
+def _open_encoder(home: Path, description: dict[str, Any]) -> OnnxEncoder:
+    directory = encoders_dir(home) / description["directory"]
+    try:
+        encoder = OnnxEncoder(directory)
+    except EncoderError as exc:
+        raise EncoderError(
+            f"{exc}; the index needs encoder {description['directory']} "
+            "(run `ltr-search index rebuild` to export it again)"
+        ) from exc
+    if encoder.sha256 != description["sha256"]:
+        raise EncoderError(
+            f"encoder {directory} has sha256 {encoder.sha256[:12]}..., the index was built with "
+            f"{description['sha256'][:12]}...; rebuild the index"
+        )
+    return encoder
