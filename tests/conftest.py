@@ -1,0 +1,68 @@
+"""Shared fixtures: paths to the shared datasets (skipped when absent) and small corpora."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("LTR_SEARCH_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def dataset_path(name: str) -> Path:
+    path = DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"shared dataset '{name}' not found at {path} (set LTR_SEARCH_DATASETS to its folder)")
+    return path
+
+
+@pytest.fixture
+def scifact_dir() -> Path:
+    return dataset_path("scifact")
+
+
+SMALL_DOCS = [
+    {"_id": "d1", "title": "Cats and dogs", "text": "Cats chase mice. Dogs chase cats around the garden.", "author": "ann"},
+    {"_id": "d2", "title": "Quantum computing", "text": "Qubits use superposition and entanglement for computing.", "author": "bob"},
+    {"_id": "d3", "title": "Gardening tips", "text": "Water the garden early; mice avoid mint plants.", "author": "ann"},
+    {"_id": "d4", "title": "", "text": "Entanglement experiments with photons confirm quantum theory.", "author": "cy"},
+    {"_id": "d5", "title": "Dog training", "text": "Training dogs requires patience, treats and daily practice.", "author": "bob"},
+    {"_id": "d6", "title": "Café culture", "text": "The café serves crème brûlée; cafés are popular in Paris.", "author": "dee"},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    directory = tmp_path / "small"
+    directory.mkdir()
+    write_jsonl(directory / "corpus.jsonl", SMALL_DOCS)
+    return directory
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def run_cli(home: Path, *args: str, check: bool = True):
+    """Run `ltr-search` in a subprocess, as a user would."""
+    import subprocess
+
+    command = [sys.executable, "-m", "search.cli", "--home", str(home), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
