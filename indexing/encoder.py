@@ -200,7 +200,10 @@ def ensure_onnx_encoder(
     """The exported encoder directory for `settings.model`, exporting it first if needed.
 
     Idempotent and cheap when the export exists (one sha256 over model.onnx, no torch).
-    A directory that fails verification is replaced by a fresh export.
+    A directory that fails verification is replaced by a fresh export. The exported graph
+    does not depend on max_tokens / batch_size: those apply when encoding
+    (`OnnxEncoder(dir, settings=...)`); encoder.json records the max_tokens of the export
+    as the default.
     """
     _, version = _package_of(settings.model)
     root = encoders_dir(home)
@@ -284,11 +287,15 @@ _VERIFY_TEXTS = (
 
 def _export(out_dir: Path, settings: EncoderSettings, version: str, progress: bool) -> None:
     """Export the package's BERT to out_dir/{model.onnx,tokenizer.json,encoder.json}. Needs torch."""
-    import warnings
-
     from tqdm.auto import tqdm
 
-    steps = tqdm(total=4, desc=f"export {settings.model}", unit="step", disable=not progress)
+    with tqdm(total=4, desc=f"export {settings.model}", unit="step", disable=not progress) as steps:
+        _export_steps(out_dir, settings, version, steps)
+
+
+def _export_steps(out_dir: Path, settings: EncoderSettings, version: str, steps: Any) -> None:
+    import warnings
+
     try:
         import torch
         import transformers
@@ -388,7 +395,6 @@ def _export(out_dir: Path, settings: EncoderSettings, version: str, progress: bo
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     steps.update()
-    steps.close()
 
 
 def _check_pooling_config(model_path: Path) -> None:
@@ -437,13 +443,21 @@ def _verify_against_torch(onnx_path: Path, tokenizer: Any, model: Any, torch: An
 # ---------------------------------------------------------------- serving
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (ONNX Runtime's own default ignores affinity masks)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _make_session(model_bytes: bytes, threads: int | None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime picks (physical cores)
+    options.intra_op_num_threads = threads or _usable_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

@@ -172,3 +172,36 @@ def test_helpers() -> None:
     assert ids.tolist() == [[101, 7, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     hidden = np.array([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]], dtype=np.float32)
     np.testing.assert_allclose(mean_pool(hidden, np.array([[1, 1, 0]])), [[2.0, 2.0]])
+
+
+def test_interrupted_export_leaves_nothing_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexing.encoder as enc
+
+    def half_export(out_dir: Path, *args: object) -> None:
+        (out_dir / "model.onnx").write_bytes(b"half written")
+        raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-export
+
+    monkeypatch.setattr(enc, "_export", half_export)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_onnx_encoder(tmp_path, progress=False)
+    assert list(encoders_dir(tmp_path).iterdir()) == []  # no target, no temp dir
+
+
+def test_broken_encoder_dir_is_not_trusted(encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexing.encoder as enc
+
+    target = encoders_dir(tmp_path) / encoder_dir.name
+    shutil.copytree(encoder_dir, target)
+    (target / "model.onnx").write_bytes(b"truncated")
+    exported: list[Path] = []
+
+    def fake_export(out_dir: Path, *args: object) -> None:  # stands in for the torch export
+        for name in ("model.onnx", "tokenizer.json", "encoder.json"):
+            shutil.copyfile(encoder_dir / name, out_dir / name)
+        exported.append(out_dir)
+
+    monkeypatch.setattr(enc, "_export", fake_export)
+    assert ensure_onnx_encoder(tmp_path, progress=False) == target
+    assert exported, "a tampered directory must be re-exported"
+    assert OnnxEncoder(target).sha256 == OnnxEncoder(encoder_dir).sha256
+    assert [p.name for p in encoders_dir(tmp_path).iterdir()] == [encoder_dir.name]
