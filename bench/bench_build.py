@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,58 +60,6 @@ def current_mb() -> float:
 
 
 # ----- child side -------------------------------------------------------------------------------
-def import_build(dense: bool) -> tuple[types.ModuleType | None, str]:
-    """indexing.build, or (None, reason). While indexing.encoder / indexing.vectors are missing or
-    half-written, a dense=False build gets inert stand-ins for the names build.py imports from
-    them (a dense=False build never calls them); a dense=True build is skipped."""
-    try:
-        import indexing.build as build
-
-        return build, ""
-    except ImportError as exc:
-        if "indexing.encoder" not in str(exc) and "indexing.vectors" not in str(exc) and getattr(exc, "name", None) not in (
-            "indexing.encoder",
-            "indexing.vectors",
-        ):
-            raise
-        if dense:
-            return None, f"cannot import indexing.build: {exc}"
-        sys.modules.pop("indexing.build", None)
-        stubbed = _install_dense_stubs()
-        import indexing.build as build
-
-        return build, f"stubbed {', '.join(stubbed)}: not importable yet (dense=False never calls them)"
-
-
-def _install_dense_stubs() -> list[str]:
-    class _Settings:
-        def to_dict(self):
-            return {"stub": True}
-
-        @classmethod
-        def from_dict(cls, data):
-            return cls()
-
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError("dense encoder stub: not available in this tree")
-
-    stubbed = []
-    for name, attrs in {
-        "indexing.encoder": {"EncoderSettings": _Settings, "OnnxEncoder": _unavailable, "ensure_onnx_encoder": _unavailable},
-        "indexing.vectors": {"VectorIndexSettings": _Settings, "build_vector_index": _unavailable},
-    }.items():
-        try:
-            module = __import__(name, fromlist=["_"])
-        except Exception:  # missing, or failing to import while it is being written
-            module = types.ModuleType(name)
-            sys.modules[name] = module
-        for attr, value in attrs.items():
-            if not hasattr(module, attr):
-                setattr(module, attr, value)
-                stubbed.append(f"{name}.{attr}")
-    return stubbed
-
-
 def child(kind: str, corpus: str, home: str | None) -> dict:
     from bench.synthetic_corpus import analyse_corpus
     from indexing.analysis import LUCENE_ENGLISH_STOPWORDS, Analyzer
@@ -138,11 +85,7 @@ def child(kind: str, corpus: str, home: str | None) -> dict:
             del documents
     elif kind in ("build-index", "build-index-dense"):
         dense = kind == "build-index-dense"
-        build, note = import_build(dense)
-        if build is None:
-            return {"skipped": note}
-        if note:
-            info["note"] = note
+        import indexing.build as build
     else:
         raise ValueError(kind)
     gc.collect()
