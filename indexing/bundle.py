@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from indexing.checksums import file_record, sha256_file
 from indexing.config import INDEX_SCHEMA_VERSION, indexes_dir
 
 MANIFEST_FILE = "manifest.json"
@@ -86,14 +86,6 @@ def generation_number(generation: str) -> int:
     if not match:
         raise ValueError(f"invalid generation id '{generation}' (expected g000001 style)")
     return int(match.group(1))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class IndexStore:
@@ -256,7 +248,7 @@ def check_files(path: Path, manifest: dict[str, Any], full: bool = True) -> None
 def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        files[file.relative_to(directory).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        files[file.relative_to(directory).as_posix()] = file_record(file)
     return files
 
 

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from indexing.checksums import sha256_file
 from indexing.config import encoders_dir
 
 ENCODER_FORMAT = 1
@@ -94,12 +95,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -24,7 +24,6 @@ documents a memory-bound matvec is still only tens of milliseconds per query.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from indexing.checksums import file_record
 from indexing.config import DEFAULT_HNSW_THRESHOLD
 
 KINDS = ("auto", "exact", "hnsw")
@@ -156,14 +156,6 @@ def check_unit_rows(embeddings: np.ndarray, tolerance: float = _NORM_TOLERANCE) 
                 f"embeddings must be L2-normalised (row {row} has norm {norms[bad[0]]:.4f}); "
                 "inner product is used as cosine"
             )
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------- indexes
@@ -335,7 +327,7 @@ def build_vector_index(embeddings: np.ndarray, settings: VectorIndexSettings, ou
         "dtype": "float32",
         "settings": settings.to_dict(),
         "params": params,
-        "files": {name: _file_record(out_dir / name) for name in files},
+        "files": {name: file_record(out_dir / name) for name in files},
     }
 
 
@@ -355,7 +347,7 @@ def load_vector_index(in_dir: Path, description: dict[str, Any], mmap: bool = Tr
             raise ValueError(f"vector index file {path} is missing")
         if path.stat().st_size != record["bytes"]:
             raise ValueError(f"vector index file {path} has {path.stat().st_size} bytes, expected {record['bytes']}")
-        if verify and _file_record(path)["sha256"] != record["sha256"]:
+        if verify and file_record(path)["sha256"] != record["sha256"]:
             raise ValueError(f"vector index file {path} does not match its sha256")
     embeddings = np.load(in_dir / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
     expected = (int(description["count"]), int(description["dim"]))
