@@ -95,8 +95,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-
-
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Index batches over `lengths`, longest first, so each batch pads to similar lengths.
 
