@@ -147,7 +147,7 @@ def build_index(
         if settings.dense:
             started = time.perf_counter()
             encoder_dir = ensure_onnx_encoder(home, settings.encoder, progress=progress)
-            encoder = OnnxEncoder(encoder_dir)
+            encoder = OnnxEncoder(encoder_dir, settings=settings.encoder)
             embeddings = encoder.encode([dense_text(d) for d in corpus.documents], progress=progress)
             seconds["encode"] = time.perf_counter() - started
             started = time.perf_counter()

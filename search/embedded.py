@@ -17,7 +17,7 @@ from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR
 from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
 from indexing.config import encoders_dir
 from indexing.docstore import DocStore
-from indexing.encoder import EncoderError, OnnxEncoder
+from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
 
 PIPELINES = ("bm25", "dense")
@@ -52,7 +52,8 @@ class EmbeddedIndex:
         dense = manifest.get("dense")
         if dense:
             self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
-            self.encoder = _open_encoder(home, dense["encoder"])
+            encoder_settings = EncoderSettings.from_dict(manifest["build"]["encoder"])
+            self.encoder = _open_encoder(home, dense["encoder"], encoder_settings)
 
     @classmethod
     def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True) -> "EmbeddedIndex":
@@ -109,10 +110,10 @@ class EmbeddedIndex:
         return [Hit(ids[i], float(s), rank) for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), start=1) if i >= 0]
 
 
-def _open_encoder(home: Path, description: dict[str, Any]) -> OnnxEncoder:
+def _open_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings) -> OnnxEncoder:
     directory = encoders_dir(home) / description["directory"]
     try:
-        encoder = OnnxEncoder(directory)
+        encoder = OnnxEncoder(directory, settings=settings)  # queries truncated as documents were
     except EncoderError as exc:
         raise EncoderError(
             f"{exc}; the index needs encoder {description['directory']} "
