@@ -1,6 +1,7 @@
 """Where the engine keeps its files, and the defaults every job shares (one place for each constant)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -39,3 +40,13 @@ def encoders_dir(home: Path) -> Path:
 
 def indexes_dir(home: Path) -> Path:
     return home / "indexes"
+
+
+def settings_from_dict(cls: type, data: dict) -> object:
+    """Rebuild a settings dataclass from its manifest form, refusing keys it does not know
+    (a manifest from a newer engine must fail loudly, not lose a setting)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**data)

@@ -31,14 +31,14 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from indexing.checksums import sha256_file
-from indexing.config import encoders_dir
+from indexing.config import encoders_dir, settings_from_dict
 
 ENCODER_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -83,11 +83,7 @@ class EncoderSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown EncoderSettings keys: {sorted(unknown)}")
-        return cls(**data)
+        return settings_from_dict(cls, data)
 
 
 # ---------------------------------------------------------------- small pure helpers

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexing.checksums import file_record
-from indexing.config import DEFAULT_HNSW_THRESHOLD
+from indexing.config import DEFAULT_HNSW_THRESHOLD, settings_from_dict
 
 KINDS = ("auto", "exact", "hnsw")
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -72,11 +72,7 @@ class VectorIndexSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VectorIndexSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown VectorIndexSettings keys: {sorted(unknown)}")
-        return cls(**data)
+        return settings_from_dict(cls, data)
 
     def resolve_kind(self, count: int) -> str:
         """'exact' or 'hnsw' for a corpus of `count` vectors."""
