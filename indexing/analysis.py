@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import Stemmer
 
@@ -98,9 +98,6 @@ class Analyzer:
     def analyze(self, text: str) -> list[str]:
         stop = self._stopwords
         return self._stem([token for token in self.tokenize(text) if token not in stop])
-
-    def analyze_many(self, texts: Iterable[str]) -> list[list[str]]:
-        return [self.analyze(text) for text in texts]
 
     def _stem(self, tokens: list[str]) -> list[str]:
         if self._stemmer is None:

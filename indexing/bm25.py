@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -127,8 +128,9 @@ class BM25Index:
 
     def candidate_stats(self, tokens: Sequence[str], doc_indices: np.ndarray) -> CandidateStats:
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
-        distinct = list(dict.fromkeys(tokens))
-        counts = np.array([tokens.count(t) for t in distinct], dtype=np.float32)
+        occurrences = Counter(tokens)
+        distinct = list(occurrences)  # first-occurrence order
+        counts = np.array([occurrences[t] for t in distinct], dtype=np.float32)
         known = np.array([t in self.term_to_id for t in distinct], dtype=bool)
         term_ids = np.array([self.term_to_id.get(t, -1) for t in distinct], dtype=np.int64)
         bm25, tfs, idfs, lengths = {}, {}, {}, {}
@@ -191,17 +193,16 @@ class BM25Index:
                 raise ValueError(f"{directory}: field '{name}' has {len(indptr) - 1} term rows, vocabulary has {len(vocabulary)}")
             weights = sp.csr_matrix((part("data"), part("indices"), indptr), shape=(len(vocabulary), n_docs), copy=False)
             weights.has_sorted_indices = True  # written sorted by the builder; skips a full scan
-            field = FieldIndex(
+            doc_count = int(info["doc_count"])
+            fields[name] = FieldIndex(
                 name=name,
                 weights=weights,
                 term_freqs=part("tf"),
                 doc_lengths=part("doclen"),
-                doc_count=int(info["doc_count"]),
+                doc_count=doc_count,
                 avg_length=float(info["avg_length"]),
-                idf=np.empty(0, dtype=np.float32),
+                idf=lucene_idf(np.diff(indptr), doc_count).astype(np.float32),
             )
-            field.idf = lucene_idf(field.document_frequencies, field.doc_count).astype(np.float32)
-            fields[name] = field
         return cls(vocabulary, fields, BM25Settings.from_dict(description["settings"]))
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from indexing.checksums import file_record, sha256_file
+from indexing.durable import file_record, fsync_dir, fsync_tree, sha256_file, write_json_durably
 from indexing.config import INDEX_SCHEMA_VERSION, indexes_dir
 
 MANIFEST_FILE = "manifest.json"
@@ -184,9 +184,11 @@ class IndexStore:
         fsync_dir(staging.parent)
         return self.open(name, generation, verify=True)
 
-    def activate(self, name: str, generation: str) -> None:
-        """Point ACTIVE at a generation in one atomic rename (after verifying it)."""
-        self.open(name, generation, verify=True)
+    def activate(self, name: str, generation: str, verify: bool = True) -> None:
+        """Point ACTIVE at a generation in one atomic rename, after verifying it (a build passes
+        verify=False for the generation `commit` has just verified)."""
+        if verify:
+            self.open(name, generation, verify=True)
         directory = self.index_dir(name)
         tmp = directory / f"{ACTIVE_FILE}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -250,36 +252,6 @@ def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         files[file.relative_to(directory).as_posix()] = file_record(file)
     return files
-
-
-def write_json_durably(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_tree(directory: Path) -> None:
-    for file in directory.rglob("*"):
-        if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for sub in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
-        fsync_dir(sub)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def utc_now() -> str:

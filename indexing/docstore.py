@@ -51,11 +51,6 @@ class DocStore:
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
-    def get(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"document index {index} out of range (0..{len(self) - 1})")
-        return self._read(index)
-
     def get_by_id(self, doc_id: str) -> dict[str, Any] | None:
         index = self.index_of.get(doc_id)
         return None if index is None else self._read(index)

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from indexing.checksums import sha256_file
+from indexing.durable import fsync_dir, fsync_tree, sha256_file
 from indexing.config import encoders_dir, settings_from_dict
 
 ENCODER_FORMAT = 1
@@ -210,7 +210,7 @@ def ensure_onnx_encoder(
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the encoder is shared by the home's users
     try:
         _export(tmp, settings, version, progress)
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         _publish(tmp, target)
     finally:
         if tmp.exists():
@@ -254,19 +254,7 @@ def _publish(tmp: Path, target: Path) -> None:
     except OSError:
         if not _is_valid_encoder_dir(target):  # a concurrent export won the rename
             raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 _VERIFY_TEXTS = (

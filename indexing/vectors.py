@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from indexing.checksums import file_record
 from indexing.config import DEFAULT_HNSW_THRESHOLD, settings_from_dict
 
 KINDS = ("auto", "exact", "hnsw")
@@ -329,28 +328,23 @@ def build_vector_index(embeddings: np.ndarray, settings: VectorIndexSettings, ou
         "dtype": "float32",
         "settings": settings.to_dict(),
         "params": params,
-        "files": {name: file_record(out_dir / name) for name in files},
+        "files": files,  # checksummed by the generation manifest, like every bundle file
     }
 
 
-def load_vector_index(in_dir: Path, description: dict[str, Any], mmap: bool = True,
-                      *, verify: bool = False) -> VectorIndex:
+def load_vector_index(in_dir: Path, description: dict[str, Any], mmap: bool = True) -> VectorIndex:
     """The index `build_vector_index` wrote; embeddings memory-mapped unless mmap=False.
 
-    Sizes are always checked against the description; `verify=True` also checks sha256.
+    File integrity (sizes, SHA-256) is the generation manifest's job (`indexing.bundle`);
+    here the files must exist and the embeddings have the described shape.
     """
     in_dir = Path(in_dir)
     kind = description.get("kind")
     if kind not in ("exact", "hnsw"):
         raise ValueError(f"unknown vector index kind {kind!r} in {in_dir}; expected 'exact' or 'hnsw'")
-    for name, record in description.get("files", {}).items():
-        path = in_dir / name
-        if not path.is_file():
-            raise ValueError(f"vector index file {path} is missing")
-        if path.stat().st_size != record["bytes"]:
-            raise ValueError(f"vector index file {path} has {path.stat().st_size} bytes, expected {record['bytes']}")
-        if verify and file_record(path)["sha256"] != record["sha256"]:
-            raise ValueError(f"vector index file {path} does not match its sha256")
+    for name in description.get("files", []):
+        if not (in_dir / name).is_file():
+            raise ValueError(f"vector index file {in_dir / name} is missing")
     embeddings = np.load(in_dir / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
     expected = (int(description["count"]), int(description["dim"]))
     if embeddings.shape != expected or embeddings.dtype != np.float32:
