@@ -5,6 +5,8 @@
     ltr-search [--home DIR] index status [--name NAME] [--json] [--verify]
     ltr-search [--home DIR] index rollback --name NAME [--to GENERATION]
     ltr-search [--home DIR] search "QUERY" [--name NAME] [--pipeline bm25|dense] [-k 10] [--json]
+    ltr-search [--home DIR] eval --dataset PATH [--split test] [--pipeline bm25,dense] [--name INDEX]
+               [--json OUT] [--report OUT.md] [--runs DIR] [--folds K] [--run-file PATH ...]
 
 Input problems exit with status 2 and one precise line on stderr; nothing is half-written.
 """
@@ -68,9 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run a query for a quick check")
     search.add_argument("query")
     search.add_argument("--name", default=DEFAULT_INDEX_NAME)
-    search.add_argument("--pipeline", default="bm25", choices=["bm25", "dense"])
+    search.add_argument("--pipeline", default="bm25", help="a registered pipeline: bm25, dense, ...")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
+
+    evaluate = commands.add_parser("eval", help="evaluate pipelines on a judged split, with significance tests")
+    evaluate.add_argument("--dataset", required=True, help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--pipeline", default="bm25,dense", help="comma-separated registered pipelines (first = baseline)")
+    evaluate.add_argument("--name", help="index name (default: the dataset folder's name if such an index exists, else 'default')")
+    evaluate.add_argument("--metrics", help="comma-separated, ir_measures names (default: nDCG@1,3,5,10,100 P@1,5,10 R@10,100,1000 MAP@100 RR@10 judged@10)")
+    evaluate.add_argument("--baseline", help="pipeline the others are tested against (default: the first)")
+    evaluate.add_argument("--depth", type=int, default=1000, help="documents retrieved per query")
+    evaluate.add_argument("--train-split", help="split learned pipelines are fitted on (default: train, when it exists and differs)")
+    evaluate.add_argument("--folds", type=int, help="k-fold cross-validation of learned pipelines over the evaluated split")
+    evaluate.add_argument("--seed", type=int, help="seed of the folds and the randomisation test")
+    evaluate.add_argument("--resamples", type=int, default=10_000, help="sign flips of the randomisation test")
+    evaluate.add_argument("--run-file", action="append", default=[], help="also score this TREC run file (named by its file stem); repeatable")
+    evaluate.add_argument("--json", dest="json_out", help="write the results as JSON here ('-' for stdout)")
+    evaluate.add_argument("--report", help="write a markdown report here, with PNG plots next to it")
+    evaluate.add_argument("--runs", help="directory for the TREC run files (default: HOME/runs/DATASET-SPLIT)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -89,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler[args.index_command](home, args)
         if args.command == "search":
             return cmd_search(home, args)
+        if args.command == "eval":
+            return cmd_eval(home, args)
     except user_errors as exc:
         print(f"ltr-search: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -199,7 +221,9 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
 
 def cmd_search(home: Path, args: argparse.Namespace) -> int:
     from search.embedded import EmbeddedIndex
+    from search.pipelines import create_pipeline, pipeline_spec
 
+    pipeline_spec(args.pipeline)  # an unknown name fails before the index loads
     if not args.query.strip():
         raise CliError("query is empty")
     if len(args.query) > MAX_QUERY_CHARS:
@@ -207,8 +231,9 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
     if not 1 <= args.k <= 10_000:
         raise CliError(f"-k must be between 1 and 10000, got {args.k}")
     index = EmbeddedIndex.open(home, args.name)
+    pipeline = create_pipeline(args.pipeline, index)
     started = time.perf_counter()
-    hits = index.search(args.query, args.k, args.pipeline)
+    hits = pipeline.search(args.query, args.k)
     took_ms = (time.perf_counter() - started) * 1000
     rows = []
     for hit in hits:
@@ -229,6 +254,87 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['rank']:>4}  {row['score']:8.3f}  {row['id']:<12}  {row['title'][:90]}")
     return 0
+
+
+def cmd_eval(home: Path, args: argparse.Namespace) -> int:
+    from eval.datasets import available_splits, load_dataset, read_run
+    from eval.experiment import ExperimentSettings, run_experiment
+    from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, parse_metric_list
+    from eval.significance import DEFAULT_SEED
+    from indexing.bundle import IndexStore
+    from search.embedded import EmbeddedIndex
+    from search.pipelines import parse_pipeline_list, pipeline_spec
+
+    dataset = load_dataset(args.dataset, args.split)
+    external = {}
+    for run_path in args.run_file:
+        stem = Path(run_path).stem
+        if stem in external:
+            raise CliError(f"two run files are named '{stem}'")
+        external[stem] = read_run(run_path)
+    names = [n.strip() for n in args.pipeline.split(",") if n.strip()] if args.pipeline else []
+    own = parse_pipeline_list(",".join(names)) if names else []
+    clash = sorted(set(own) & set(external))
+    if clash:
+        raise CliError(f"run file name '{clash[0]}' clashes with a pipeline name; rename the file")
+    settings = ExperimentSettings(
+        pipelines=own + list(external),
+        metrics=parse_metric_list(args.metrics or ",".join(DEFAULT_METRICS)),
+        depth=args.depth,
+        baseline=args.baseline,
+        folds=args.folds,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
+        resamples=args.resamples,
+    )
+    train = None
+    if any(pipeline_spec(n).learned for n in own) and not args.folds:
+        train_split = args.train_split or ("train" if "train" in available_splits(dataset.path) else None)
+        if train_split is None or train_split == args.split:
+            raise CliError("learned pipelines need a training split other than the evaluated one (--train-split), or --folds K")
+        train = load_dataset(args.dataset, train_split)
+
+    store = IndexStore(home)
+    name = args.name or (dataset.name if dataset.name in store.names() else "default")
+    if name not in store.names():
+        raise CliError(
+            f"no index named '{name}' in {store.root}; build it with "
+            f"`ltr-search index build --dataset {dataset.path} --name {name}` (or pass --name)"
+        )
+    index = EmbeddedIndex.open(home, name)
+    runs_dir = Path(args.runs) if args.runs else home / "runs" / f"{dataset.name}-{dataset.split}"
+    _log(f"evaluating {', '.join(settings.pipelines)} on {dataset.name}/{dataset.split}: "
+         f"{len(dataset.queries)} queries ({len(dataset.skipped)} skipped), index {name}/{index.generation.generation}")
+    result = run_experiment(
+        index, dataset, settings, runs_dir, train=train, external_runs=external, progress=not args.quiet, log=_log
+    )
+    payload = result.to_json()
+    if args.json_out == "-":
+        print(json.dumps(payload, indent=2))
+    elif args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.report:
+        from eval.report import write_report
+
+        _log(f"report: {write_report(result, Path(args.report))}")
+    if args.json_out != "-":
+        _print_eval_summary(payload, [m for m in HEADLINE_METRICS if m in payload["pipelines"][settings.pipelines[0]]["metrics"]])
+    return 0
+
+
+def _print_eval_summary(payload: dict[str, Any], metrics: list[str]) -> None:
+    baseline = payload["significance"]["baseline"]
+    print(f"{payload['dataset']}/{payload['split']}: {payload['queries']} queries, {payload['skipped_queries']} skipped; "
+          f"significance vs {baseline} (Holm, * = both tests p < {payload['significance']['alpha']})")
+    print(f"{'pipeline':<16}" + "".join(f"{m:>10}" for m in metrics) + f"{'p50 ms':>9}{'p95 ms':>9}")
+    for name, entry in payload["pipelines"].items():
+        comparisons = payload["significance"]["comparisons"].get(name, {})
+        cells = "".join(
+            f"{entry['metrics'][m]:>9.4f}{'*' if comparisons.get(m, {}).get('significant') else ' '}" for m in metrics
+        )
+        latency = entry["latency_ms"] or {"p50": float("nan"), "p95": float("nan")}
+        print(f"{name:<16}{cells}{latency['p50']:>9.1f}{latency['p95']:>9.1f}")
+    print(f"run files: {Path(next(iter(payload['pipelines'].values()))['run_file']).parent}")
 
 
 def _log(message: str) -> None:

@@ -20,9 +20,6 @@ from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
 
-PIPELINES = ("bm25", "dense")
-
-
 @dataclass(frozen=True)
 class Hit:
     doc_id: str
@@ -69,13 +66,6 @@ class EmbeddedIndex:
 
     def __len__(self) -> int:
         return self.bm25.n_docs
-
-    def search(self, query: str, k: int = 10, pipeline: str = "bm25") -> list[Hit]:
-        if pipeline == "bm25":
-            return self.search_bm25(query, k)
-        if pipeline == "dense":
-            return self.search_dense(query, k)
-        raise ValueError(f"unknown pipeline '{pipeline}'; choose one of {', '.join(PIPELINES)}")
 
     def search_bm25(self, query: str, k: int = 10, field: str = COMBINED_FIELD) -> list[Hit]:
         indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)

@@ -1,0 +1,108 @@
+"""Named ranking pipelines: what `ltr-search search`, `ltr-search eval` and the service run.
+
+A pipeline turns a query into a ranked list of `Hit`s. Plain pipelines (`bm25`, `dense`) need
+only an index; learned pipelines also have `fit(queries, qrels)`, which the evaluation harness
+calls on training queries only (a train split, or the training folds of a cross-validation).
+Later stages (hybrid fusion, the learning-to-rank model) register themselves here, so every
+caller sees the same names, in the style of PyTerrier's composable transformers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, runtime_checkable
+
+from search.embedded import EmbeddedIndex, Hit
+
+Qrels = Mapping[str, Mapping[str, int]]
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    name: str
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        """The top `k` documents for `query`, best first."""
+        ...
+
+
+@runtime_checkable
+class LearnedPipeline(Pipeline, Protocol):
+    def fit(self, queries: Mapping[str, str], qrels: Qrels) -> "LearnedPipeline":
+        """Learn from judged training queries; never called with evaluation queries."""
+        ...
+
+
+PipelineFactory = Callable[[EmbeddedIndex], Pipeline]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    factory: PipelineFactory
+    learned: bool
+    description: str
+
+
+_REGISTRY: dict[str, PipelineSpec] = {}
+
+
+def register_pipeline(name: str, factory: PipelineFactory, *, learned: bool = False, description: str = "") -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"pipeline '{name}' is already registered")
+    _REGISTRY[name] = PipelineSpec(name, factory, learned, description)
+
+
+def pipeline_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def pipeline_spec(name: str) -> PipelineSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown pipeline '{name}'; choose from {', '.join(_REGISTRY)}") from None
+
+
+def create_pipeline(name: str, index: EmbeddedIndex) -> Pipeline:
+    return pipeline_spec(name).factory(index)
+
+
+def parse_pipeline_list(text: str) -> list[str]:
+    """`"bm25,dense"` -> `["bm25", "dense"]`, checking every name and refusing repeats."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("no pipeline named; give a comma-separated list such as bm25,dense")
+    for name in names:
+        pipeline_spec(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"pipeline listed twice: {', '.join(repeated)}")
+    return names
+
+
+class BM25Pipeline:
+    """BM25 over the combined title + text field."""
+
+    name = "bm25"
+
+    def __init__(self, index: EmbeddedIndex):
+        self.index = index
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        return self.index.search_bm25(query, k)
+
+
+class DensePipeline:
+    """Nearest neighbours of the query embedding (cosine)."""
+
+    name = "dense"
+
+    def __init__(self, index: EmbeddedIndex):
+        self.index = index
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        return self.index.search_dense(query, k)
+
+
+register_pipeline("bm25", BM25Pipeline, description="BM25 (Lucene formula) over title + text")
+register_pipeline("dense", DensePipeline, description="exact or HNSW cosine search over MiniLM embeddings")
