@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create .venv, install, index SciFact (BM25 + dense), run example queries
+#   make demo   - create .venv, install, index SciFact (BM25 + dense), run example queries, evaluate on SciFact test
 #   make test   - create .venv if needed and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,6 +30,8 @@ demo: install
 	$(BIN)/ltr-search search "microstructural development of white matter in newborns" --name scifact -k 5
 	$(BIN)/ltr-search search "vitamin D deficiency and cancer risk" --name scifact -k 5 --pipeline dense
 	$(BIN)/ltr-search search "antibiotic resistance in hospital infections" --name scifact -k 5
+	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --pipeline bm25,dense --name scifact \
+		--json $(LTR_SEARCH_HOME)/reports/scifact-test.json --report $(LTR_SEARCH_HOME)/reports/scifact-test.md
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -60,6 +60,7 @@ class PipelineResult:
     scores: QueryScores
     latencies_ms: np.ndarray
     run_file: Path
+    fitted: list[dict[str, Any]] = field(default_factory=list)  # what each fit chose (one per fold)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ExperimentResult:
                 "run_file": str(result.run_file),
                 "learned": result.learned,
                 "trained_on": result.trained_on,
+                "fitted": result.fitted,
             }
         return {
             "dataset": self.dataset.name,
@@ -180,8 +182,9 @@ def run_experiment(
             continue
         spec = pipeline_spec(name)
         trained_on = None
+        fitted: list[dict[str, Any]] = []
         if spec.learned and folds is not None:
-            run, latencies = _cross_validate(index, name, dataset, folds, settings, progress)
+            run, latencies, fitted = _cross_validate(index, name, dataset, folds, settings, progress)
             trained_on = f"{settings.folds}-fold cross-validation on {dataset.split} (seed {settings.seed})"
         else:
             pipeline = create_pipeline(name, index)
@@ -194,11 +197,14 @@ def run_experiment(
                 assert isinstance(pipeline, LearnedPipeline)
                 log(f"{name}: fitting on {len(train.queries)} {train.split} queries")
                 pipeline.fit(train.queries, train.qrels)
+                fitted.append(_fitted_parameters(pipeline))
                 trained_on = f"{train.split} split ({len(train.queries)} queries)"
             run, latencies = run_queries(pipeline.search, dataset.queries, settings.depth, label=name, progress=progress)
         scores = evaluate_run(run, dataset.qrels, settings.metrics)
         run_file = write_run(run, runs_dir / f"{name}.run", tag=name)
-        results[name] = PipelineResult(name, spec.learned, trained_on, run, scores, latencies, run_file)
+        results[name] = PipelineResult(name, spec.learned, trained_on, run, scores, latencies, run_file, fitted)
+        if fitted:
+            log(f"{name}: fitted {fitted if len(fitted) > 1 else fitted[0]}")
         headline = ", ".join(f"{m} {scores.mean()[m]:.4f}" for m in HEADLINE_METRICS if m in scores.values)
         log(f"{name}: {headline}; p50 {np.percentile(latencies, 50):.1f} ms")
 
@@ -216,22 +222,29 @@ def run_experiment(
 
 def _cross_validate(
     index: EmbeddedIndex, name: str, dataset: EvalDataset, folds: dict[str, int], settings: ExperimentSettings, progress: bool
-) -> tuple[Run, np.ndarray]:
+) -> tuple[Run, np.ndarray, list[dict[str, Any]]]:
     """Fit a fresh pipeline on K-1 folds, run it on the held-out fold; every query is answered
     by a model that never saw it."""
     run: Run = {}
     latencies = np.empty(len(dataset.queries))
     position = {q: i for i, q in enumerate(dataset.queries)}
+    fitted = []
     for fold in range(settings.folds or 0):
         held_out = {q: t for q, t in dataset.queries.items() if folds[q] == fold}
         training = {q: t for q, t in dataset.queries.items() if folds[q] != fold}
         pipeline = create_pipeline(name, index)
         assert isinstance(pipeline, LearnedPipeline)
         pipeline.fit(training, {q: dataset.qrels[q] for q in training})
+        fitted.append(_fitted_parameters(pipeline))
         fold_run, fold_latencies = run_queries(
             pipeline.search, held_out, settings.depth, label=f"{name} fold {fold + 1}/{settings.folds}", progress=progress
         )
         run.update(fold_run)
         for query_id, latency in zip(held_out, fold_latencies):
             latencies[position[query_id]] = latency
-    return {q: run[q] for q in dataset.queries}, latencies
+    return {q: run[q] for q in dataset.queries}, latencies, fitted
+
+
+def _fitted_parameters(pipeline: Any) -> dict[str, Any]:
+    describe = getattr(pipeline, "fitted_parameters", None)
+    return describe() if callable(describe) else {}

@@ -126,6 +126,17 @@ class BM25Index:
         """Indices and scores of the k best matching documents (only documents that match)."""
         return top_k_positive(self.scores(tokens, field), k)
 
+    def scores_of(self, tokens: Sequence[str], doc_indices: np.ndarray, field: str = COMBINED_FIELD) -> np.ndarray:
+        """BM25 of the given documents only: a binary search per (term, candidate) instead of a
+        pass over every posting, which matters for a few hundred candidates in a large index."""
+        term_ids, counts = self.query_term_ids(tokens)
+        doc_indices = np.asarray(doc_indices, dtype=np.int64)
+        if not len(term_ids):
+            return np.zeros(len(doc_indices), np.float32)
+        field_index = self._field(field)
+        weights, _ = gather_postings(field_index.weights, field_index.term_freqs, term_ids, doc_indices)
+        return (weights * counts).sum(axis=1, dtype=np.float32)
+
     def candidate_stats(self, tokens: Sequence[str], doc_indices: np.ndarray) -> CandidateStats:
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
         occurrences = Counter(tokens)

@@ -19,6 +19,7 @@ from indexing.config import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
+from search.backend import Retrieved
 
 @dataclass(frozen=True)
 class Hit:
@@ -32,7 +33,8 @@ class DenseUnavailableError(RuntimeError):
 
 
 class EmbeddedIndex:
-    """Retrieval over one index generation. Thread-safe for concurrent reads."""
+    """Retrieval over one index generation (the embedded `SearchBackend`). Thread-safe for
+    concurrent reads."""
 
     def __init__(self, home: Path, generation: IndexGeneration):
         self.home = home
@@ -64,36 +66,68 @@ class EmbeddedIndex:
     def has_dense(self) -> bool:
         return self.vectors is not None
 
+    @property
+    def generation_id(self) -> str:
+        return self.generation.generation
+
     def __len__(self) -> int:
         return self.bm25.n_docs
+
+    # ----- the SearchBackend interface -----------------------------------------------------------
+    def retrieve_bm25(self, query: str, k: int) -> Retrieved:
+        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, COMBINED_FIELD)
+        return Retrieved(self._ids_of(indices), scores.astype(np.float32, copy=False))
+
+    def encode_query(self, query: str) -> np.ndarray:
+        self._require_dense()
+        return self.encoder.encode([query])[0]
+
+    def retrieve_dense(self, query_vector: np.ndarray, k: int) -> Retrieved:
+        self._require_dense()
+        scores, indices = self.vectors.search(query_vector, k)
+        keep = indices[0] >= 0
+        return Retrieved(self._ids_of(indices[0][keep]), scores[0][keep].astype(np.float32, copy=False))
+
+    def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
+        indices = self._indices_of(doc_ids)
+        return self.bm25.scores_of(self.analyzer.analyze(query), indices, COMBINED_FIELD)
+
+    def dense_scores(self, query_vector: np.ndarray, doc_ids: Sequence[str]) -> np.ndarray:
+        self._require_dense()
+        return self.vectors.similarity(query_vector, self._indices_of(doc_ids))
 
     def search_bm25(self, query: str, k: int = 10, field: str = COMBINED_FIELD) -> list[Hit]:
         indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)
         return self._hits(indices, scores)
 
     def search_dense(self, query: str, k: int = 10) -> list[Hit]:
+        retrieved = self.retrieve_dense(self.encode_query(query), k)
+        return [Hit(d, float(s), rank) for rank, (d, s) in enumerate(zip(retrieved.doc_ids, retrieved.scores.tolist()), start=1)]
+
+    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
+        """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
+        return self.bm25.candidate_stats(self.analyzer.analyze(query), self._indices_of(doc_ids))
+
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        return self.docs.get_by_id(doc_id)
+
+    def _require_dense(self) -> None:
         if self.vectors is None or self.encoder is None:
             raise DenseUnavailableError(
                 f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
                 "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
             )
-        query_vector = self.encoder.encode([query])
-        scores, indices = self.vectors.search(query_vector, k)
-        return self._hits(indices[0], scores[0])
 
-    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
-        """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
-        indices = np.array([self._index_of(doc_id) for doc_id in doc_ids], dtype=np.int64)
-        return self.bm25.candidate_stats(self.analyzer.analyze(query), indices)
-
-    def document(self, doc_id: str) -> dict[str, Any] | None:
-        return self.docs.get_by_id(doc_id)
-
-    def _index_of(self, doc_id: str) -> int:
+    def _indices_of(self, doc_ids: Sequence[str]) -> np.ndarray:
+        index_of = self.docs.index_of
         try:
-            return self.docs.index_of[doc_id]
-        except KeyError:
-            raise KeyError(f"unknown document id '{doc_id}' in index '{self.name}'") from None
+            return np.array([index_of[doc_id] for doc_id in doc_ids], dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"unknown document id '{exc.args[0]}' in index '{self.name}'") from None
+
+    def _ids_of(self, indices: np.ndarray) -> list[str]:
+        ids = self.docs.ids
+        return [ids[i] for i in indices.tolist()]
 
     def _hits(self, indices: np.ndarray, scores: np.ndarray) -> list[Hit]:
         ids = self.docs.ids

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, runtime_checkable
 
 from search.embedded import EmbeddedIndex, Hit
+from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline
 
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -106,3 +107,13 @@ class DensePipeline:
 
 register_pipeline("bm25", BM25Pipeline, description="BM25 (Lucene formula) over title + text")
 register_pipeline("dense", DensePipeline, description="exact or HNSW cosine search over MiniLM embeddings")
+register_pipeline("hybrid", HybridPipeline, description="BM25 + dense candidates fused by reciprocal rank (k=60)")
+register_pipeline(
+    "hybrid-convex",
+    lambda index: HybridPipeline(index, FusionSettings(method="convex"), name="hybrid-convex"),
+    description="BM25 + dense, convex combination of min-max normalised scores, equal weights",
+)
+register_pipeline(
+    "hybrid-tuned", TunedHybridPipeline, learned=True,
+    description="convex fusion with weight and normalisation tuned on training queries (nDCG@10)",
+)

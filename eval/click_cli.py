@@ -1,0 +1,512 @@
+"""Command-line glue for click models: `ltr-search clicks fit` and `ltr-search simulate`.
+
+The main CLI calls `add_click_commands(subparsers)` while building its parser and hands the
+parsed arguments to `run_click_command(args)`. Errors are `ClickCommandError` (or the readers'
+`ClickLogError`), both `ValueError`s with a one-line message, so the main CLI prints them and
+exits 2. Progress goes to stderr; results and the summary to stdout.
+
+The TREC run and BEIR qrels readers here are deliberately minimal and private: the official
+ones belong to `eval/datasets.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from eval.click_log import ClickLog, read_click_log_jsonl, read_yandex_splits, write_events_jsonl
+from eval.click_models import MODELS, ClickModel, ClickModelScores, UserBehaviour, evaluate, make_model, simulate_click_log
+
+DEFAULT_MODELS = "ctr,pbm,cascade,dbn"
+TABLE_POSITIONS = 10
+QRELS_HEADER = ("query-id", "corpus-id", "score")
+
+
+class ClickCommandError(ValueError):
+    """A problem with the command's input worth one line to the user (exit status 2)."""
+
+
+def add_click_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `clicks fit` and `simulate` on the main CLI's subcommand set."""
+    clicks = subparsers.add_parser("clicks", help="fit and compare click models on a click log")
+    click_commands = clicks.add_subparsers(dest="clicks_command", required=True)
+    fit = click_commands.add_parser(
+        "fit",
+        help="fit click models on a train split and compare them on a test split",
+        description="Fit click models on the train part of a click log and report test log-likelihood and perplexity.",
+    )
+    fit.add_argument("--log", required=True, help="Yandex sample folder or its clicks.tsv.gz, or a JSONL event file")
+    fit.add_argument("--train-split", help="split fitted on (click tables only; default train)")
+    fit.add_argument("--test-split", help="split evaluated on (click tables only; default test)")
+    fit.add_argument("--test-fraction", type=float, help="JSONL logs only: latest fraction of sessions held out (default 0.25)")
+    fit.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, from {','.join(MODELS)} (default {DEFAULT_MODELS})")
+    fit.add_argument("--max-iter", type=int, default=100, help="EM rounds at most for pbm and dbn (default 100)")
+    fit.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON")
+    fit.add_argument("--report", metavar="OUT.md", help="write a markdown report and a perplexity plot next to it")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.set_defaults(click_command="clicks-fit")
+
+    simulate = subparsers.add_parser(
+        "simulate",
+        help="simulate user clicks over the rankings of a TREC run file",
+        description="Simulate users (PBM, cascade or DBN behaviour) clicking on a run's rankings, given relevance grades.",
+    )
+    simulate.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score)")
+    simulate.add_argument("--run", required=True, help="TREC run file: qid Q0 docid rank score tag")
+    simulate.add_argument("--model", required=True, choices=["pbm", "cascade", "dbn"], help="user behaviour")
+    simulate.add_argument("--sessions-per-query", type=int, default=10)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--out", help="events JSONL (default: stdout)")
+    simulate.add_argument("--depth", type=int, default=10, help="results shown per page (default 10)")
+    simulate.add_argument("--eta", type=float, default=1.0, help="pbm examination 1/r**eta (default 1)")
+    simulate.add_argument("--examination", help="pbm examination per position, comma-separated (overrides --eta)")
+    simulate.add_argument("--click-probs", help="attraction per grade, e.g. 0:0.05,1:0.5,2:0.95")
+    simulate.add_argument("--stop-probs", help="dbn satisfaction per grade, e.g. 0:0,1:0.3,2:0.7")
+    simulate.add_argument("--continuation", type=float, default=0.9, help="dbn probability to go on after an unsatisfying result")
+    simulate.add_argument("--noise", type=float, default=0.0, help="probability of flipping each attraction decision")
+    simulate.add_argument("--shuffle", action="store_true", help="show each page a random permutation of the top --depth")
+    simulate.add_argument("--quiet", action="store_true")
+    simulate.set_defaults(click_command="simulate")
+
+
+def run_click_command(args: argparse.Namespace) -> int:
+    """Run `clicks fit` or `simulate`; returns the exit status (errors raise ValueError)."""
+    command = getattr(args, "click_command", None)
+    if command == "clicks-fit":
+        return cmd_clicks_fit(args)
+    if command == "simulate":
+        return cmd_simulate(args)
+    raise ClickCommandError(f"not a click command: {command!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# clicks fit
+
+
+@dataclass
+class ModelResult:
+    scores: ClickModelScores
+    fit_seconds: float
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.scores.to_dict(), "fit_seconds": round(self.fit_seconds, 3), "parameters": self.parameters}
+
+
+def parse_model_names(text: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ClickCommandError("--models is empty")
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise ClickCommandError(f"unknown click model '{unknown[0]}' (choose from {', '.join(MODELS)})")
+    return list(dict.fromkeys(names))
+
+
+def load_train_test(path: Path, train_split: str | None, test_split: str | None, test_fraction: float | None) -> tuple[ClickLog, ClickLog, str]:
+    """A click table is split by its `split` column; a JSONL log by time. Returns a description too."""
+    if not path.exists():
+        raise ClickCommandError(f"{path}: no such file or directory")
+    is_table = path.is_dir() or path.name.endswith((".tsv", ".tsv.gz"))
+    if is_table:
+        if test_fraction is not None:
+            raise ClickCommandError("--test-fraction applies to JSONL logs; a click table has --train-split/--test-split")
+        train_split, test_split = train_split or "train", test_split or "test"
+        if train_split == test_split:
+            raise ClickCommandError(f"train and test split are both '{train_split}'")
+        logs = read_yandex_splits(path, [train_split, test_split])
+        return logs[train_split], logs[test_split], f"splits {train_split} / {test_split}"
+    if train_split or test_split:
+        raise ClickCommandError("--train-split/--test-split apply to click tables; a JSONL log is split by time (--test-fraction)")
+    fraction = 0.25 if test_fraction is None else test_fraction
+    log = read_click_log_jsonl(path)
+    try:
+        train, test = log.split_by_time(fraction)
+    except ValueError as exc:
+        raise ClickCommandError(f"{path}: {exc}") from None
+    return train, test, f"time split, latest {fraction:.0%} of sessions held out"
+
+
+def compare_click_models(train: ClickLog, test: ClickLog, names: Sequence[str], max_iter: int = 100, progress: bool = False) -> list[ModelResult]:
+    """Fit each model on `train`, score it on `test`; the same code path as `clicks fit`."""
+    results = []
+    for name in names:
+        model = make_model(name)
+        if hasattr(model, "max_iter"):
+            model.max_iter = max_iter
+        if progress:
+            print(f"fitting {name} on {train.n_sessions:,} sessions ...", file=sys.stderr)
+        started = time.perf_counter()
+        model.fit(train, progress=progress)
+        seconds = time.perf_counter() - started
+        results.append(ModelResult(evaluate(model, test), seconds, model.summary()))
+    return results
+
+
+def cmd_clicks_fit(args: argparse.Namespace) -> int:
+    names = parse_model_names(args.models)
+    if args.max_iter < 1:
+        raise ClickCommandError(f"--max-iter must be >= 1, got {args.max_iter}")
+    path = Path(args.log)
+    progress = not args.quiet
+    if progress:
+        print(f"reading {path} ...", file=sys.stderr)
+    train, test, how = load_train_test(path, args.train_split, args.test_split, args.test_fraction)
+    if test.n_positions > train.n_positions:
+        raise ClickCommandError(f"the test pages have {test.n_positions} positions but the training pages only {train.n_positions}")
+    results = compare_click_models(train, test, names, args.max_iter, progress)
+    data = _stats(train, test)
+    lines = summary_lines(path, how, data, results)
+    print("\n".join(lines))
+    payload = {"log": str(path), "split": how, **data, "results": [r.to_dict() for r in results], "winner": _winner(results)}
+    if args.json_out:
+        _write_text(Path(args.json_out), json.dumps(_json_safe(payload), indent=2) + "\n")
+        print(f"json: {args.json_out}")
+    if args.report:
+        report = Path(args.report)
+        plot = report.with_name(report.stem + "-perplexity.png")
+        try:
+            plot_perplexity_by_position({r.scores.model: r.scores.perplexity_by_position for r in results}, plot)
+        except OSError as exc:
+            raise ClickCommandError(f"{plot}: cannot write: {exc}") from None
+        _write_text(report, markdown_report(path, how, data, results, plot.name))
+        print(f"report: {report} (plot {plot})")
+    return 0
+
+
+def _stats(train: ClickLog, test: ClickLog) -> dict[str, Any]:
+    seen = set(train.pair_keys())
+    _, _, cell_pair = test.pair_index
+    unseen_pairs = np.array([key not in seen for key in test.pair_keys()], dtype=bool)
+    unseen_cells = float(unseen_pairs[cell_pair[test.mask]].mean()) if test.mask.any() else 0.0
+
+    def describe(log: ClickLog) -> dict[str, Any]:
+        return {
+            "sessions": log.n_sessions,
+            "queries": len(log.query_ids),
+            "documents": len(log.doc_ids),
+            "positions": log.n_positions,
+            "clicks": log.n_clicks,
+            "multi_click_sessions": int((log.clicks.sum(axis=1) > 1).sum()),
+        }
+
+    return {"train": describe(train), "test": describe(test), "test_impressions_of_unseen_pairs": unseen_cells}
+
+
+def _winner(results: Sequence[ModelResult]) -> dict[str, str]:
+    by_perplexity = min(results, key=lambda r: r.scores.perplexity)
+    by_likelihood = max(results, key=lambda r: r.scores.log_likelihood)
+    return {"perplexity": by_perplexity.scores.model, "log_likelihood": by_likelihood.scores.model}
+
+
+def summary_lines(path: Path, how: str, data: dict[str, Any], results: Sequence[ModelResult]) -> list[str]:
+    """The one-screen summary: data, a table per model and the winner."""
+    tr, te = data["train"], data["test"]
+    shown = min(TABLE_POSITIONS, max(len(r.scores.perplexity_by_position) for r in results))
+    lines = [
+        f"click log {path} ({how})",
+        f"  train {tr['sessions']:,} sessions, {tr['queries']:,} queries, {tr['documents']:,} docs, {tr['clicks']:,} clicks "
+        f"({tr['multi_click_sessions']:,} multi-click sessions)",
+        f"  test  {te['sessions']:,} sessions, {te['queries']:,} queries, {te['documents']:,} docs, {te['clicks']:,} clicks; "
+        f"{data['test_impressions_of_unseen_pairs']:.1%} of test impressions are pairs unseen in training",
+        "",
+    ]
+    header = f"{'model':<8} {'loglik':>9} {'perplex':>8}  " + " ".join(f"{'p@' + str(r + 1):>6}" for r in range(shown)) + f"  {'fit s':>6}"
+    lines += [header, "-" * len(header)]
+    for result in results:
+        s = result.scores
+        cells = " ".join(f"{p:6.4f}" for p in s.perplexity_by_position[:shown])
+        lines.append(f"{s.model:<8} {s.log_likelihood:9.4f} {s.perplexity:8.4f}  {cells}  {result.fit_seconds:6.2f}")
+    winner = _winner(results)
+    best_p = next(r for r in results if r.scores.model == winner["perplexity"])
+    best_l = next(r for r in results if r.scores.model == winner["log_likelihood"])
+    lines += [
+        "",
+        f"winner by perplexity (lower is better): {best_p.scores.model} ({best_p.scores.perplexity:.4f})",
+        f"winner by log-likelihood (higher is better): {best_l.scores.model} ({best_l.scores.log_likelihood:.4f})",
+    ]
+    return lines
+
+
+def markdown_report(path: Path, how: str, data: dict[str, Any], results: Sequence[ModelResult], plot_name: str) -> str:
+    tr, te = data["train"], data["test"]
+    shown = min(TABLE_POSITIONS, max(len(r.scores.perplexity_by_position) for r in results))
+    winner = _winner(results)
+    lines = [
+        "# Click models: test log-likelihood and perplexity",
+        "",
+        f"Log `{path}` ({how}). Train: {tr['sessions']:,} sessions, {tr['clicks']:,} clicks; "
+        f"test: {te['sessions']:,} sessions, {te['clicks']:,} clicks; "
+        f"{data['test_impressions_of_unseen_pairs']:.1%} of test impressions show a (query, doc) pair unseen in training.",
+        "",
+        "Log-likelihood: mean per test session, natural log, from click probabilities conditional on the session's "
+        "earlier clicks. Perplexity at position r: 2^-(mean log2-likelihood of the click at r under the unconditional "
+        "click probability); overall perplexity is the mean over positions (Chuklin, Markov & de Rijke, "
+        "*Click Models for Web Search*, 2015, chapter 5). A perfect model has perplexity 1, a coin 2.",
+        "",
+        "| model | log-likelihood | perplexity | " + " | ".join(f"p@{r + 1}" for r in range(shown)) + " | fit s |",
+        "|---|---:|---:|" + "---:|" * shown + "---:|",
+    ]
+    for result in results:
+        s = result.scores
+        bold = "**" if s.model == winner["perplexity"] else ""
+        cells = " | ".join(f"{p:.4f}" for p in s.perplexity_by_position[:shown])
+        lines.append(f"| {bold}{s.model}{bold} | {s.log_likelihood:.4f} | {bold}{s.perplexity:.4f}{bold} | {cells} | {result.fit_seconds:.2f} |")
+    lines += [
+        "",
+        f"Lowest perplexity: **{winner['perplexity']}**; highest log-likelihood: **{winner['log_likelihood']}**.",
+        "",
+        f"![perplexity by position]({plot_name})",
+        "",
+        "## Fitted global parameters",
+        "",
+    ]
+    for result in results:
+        params = {k: v for k, v in result.parameters.items() if k != "model"}
+        lines.append(f"- **{result.scores.model}**: " + ", ".join(f"{k} = {_format(v)}" for k, v in params.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity_by_position(per_position: dict[str, Sequence[float]], path: Path) -> Path:
+    """One line per model, perplexity against position (1-based); writes a PNG with Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    try:
+        for name, values in per_position.items():
+            values = list(values)
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3.5, linewidth=1.4, label=name)
+        ax.set_xlabel("position")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_title("Click-model perplexity by position")
+        longest = max((len(v) for v in per_position.values()), default=1)
+        ax.set_xticks(range(1, longest + 1))
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.sessions_per_query < 1:
+        raise ClickCommandError(f"--sessions-per-query must be >= 1, got {args.sessions_per_query}")
+    if args.depth < 1:
+        raise ClickCommandError(f"--depth must be >= 1, got {args.depth}")
+    try:
+        behaviour = UserBehaviour(
+            model=args.model,
+            examination=_float_list(args.examination, "--examination") if args.examination else None,
+            eta=args.eta,
+            click_probs=_grade_map(args.click_probs, "--click-probs") if args.click_probs else None,
+            stop_probs=_grade_map(args.stop_probs, "--stop-probs") if args.stop_probs else None,
+            continuation=args.continuation,
+            noise=args.noise,
+        )
+    except ClickCommandError:
+        raise
+    except ValueError as exc:
+        raise ClickCommandError(str(exc)) from None
+    qrels = _read_beir_qrels(Path(args.qrels))
+    run = _read_trec_run(Path(args.run))
+    rankings = {qid: docs for qid, docs in run.items() if qid in qrels}
+    skipped = len(run) - len(rankings)
+    if not rankings:
+        raise ClickCommandError(f"{args.run}: none of its {len(run)} queries has relevance judgments in {args.qrels}")
+    grades = {qid: qrels[qid] for qid in rankings}
+    try:
+        log = simulate_click_log(
+            behaviour, rankings, grades, sessions_per_query=args.sessions_per_query, depth=args.depth, shuffle=args.shuffle, seed=args.seed,
+            session_prefix=f"sim-{args.model}-s{args.seed}",
+        )
+    except ValueError as exc:
+        raise ClickCommandError(str(exc)) from None
+    events = log.to_events()
+    if args.out:
+        try:
+            write_events_jsonl(events, args.out)
+        except OSError as exc:
+            raise ClickCommandError(f"{args.out}: cannot write: {exc}") from None
+        out = sys.stdout
+        destination = args.out
+    else:
+        for event in events:
+            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        out = sys.stderr  # stdout carries the events
+        destination = "stdout"
+    ctr = log.clicks.sum(axis=0) / np.maximum(log.mask.sum(axis=0), 1)
+    lines = [
+        f"simulated {args.model} users over {args.run} with grades from {args.qrels} (seed {args.seed})",
+        f"  {len(rankings):,} queries x {args.sessions_per_query:,} sessions = {log.n_sessions:,} sessions, "
+        f"{len(events):,} events, {log.n_clicks:,} clicks ({log.n_clicks / log.n_sessions:.2f} per session)",
+        "  CTR by position: " + " ".join(f"{p:.3f}" for p in ctr),
+        f"  events -> {destination}",
+    ]
+    if skipped:
+        lines.insert(2, f"  {skipped:,} run queries without judgments were skipped")
+    print("\n".join(lines), file=out)
+    return 0
+
+
+def _read_trec_run(path: Path) -> dict[str, list[str]]:
+    """qid -> doc ids ordered by score (descending; ties by the rank column), as trec_eval
+    reads a run. Six whitespace-separated columns; errors name file and line."""
+    if not path.is_file():
+        raise ClickCommandError(f"{path}: no such file")
+    entries: dict[str, list[tuple[float, int, str]]] = {}
+    first_line: dict[tuple[str, str], int] = {}
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 6:
+                    raise ClickCommandError(f"{path}:{number}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}")
+                qid, _, doc, rank_text, score_text, _ = parts
+                try:
+                    rank = int(rank_text)
+                except ValueError:
+                    raise ClickCommandError(f"{path}:{number}: rank must be an integer, got {rank_text[:40]!r}") from None
+                try:
+                    score = float(score_text)
+                except ValueError:
+                    raise ClickCommandError(f"{path}:{number}: score must be a number, got {score_text[:40]!r}") from None
+                if not math.isfinite(score):
+                    raise ClickCommandError(f"{path}:{number}: score must be finite, got {score_text!r}")
+                key = (qid, doc)
+                if key in first_line:
+                    raise ClickCommandError(f"{path}:{number}: document '{doc}' appears twice for query '{qid}' (first on line {first_line[key]})")
+                first_line[key] = number
+                entries.setdefault(qid, []).append((-score, rank, doc))
+        except UnicodeDecodeError as exc:
+            raise ClickCommandError(f"{path}: invalid UTF-8: {exc.reason}") from None
+    if not entries:
+        raise ClickCommandError(f"{path}: empty run file")
+    return {qid: [doc for _, _, doc in sorted(rows)] for qid, rows in entries.items()}
+
+
+def _read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """qid -> doc -> integer grade from a BEIR qrels TSV (header query-id, corpus-id, score)."""
+    if not path.is_file():
+        raise ClickCommandError(f"{path}: no such file")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                parts = line.split("\t")
+                if number == 1 and tuple(p.strip() for p in parts) == QRELS_HEADER:
+                    continue
+                if len(parts) != 3:
+                    raise ClickCommandError(f"{path}:{number}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}")
+                qid, doc, grade_text = (p.strip() for p in parts)
+                if not qid or not doc:
+                    raise ClickCommandError(f"{path}:{number}: empty query-id or corpus-id")
+                try:
+                    grade = int(grade_text)
+                except ValueError:
+                    raise ClickCommandError(f"{path}:{number}: score must be an integer grade, got {grade_text[:40]!r}") from None
+                judged = qrels.setdefault(qid, {})
+                if doc in judged:
+                    raise ClickCommandError(f"{path}:{number}: query '{qid}' judges document '{doc}' twice")
+                judged[doc] = grade
+        except UnicodeDecodeError as exc:
+            raise ClickCommandError(f"{path}: invalid UTF-8: {exc.reason}") from None
+    if not qrels:
+        raise ClickCommandError(f"{path}: no judgments")
+    return qrels
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ClickCommandError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _grade_map(text: str, option: str) -> dict[int, float]:
+    result: dict[int, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        grade, sep, value = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            result[int(grade)] = float(value)
+        except ValueError:
+            raise ClickCommandError(f"{option} must look like 0:0.05,1:0.5,2:0.95, got {text!r}") from None
+    if not result:
+        raise ClickCommandError(f"{option} is empty")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ClickCommandError(f"{path}: cannot write: {exc}") from None
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    return str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with just the click commands, until the main CLI wires them in."""
+    parser = argparse.ArgumentParser(prog="python -m eval.click_cli", description="Click models and click simulation.")
+    add_click_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_click_command(args)
+    except ValueError as exc:
+        print(f"ltr-search: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Hybrid candidates (BM25 top-k union dense top-k) and the fused pipelines built on them.
+
+Both retrievers score every candidate exactly (BM25 of a dense-only candidate is computed, not
+assumed 0; its cosine likewise), so convex fusion compares like with like. RRF only sees the
+ranks each retriever returned.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from indexing.config import settings_from_dict
+from search.backend import SearchBackend
+from search.embedded import Hit
+from search.fusion import DEFAULT_RRF_K, NORMALISATIONS, fuse_convex, fuse_reciprocal_rank
+
+DEFAULT_CANDIDATES = 200  # per retriever; the union is the rerank window (a few hundred)
+FUSION_METHODS = ("rrf", "convex")
+TUNING_METRIC = "nDCG@10"
+TUNING_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2).tolist())
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    method: str = "rrf"
+    rrf_k: float = DEFAULT_RRF_K
+    dense_weight: float = 0.5  # convex: BM25 gets 1 - dense_weight
+    normalisation: str = "min-max"
+    bm25_candidates: int = DEFAULT_CANDIDATES
+    dense_candidates: int = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        if self.method not in FUSION_METHODS:
+            raise ValueError(f"fusion method '{self.method}' unknown; choose {' or '.join(FUSION_METHODS)}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation '{self.normalisation}' unknown; choose {' or '.join(NORMALISATIONS)}")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ValueError(f"dense_weight must be in [0, 1], got {self.dense_weight}")
+        if self.rrf_k < 0:
+            raise ValueError(f"rrf_k must be >= 0, got {self.rrf_k}")
+        for name in ("bm25_candidates", "dense_candidates"):
+            if not 1 <= getattr(self, name) <= 10_000:
+                raise ValueError(f"{name} must be between 1 and 10000, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FusionSettings":
+        return settings_from_dict(cls, data)
+
+
+@dataclass
+class Candidates:
+    """The rerank window of one query, aligned arrays indexed by candidate: BM25 hits in BM25
+    order first, then dense-only hits in dense order."""
+
+    doc_ids: list[str]
+    bm25: np.ndarray  # exact combined-field BM25
+    dense: np.ndarray  # cosine similarity
+    bm25_rank: np.ndarray  # 1-based rank in the BM25 top-k, NaN outside it
+    dense_rank: np.ndarray  # 1-based rank in the dense top-k, NaN outside it
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+
+def generate_candidates(backend: SearchBackend, query: str, bm25_k: int, dense_k: int) -> Candidates:
+    lexical = backend.retrieve_bm25(query, bm25_k)
+    query_vector = backend.encode_query(query)
+    semantic = backend.retrieve_dense(query_vector, dense_k)
+    doc_ids = list(lexical.doc_ids)
+    seen = set(doc_ids)
+    doc_ids += [d for d in semantic.doc_ids if d not in seen]
+    position = {d: i for i, d in enumerate(doc_ids)}
+    bm25_rank = np.full(len(doc_ids), np.nan)
+    bm25_rank[: len(lexical)] = np.arange(1, len(lexical) + 1)
+    dense_rank = np.full(len(doc_ids), np.nan)
+    dense_rank[[position[d] for d in semantic.doc_ids]] = np.arange(1, len(semantic) + 1)
+    return Candidates(
+        doc_ids=doc_ids,
+        bm25=backend.bm25_scores(query, doc_ids),
+        dense=backend.dense_scores(query_vector, doc_ids),
+        bm25_rank=bm25_rank,
+        dense_rank=dense_rank,
+    )
+
+
+def fused_scores(candidates: Candidates, settings: FusionSettings) -> np.ndarray:
+    if settings.method == "rrf":
+        return fuse_reciprocal_rank([candidates.bm25_rank, candidates.dense_rank], settings.rrf_k)
+    return fuse_convex(
+        [candidates.bm25, candidates.dense], [1.0 - settings.dense_weight, settings.dense_weight], settings.normalisation
+    )
+
+
+def top_hits(doc_ids: list[str], scores: np.ndarray, k: int) -> list[Hit]:
+    """Best first; equal scores keep candidate order (a stable sort), so results are deterministic."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+    return [Hit(doc_ids[i], float(scores[i]), rank) for rank, i in enumerate(order.tolist(), start=1)]
+
+
+class HybridPipeline:
+    """BM25 + dense candidates, fused with fixed settings (RRF by default)."""
+
+    def __init__(self, backend: SearchBackend, settings: FusionSettings = FusionSettings(), name: str = "hybrid"):
+        self.backend = backend
+        self.settings = settings
+        self.name = name
+
+    def candidates(self, query: str) -> Candidates:
+        return generate_candidates(self.backend, query, self.settings.bm25_candidates, self.settings.dense_candidates)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        window = self.candidates(query)
+        return top_hits(window.doc_ids, fused_scores(window, self.settings), k)
+
+
+class TunedHybridPipeline(HybridPipeline):
+    """Convex fusion whose dense weight and normalisation are chosen on training queries by
+    grid search (nDCG@10); the grid and its scores are kept in `tuning` for the record."""
+
+    def __init__(self, backend: SearchBackend, name: str = "hybrid-tuned"):
+        super().__init__(backend, FusionSettings(method="convex"), name)
+        self.fitted = False
+        self.tuning: list[dict[str, Any]] = []
+
+    def fit(self, queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]]) -> "TunedHybridPipeline":
+        from eval.metrics import evaluate_run
+
+        windows = {query_id: self.candidates(text) for query_id, text in queries.items()}
+        judged = {q: dict(qrels[q]) for q in queries}
+        best: tuple[float, FusionSettings] | None = None
+        self.tuning = []
+        for normalisation in NORMALISATIONS:
+            for weight in TUNING_WEIGHTS:
+                settings = FusionSettings(
+                    method="convex", dense_weight=weight, normalisation=normalisation,
+                    bm25_candidates=self.settings.bm25_candidates, dense_candidates=self.settings.dense_candidates,
+                )
+                run = {
+                    q: dict(zip(w.doc_ids, fused_scores(w, settings).tolist())) for q, w in windows.items()
+                }
+                score = evaluate_run(run, judged, [TUNING_METRIC]).mean()[TUNING_METRIC]
+                self.tuning.append({"normalisation": normalisation, "dense_weight": weight, TUNING_METRIC: score})
+                if best is None or score > best[0]:
+                    best = (score, settings)
+        assert best is not None
+        self.settings = best[1]
+        self.fitted = True
+        return self
+
+    def fitted_parameters(self) -> dict[str, Any]:
+        """What fit chose, for experiment records."""
+        best = max(self.tuning, key=lambda row: row[TUNING_METRIC]) if self.tuning else {}
+        return {"normalisation": self.settings.normalisation, "dense_weight": self.settings.dense_weight,
+                f"train {TUNING_METRIC}": best.get(TUNING_METRIC)}
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        if not self.fitted:
+            raise ValueError(f"pipeline '{self.name}' is tuned on judged training queries; run it through `ltr-search eval`")
+        return super().search(query, k)
