@@ -57,6 +57,27 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="session")
+def shared_encoder_home(tmp_path_factory) -> Path:
+    """Export the ONNX encoder once per test session (the only step that needs torch)."""
+    from indexing.encoder import EncoderSettings, ensure_onnx_encoder
+
+    home = tmp_path_factory.mktemp("encoder-home")
+    ensure_onnx_encoder(home, EncoderSettings(), progress=False)
+    return home
+
+
+@pytest.fixture
+def dense_home(tmp_path: Path, shared_encoder_home: Path) -> Path:
+    """An engine home whose encoders directory is the shared export."""
+    from indexing.config import encoders_dir
+
+    home = tmp_path / "dense-home"
+    home.mkdir()
+    (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
+    return home
+
+
 def run_cli(home: Path, *args: str, check: bool = True):
     """Run `ltr-search` in a subprocess, as a user would."""
     import subprocess

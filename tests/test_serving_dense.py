@@ -10,27 +10,9 @@ from pathlib import Path
 import pytest
 
 from indexing.build import BuildSettings, build_index
-from indexing.config import encoders_dir
 from indexing.corpus import CorpusSpec
-from indexing.encoder import EncoderSettings, ensure_onnx_encoder
 from search.embedded import EmbeddedIndex
 from tests.conftest import ROOT, run_cli
-
-
-@pytest.fixture(scope="module")
-def shared_encoder_home(tmp_path_factory) -> Path:
-    """Export the ONNX encoder once for this module (the only step that needs torch)."""
-    home = tmp_path_factory.mktemp("encoder-home")
-    ensure_onnx_encoder(home, EncoderSettings(), progress=False)
-    return home
-
-
-@pytest.fixture
-def dense_home(tmp_path: Path, shared_encoder_home: Path) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
-    return home
 
 
 def test_dense_build_and_search(dense_home, small_corpus):
