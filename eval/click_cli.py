@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from eval.click_log import ClickLog, read_click_log_jsonl, read_yandex_splits, write_events_jsonl
-from eval.click_models import MODELS, ClickModel, ClickModelScores, UserBehaviour, evaluate, make_model, simulate_click_log
+from eval.click_models import MODELS, ClickModelScores, UserBehaviour, evaluate, make_model, simulate_click_log
 
 DEFAULT_MODELS = "ctr,pbm,cascade,dbn"
 TABLE_POSITIONS = 10

@@ -78,6 +78,11 @@ def _beta_mean(successes: np.ndarray, trials: np.ndarray, prior: tuple[float, fl
     return clip((successes + a) / (trials + a + b))
 
 
+def _require_sessions(log: ClickLog) -> None:
+    if log.n_sessions == 0 or not log.mask.any():
+        raise ValueError("cannot fit a click model on a log without impressions")
+
+
 def _positions(log: ClickLog) -> np.ndarray:
     return np.broadcast_to(np.arange(log.n_positions), log.docs.shape)
 
@@ -164,6 +169,7 @@ class CtrByPositionModel(ClickModel):
         self.ctr: np.ndarray = np.zeros(0)
 
     def fit(self, log: ClickLog, progress: bool = False) -> "CtrByPositionModel":
+        _require_sessions(log)
         shown = log.mask.sum(axis=0)
         clicked = log.clicks.sum(axis=0)
         self.ctr = clip(np.where(shown > 0, clicked / np.maximum(shown, 1), EPS))
@@ -235,6 +241,7 @@ class PositionBasedModel(ClickModel):
         return model
 
     def fit(self, log: ClickLog, progress: bool = False) -> "PositionBasedModel":
+        _require_sessions(log)
         pair_query, _, cell_pair = log.pair_index
         n_pairs = len(pair_query)
         shown = log.mask
@@ -333,6 +340,7 @@ class CascadeModel(ClickModel):
         return self.attractiveness.default
 
     def fit(self, log: ClickLog, progress: bool = False) -> "CascadeModel":
+        _require_sessions(log)
         pair_query, _, cell_pair = log.pair_index
         observed = log.mask & (_positions(log) <= _first_click(log)[:, None])
         if self.multi_click == "drop":
@@ -475,6 +483,7 @@ class DynamicBayesianNetworkModel(ClickModel):
         return model
 
     def fit(self, log: ClickLog, progress: bool = False) -> "DynamicBayesianNetworkModel":
+        _require_sessions(log)
         pair_query, _, cell_pair = log.pair_index
         n_pairs = len(pair_query)
         shown = log.mask
@@ -586,6 +595,7 @@ class SimplifiedDBNModel(DynamicBayesianNetworkModel):
         super().__init__(prior=prior, continuation=1.0)
 
     def fit(self, log: ClickLog, progress: bool = False) -> "SimplifiedDBNModel":
+        _require_sessions(log)
         pair_query, _, cell_pair = log.pair_index
         n_pairs = len(pair_query)
         last = _last_click(log)
