@@ -4,9 +4,6 @@ The main CLI calls `add_click_commands(subparsers)` while building its parser an
 parsed arguments to `run_click_command(args)`. Errors are `ClickCommandError` (or the readers'
 `ClickLogError`), both `ValueError`s with a one-line message, so the main CLI prints them and
 exits 2. Progress goes to stderr; results and the summary to stdout.
-
-The TREC run and BEIR qrels readers here are deliberately minimal and private: the official
-ones belong to `eval/datasets.py`.
 """
 from __future__ import annotations
 
@@ -21,12 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from eval.datasets import read_qrels, read_run, trec_order
 from eval.click_log import ClickLog, read_click_log_jsonl, read_yandex_splits, write_events_jsonl
 from eval.click_models import MODELS, ClickModelScores, UserBehaviour, evaluate, make_model, simulate_click_log
 
 DEFAULT_MODELS = "ctr,pbm,cascade,dbn"
 TABLE_POSITIONS = 10
-QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
 class ClickCommandError(ValueError):
@@ -325,8 +322,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise
     except ValueError as exc:
         raise ClickCommandError(str(exc)) from None
-    qrels = _read_beir_qrels(Path(args.qrels))
-    run = _read_trec_run(Path(args.run))
+    qrels = read_qrels(args.qrels)
+    run = {qid: [doc for doc, _ in trec_order(ranked)] for qid, ranked in read_run(args.run).items()}
+    if not run:
+        raise ClickCommandError(f"{args.run}: empty run file")
     rankings = {qid: docs for qid, docs in run.items() if qid in qrels}
     skipped = len(run) - len(rankings)
     if not rankings:
@@ -364,78 +363,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         lines.insert(2, f"  {skipped:,} run queries without judgments were skipped")
     print("\n".join(lines), file=out)
     return 0
-
-
-def _read_trec_run(path: Path) -> dict[str, list[str]]:
-    """qid -> doc ids ordered by score (descending; ties by the rank column), as trec_eval
-    reads a run. Six whitespace-separated columns; errors name file and line."""
-    if not path.is_file():
-        raise ClickCommandError(f"{path}: no such file")
-    entries: dict[str, list[tuple[float, int, str]]] = {}
-    first_line: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 6:
-                    raise ClickCommandError(f"{path}:{number}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}")
-                qid, _, doc, rank_text, score_text, _ = parts
-                try:
-                    rank = int(rank_text)
-                except ValueError:
-                    raise ClickCommandError(f"{path}:{number}: rank must be an integer, got {rank_text[:40]!r}") from None
-                try:
-                    score = float(score_text)
-                except ValueError:
-                    raise ClickCommandError(f"{path}:{number}: score must be a number, got {score_text[:40]!r}") from None
-                if not math.isfinite(score):
-                    raise ClickCommandError(f"{path}:{number}: score must be finite, got {score_text!r}")
-                key = (qid, doc)
-                if key in first_line:
-                    raise ClickCommandError(f"{path}:{number}: document '{doc}' appears twice for query '{qid}' (first on line {first_line[key]})")
-                first_line[key] = number
-                entries.setdefault(qid, []).append((-score, rank, doc))
-        except UnicodeDecodeError as exc:
-            raise ClickCommandError(f"{path}: invalid UTF-8: {exc.reason}") from None
-    if not entries:
-        raise ClickCommandError(f"{path}: empty run file")
-    return {qid: [doc for _, _, doc in sorted(rows)] for qid, rows in entries.items()}
-
-
-def _read_beir_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """qid -> doc -> integer grade from a BEIR qrels TSV (header query-id, corpus-id, score)."""
-    if not path.is_file():
-        raise ClickCommandError(f"{path}: no such file")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                parts = line.split("\t")
-                if number == 1 and tuple(p.strip() for p in parts) == QRELS_HEADER:
-                    continue
-                if len(parts) != 3:
-                    raise ClickCommandError(f"{path}:{number}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}")
-                qid, doc, grade_text = (p.strip() for p in parts)
-                if not qid or not doc:
-                    raise ClickCommandError(f"{path}:{number}: empty query-id or corpus-id")
-                try:
-                    grade = int(grade_text)
-                except ValueError:
-                    raise ClickCommandError(f"{path}:{number}: score must be an integer grade, got {grade_text[:40]!r}") from None
-                judged = qrels.setdefault(qid, {})
-                if doc in judged:
-                    raise ClickCommandError(f"{path}:{number}: query '{qid}' judges document '{doc}' twice")
-                judged[doc] = grade
-        except UnicodeDecodeError as exc:
-            raise ClickCommandError(f"{path}: invalid UTF-8: {exc.reason}") from None
-    if not qrels:
-        raise ClickCommandError(f"{path}: no judgments")
-    return qrels
 
 
 def _float_list(text: str, option: str) -> list[float]:

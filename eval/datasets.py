@@ -136,7 +136,9 @@ def read_run(path: Path | str) -> Run:
         parts = line.split()
         if len(parts) != 6:
             raise EvalDataError(path, number, f"expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}")
-        query_id, _, doc_id, _, score_text, _ = parts
+        query_id, _, doc_id, rank_text, score_text, _ = parts
+        if not rank_text.lstrip("-").isdigit():
+            raise EvalDataError(path, number, f"rank '{rank_text}' is not an integer")
         try:
             score = float(score_text)
         except ValueError:

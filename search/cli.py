@@ -7,6 +7,8 @@
     ltr-search [--home DIR] search "QUERY" [--name NAME] [--pipeline bm25|dense] [-k 10] [--json]
     ltr-search [--home DIR] eval --dataset PATH [--split test] [--pipeline bm25,dense] [--name INDEX]
                [--json OUT] [--report OUT.md] [--runs DIR] [--folds K] [--run-file PATH ...]
+    ltr-search clicks fit --log PATH [--models ctr,pbm,cascade,dbn] [--json OUT] [--report OUT.md]
+    ltr-search simulate --qrels QRELS --run RUN --model pbm|cascade|dbn [--out events.jsonl]
 
 Input problems exit with status 2 and one precise line on stderr; nothing is half-written.
 """
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", help="write a markdown report here, with PNG plots next to it")
     evaluate.add_argument("--runs", help="directory for the TREC run files (default: HOME/runs/DATASET-SPLIT)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from eval.click_cli import add_click_commands
+
+    add_click_commands(commands)  # `clicks fit` and `simulate`
     return parser
 
 
@@ -111,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_search(home, args)
         if args.command == "eval":
             return cmd_eval(home, args)
+        if args.command in ("clicks", "simulate"):
+            from eval.click_cli import run_click_command
+
+            return run_click_command(args)
     except user_errors as exc:
         print(f"ltr-search: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
