@@ -688,7 +688,7 @@ def _new_event_rows(
         if event.event_id is not None:
             previous = stored.get(event.event_id)
             if previous is not None:
-                if previous != normalised:
+                if _identity(previous) != _identity(normalised):
                     conflicts.append(
                         f"events[{index}].event_id: {event.event_id!r} was already stored for a different event "
                         f"({_describe(previous)})"
@@ -711,6 +711,12 @@ def _normalised(event: Event) -> Event:
         event.request_id, event.type, event.doc_id, event.position, float(event.timestamp),
         None if event.dwell_ms is None else float(event.dwell_ms), event.event_id,
     )
+
+
+def _identity(event: Event) -> tuple[Any, ...]:
+    """What makes a re-sent event the same event: everything but the timestamp, because a retry
+    is restamped when the service fills in the time of receipt (the first stored time wins)."""
+    return (event.request_id, event.type, event.doc_id, event.position, event.dwell_ms, event.event_id)
 
 
 def _describe(event: Event) -> str:

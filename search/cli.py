@@ -7,6 +7,7 @@
     ltr-search [--home DIR] search "QUERY" [--name NAME] [--pipeline bm25|dense] [-k 10] [--json]
     ltr-search [--home DIR] eval --dataset PATH [--split test] [--pipeline bm25,dense] [--name INDEX]
                [--json OUT] [--report OUT.md] [--runs DIR] [--folds K] [--run-file PATH ...]
+    ltr-search [--home DIR] serve [--host 127.0.0.1] [--port 8000] [--name INDEX] [--config FILE]
     ltr-search clicks fit --log PATH [--models ctr,pbm,cascade,dbn] [--json OUT] [--report OUT.md]
     ltr-search simulate --qrels QRELS --run RUN --model pbm|cascade|dbn [--out events.jsonl]
 
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--runs", help="directory for the TREC run files (default: HOME/runs/DATASET-SPLIT)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    serve = commands.add_parser("serve", help="run the HTTP query service (FastAPI on uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", help="index to serve (default: the config's, else 'default')")
+    serve.add_argument("--config", help="TOML settings file (env LTR_SEARCH_CONFIG)")
+    serve.add_argument("--pipeline", dest="default_pipeline", help="default pipeline (default hybrid)")
+    serve.add_argument("--window", dest="rerank_window", type=int, help="rerank window (default 200)")
+    serve.add_argument("--threads", type=int, help="ONNX Runtime threads per query encoding (default: all cores; BLAS always 1)")
+
     from eval.click_cli import add_click_commands
 
     add_click_commands(commands)  # `clicks fit` and `simulate`
@@ -108,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from indexing.encoder import EncoderError
     from search.embedded import DenseUnavailableError
 
-    user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, ValueError)
+    from ltr.event_store import EventStoreError
+
+    user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, EventStoreError, ValueError)
     try:
         if args.command == "index":
             handler = {"build": cmd_build, "rebuild": cmd_rebuild, "status": cmd_status, "rollback": cmd_rollback}
@@ -117,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_search(home, args)
         if args.command == "eval":
             return cmd_eval(home, args)
+        if args.command == "serve":
+            return cmd_serve(home, args)
         if args.command in ("clicks", "simulate"):
             from eval.click_cli import run_click_command
 
@@ -263,6 +277,23 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
     print(f"{args.pipeline} top {len(rows)} for {args.query!r} ({index.name}/{index.generation.generation}, {took_ms:.1f} ms)")
     for row in rows:
         print(f"{row['rank']:>4}  {row['score']:8.3f}  {row['id']:<12}  {row['title'][:90]}")
+    return 0
+
+
+def cmd_serve(home: Path, args: argparse.Namespace) -> int:
+    from search.config import load_service_config
+    from search.service import serve
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be between 1 and 65535, got {args.port}")
+    config = load_service_config(
+        home, Path(args.config) if args.config else None,
+        {"index": args.name, "default_pipeline": args.default_pipeline, "rerank_window": args.rerank_window,
+         "threads": args.threads},
+    )
+    _log(f"serving index '{config.index}' from {home} on http://{args.host}:{args.port} "
+         f"(admin endpoints {'enabled' if config.admin_token else 'disabled: set LTR_SEARCH_ADMIN_TOKEN'})")
+    serve(config, args.host, args.port)
     return 0
 
 

@@ -36,7 +36,7 @@ class EmbeddedIndex:
     """Retrieval over one index generation (the embedded `SearchBackend`). Thread-safe for
     concurrent reads."""
 
-    def __init__(self, home: Path, generation: IndexGeneration):
+    def __init__(self, home: Path, generation: IndexGeneration, encoder_threads: int | None = None):
         self.home = home
         self.generation = generation
         manifest = generation.manifest
@@ -52,11 +52,13 @@ class EmbeddedIndex:
         if dense:
             self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
             encoder_settings = EncoderSettings.from_dict(manifest["build"]["encoder"])
-            self.encoder = _open_encoder(home, dense["encoder"], encoder_settings)
+            self.encoder = _open_encoder(home, dense["encoder"], encoder_settings, encoder_threads)
 
     @classmethod
-    def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True) -> "EmbeddedIndex":
-        return cls(home, IndexStore(home).open(name, generation, verify=verify))
+    def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True,
+             encoder_threads: int | None = None) -> "EmbeddedIndex":
+        """`encoder_threads`: ONNX Runtime intra-op threads for query encoding (default: all cores)."""
+        return cls(home, IndexStore(home).open(name, generation, verify=verify), encoder_threads)
 
     @property
     def name(self) -> str:
@@ -134,10 +136,10 @@ class EmbeddedIndex:
         return [Hit(ids[i], float(s), rank) for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), start=1) if i >= 0]
 
 
-def _open_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings) -> OnnxEncoder:
+def _open_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:
     directory = encoders_dir(home) / description["directory"]
     try:
-        encoder = OnnxEncoder(directory, settings=settings)  # queries truncated as documents were
+        encoder = OnnxEncoder(directory, threads, settings=settings)  # queries truncated as documents were
     except EncoderError as exc:
         raise EncoderError(
             f"{exc}; the index needs encoder {description['directory']} "

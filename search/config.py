@@ -1,0 +1,115 @@
+"""Query-service settings: one loader for the TOML file, the environment and command-line flags.
+
+Precedence: flags > environment > file > defaults. The admin token is read from the
+environment (or the file), never from a flag, so it does not show up in process listings.
+
+    # ltr-search.toml
+    index = "scifact"
+    default_pipeline = "hybrid"
+    rerank_window = 200
+    [exploration]
+    epsilon = 0.05
+    [fusion.scifact]            # per index, e.g. what `ltr-search eval` tuned on a train split
+    method = "convex"
+    dense_weight = 0.6
+    normalisation = "z-score"
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from indexing.config import DEFAULT_INDEX_NAME, settings_from_dict
+from search.hybrid import FusionSettings
+
+ADMIN_TOKEN_ENV_VAR = "LTR_SEARCH_ADMIN_TOKEN"
+CONFIG_ENV_VAR = "LTR_SEARCH_CONFIG"
+
+DEFAULT_RERANK_WINDOW = 200
+MAX_RERANK_WINDOW = 2_000
+MAX_QUERY_CHARS = 1_024
+MAX_PAGE_SIZE = 100
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ExplorationSettings:
+    epsilon: float = 0.0  # share of requests that get one deeper result swapped into the page
+    protected_top: int = 3  # the first positions of a page are never swapped
+    seed: int = 0  # with the request id, makes each request's exploration reproducible
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"exploration.epsilon must be in [0, 1], got {self.epsilon}")
+        if self.protected_top < 0:
+            raise ValueError(f"exploration.protected_top must be >= 0, got {self.protected_top}")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    home: Path
+    index: str = DEFAULT_INDEX_NAME
+    default_pipeline: str = "hybrid"
+    rerank_window: int = DEFAULT_RERANK_WINDOW
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_page_size: int = MAX_PAGE_SIZE
+    max_body_bytes: int = MAX_BODY_BYTES
+    admin_token: str | None = None
+    events_path: Path | None = None  # default HOME/events/INDEX.sqlite3
+    threads: int | None = None  # ONNX Runtime intra-op threads per query (default: all cores); BLAS gets 1
+    exploration: ExplorationSettings = field(default_factory=ExplorationSettings)
+    fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rerank_window <= MAX_RERANK_WINDOW:
+            raise ValueError(f"rerank_window must be between 1 and {MAX_RERANK_WINDOW}, got {self.rerank_window}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError(f"the admin token (${ADMIN_TOKEN_ENV_VAR}) must be at least 16 characters")
+
+    @property
+    def event_store_path(self) -> Path:
+        return self.events_path or self.home / "events" / f"{self.index}.sqlite3"
+
+    def fusion_for(self, index: str) -> FusionSettings:
+        return self.fusion.get(index, FusionSettings())
+
+
+def load_service_config(
+    home: Path, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> ServiceConfig:
+    """Defaults, then the TOML file (`--config` or $LTR_SEARCH_CONFIG), then the environment's
+    admin token, then non-None `overrides` (command-line flags)."""
+    values: dict[str, Any] = {}
+    config_file = config_file or (Path(os.environ[CONFIG_ENV_VAR]) if os.environ.get(CONFIG_ENV_VAR) else None)
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ValueError(f"{config_file}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{config_file}: invalid TOML ({exc})") from None
+    try:
+        if "exploration" in values:
+            values["exploration"] = settings_from_dict(ExplorationSettings, values["exploration"])
+        if "fusion" in values:
+            values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
+        if "events_path" in values:
+            values["events_path"] = Path(values["events_path"])
+        token = os.environ.get(ADMIN_TOKEN_ENV_VAR)
+        if token:
+            values["admin_token"] = token
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values["home"] = home
+        known = {f.name for f in dataclasses.fields(ServiceConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'home'}))}")
+        return ServiceConfig(**values)
+    except (TypeError, ValueError) as exc:
+        where = f"{config_file}: " if config_file else ""
+        raise ValueError(f"{where}{exc}") from None

@@ -1,0 +1,130 @@
+"""Typed request and response models of the HTTP API (pydantic, unknown fields refused)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from search.config import MAX_PAGE_SIZE, MAX_QUERY_CHARS, MAX_RERANK_WINDOW
+from ltr.event_store import MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_ID_LENGTH
+
+MAX_EXCLUDE_IDS = 1_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Diversity(Strict):
+    field: str = Field(min_length=1, max_length=128, description="metadata field, e.g. author")
+    max_per_value: int = Field(ge=1, le=MAX_PAGE_SIZE, description="at most this many results per value")
+
+
+class SearchRequest(Strict):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    size: int = Field(10, ge=1, le=MAX_PAGE_SIZE)
+    offset: int = Field(0, ge=0, le=MAX_RERANK_WINDOW)
+    pipeline: str | None = Field(None, max_length=64, description="default: the service's default pipeline")
+    filters: dict[str, Any] | None = Field(
+        None, description='metadata filters: {"author": "ann", "year": {"gte": 2010}, "journal": {"in": ["a", "b"]}}'
+    )
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_EXCLUDE_IDS, description="ids already seen")
+    diversity: Diversity | None = None
+    explain: bool = False
+    user_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class ResultExplanation(Strict):
+    first_stage_rank: int
+    first_stage_score: float
+
+
+class SearchResult(Strict):
+    id: str
+    score: float
+    position: int
+    propensity: float
+    fields: dict[str, Any]
+    explain: ResultExplanation | None = None
+
+
+class IndexInfo(Strict):
+    name: str
+    generation: str
+
+
+class SearchResponse(Strict):
+    request_id: str
+    query: str
+    pipeline: str
+    index: IndexInfo
+    model_version: str | None
+    offset: int
+    size: int
+    window: int = Field(description="candidates the first stage returned (the rerank window)")
+    eligible: int = Field(description="candidates left after filters and exclusions")
+    explored: bool
+    results: list[SearchResult]
+    took_ms: float
+    timings_ms: dict[str, float] | None = None
+
+
+class EventIn(Strict):
+    request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    type: Literal["impression", "click", "dwell"]
+    doc_id: str = Field(min_length=1, max_length=MAX_DOC_ID_LENGTH)
+    position: int = Field(ge=1, le=MAX_RERANK_WINDOW)
+    timestamp: float | None = Field(None, description="unix seconds; default: when the server receives it")
+    dwell_ms: float | None = Field(None, ge=0)
+    event_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH, description="makes re-sending harmless")
+
+
+class EventBatch(Strict):
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
+
+
+class EventsAccepted(Strict):
+    stored: int
+    duplicates: int
+
+
+class ErrorDetail(Strict):
+    field: str
+    reason: str
+
+
+class ErrorBody(Strict):
+    code: str
+    message: str
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorResponse(Strict):
+    error: ErrorBody
+
+
+class JobStatus(Strict):
+    job_id: str
+    kind: str
+    state: Literal["running", "succeeded", "failed"]
+    started_at: float
+    finished_at: float | None = None
+    generation: str | None = None
+    error: str | None = None
+    log: list[str] = Field(default_factory=list)
+
+
+class ReloadResponse(Strict):
+    index: IndexInfo
+    previous_generation: str | None
+
+
+class HealthResponse(Strict):
+    status: Literal["ok"]
+
+
+class ReadyResponse(Strict):
+    ready: bool
+    index: IndexInfo | None = None
+    reason: str | None = None

@@ -1,0 +1,488 @@
+"""The FastAPI query service: search, events, documents, health, metrics and admin jobs.
+
+Handlers are plain `def`s, so FastAPI runs them in its thread pool; the state they read (the
+index generation and its pipelines) is one immutable snapshot swapped atomically on reload, so
+a request that started on the old generation finishes on it while new requests use the new one.
+Every malformed input gets a 4xx JSON error naming the field; a 5xx means a bug.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from indexing.bundle import IndexBundleError, IndexBusyError
+from ltr.event_store import Event, EventStore, ServedRequest, ServedResult, ValidationError
+from search.config import ServiceConfig
+from search.embedded import EmbeddedIndex
+from search.hybrid import HybridPipeline
+from search.pipelines import create_pipeline, pipeline_names, pipeline_spec
+from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError
+from search.rules import RuleError, check_field_name, parse_filters
+from search.schemas import (
+    EventBatch, EventsAccepted, HealthResponse, IndexInfo, JobStatus, ReadyResponse, ReloadResponse,
+    ResultExplanation, SearchRequest, SearchResponse, SearchResult,
+)
+
+logger = logging.getLogger("ltr_search.service")
+DENSE_PIPELINES = frozenset({"dense", "hybrid", "hybrid-convex"})
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ApiError(Exception):
+    """A client error with an HTTP status, a code and the offending field(s)."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details or []
+
+
+def _error(status: int, code: str, message: str, details: list[dict[str, str]] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details or []}}, status, headers=headers)
+
+
+# ----------------------------------------------------------------------------------- serving state
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded generation and the pipelines built on it; never mutated, only replaced."""
+
+    index: EmbeddedIndex
+    pipelines: dict[str, RankingPipeline]
+    default_pipeline: str
+
+
+class ServingState:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self._snapshot: Snapshot | None = None
+        self._reload_lock = threading.Lock()
+        self.load_error: str | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def require(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise ApiError(503, "not_ready", f"no index loaded: {self.load_error or 'still loading'}")
+        return snapshot
+
+    def reload(self) -> tuple[str | None, Snapshot]:
+        """Open the active generation and swap it in; the old one keeps serving until then."""
+        with self._reload_lock:
+            previous = self._snapshot.index.generation_id if self._snapshot else None
+            index = EmbeddedIndex.open(self.config.home, self.config.index, encoder_threads=self.config.threads)
+            self._snapshot = self._build(index)
+            self.load_error = None
+            return previous, self._snapshot
+
+    def _build(self, index: EmbeddedIndex) -> Snapshot:
+        config = self.config
+        pipelines: dict[str, RankingPipeline] = {}
+        for name in pipeline_names():
+            if pipeline_spec(name).learned or (name in DENSE_PIPELINES and not index.has_dense):
+                continue
+            if name == "hybrid":
+                first_stage = HybridPipeline(index, config.fusion_for(index.name))
+            else:
+                first_stage = create_pipeline(name, index)
+            pipelines[name] = RankingPipeline(
+                index, first_stage, config.rerank_window, ranker=None,
+                epsilon=config.exploration.epsilon, protected_top=config.exploration.protected_top,
+                seed=config.exploration.seed,
+            )
+        default = config.default_pipeline if config.default_pipeline in pipelines else "bm25"
+        if default != config.default_pipeline:
+            logger.warning("default pipeline %s unavailable on index %s; using bm25", config.default_pipeline, index.name)
+        return Snapshot(index, pipelines, default)
+
+
+# ----------------------------------------------------------------------------------- admin jobs
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    state: str = "running"
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    generation: str | None = None
+    error: str | None = None
+    log: list[str] = field(default_factory=list)
+
+    def status(self) -> JobStatus:
+        return JobStatus(job_id=self.job_id, kind=self.kind, state=self.state, started_at=self.started_at,
+                         finished_at=self.finished_at, generation=self.generation, error=self.error, log=self.log[-50:])
+
+
+class JobRunner:
+    """Index rebuilds in a background thread; at most one at a time per service."""
+
+    def __init__(self, state: ServingState, on_reload: Callable[[], None]):
+        self.state = state
+        self.on_reload = on_reload
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start_rebuild(self) -> Job:
+        with self._lock:
+            if any(job.state == "running" for job in self.jobs.values()):
+                raise ApiError(409, "busy", "a rebuild is already running; poll its status")
+            job = Job(uuid.uuid4().hex, "rebuild")
+            self.jobs[job.job_id] = job
+        threading.Thread(target=self._rebuild, args=(job,), name=f"rebuild-{job.job_id[:8]}", daemon=True).start()
+        return job
+
+    def _rebuild(self, job: Job) -> None:
+        from indexing.build import rebuild_index
+
+        try:
+            summary = rebuild_index(self.state.config.home, self.state.config.index, progress=False, log=job.log.append)
+            job.generation = summary.generation
+            self.state.reload()
+            self.on_reload()
+            job.state = "succeeded"
+        except IndexBusyError as exc:
+            job.state, job.error = "failed", f"index is locked by another writer: {exc}"
+        except Exception as exc:  # the job reports every failure; serving goes on with the old generation
+            logger.exception("rebuild failed")
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.finished_at = time.time()
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ltr_search_requests_total", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("ltr_search_request_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=STAGE_BUCKETS, registry=self.registry)
+        self.stages = Histogram("ltr_search_stage_seconds", "search latency per pipeline stage", ["stage"],
+                                buckets=STAGE_BUCKETS, registry=self.registry)
+        self.events = Counter("ltr_search_events_total", "behaviour events stored, by type", ["type"], registry=self.registry)
+        self.index_info = Gauge("ltr_search_index_generation_info", "the active index generation (value 1)",
+                                ["index", "generation"], registry=self.registry)
+        self.model_info = Gauge("ltr_search_model_info", "the active ranking model (value 1; 'none' = fused order)",
+                                ["version"], registry=self.registry)
+
+    def set_generation(self, index: str, generation: str) -> None:
+        self.index_info.clear()
+        self.index_info.labels(index, generation).set(1)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            response = _error(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# ----------------------------------------------------------------------------------- the app
+
+
+GET_SEARCH_PARAMS = frozenset({"q", "size", "offset", "pipeline", "filters", "exclude", "diversity_field",
+                               "diversity_cap", "explain", "user_id", "session_id"})
+
+
+def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> FastAPI:
+    state = ServingState(config)
+    metrics = ServiceMetrics()
+    metrics.model_info.labels("none").set(1)
+    if event_store is None:
+        config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
+    store = event_store or EventStore(config.event_store_path)
+
+    def refresh_generation_metric() -> None:
+        snapshot = state.snapshot
+        if snapshot is not None:
+            metrics.set_generation(snapshot.index.name, snapshot.index.generation_id)
+
+    jobs = JobRunner(state, refresh_generation_metric)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            state.reload()
+            refresh_generation_metric()
+        except (IndexBundleError, OSError, ValueError) as exc:
+            state.load_error = str(exc)
+            logger.error("index not loaded: %s", exc)
+        yield
+        if event_store is None:
+            store.close()
+
+    app = FastAPI(title="ltr-search", version="1", lifespan=lifespan,
+                  description="Hybrid retrieval, learning-to-rank and behaviour events over one index.")
+    app.state.serving = state
+    app.state.metrics = metrics
+    app.state.jobs = jobs
+    app.state.event_store = store
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except ApiError as exc:  # raised while reading the body (size limit)
+            response = _error(exc.status, exc.code, exc.message, exc.details)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        metrics.requests.labels(request.method, label, str(response.status_code)).inc()
+        metrics.latency.labels(label).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": ".".join(str(part) for part in e.get("loc", ())), "reason": str(e.get("msg", ""))}
+                   for e in exc.errors()]
+        return _error(422, "invalid_request", "the request does not match the schema", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+
+    def require_admin(request: Request) -> None:
+        if not config.admin_token:
+            raise ApiError(403, "admin_disabled", "admin endpoints are disabled: set LTR_SEARCH_ADMIN_TOKEN")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "admin endpoints need 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            raise ApiError(403, "forbidden", "invalid admin token")
+
+    # ------------------------------------------------------------------ search
+
+    def run_search(body: SearchRequest) -> SearchResponse:
+        started = time.perf_counter()
+        snapshot = state.require()
+        if not body.query.strip():
+            raise ApiError(400, "invalid_request", "query is blank", [{"field": "query", "reason": "blank"}])
+        name = body.pipeline or snapshot.default_pipeline
+        pipeline = snapshot.pipelines.get(name)
+        if pipeline is None:
+            reason = (f"needs dense vectors; index '{snapshot.index.name}' has none" if name in DENSE_PIPELINES
+                      else "unknown or not servable")
+            raise ApiError(400, "invalid_request", f"pipeline '{name}' {reason}; available: {', '.join(snapshot.pipelines)}",
+                           [{"field": "pipeline", "reason": reason}])
+        try:
+            filters = parse_filters(body.filters or {})
+            if body.diversity:
+                check_field_name(body.diversity.field, "diversity.field")
+        except RuleError as exc:
+            raise ApiError(400, "invalid_request", str(exc), [{"field": str(exc).split(":")[0], "reason": str(exc)}]) from None
+        request_id = uuid.uuid4().hex
+        ranking_request = RankingRequest(
+            query=body.query, request_id=request_id, size=body.size, offset=body.offset, filters=tuple(filters),
+            exclude=frozenset(body.exclude), diversity_field=body.diversity.field if body.diversity else None,
+            diversity_cap=body.diversity.max_per_value if body.diversity else None, explain=body.explain,
+        )
+        try:
+            outcome = pipeline.run(ranking_request)
+        except WindowTooSmallError as exc:
+            raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
+        log_started = time.perf_counter()
+        store.log_request(ServedRequest(
+            request_id=request_id, timestamp=time.time(), query=body.query, pipeline=name,
+            index_name=snapshot.index.name, index_generation=snapshot.index.generation_id,
+            model_version=None, user_id=body.user_id, session_id=body.session_id, page_offset=body.offset,
+            results=[ServedResult(r.doc_id, r.position, r.score, r.propensity) for r in outcome.results],
+        ))
+        outcome.timings_ms["log"] = (time.perf_counter() - log_started) * 1000
+        for stage, ms in outcome.timings_ms.items():
+            metrics.stages.labels(stage).observe(ms / 1000)
+        results = [
+            SearchResult(
+                id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity, fields=r.fields or {},
+                explain=ResultExplanation(first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score)
+                if body.explain else None,
+            )
+            for r in outcome.results
+        ]
+        return SearchResponse(
+            request_id=request_id, query=body.query, pipeline=name,
+            index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id), model_version=None,
+            offset=body.offset, size=body.size, window=outcome.window_size, eligible=outcome.eligible,
+            explored=outcome.explored, results=results, took_ms=(time.perf_counter() - started) * 1000,
+            timings_ms=outcome.timings_ms if body.explain else None,
+        )
+
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
+    def search_post(body: SearchRequest) -> SearchResponse:
+        return run_search(body)
+
+    @app.get("/search", response_model=SearchResponse, response_model_exclude_none=True)
+    def search_get(
+        request: Request,
+        q: str = Query(..., min_length=1, max_length=config.max_query_chars),
+        size: int = Query(10, ge=1, le=config.max_page_size),
+        offset: int = Query(0, ge=0, le=config.rerank_window),
+        pipeline: str | None = Query(None, max_length=64),
+        filters: str | None = Query(None, max_length=8192, description="JSON object, as in POST /search"),
+        exclude: str | None = Query(None, max_length=65536, description="comma-separated ids"),
+        diversity_field: str | None = Query(None, min_length=1, max_length=128),
+        diversity_cap: int | None = Query(None, ge=1, le=config.max_page_size),
+        explain: bool = False,
+        user_id: str | None = Query(None, min_length=1, max_length=128),
+        session_id: str | None = Query(None, min_length=1, max_length=128),
+    ) -> SearchResponse:
+        unknown = sorted(set(request.query_params) - GET_SEARCH_PARAMS)
+        if unknown:
+            raise ApiError(400, "invalid_request", f"unknown query parameter(s): {', '.join(unknown)}",
+                           [{"field": f"query.{name}", "reason": "unknown parameter"} for name in unknown])
+        parsed_filters = None
+        if filters is not None:
+            try:
+                parsed_filters = json.loads(filters)
+            except json.JSONDecodeError as exc:
+                raise ApiError(400, "invalid_request", f"filters: invalid JSON ({exc.msg})",
+                               [{"field": "query.filters", "reason": "invalid JSON"}]) from None
+            if not isinstance(parsed_filters, dict):
+                raise ApiError(400, "invalid_request", "filters: expected a JSON object",
+                               [{"field": "query.filters", "reason": "not an object"}])
+        if (diversity_field is None) != (diversity_cap is None):
+            raise ApiError(400, "invalid_request", "diversity_field and diversity_cap go together",
+                           [{"field": "query.diversity_cap", "reason": "needs diversity_field"}])
+        try:
+            body = SearchRequest(
+                query=q, size=size, offset=offset, pipeline=pipeline, filters=parsed_filters,
+                exclude=[e for e in (exclude or "").split(",") if e],
+                diversity={"field": diversity_field, "max_per_value": diversity_cap} if diversity_field else None,
+                explain=explain, user_id=user_id, session_id=session_id,
+            )
+        except ValueError as exc:  # pydantic's ValidationError
+            raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
+        return run_search(body)
+
+    # ------------------------------------------------------------------ events and documents
+
+    @app.post("/events", response_model=EventsAccepted)
+    def post_events(batch: EventBatch) -> EventsAccepted:
+        now = time.time()
+        events = [
+            Event(request_id=e.request_id, type=e.type, doc_id=e.doc_id, position=e.position,
+                  timestamp=now if e.timestamp is None else e.timestamp, dwell_ms=e.dwell_ms, event_id=e.event_id)
+            for e in batch.events
+        ]
+        try:
+            result = store.append_events(events)
+        except ValidationError as exc:
+            details = [{"field": p.split(": ", 1)[0], "reason": p.split(": ", 1)[-1]} for p in exc.problems]
+            raise ApiError(422, "invalid_events", f"{len(exc.problems)} problem(s); nothing was stored", details) from None
+        for event in events:
+            metrics.events.labels(event.type).inc()
+        return EventsAccepted(stored=result.stored, duplicates=result.duplicates)
+
+    @app.get("/documents/{doc_id}")
+    def get_document(doc_id: str) -> dict[str, Any]:
+        snapshot = state.require()
+        document = snapshot.index.document(doc_id) if len(doc_id) <= 512 else None
+        if document is None:
+            raise ApiError(404, "not_found", f"no document '{doc_id[:200]}' in index '{snapshot.index.name}'")
+        return document
+
+    # ------------------------------------------------------------------ operations
+
+    @app.get("/health", response_model=HealthResponse)
+    def health() -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    def ready() -> Any:
+        snapshot = state.snapshot
+        if snapshot is None:
+            return JSONResponse(ReadyResponse(ready=False, reason=state.load_error or "loading").model_dump(), 503)
+        return ReadyResponse(ready=True, index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id))
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/rebuild", response_model=JobStatus, status_code=202, dependencies=[Depends(require_admin)])
+    def admin_rebuild() -> JobStatus:
+        return jobs.start_rebuild().status()
+
+    @app.get("/admin/jobs/{job_id}", response_model=JobStatus, dependencies=[Depends(require_admin)])
+    def admin_job(job_id: str) -> JobStatus:
+        job = jobs.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job '{job_id[:64]}'")
+        return job.status()
+
+    @app.post("/admin/reload", response_model=ReloadResponse, dependencies=[Depends(require_admin)])
+    def admin_reload() -> ReloadResponse:
+        try:
+            previous, snapshot = state.reload()
+        except (IndexBundleError, OSError, ValueError) as exc:
+            raise ApiError(409, "reload_failed", f"the active generation could not be loaded; still serving the old one: {exc}") from None
+        refresh_generation_metric()
+        return ReloadResponse(index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id),
+                              previous_generation=previous)
+
+    return app
+
+
+def limit_native_threads() -> None:
+    """BLAS gets one thread per call: the service's parallelism is its request threads, and the
+    matrix-vector products of exact dense search are memory-bound, so a BLAS pool per request
+    only oversubscribes the cores. ONNX Runtime's pool is sized by `ServiceConfig.threads`."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def serve(config: ServiceConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    limit_native_threads()
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=False)
