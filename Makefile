@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create .venv, install, index SciFact (BM25 + dense), run example queries, evaluate on SciFact test
+#   make demo   - create .venv, install, index SciFact (BM25 + dense), query it, evaluate on SciFact test, serve it over HTTP
 #   make test   - create .venv if needed and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,33 @@ export LTR_SEARCH_HOME ?= $(CURDIR)/.ltr-search
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+DEMO_PORT ?= 8765
+
+.PHONY: install demo serve test bench clean
+
+# The HTTP part of the demo: wait for /ready, search, report a click, read the metrics.
+define DEMO_HTTP
+import json, time, urllib.request as http
+base = "http://127.0.0.1:$(DEMO_PORT)"
+def call(path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = http.Request(base + path, data, {"content-type": "application/json"})
+    with http.urlopen(request, timeout=30) as response:
+        return response.read().decode()
+for _ in range(600):
+    try:
+        call("/ready"); break
+    except OSError:
+        time.sleep(0.2)
+page = json.loads(call("/search", {"query": "vitamin D deficiency and cancer risk", "size": 5, "explain": True}))
+print(f"POST /search ({page['pipeline']}, {page['took_ms']:.1f} ms, request {page['request_id']}):")
+for r in page["results"]:
+    print(f"  {r['position']}. {r['id']:<10} {r['score']:.4f}  {r['fields']['title'][:80]}")
+first = page["results"][0]
+print("POST /events:", call("/events", {"events": [{"request_id": page["request_id"], "type": "click", "doc_id": first["id"], "position": 1}]}))
+print("GET /metrics:", [line for line in call("/metrics").splitlines() if line.startswith("ltr_search_index_generation_info")])
+endef
+export DEMO_HTTP
 
 install: $(VENV)/.installed
 
@@ -30,8 +56,14 @@ demo: install
 	$(BIN)/ltr-search search "microstructural development of white matter in newborns" --name scifact -k 5
 	$(BIN)/ltr-search search "vitamin D deficiency and cancer risk" --name scifact -k 5 --pipeline dense
 	$(BIN)/ltr-search search "antibiotic resistance in hospital infections" --name scifact -k 5
-	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --pipeline bm25,dense --name scifact \
+	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --pipeline bm25,dense,hybrid,hybrid-tuned --name scifact \
 		--json $(LTR_SEARCH_HOME)/reports/scifact-test.json --report $(LTR_SEARCH_HOME)/reports/scifact-test.md
+	@echo "--- serving scifact on 127.0.0.1:$(DEMO_PORT): one search and one click through HTTP, then stop (make serve keeps it up)"
+	@$(BIN)/ltr-search serve --name scifact --port $(DEMO_PORT) & pid=$$!; trap "kill $$pid" EXIT; \
+	$(BIN)/python -c "$$DEMO_HTTP"
+
+serve: install
+	$(BIN)/ltr-search serve --name scifact --port $(DEMO_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

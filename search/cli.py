@@ -366,16 +366,20 @@ def cmd_eval(home: Path, args: argparse.Namespace) -> int:
 def _print_eval_summary(payload: dict[str, Any], metrics: list[str]) -> None:
     baseline = payload["significance"]["baseline"]
     print(f"{payload['dataset']}/{payload['split']}: {payload['queries']} queries, {payload['skipped_queries']} skipped; "
-          f"significance vs {baseline} (Holm, * = both tests p < {payload['significance']['alpha']})")
+          f"vs {baseline}: +/- = significantly better/worse (both Holm-corrected tests p < {payload['significance']['alpha']})")
     print(f"{'pipeline':<16}" + "".join(f"{m:>10}" for m in metrics) + f"{'p50 ms':>9}{'p95 ms':>9}")
     for name, entry in payload["pipelines"].items():
         comparisons = payload["significance"]["comparisons"].get(name, {})
-        cells = "".join(
-            f"{entry['metrics'][m]:>9.4f}{'*' if comparisons.get(m, {}).get('significant') else ' '}" for m in metrics
-        )
+        cells = "".join(f"{entry['metrics'][m]:>9.4f}{_significance_mark(comparisons.get(m))}" for m in metrics)
         latency = entry["latency_ms"] or {"p50": float("nan"), "p95": float("nan")}
         print(f"{name:<16}{cells}{latency['p50']:>9.1f}{latency['p95']:>9.1f}")
     print(f"run files: {Path(next(iter(payload['pipelines'].values()))['run_file']).parent}")
+
+
+def _significance_mark(comparison: dict[str, Any] | None) -> str:
+    if not comparison or not comparison["significant"]:
+        return " "
+    return "+" if comparison["mean_difference"] > 0 else "-"
 
 
 def _log(message: str) -> None:
