@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from indexing.corpus import json_type_name
+
 YANDEX_FILE = "clicks.tsv.gz"
 YANDEX_COLUMNS = ("split", "session_idx", "query_key", "position", "doc_id", "clicked", "first_click_order", "n_clicks")
 EVENT_FIELDS = ("query", "doc_id", "position", "impression", "click", "timestamp", "session_id")
@@ -289,7 +291,7 @@ def parse_event(record: Any) -> ClickEvent:
     """Validate one decoded JSON value; raises ValueError naming the field. Unknown fields are
     errors too: a misspelt `clicked` must not silently read as no click."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
+        raise ValueError(f"expected a JSON object, got {json_type_name(record)}")
     for name in EVENT_FIELDS:
         if name not in record:
             raise ValueError(f"field '{name}': missing")
@@ -299,20 +301,20 @@ def parse_event(record: Any) -> ClickEvent:
     for name in ("query", "doc_id", "session_id"):
         value = record[name]
         if not isinstance(value, str):
-            raise ValueError(f"field '{name}': must be a string, got {_json_type(value)}")
+            raise ValueError(f"field '{name}': must be a string, got {json_type_name(value)}")
         if not value:
             raise ValueError(f"field '{name}': is empty")
     position = record["position"]
     if isinstance(position, bool) or not isinstance(position, int):
-        raise ValueError(f"field 'position': must be an integer, got {_json_type(position)}")
+        raise ValueError(f"field 'position': must be an integer, got {json_type_name(position)}")
     if not 1 <= position <= MAX_POSITIONS:
         raise ValueError(f"field 'position': must be between 1 and {MAX_POSITIONS}, got {position}")
     for name in ("impression", "click"):
         if not isinstance(record[name], bool):
-            raise ValueError(f"field '{name}': must be true or false, got {_json_type(record[name])}")
+            raise ValueError(f"field '{name}': must be true or false, got {json_type_name(record[name])}")
     stamp = record["timestamp"]
     if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
-        raise ValueError(f"field 'timestamp': must be a finite number of unix seconds, got {_json_type(stamp)}")
+        raise ValueError(f"field 'timestamp': must be a finite number of unix seconds, got {json_type_name(stamp)}")
     if record["click"] and not record["impression"]:
         raise ValueError("field 'click': true without an impression")
     return ClickEvent(
@@ -524,19 +526,3 @@ def read_click_log(path: Path | str, split: str | None = None) -> ClickLog:
     if split is not None:
         raise ValueError(f"{path}: a JSONL event file has no splits (got split '{split}')")
     return read_click_log_jsonl(path)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__

@@ -104,7 +104,7 @@ def parse_record(record: Any, spec: CorpusSpec) -> Document:
         raise ValueError(f"missing id field '{spec.id_field}'")
     raw_id = record[spec.id_field]
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-        raise ValueError(f"id field '{spec.id_field}' must be a string or integer, got {_json_type(raw_id)}")
+        raise ValueError(f"id field '{spec.id_field}' must be a string or integer, got {json_type_name(raw_id)}")
     doc_id = str(raw_id)
     if not doc_id.strip():
         raise ValueError(f"id field '{spec.id_field}' is empty")
@@ -190,17 +190,20 @@ def _string_field(record: dict[str, Any], name: str, allow_null: bool) -> str:
     if value is None and allow_null:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"field '{name}' must be a string, got {_json_type(value)}")
+        raise ValueError(f"field '{name}' must be a string, got {json_type_name(value)}")
     return value
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages about input records."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
+    if isinstance(value, str):
+        return "string"
     if isinstance(value, list):
         return "array"
     if isinstance(value, dict):
