@@ -115,6 +115,12 @@ def test_hybrid_candidates_are_the_union_scored_exactly(hybrid_index: EmbeddedIn
     assert np.isfinite(window.bm25).all() and np.isfinite(window.dense).all()
     rrf = fused_scores(window, FusionSettings())
     assert np.all(rrf > 0)
+    ranks_only = generate_candidates(hybrid_index, "baby cats", bm25_k=2, dense_k=3, exact=False)
+    assert ranks_only.doc_ids == window.doc_ids
+    np.testing.assert_array_equal(fused_scores(ranks_only, FusionSettings()), rrf)
+    retrieved = ~np.isnan(ranks_only.dense_rank)
+    np.testing.assert_allclose(ranks_only.dense[retrieved], window.dense[retrieved], atol=1e-6)
+    assert np.isnan(ranks_only.dense[~retrieved]).all() and np.isnan(ranks_only.bm25[np.isnan(ranks_only.bm25_rank)]).all()
 
 
 def test_hybrid_pipelines_through_the_registry(hybrid_index: EmbeddedIndex):
