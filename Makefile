@@ -74,6 +74,7 @@ bench: install
 	$(BIN)/python bench/bench_build.py
 	$(BIN)/python bench/bench_encoder.py
 	$(BIN)/python bench/bench_ann.py
+	$(BIN)/python bench/bench_service.py
 
 clean:
 	rm -rf $(VENV) .ltr-search bench/results
