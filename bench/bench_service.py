@@ -760,7 +760,7 @@ class SyntheticBackend:
         return self.index.search_bm25(query, k, field)
 
     def search_dense(self, query: str, k: int = 10):
-        from search.embedded import Hit
+        from search.backend import Hit
 
         retrieved = self.retrieve_dense(self.encode_query(query), k)
         return [Hit(d, float(s), r) for r, (d, s) in enumerate(zip(retrieved.doc_ids, retrieved.scores.tolist()), start=1)]

@@ -16,6 +16,15 @@ from indexing.bm25 import CandidateStats
 
 
 @dataclass(frozen=True)
+class Hit:
+    """One ranked result of a pipeline."""
+
+    doc_id: str
+    score: float
+    rank: int  # 1-based
+
+
+@dataclass(frozen=True)
 class Retrieved:
     """One retriever's top-k: ids best first, with their scores."""
 
@@ -24,6 +33,10 @@ class Retrieved:
 
     def __len__(self) -> int:
         return len(self.doc_ids)
+
+    def hits(self) -> list[Hit]:
+        """As ranked `Hit`s (rank 1 first)."""
+        return [Hit(d, s, rank) for rank, (d, s) in enumerate(zip(self.doc_ids, self.scores.tolist()), start=1)]
 
 
 @runtime_checkable

@@ -5,7 +5,6 @@ and must never import torch (a test checks `sys.modules`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,14 +18,7 @@ from indexing.config import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
-from search.backend import Retrieved
-
-@dataclass(frozen=True)
-class Hit:
-    doc_id: str
-    score: float
-    rank: int  # 1-based
-
+from search.backend import Hit, Retrieved
 
 class DenseUnavailableError(RuntimeError):
     pass
@@ -76,8 +68,8 @@ class EmbeddedIndex:
         return self.bm25.n_docs
 
     # ----- the SearchBackend interface -----------------------------------------------------------
-    def retrieve_bm25(self, query: str, k: int) -> Retrieved:
-        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, COMBINED_FIELD)
+    def retrieve_bm25(self, query: str, k: int, field: str = COMBINED_FIELD) -> Retrieved:
+        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)
         return Retrieved(self._ids_of(indices), scores.astype(np.float32, copy=False))
 
     def encode_query(self, query: str) -> np.ndarray:
@@ -99,12 +91,10 @@ class EmbeddedIndex:
         return self.vectors.similarity(query_vector, self._indices_of(doc_ids))
 
     def search_bm25(self, query: str, k: int = 10, field: str = COMBINED_FIELD) -> list[Hit]:
-        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)
-        return self._hits(indices, scores)
+        return self.retrieve_bm25(query, k, field).hits()
 
     def search_dense(self, query: str, k: int = 10) -> list[Hit]:
-        retrieved = self.retrieve_dense(self.encode_query(query), k)
-        return [Hit(d, float(s), rank) for rank, (d, s) in enumerate(zip(retrieved.doc_ids, retrieved.scores.tolist()), start=1)]
+        return self.retrieve_dense(self.encode_query(query), k).hits()
 
     def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
         """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
@@ -130,10 +120,6 @@ class EmbeddedIndex:
     def _ids_of(self, indices: np.ndarray) -> list[str]:
         ids = self.docs.ids
         return [ids[i] for i in indices.tolist()]
-
-    def _hits(self, indices: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        ids = self.docs.ids
-        return [Hit(ids[i], float(s), rank) for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), start=1) if i >= 0]
 
 
 def _open_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:

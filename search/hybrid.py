@@ -12,8 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from indexing.config import settings_from_dict
-from search.backend import SearchBackend
-from search.embedded import Hit
+from search.backend import Hit, SearchBackend
 from search.fusion import DEFAULT_RRF_K, NORMALISATIONS, fuse_convex, fuse_reciprocal_rank
 
 DEFAULT_CANDIDATES = 200  # per retriever; the union is the rerank window (a few hundred)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, runtime_checkable
 
-from search.embedded import EmbeddedIndex, Hit
+from search.backend import Hit
+from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline
 
 Qrels = Mapping[str, Mapping[str, int]]

@@ -12,8 +12,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from search.backend import SearchBackend
-from search.embedded import Hit
+from search.backend import Hit, SearchBackend
 from search.pipelines import Pipeline
 from search.rules import FieldFilter, diversify, diversity_values, exclude_mask, explore, filter_mask, request_rng
 
@@ -87,17 +86,20 @@ class RankingPipeline:
         with _timed(timings, "retrieve"):
             hits = self.first_stage.search(request.query, self.window)
         window_size = len(hits)
+        documents: list[dict[str, Any]] | None = None  # fetched once, when a rule needs metadata
         metadata: list[Mapping[str, Any]] | None = None
         if request.filters or request.diversity_field:
             with _timed(timings, "fetch_metadata"):
-                metadata = [filterable_fields(self._document(hit.doc_id)) for hit in hits]
+                documents = [self._document(hit.doc_id) for hit in hits]
+                metadata = [filterable_fields(document) for document in documents]
         with _timed(timings, "filter"):
             keep = exclude_mask([h.doc_id for h in hits], request.exclude)
             if request.filters:
                 keep &= filter_mask(request.filters, metadata or [], doc_ids=[h.doc_id for h in hits])
             kept = np.flatnonzero(keep)
             hits = [hits[i] for i in kept]
-            if metadata is not None:
+            if documents is not None and metadata is not None:
+                documents = [documents[i] for i in kept]
                 metadata = [metadata[i] for i in kept]
         scores = np.array([h.score for h in hits], dtype=np.float64)
         if self.ranker is not None and hits:
@@ -125,7 +127,7 @@ class RankingPipeline:
                     propensity=float(exploration.propensities[position]),
                     first_stage_rank=hit.rank,
                     first_stage_score=hit.score,
-                    fields=self._document(hit.doc_id),
+                    fields=documents[i] if documents is not None else self._document(hit.doc_id),
                 ))
         return RankingOutcome(results, window_size, len(hits), exploration.explored, timings)
 

@@ -15,7 +15,8 @@ from eval.experiment import ExperimentSettings, assign_folds, run_experiment
 from eval.metrics import DEFAULT_METRICS, evaluate_run, parse_metric, parse_metric_list
 from eval.significance import compare_to_baseline, holm, paired_randomisation_test, paired_t_test
 from search import pipelines as pipeline_registry
-from search.embedded import EmbeddedIndex, Hit
+from search.backend import Hit
+from search.embedded import EmbeddedIndex
 from tests.conftest import SMALL_DOCS, run_cli, write_jsonl
 
 # ---------------------------------------------------------------- readers
