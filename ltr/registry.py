@@ -1,0 +1,448 @@
+"""The model registry: versioned XGBoost LambdaMART rankers, stored as data and never as code.
+
+    HOME/models/
+        active.json          {"active": "m0003", "history": ["m0001", "m0002"]}, replaced atomically
+        .lock                held (flock) by save, promote and rollback, so CLI processes never interleave
+        m0003/model.json     XGBoost's own JSON format (Booster.save_model); no pickle anywhere
+        m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample
+        .m0004.tmp/          a save in progress; never listed, removed by the next save
+
+A save writes both files into the temp directory, loads the model back from disk to score the
+sample, fsyncs and renames the directory to its version, so a crash leaves no half model visible.
+Loading verifies the checksum, that the model reads the features the caller computes, and
+re-scores the sample: a model that would rank differently from the one that was validated (an
+edited file, another xgboost) is refused instead of silently serving other rankings.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import xgboost
+
+from indexing.config import settings_from_dict
+from indexing.durable import file_record, fsync_dir, fsync_tree, write_json_durably
+
+MODEL_FILE = "model.json"
+MANIFEST_FILE = "manifest.json"
+ACTIVE_FILE = "active.json"
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"
+VERSION_PATTERN = re.compile(r"^m(\d{4,})$")
+# Largest |score difference| tolerated between a loaded model and its own save-time predictions.
+PARITY_TOLERANCE = 1e-6
+FEATURE_SET_KEYS = ("name", "version", "features")
+INDEX_KEYS = ("name", "generation", "analyzer", "backend")
+
+
+def registry_dir(home: Path) -> Path:
+    return home / "models"
+
+
+class RegistryError(Exception):
+    """Base class for model registry problems."""
+
+
+class ModelNotFoundError(RegistryError):
+    pass
+
+
+class ModelCorruptError(RegistryError):
+    """A checksum mismatch, an unreadable model file or an invalid manifest (names version and file)."""
+
+
+class ModelParityError(RegistryError):
+    """The loaded model no longer scores its stored sample as it did when it was saved."""
+
+
+class FeatureSetMismatchError(RegistryError):
+    """The model reads other features than the caller computes: its scores would be meaningless."""
+
+
+def describe_feature_set(feature_set: dict[str, Any]) -> str:
+    return f"{feature_set['name']} v{feature_set['version']} ({len(feature_set['features'])} features)"
+
+
+@dataclass
+class ModelManifest:
+    """Everything needed to trust, explain and reproduce one saved model."""
+
+    version: str
+    created_at: str  # UTC, ISO 8601
+    xgboost_version: str  # the xgboost that wrote the model and scored the sample
+    feature_set: dict[str, Any]  # name, version, features (column names, in order)
+    index: dict[str, Any]  # name, generation, analyzer, backend: where the features came from
+    training: dict[str, Any]  # free-form: dataset, split, fingerprint, query counts, ...
+    params: dict[str, Any]  # xgboost parameters
+    metrics: dict[str, Any]  # validation metrics, e.g. {"valid nDCG@10": 0.7}
+    importance: dict[str, float]  # gain per feature
+    sample: dict[str, list]  # "features" (None for NaN) and the "predictions" the saved file gives
+    best_iteration: int | None
+    trees: int  # boosting rounds kept (one tree each for a ranker)
+    files: dict[str, dict[str, Any]]  # file name -> {"bytes", "sha256"}
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.feature_set["features"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelManifest:
+        """Refuses unknown keys (a manifest from a newer engine must fail loudly) and missing ones."""
+        missing = {f.name for f in dataclasses.fields(cls)} - set(data)
+        if missing:
+            raise ValueError(f"missing ModelManifest keys: {sorted(missing)}")
+        manifest: ModelManifest = settings_from_dict(cls, data)  # type: ignore[assignment]
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        _require_keys("feature_set", self.feature_set, FEATURE_SET_KEYS)
+        _require_keys("index", self.index, INDEX_KEYS)
+        names = self.feature_set["features"]
+        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise ValueError("feature_set.features must be a non-empty list of distinct names")
+        if not isinstance(self.sample, dict) or set(self.sample) != {"features", "predictions"}:
+            raise ValueError("sample must have exactly the keys 'features' and 'predictions'")
+        rows, predictions = self.sample["features"], self.sample["predictions"]
+        if not rows or len(rows) != len(predictions):
+            raise ValueError(f"sample has {len(rows)} rows but {len(predictions)} predictions")
+        for i, row in enumerate(rows):
+            if len(row) != len(names):
+                raise ValueError(f"sample row {i} has {len(row)} values for {len(names)} features")
+        record = self.files.get(MODEL_FILE) if isinstance(self.files, dict) else None
+        if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+            raise ValueError(f"files must record bytes and sha256 of {MODEL_FILE}")
+
+    def check_feature_set(self, expected: dict[str, Any]) -> None:
+        """Raise FeatureSetMismatchError unless `expected` names the same set, version and columns."""
+        _require_keys("expected feature set", expected, FEATURE_SET_KEYS)
+        ours = self.feature_set
+        if (ours["name"], ours["version"], list(ours["features"])) == (
+            expected["name"], expected["version"], list(expected["features"])
+        ):
+            return
+        theirs = describe_feature_set(expected)
+        if (ours["name"], ours["version"]) == (expected["name"], expected["version"]):
+            pairs = zip(ours["features"], expected["features"])
+            at = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+            if at is None:
+                detail = "one list is longer"
+            else:
+                detail = f"column {at} is {expected['features'][at]!r}, not {ours['features'][at]!r}"
+            theirs += f" with other columns ({detail})"
+        raise FeatureSetMismatchError(
+            f"model {self.version} was trained on feature set {describe_feature_set(ours)} but the "
+            f"service computes {theirs}; retrain it with `ltr-search train --feature-set "
+            f"{expected['name']}` or serve a matching model"
+        )
+
+    def sample_array(self) -> np.ndarray:
+        """The stored sample as the float32 matrix it was scored from (None back to NaN)."""
+        rows = [[np.nan if x is None else x for x in row] for row in self.sample["features"]]
+        return np.asarray(rows, dtype=np.float32)
+
+
+@dataclass
+class LoadedModel:
+    """A verified model. `predict` is the one scoring path: serving and the parity check share it."""
+
+    manifest: ModelManifest
+    booster: xgboost.Booster
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """float64 scores of float32 feature rows (NaN = missing), using every saved tree."""
+        return self.booster.predict(self._matrix(features)).astype(np.float64)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        """Per-feature contributions [n, n_features + 1] (last column the bias); rows sum to scores."""
+        return self.booster.predict(self._matrix(features), pred_contribs=True).astype(np.float64)
+
+    def _matrix(self, features: np.ndarray) -> xgboost.DMatrix:
+        names = self.manifest.feature_names
+        array = np.asarray(features, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != len(names):
+            raise ValueError(
+                f"model {self.manifest.version} expects a 2-D array with {len(names)} feature columns, "
+                f"got shape {array.shape}"
+            )
+        return xgboost.DMatrix(array, missing=np.nan, feature_names=names)
+
+
+class ModelRegistry:
+    """All model versions of one engine home, and which one is active."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.root = registry_dir(self.home)
+
+    # ----- reading ---------------------------------------------------------------------------
+    def version_ids(self) -> list[str]:
+        """Committed versions, oldest first (temp directories of unfinished saves are ignored)."""
+        if not self.root.is_dir():
+            return []
+        ids = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        return sorted(ids, key=_version_number)
+
+    def versions(self) -> list[ModelManifest]:
+        return [self.manifest(version) for version in self.version_ids()]
+
+    def manifest(self, version: str) -> ModelManifest:
+        path = self._version_dir(version) / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            manifest = ModelManifest.from_dict(data)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelCorruptError(f"model {version}: {path} is unreadable or invalid: {exc}") from None
+        if manifest.version != version:
+            raise ModelCorruptError(f"model {version}: {path} describes version {manifest.version}")
+        return manifest
+
+    def load(self, version: str, expected_feature_set: dict[str, Any] | None = None) -> LoadedModel:
+        """Verify checksum, feature set and sample parity, then return the model ready to score."""
+        manifest = self.manifest(version)
+        if expected_feature_set is not None:
+            manifest.check_feature_set(expected_feature_set)
+        return _open_verified(self._version_dir(version), manifest)
+
+    def active(self) -> str | None:
+        return self._read_active()["active"]
+
+    # ----- writing ---------------------------------------------------------------------------
+    def save(
+        self,
+        booster: xgboost.Booster,
+        *,
+        feature_set: dict[str, Any],
+        index: dict[str, Any],
+        training: dict[str, Any],
+        params: dict[str, Any],
+        metrics: dict[str, Any],
+        importance: dict[str, float],
+        sample_features: np.ndarray,
+        best_iteration: int | None,
+    ) -> ModelManifest:
+        """Store a trained booster (trimmed to best_iteration + 1 rounds) as the next version.
+        Does not activate it; `promote` does. best_iteration has no default on purpose: forgetting
+        it would silently store the overfitted last rounds of an early-stopped booster."""
+        _require_keys("feature_set", feature_set, FEATURE_SET_KEYS)
+        names = list(feature_set["features"])
+        rounds = booster.num_boosted_rounds()
+        if best_iteration is not None:
+            if not 0 <= best_iteration < rounds:
+                raise ValueError(f"best_iteration {best_iteration} is outside the booster's {rounds} rounds")
+            rounds = best_iteration + 1
+        if rounds < 1 or booster.num_features() != len(names):
+            raise ValueError(
+                f"booster has {rounds} rounds and {booster.num_features()} features; feature set "
+                f"{describe_feature_set(feature_set)} needs at least 1 round and as many features"
+            )
+        if booster.feature_names is not None and list(booster.feature_names) != names:
+            raise FeatureSetMismatchError(
+                f"booster was trained on columns {booster.feature_names} but the feature set lists {names}"
+            )
+        sample = np.asarray(sample_features, dtype=np.float32)
+        if sample.ndim != 2 or sample.shape[0] < 1 or sample.shape[1] != len(names):
+            raise ValueError(f"sample_features must be [>=1, {len(names)}], got shape {sample.shape}")
+        if np.isinf(sample).any():
+            raise ValueError("sample_features must be finite or NaN (JSON has no infinity)")
+        trimmed = booster[:rounds]  # a copy: the caller's booster is left as it was
+        trimmed.feature_names = names
+
+        with self._lock():
+            self._remove_leftovers()
+            ids = self.version_ids()
+            version = f"m{(_version_number(ids[-1]) + 1 if ids else 1):04d}"
+            staging = self.root / f".{version}{TMP_SUFFIX}"
+            staging.mkdir()
+            try:
+                trimmed.save_model(staging / MODEL_FILE)
+                manifest = ModelManifest(
+                    version=version,
+                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    xgboost_version=xgboost.__version__,
+                    feature_set=_jsonable(feature_set),
+                    index=_jsonable(index),
+                    training=_jsonable(training),
+                    params=_jsonable(params),
+                    metrics=_jsonable(metrics),
+                    importance={str(k): float(v) for k, v in importance.items()},
+                    sample={"features": _rows_to_json(sample), "predictions": []},
+                    best_iteration=None if best_iteration is None else int(best_iteration),
+                    trees=rounds,
+                    files={MODEL_FILE: file_record(staging / MODEL_FILE)},
+                )
+                # Score the sample with the model as read back from disk: what a later load gives.
+                scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version)).predict(sample)
+                if not np.isfinite(scores).all():
+                    raise ValueError(f"model {version} scores its sample as non-finite: {scores.tolist()}")
+                manifest.sample["predictions"] = scores.tolist()
+                manifest.validate()
+                write_json_durably(staging / MANIFEST_FILE, manifest.to_dict())
+                _open_verified(staging, manifest)
+                fsync_tree(staging)
+                os.replace(staging, self.root / version)
+                fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        return manifest
+
+    def promote(self, version: str, expected_feature_set: dict[str, Any] | None = None) -> None:
+        """Make a version active after it loads cleanly; the previous active goes onto the history."""
+        with self._lock():
+            self.load(version, expected_feature_set)
+            state = self._read_active()
+            if state["active"] == version:
+                return
+            history = state["history"] + ([state["active"]] if state["active"] is not None else [])
+            self._write_active(version, history)
+
+    def rollback(self) -> str:
+        """Re-activate the previous active version (it must still load cleanly) and return it."""
+        with self._lock():
+            state = self._read_active()
+            if not state["history"]:
+                raise RegistryError(
+                    f"no previous model to roll back to (active: {state['active'] or 'none'}, history empty)"
+                )
+            previous = state["history"][-1]
+            self.load(previous)
+            self._write_active(previous, state["history"][:-1])
+            return previous
+
+    # ----- internals -------------------------------------------------------------------------
+    def _version_dir(self, version: str) -> Path:
+        if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+            raise ModelNotFoundError(f"invalid model version {version!r} (expected m0001 style)")
+        path = self.root / version
+        if not path.is_dir():
+            known = ", ".join(self.version_ids()) or "none"
+            raise ModelNotFoundError(f"no model {version} in {self.root} (versions here: {known})")
+        return path
+
+    def _read_active(self) -> dict[str, Any]:
+        path = self.root / ACTIVE_FILE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"active": None, "history": []}
+        except (OSError, ValueError) as exc:
+            raise ModelCorruptError(f"{path} is unreadable: {exc}") from None
+        valid = isinstance(state, dict) and set(state) == {"active", "history"}
+        if not valid or not isinstance(state["history"], list):
+            raise ModelCorruptError(f"{path} must hold exactly 'active' and a 'history' list, got {state!r}")
+        return state
+
+    def _write_active(self, version: str, history: list[str]) -> None:
+        write_json_durably(self.root / ACTIVE_FILE, {"active": version, "history": history})
+        fsync_dir(self.root)
+
+    def _remove_leftovers(self) -> None:
+        """Temp directories of saves that were killed (call while holding the lock)."""
+        for stale in self.root.glob(f".*{TMP_SUFFIX}"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One writer at a time across processes; waits for the other one. Readers never lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_FILE, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+def _open_verified(directory: Path, manifest: ModelManifest) -> LoadedModel:
+    version = manifest.version
+    for name, record in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelCorruptError(f"model {version}: {name} is missing from {directory}")
+        actual = file_record(path)
+        for key in ("bytes", "sha256"):
+            if actual[key] != record.get(key):
+                raise ModelCorruptError(
+                    f"model {version}: {name} has {key} {actual[key]} but the manifest records "
+                    f"{record.get(key)} (the file was changed or is corrupt)"
+                )
+    booster = _read_booster(directory / MODEL_FILE, version)
+    if (booster.num_boosted_rounds(), booster.num_features()) != (manifest.trees, len(manifest.feature_names)):
+        raise ModelCorruptError(
+            f"model {version}: {MODEL_FILE} has {booster.num_boosted_rounds()} rounds and "
+            f"{booster.num_features()} features but the manifest records {manifest.trees} and "
+            f"{len(manifest.feature_names)}"
+        )
+    loaded = LoadedModel(manifest, booster)
+    _check_parity(loaded)
+    return loaded
+
+
+def _check_parity(loaded: LoadedModel) -> None:
+    manifest = loaded.manifest
+    expected = np.asarray(manifest.sample["predictions"], dtype=np.float64)
+    actual = loaded.predict(manifest.sample_array())
+    diff = np.abs(actual - expected)
+    bad = np.flatnonzero(~(diff <= PARITY_TOLERANCE))  # NaN counts as a difference
+    if bad.size:
+        i = int(bad[0])
+        raise ModelParityError(
+            f"model {manifest.version}: sample row {i} predicts {actual[i]:.9g} now but {expected[i]:.9g} "
+            f"when saved (|diff| {diff[i]:.2g} > {PARITY_TOLERANCE:g}; {bad.size} of {len(expected)} rows "
+            f"differ; saved with xgboost {manifest.xgboost_version}, loaded with {xgboost.__version__}); "
+            f"the model file or the xgboost version changed"
+        )
+
+
+def _read_booster(path: Path, version: str) -> xgboost.Booster:
+    try:
+        return xgboost.Booster(model_file=str(path))
+    except xgboost.core.XGBoostError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+        raise ModelCorruptError(f"model {version}: xgboost cannot read {path.name}: {first_line}") from None
+
+
+def _version_number(version: str) -> int:
+    match = VERSION_PATTERN.match(version)
+    if not match:
+        raise ValueError(f"invalid model version {version!r} (expected m0001 style)")
+    return int(match.group(1))
+
+
+def _rows_to_json(array: np.ndarray) -> list[list[float | None]]:
+    """float32 rows as JSON numbers (exact: float32 -> float64 -> float32 round-trips), NaN as None."""
+    return [[None if math.isnan(x) else x for x in row] for row in array.astype(np.float64).tolist()]
+
+
+def _require_keys(what: str, value: Any, keys: tuple[str, ...]) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"{what} is missing keys {missing}")
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types (numpy scalars and arrays, tuples converted), so a saved manifest reads back equal."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
