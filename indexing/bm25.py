@@ -68,6 +68,10 @@ class FieldIndex:
     doc_count: int  # documents with a non-empty field
     avg_length: float
     idf: np.ndarray  # float32 per term
+    # The field's analysed text as term ids in document order (a forward index), for phrase and
+    # proximity features; None for the combined field and for generations built without it.
+    token_ids: np.ndarray | None = None  # int32, every document's tokens back to back
+    token_offsets: np.ndarray | None = None  # int64, n_docs + 1: document d is token_ids[o[d]:o[d+1]]
 
     @property
     def document_frequencies(self) -> np.ndarray:
@@ -92,6 +96,7 @@ class CandidateStats:
     term_freqs: dict[str, np.ndarray]
     idf: dict[str, np.ndarray]
     field_lengths: dict[str, np.ndarray]
+    bigram_coverage: dict[str, np.ndarray]  # per source field; NaN where it cannot be measured
 
     def matched_terms(self, field: str) -> np.ndarray:
         """How many distinct query terms occur in each candidate's field."""
@@ -152,6 +157,10 @@ class BM25Index:
             df = np.where(known, field.document_frequencies[np.maximum(term_ids, 0)], 0)
             idfs[name] = lucene_idf(df, field.doc_count).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
+        bigrams = {
+            name: bigram_coverage(self.query_bigram_ids(tokens), field.token_ids, field.token_offsets, doc_indices)
+            for name, field in self.fields.items() if name != COMBINED_FIELD
+        }
         return CandidateStats(
             doc_indices=doc_indices,
             terms=tuple(distinct),
@@ -162,7 +171,15 @@ class BM25Index:
             term_freqs=tfs,
             idf=idfs,
             field_lengths=lengths,
+            bigram_coverage=bigrams,
         )
+
+    def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
+        """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
+        -1 for a term the index has never seen (such a pair matches nothing)."""
+        pairs = dict.fromkeys(zip(tokens, tokens[1:]))
+        ids = [(self.term_to_id.get(a, -1), self.term_to_id.get(b, -1)) for a, b in pairs]
+        return np.array(ids, dtype=np.int64).reshape(-1, 2)
 
     def _field(self, field: str) -> FieldIndex:
         try:
@@ -184,9 +201,12 @@ class BM25Index:
                 "tf": field.term_freqs,
                 "doclen": field.doc_lengths,
             }
+            if field.token_ids is not None:
+                arrays["seq"] = field.token_ids
             for suffix, values in arrays.items():
                 np.save(directory / f"{name}.{suffix}.npy", values)
-            fields[name] = {"doc_count": field.doc_count, "avg_length": field.avg_length, "postings": int(field.weights.nnz)}
+            fields[name] = {"doc_count": field.doc_count, "avg_length": field.avg_length, "postings": int(field.weights.nnz),
+                            "token_sequence": field.token_ids is not None}
         return {"settings": self.settings.to_dict(), "vocabulary": len(self.vocabulary), "documents": self.n_docs, "fields": fields}
 
     @classmethod
@@ -205,14 +225,18 @@ class BM25Index:
             weights = sp.csr_matrix((part("data"), part("indices"), indptr), shape=(len(vocabulary), n_docs), copy=False)
             weights.has_sorted_indices = True  # written sorted by the builder; skips a full scan
             doc_count = int(info["doc_count"])
+            doc_lengths = part("doclen")
+            token_ids = part("seq") if info.get("token_sequence") else None
             fields[name] = FieldIndex(
                 name=name,
                 weights=weights,
                 term_freqs=part("tf"),
-                doc_lengths=part("doclen"),
+                doc_lengths=doc_lengths,
                 doc_count=doc_count,
                 avg_length=float(info["avg_length"]),
                 idf=lucene_idf(np.diff(indptr), doc_count).astype(np.float32),
+                token_ids=token_ids,
+                token_offsets=token_offsets(doc_lengths) if token_ids is not None else None,
             )
         return cls(vocabulary, fields, BM25Settings.from_dict(description["settings"]))
 
@@ -253,20 +277,64 @@ class BM25Builder:
 
     def build(self, settings: BM25Settings = BM25Settings()) -> BM25Index:
         n_terms, n_docs = len(self.term_to_id), self.n_docs
-        counts = {}
+        counts, sequences = {}, {}
         for name in self.field_names:
             ids = np.frombuffer(self._term_ids[name], dtype=np.int32)
             lengths = np.frombuffer(self._lengths[name], dtype=np.int32)
             counts[name] = term_document_counts(ids, lengths, n_terms, n_docs)
+            sequences[name] = (ids, token_offsets(lengths))
         counts[COMBINED_FIELD] = sum((counts[name] for name in self.field_names[1:]), counts[self.field_names[0]]).tocsr()
         counts[COMBINED_FIELD].sort_indices()
         fields = {}
         for name in list(counts):  # pop: each count matrix is freed once its field is built
             fields[name] = field_from_counts(name, counts.pop(name), settings)
+            if name in sequences:
+                fields[name].token_ids, fields[name].token_offsets = sequences[name]
         vocabulary = [""] * n_terms
         for term, i in self.term_to_id.items():
             vocabulary[i] = term
         return BM25Index(vocabulary, fields, settings)
+
+
+def token_offsets(doc_lengths: np.ndarray) -> np.ndarray:
+    """Where each document's tokens start in a forward index (n_docs + 1 offsets)."""
+    offsets = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
+    np.cumsum(doc_lengths, out=offsets[1:])
+    return offsets
+
+
+def bigram_coverage(
+    bigrams: np.ndarray, token_ids: np.ndarray | None, offsets: np.ndarray | None, doc_indices: np.ndarray
+) -> np.ndarray:
+    """Share of the query's adjacent term pairs that occur adjacent and in order in each
+    candidate (an ordered-proximity signal that BM25's bag of words cannot see).
+
+    NaN when it cannot be measured: no forward index, or a query of fewer than two terms.
+    One vectorised pass: gather the candidates' token runs back to back, encode each adjacent
+    pair as first * 2**32 + second, and look the codes up among the query's pairs.
+    """
+    doc_indices = np.asarray(doc_indices, dtype=np.int64)
+    if token_ids is None or offsets is None or len(bigrams) == 0:
+        return np.full(len(doc_indices), np.nan, dtype=np.float32)
+    starts, ends = offsets[doc_indices], offsets[doc_indices + 1]
+    lengths = ends - starts
+    run_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    positions = np.arange(int(lengths.sum()), dtype=np.int64) + run_starts
+    tokens = token_ids[positions].astype(np.int64)
+    owner = np.repeat(np.arange(len(doc_indices)), lengths)
+    same_doc = owner[1:] == owner[:-1]
+    codes = (tokens[:-1] << 32) | tokens[1:]
+    known = (bigrams >= 0).all(axis=1)
+    query_codes = (bigrams[known, 0] << 32) | bigrams[known, 1]
+    found = np.zeros((len(doc_indices), len(bigrams)), dtype=bool)
+    if len(query_codes) and len(codes):
+        order = np.argsort(query_codes)
+        sorted_codes = query_codes[order]
+        where = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
+        hit = (sorted_codes[where] == codes) & same_doc
+        columns = np.flatnonzero(known)[order[where[hit]]]
+        found[owner[:-1][hit], columns] = True
+    return (found.sum(axis=1) / len(bigrams)).astype(np.float32)
 
 
 def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:

@@ -156,6 +156,24 @@ class ModelManifest:
         return np.asarray(rows, dtype=np.float32)
 
 
+def predict_scores(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
+    """The one scoring path (serving, evaluation, the registry's parity check): float64 scores
+    of float32 feature rows, NaN = missing, using every tree of the booster."""
+    return booster.predict(_matrix(feature_names, features)).astype(np.float64)
+
+
+def predict_contributions(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
+    """Per-feature contributions [n, n_features + 1] (last column the bias); rows sum to scores."""
+    return booster.predict(_matrix(feature_names, features), pred_contribs=True).astype(np.float64)
+
+
+def _matrix(names: list[str], features: np.ndarray) -> xgboost.DMatrix:
+    array = np.asarray(features, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != len(names):
+        raise ValueError(f"the model expects a 2-D array with {len(names)} feature columns, got shape {array.shape}")
+    return xgboost.DMatrix(array, missing=np.nan, feature_names=list(names))
+
+
 @dataclass
 class LoadedModel:
     """A verified model. `predict` is the one scoring path: serving and the parity check share it."""
@@ -163,23 +181,15 @@ class LoadedModel:
     manifest: ModelManifest
     booster: xgboost.Booster
 
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """float64 scores of float32 feature rows (NaN = missing), using every saved tree."""
-        return self.booster.predict(self._matrix(features)).astype(np.float64)
+        return predict_scores(self.booster, self.manifest.feature_names, features)
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
-        """Per-feature contributions [n, n_features + 1] (last column the bias); rows sum to scores."""
-        return self.booster.predict(self._matrix(features), pred_contribs=True).astype(np.float64)
-
-    def _matrix(self, features: np.ndarray) -> xgboost.DMatrix:
-        names = self.manifest.feature_names
-        array = np.asarray(features, dtype=np.float32)
-        if array.ndim != 2 or array.shape[1] != len(names):
-            raise ValueError(
-                f"model {self.manifest.version} expects a 2-D array with {len(names)} feature columns, "
-                f"got shape {array.shape}"
-            )
-        return xgboost.DMatrix(array, missing=np.nan, feature_names=names)
+        return predict_contributions(self.booster, self.manifest.feature_names, features)
 
 
 class ModelRegistry:

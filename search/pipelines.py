@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Protocol, runtime_checkable
 from search.backend import Hit
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline
+from ltr.ranker import LtrPipeline
 
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -117,4 +118,8 @@ register_pipeline(
 register_pipeline(
     "hybrid-tuned", TunedHybridPipeline, learned=True,
     description="convex fusion with weight and normalisation tuned on training queries (nDCG@10)",
+)
+register_pipeline(
+    "ltr", LtrPipeline, learned=True,
+    description="XGBoost LambdaMART over the hybrid window (feature set 'text'), trained on training queries",
 )

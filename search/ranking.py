@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -18,11 +18,25 @@ from search.rules import FieldFilter, diversify, diversity_values, exclude_mask,
 
 
 class Ranker(Protocol):
-    """The ranker slot (filled by the learning-to-rank model): scores the filtered window."""
+    """A reranker of the filtered window (a hand-written rule, a test double)."""
 
     version: str
 
     def score(self, query: str, window: Sequence[Hit]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class WindowRanker(Protocol):
+    """A first stage that scores its own candidate window with a model (`ltr.ranker.LtrPipeline`):
+    features are computed on the whole window, before filters, exactly as at training time."""
+
+    name: str
+    version: str
+    feature_names: tuple[str, ...]
+
+    def rank_window(self, query: str) -> Any: ...  # ltr.ranker.ScoredWindow
+
+    def contributions(self, features: np.ndarray) -> np.ndarray: ...
 
 
 class WindowTooSmallError(ValueError):
@@ -51,6 +65,8 @@ class RankedResult:
     first_stage_rank: int
     first_stage_score: float
     fields: dict[str, Any] | None = None
+    features: np.ndarray | None = None  # the model's input row (WindowRanker first stages)
+    contributions: np.ndarray | None = None  # per feature, then the bias (explain only)
 
 
 @dataclass
@@ -60,6 +76,8 @@ class RankingOutcome:
     eligible: int  # after filters and exclusions
     explored: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
+    feature_names: tuple[str, ...] | None = None
+    model_version: str | None = None
 
 
 @dataclass
@@ -83,8 +101,16 @@ class RankingPipeline:
                 f"pages are cut from one ranked window, so ask for offset + size <= {self.window}"
             )
         timings: dict[str, float] = {}
-        with _timed(timings, "retrieve"):
-            hits = self.first_stage.search(request.query, self.window)
+        features: np.ndarray | None = None
+        model_scores: np.ndarray | None = None
+        learned = isinstance(self.first_stage, WindowRanker)
+        if learned:
+            scored = self.first_stage.rank_window(request.query)
+            hits, features, model_scores = scored.hits, scored.features, scored.scores
+            timings.update(scored.timings_ms)
+        else:
+            with _timed(timings, "retrieve"):
+                hits = self.first_stage.search(request.query, self.window)
         window_size = len(hits)
         documents: list[dict[str, Any]] | None = None  # fetched once, when a rule needs metadata
         metadata: list[Mapping[str, Any]] | None = None
@@ -98,10 +124,12 @@ class RankingPipeline:
                 keep &= filter_mask(request.filters, metadata or [], doc_ids=[h.doc_id for h in hits])
             kept = np.flatnonzero(keep)
             hits = [hits[i] for i in kept]
+            if features is not None and model_scores is not None:
+                features, model_scores = features[kept], model_scores[kept]
             if documents is not None and metadata is not None:
                 documents = [documents[i] for i in kept]
                 metadata = [metadata[i] for i in kept]
-        scores = np.array([h.score for h in hits], dtype=np.float64)
+        scores = model_scores if model_scores is not None else np.array([h.score for h in hits], dtype=np.float64)
         if self.ranker is not None and hits:
             with _timed(timings, "rank"):
                 scores = np.asarray(self.ranker.score(request.query, hits), dtype=np.float64)
@@ -115,10 +143,14 @@ class RankingPipeline:
                 page_start=request.offset, page_size=request.size, protected_top=self.protected_top,
             )
         page = range(request.offset, min(request.offset + request.size, len(exploration.order)))
+        page_rows = [int(exploration.order[position]) for position in page]
+        contributions = None
+        if learned and request.explain and features is not None and page_rows:
+            with _timed(timings, "explain"):
+                contributions = self.first_stage.contributions(features[page_rows])
         with _timed(timings, "fetch_fields"):
             results = []
-            for position in page:
-                i = int(exploration.order[position])
+            for row, (position, i) in enumerate(zip(page, page_rows)):
                 hit = hits[i]
                 results.append(RankedResult(
                     doc_id=hit.doc_id,
@@ -128,8 +160,14 @@ class RankingPipeline:
                     first_stage_rank=hit.rank,
                     first_stage_score=hit.score,
                     fields=documents[i] if documents is not None else self._document(hit.doc_id),
+                    features=features[i] if features is not None else None,
+                    contributions=contributions[row] if contributions is not None else None,
                 ))
-        return RankingOutcome(results, window_size, len(hits), exploration.explored, timings)
+        return RankingOutcome(
+            results, window_size, len(hits), exploration.explored, timings,
+            feature_names=self.first_stage.feature_names if learned else None,
+            model_version=self.first_stage.version if learned else None,
+        )
 
     def _document(self, doc_id: str) -> dict[str, Any]:
         return self.backend.document(doc_id) or {}

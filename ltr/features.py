@@ -1,0 +1,203 @@
+"""Feature sets and the one feature-extraction path that training and serving share.
+
+A feature set is a named, versioned list of features. `extract_features` computes every
+feature of a set for a whole candidate window in one vectorised pass, from what the backend
+already knows (per-field BM25, term statistics, the forward index, cosine similarities) and
+the window itself (retriever ranks, fused score, scores relative to the window's best).
+
+Missing is NaN end to end: a candidate outside a retriever's top-k has no rank there, a
+query of one term has no bigram, a max over no matched term has no value. XGBoost learns a
+default branch for NaN; a zero would claim something false (rank 0 is better than rank 1).
+
+A change to a feature's meaning must bump its set's version: models record the set they were
+trained on and refuse to serve against another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from indexing.bm25 import COMBINED_FIELD, CandidateStats
+from search.backend import SearchBackend
+from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
+from search.hybrid import Candidates
+
+FEATURE_GROUPS = ("text", "dense", "retrieval")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    group: str  # one of FEATURE_GROUPS, for ablations
+    description: str
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    name: str
+    version: int
+    features: tuple[Feature, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(g for g in FEATURE_GROUPS if any(f.group == g for f in self.features))
+
+    def describe(self) -> dict[str, object]:
+        """What a model manifest records (and a loaded model is checked against)."""
+        return {"name": self.name, "version": self.version, "features": list(self.names)}
+
+    def without_group(self, group: str) -> "FeatureSet":
+        """The same set minus one group: an ablation, named so it cannot pass for the original."""
+        if group not in self.groups:
+            raise ValueError(f"feature set {self.name} has no '{group}' group; it has {', '.join(self.groups)}")
+        kept = tuple(f for f in self.features if f.group != group)
+        return FeatureSet(f"{self.name}-without-{group}", self.version, kept)
+
+
+# Every feature the engine can compute, in one table: name -> (group, description).
+FEATURES: dict[str, tuple[str, str]] = {
+    "bm25_title": ("text", "BM25 of the title field"),
+    "bm25_text": ("text", "BM25 of the text field"),
+    "bm25_all": ("text", "BM25 of title + text (the retriever's own score)"),
+    "coverage_title": ("text", "share of distinct query terms found in the title"),
+    "coverage_text": ("text", "share of distinct query terms found in the text"),
+    "coverage_all": ("text", "share of distinct query terms found in title + text"),
+    "matched_terms": ("text", "distinct query terms found in title + text"),
+    "idf_sum_matched": ("text", "sum of the IDF of matched query terms"),
+    "idf_max_matched": ("text", "largest IDF among matched query terms (NaN: none matched)"),
+    "idf_mean_matched": ("text", "mean IDF of matched query terms (NaN: none matched)"),
+    "idf_share_matched": ("text", "IDF mass of matched terms over the query's IDF mass"),
+    "tfidf_all": ("text", "sum over query terms of log(1 + tf) * idf in title + text"),
+    "bigram_title": ("text", "share of the query's adjacent term pairs found adjacent in the title"),
+    "bigram_text": ("text", "share of the query's adjacent term pairs found adjacent in the text"),
+    "length_title": ("text", "title length in analysed tokens"),
+    "length_text": ("text", "text length in analysed tokens"),
+    "query_terms": ("text", "distinct analysed query terms"),
+    "query_idf_sum": ("text", "sum of the IDF of the query's terms (how specific the query is)"),
+    "dense_cosine": ("dense", "cosine similarity of query and document embeddings"),
+    "dense_gap_to_best": ("dense", "cosine minus the best cosine in the window"),
+    "bm25_rank": ("retrieval", "rank in the BM25 top-k (NaN: not retrieved by BM25)"),
+    "dense_rank": ("retrieval", "rank in the dense top-k (NaN: not retrieved by dense)"),
+    "rrf_score": ("retrieval", "reciprocal-rank-fused score (k=60) of the two retrievers"),
+    "bm25_ratio_to_best": ("retrieval", "BM25 over the best BM25 in the window"),
+}
+
+
+def make_feature_set(name: str, version: int, names: Iterable[str]) -> FeatureSet:
+    return FeatureSet(name, version, tuple(Feature(n, *FEATURES[n]) for n in names))
+
+
+FEATURE_SETS: dict[str, FeatureSet] = {
+    fs.name: fs
+    for fs in (
+        # The engine's default: every text-match, dense and retrieval feature.
+        make_feature_set("text", 1, FEATURES),
+        # The ten-feature reference the issue measures against (a plain LambdaMART).
+        make_feature_set("basic", 1, (
+            "bm25_title", "bm25_text", "bm25_all", "dense_cosine", "rrf_score",
+            "bm25_rank", "dense_rank", "length_title", "length_text", "coverage_all",
+        )),
+    )
+}
+DEFAULT_FEATURE_SET = "text"
+
+
+def feature_set(name: str) -> FeatureSet:
+    """A registered set by name, or an ablation of one: `text-without-dense`."""
+    if name in FEATURE_SETS:
+        return FEATURE_SETS[name]
+    base, _, group = name.partition("-without-")
+    if group and base in FEATURE_SETS:
+        return FEATURE_SETS[base].without_group(group)
+    raise ValueError(
+        f"unknown feature set '{name}'; choose from {', '.join(FEATURE_SETS)} "
+        f"(or an ablation such as {DEFAULT_FEATURE_SET}-without-dense)"
+    )
+
+
+def extract_features(backend: SearchBackend, query: str, window: Candidates, features: FeatureSet) -> np.ndarray:
+    """The feature matrix of a candidate window: float32, [candidate, feature], NaN = missing.
+
+    The only way features are computed: training rows, served requests and the feature log all
+    come from here, so what a model learned from is what it is served.
+    """
+    if not len(window):
+        return np.empty((0, len(features.features)), dtype=np.float32)
+    stats = backend.candidate_stats(query, window.doc_ids)
+    columns = _all_columns(stats, window)
+    return np.column_stack([np.asarray(columns[name](), dtype=np.float32) for name in features.names])
+
+
+def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callable[[], np.ndarray]]:
+    """Every feature as a lazily computed column, so a set pays only for what it uses."""
+    n = len(window)
+    distinct = max(len(stats.terms), 0)
+    all_tf = stats.term_freqs[COMBINED_FIELD]
+    matched = all_tf > 0
+    idf = stats.idf[COMBINED_FIELD]  # per distinct query term
+    matched_idf = np.where(matched, idf[None, :], np.nan)
+    query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
+
+    def coverage(field: str) -> np.ndarray:
+        if not distinct:
+            return np.full(n, np.nan)
+        return stats.matched_terms(field) / distinct
+
+    def nan_reduce(reduce: Callable[..., np.ndarray]) -> np.ndarray:
+        out = np.full(n, np.nan)
+        any_match = matched.any(axis=1)
+        if any_match.any():
+            out[any_match] = reduce(matched_idf[any_match], axis=1)
+        return out
+
+    def ratio_to_best(values: np.ndarray) -> np.ndarray:
+        best = np.nanmax(values) if np.isfinite(values).any() else np.nan
+        return values / best if best and np.isfinite(best) and best > 0 else np.full(n, np.nan)
+
+    return {
+        "bm25_title": lambda: stats.bm25["title"],
+        "bm25_text": lambda: stats.bm25["text"],
+        "bm25_all": lambda: stats.bm25[COMBINED_FIELD],
+        "coverage_title": lambda: coverage("title"),
+        "coverage_text": lambda: coverage("text"),
+        "coverage_all": lambda: coverage(COMBINED_FIELD),
+        "matched_terms": lambda: stats.matched_terms(COMBINED_FIELD),
+        "idf_sum_matched": lambda: np.where(matched, idf[None, :], 0.0).sum(axis=1),
+        "idf_max_matched": lambda: nan_reduce(np.nanmax),
+        "idf_mean_matched": lambda: nan_reduce(np.nanmean),
+        "idf_share_matched": lambda: np.where(matched, idf[None, :], 0.0).sum(axis=1) / query_idf
+        if query_idf and np.isfinite(query_idf) else np.full(n, np.nan),
+        "tfidf_all": lambda: (np.log1p(all_tf) * idf[None, :]).sum(axis=1),
+        "bigram_title": lambda: stats.bigram_coverage["title"],
+        "bigram_text": lambda: stats.bigram_coverage["text"],
+        "length_title": lambda: stats.field_lengths["title"],
+        "length_text": lambda: stats.field_lengths["text"],
+        "query_terms": lambda: np.full(n, float(distinct) if distinct else np.nan),
+        "query_idf_sum": lambda: np.full(n, query_idf),
+        "dense_cosine": lambda: window.dense,
+        "dense_gap_to_best": lambda: window.dense - np.nanmax(window.dense)
+        if np.isfinite(window.dense).any() else np.full(n, np.nan),
+        "bm25_rank": lambda: window.bm25_rank,
+        "dense_rank": lambda: window.dense_rank,
+        "rrf_score": lambda: fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K),
+        "bm25_ratio_to_best": lambda: ratio_to_best(stats.bm25[COMBINED_FIELD].astype(np.float64)),
+    }
+
+
+def feature_dicts(names: Iterable[str], matrix: np.ndarray) -> list[dict[str, float]]:
+    """Rows as {name: value} for the feature log and `explain` (NaN stays NaN)."""
+    names = list(names)
+    return [dict(zip(names, row.tolist())) for row in matrix]
+
+
+def check_feature_table(table: Mapping[str, Callable[[], np.ndarray]]) -> None:
+    """Every declared feature has a column and vice versa (a test calls this)."""
+    missing, extra = set(FEATURES) - set(table), set(table) - set(FEATURES)
+    if missing or extra:
+        raise AssertionError(f"feature table out of step: missing {sorted(missing)}, undeclared {sorted(extra)}")

@@ -1,0 +1,127 @@
+"""The learned ranker as a pipeline stage: candidate window -> feature matrix -> model scores.
+
+`LtrPipeline` is what `ltr-search eval`, `ltr-search search` and the query service run under
+the name `ltr`. It scores the whole window the serving candidate generator returns (the same
+window training saw), so features such as "rank in the BM25 top-k" mean the same thing in both.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set
+from ltr.registry import predict_contributions, predict_scores
+from ltr.training import Qrels, TrainedRanker, TrainingSettings, build_rows, candidate_window, split_queries, train_ranker
+from search.backend import Hit, SearchBackend
+from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
+from search.hybrid import FusionSettings, top_hits
+
+
+class ScoringModel(Protocol):
+    """A trained model that scores feature rows (a registry model, or one fitted in memory)."""
+
+    version: str
+
+    def predict(self, features: np.ndarray) -> np.ndarray: ...
+
+    def contributions(self, features: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class InMemoryModel:
+    """A model fitted in this process (e.g. by `ltr-search eval`), not stored in the registry."""
+
+    trained: TrainedRanker
+    version: str = "unsaved"
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return predict_scores(self.trained.booster, list(self.trained.feature_names), features)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        return predict_contributions(self.trained.booster, list(self.trained.feature_names), features)
+
+
+@dataclass
+class ScoredWindow:
+    """A scored candidate window, in first-stage order (fused RRF score, best first)."""
+
+    hits: list[Hit]  # first-stage score and rank
+    scores: np.ndarray  # the model's scores, aligned with hits
+    features: np.ndarray  # float32 [candidate, feature], aligned with hits
+    feature_names: tuple[str, ...]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class LtrPipeline:
+    """LambdaMART over the hybrid candidate window.
+
+    Built with a model (served from the registry) or without one, in which case `fit` trains
+    it on judged queries exactly as `ltr-search train` does (the harness calls `fit` on
+    training queries only)."""
+
+    def __init__(self, backend: SearchBackend, model: ScoringModel | None = None,
+                 features: FeatureSet | None = None, fusion: FusionSettings = FusionSettings(),
+                 settings: TrainingSettings = TrainingSettings(), name: str = "ltr"):
+        self.backend = backend
+        self.model = model
+        self.features = features or feature_set(DEFAULT_FEATURE_SET)
+        self.fusion = fusion
+        self.settings = settings
+        self.name = name
+        self.trained: TrainedRanker | None = None
+
+    @property
+    def version(self) -> str:
+        return self.model.version if self.model is not None else "none"
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.features.names
+
+    def fit(self, queries: Mapping[str, str], qrels: Qrels) -> "LtrPipeline":
+        rows = build_rows(self.backend, queries, qrels, self.features, self.fusion)
+        train_ids, valid_ids = split_queries(rows.query_ids, self.settings.valid_fraction, self.settings.seed)
+        self.trained = train_ranker(rows.select(train_ids), self.features.names, self.settings, rows.select(valid_ids))
+        self.model = InMemoryModel(self.trained)
+        return self
+
+    def fitted_parameters(self) -> dict[str, object]:
+        if self.trained is None:
+            return {"model": self.version, "feature_set": self.features.describe()["name"]}
+        top = list(self.trained.importance())[:5]
+        return {"feature_set": self.features.name, "trees": self.trained.trees,
+                "valid nDCG@10": self.trained.valid_score, "top features by gain": top}
+
+    def rank_window(self, query: str) -> ScoredWindow:
+        if self.model is None:
+            raise ValueError(f"pipeline '{self.name}' has no model: train one (`ltr-search train`) and promote it, "
+                             "or evaluate it with `ltr-search eval --train-split`")
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        window = candidate_window(self.backend, query, self.fusion)
+        fused = fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K)
+        order = np.argsort(-fused, kind="stable")  # first-stage order: the hybrid (RRF) ranking
+        timings["retrieve"] = _ms_since(started)
+        started = time.perf_counter()
+        features = extract_features(self.backend, query, window, self.features)[order]
+        timings["features"] = _ms_since(started)
+        started = time.perf_counter()
+        scores = self.model.predict(features) if len(features) else np.empty(0)
+        timings["score"] = _ms_since(started)
+        hits = [Hit(window.doc_ids[i], float(fused[i]), rank) for rank, i in enumerate(order.tolist(), start=1)]
+        return ScoredWindow(hits, scores, features, self.features.names, timings)
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        assert self.model is not None
+        return self.model.contributions(features)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        window = self.rank_window(query)
+        return top_hits([h.doc_id for h in window.hits], window.scores, k)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,0 +1,113 @@
+"""Feature sets and extraction: every value checked against a plain reference, NaN where missing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing.bm25 import bigram_coverage
+from ltr.features import FEATURES, FEATURE_SETS, extract_features, feature_set
+from ltr.training import candidate_window
+from search.embedded import EmbeddedIndex
+from search.fusion import fuse_reciprocal_rank
+from search.hybrid import FusionSettings
+from tests.conftest import SMALL_DOCS, run_cli
+
+WINDOW = FusionSettings(bm25_candidates=3, dense_candidates=3)
+
+
+@pytest.fixture
+def bm25_index(small_corpus: Path, home: Path) -> EmbeddedIndex:
+    run_cli(home, "index", "build", "--dataset", str(small_corpus), "--name", "f", "--no-dense", "--quiet")
+    return EmbeddedIndex.open(home, "f")
+
+
+@pytest.fixture
+def dense_index(small_corpus: Path, dense_home: Path) -> EmbeddedIndex:
+    run_cli(dense_home, "index", "build", "--dataset", str(small_corpus), "--name", "fd", "--quiet")
+    return EmbeddedIndex.open(dense_home, "fd")
+
+
+def _reference_bigrams(index: EmbeddedIndex, query: str, text: str) -> float:
+    terms = index.analyzer.analyze(query)
+    wanted = list(dict.fromkeys(zip(terms, terms[1:])))
+    tokens = index.analyzer.analyze(text)
+    present = set(zip(tokens, tokens[1:]))
+    return sum(pair in present for pair in wanted) / len(wanted) if wanted else float("nan")
+
+
+@pytest.mark.parametrize("query", ["dogs chase cats", "chase mice garden early", "quantum theory photons", "mint cats unknownword plants"])
+def test_bigram_coverage_matches_a_plain_reference(bm25_index, query):
+    ids = [d["_id"] for d in SMALL_DOCS]
+    stats = bm25_index.candidate_stats(query, ids)
+    for field in ("title", "text"):
+        expected = [_reference_bigrams(bm25_index, query, d[field]) for d in SMALL_DOCS]
+        np.testing.assert_allclose(stats.bigram_coverage[field], expected, rtol=1e-6)
+    assert stats.bigram_coverage["text"].max() > 0 or "unknownword" in query
+
+
+def test_bigram_coverage_is_nan_when_it_cannot_be_measured(bm25_index):
+    ids = [d["_id"] for d in SMALL_DOCS]
+    assert np.isnan(bm25_index.candidate_stats("cats", ids).bigram_coverage["text"]).all()  # one term: no pair
+    field = bm25_index.bm25.fields["text"]
+    assert field.token_ids is not None  # new generations carry the forward index
+    no_forward = bigram_coverage(np.array([[0, 1]]), None, None, np.arange(3))
+    assert np.isnan(no_forward).all()  # a generation built before it existed: missing, not zero
+
+
+def test_forward_index_round_trips_the_analysed_text(bm25_index):
+    field = bm25_index.bm25.fields["text"]
+    vocabulary = bm25_index.bm25.vocabulary
+    for i, doc in enumerate(SMALL_DOCS):
+        tokens = [vocabulary[t] for t in field.token_ids[field.token_offsets[i]:field.token_offsets[i + 1]].tolist()]
+        assert tokens == bm25_index.analyzer.analyze(doc["text"])
+
+
+def test_feature_values_against_their_definitions(dense_index):
+    query = "dogs chase cats in the garden"
+    window = candidate_window(dense_index, query, WINDOW)
+    features = feature_set("text")
+    assert set(features.names) == set(FEATURES)  # the default set computes every feature
+    matrix = extract_features(dense_index, query, window, features)
+    assert matrix.dtype == np.float32 and matrix.shape == (len(window), len(FEATURES))
+    column = {name: matrix[:, i] for i, name in enumerate(features.names)}
+    stats = dense_index.candidate_stats(query, window.doc_ids)
+    np.testing.assert_array_equal(column["bm25_all"], stats.bm25["all"])
+    np.testing.assert_array_equal(column["dense_cosine"], window.dense.astype(np.float32))
+    np.testing.assert_array_equal(column["bm25_rank"], window.bm25_rank.astype(np.float32))  # NaN outside the top-k
+    assert np.isnan(column["bm25_rank"]).sum() == len(window) - 3
+    np.testing.assert_allclose(column["rrf_score"], fuse_reciprocal_rank([window.bm25_rank, window.dense_rank]), rtol=1e-6)
+    matched = stats.term_freqs["all"] > 0
+    idf = stats.idf["all"]
+    for row in range(len(window)):
+        if matched[row].any():
+            assert column["idf_max_matched"][row] == pytest.approx(idf[matched[row]].max(), rel=1e-6)
+            assert column["idf_mean_matched"][row] == pytest.approx(idf[matched[row]].mean(), rel=1e-6)
+        else:  # nothing matched: no max, no mean
+            assert np.isnan(column["idf_max_matched"][row]) and np.isnan(column["idf_mean_matched"][row])
+    assert column["coverage_all"].max() <= 1.0 and column["bm25_ratio_to_best"].max() == pytest.approx(1.0)
+    assert column["dense_gap_to_best"].max() == 0.0
+    assert (column["query_terms"] == len(stats.terms)).all()
+
+
+def test_extraction_is_deterministic_and_per_candidate(dense_index):
+    query = "quantum entanglement"
+    window = candidate_window(dense_index, query, WINDOW)
+    features = feature_set("text")
+    first = extract_features(dense_index, query, window, features)
+    again = extract_features(dense_index, query, candidate_window(dense_index, query, WINDOW), features)
+    assert first.tobytes() == again.tobytes()
+
+
+def test_feature_sets_and_ablations():
+    text = feature_set("text")
+    assert text.describe() == {"name": "text", "version": 1, "features": list(text.names)}
+    assert len(FEATURE_SETS["basic"].names) == 10
+    ablated = feature_set("text-without-dense")
+    assert ablated.name == "text-without-dense" and "dense_cosine" not in ablated.names
+    assert set(ablated.names) | {"dense_cosine", "dense_gap_to_best"} == set(text.names)
+    with pytest.raises(ValueError, match="unknown feature set 'nope'"):
+        feature_set("nope")
+    with pytest.raises(ValueError, match="has no 'behaviour' group"):
+        feature_set("text-without-behaviour")
