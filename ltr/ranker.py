@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
 from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set
-from ltr.registry import predict_contributions, predict_scores
+from ltr.registry import FeatureSetMismatchError, ModelRegistry, predict_contributions, predict_scores, registry_dir
 from ltr.training import Qrels, TrainedRanker, TrainingSettings, build_rows, candidate_window, split_queries, train_ranker
 from search.backend import Hit, SearchBackend
 from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
 from search.hybrid import FusionSettings, top_hits
+
+
+BACKEND_NAME = "embedded"  # the backend this module's pipelines are trained and served on today
 
 
 class ScoringModel(Protocol):
@@ -121,6 +125,49 @@ class LtrPipeline:
     def search(self, query: str, k: int) -> list[Hit]:
         window = self.rank_window(query)
         return top_hits([h.doc_id for h in window.hits], window.scores, k)
+
+
+class ModelUnavailableError(ValueError):
+    """No model to serve: none promoted, or the chosen one cannot run on this index."""
+
+
+def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active", fusion: FusionSettings = FusionSettings(),
+                      name: str = "ltr", warn: Callable[[str], None] | None = None) -> LtrPipeline:
+    """An `LtrPipeline` serving a registry model (`active` = the promoted one).
+
+    The registry re-scores the model's stored sample (parity to 1e-6) and refuses a model whose
+    feature set differs from the one this engine computes under that name and version."""
+    registry = ModelRegistry(home)
+    if version == "active":
+        active = registry.active()
+        if active is None:
+            raise ModelUnavailableError(
+                f"no active model in {registry_dir(home)}: train one with `ltr-search train` and "
+                "`ltr-search models promote VERSION`"
+            )
+        version = active
+    manifest = registry.manifest(version)
+    try:
+        features = feature_set(manifest.feature_set["name"])
+    except ValueError as exc:
+        raise FeatureSetMismatchError(f"model {version}: {exc}") from None
+    model = registry.load(version, expected_feature_set=features.describe())
+    trained_on = manifest.index
+    if warn is not None:
+        if trained_on.get("backend") != BACKEND_NAME:
+            warn(f"model {version} was trained on the {trained_on.get('backend')} backend and is served on {BACKEND_NAME}")
+        if trained_on.get("name") != backend.name:
+            warn(f"model {version} was trained on index '{trained_on.get('name')}' and is served on '{backend.name}'")
+    return LtrPipeline(backend, model, features, fusion, name=name)
+
+
+def index_description(backend: SearchBackend) -> dict[str, object]:
+    """What a model manifest records of the index it was trained against."""
+    analyzer = getattr(backend, "analyzer", None)
+    return {
+        "name": backend.name, "generation": backend.generation_id, "backend": BACKEND_NAME,
+        "analyzer": analyzer.settings.to_dict() if analyzer is not None else {},
+    }
 
 
 def _ms_since(started: float) -> float:

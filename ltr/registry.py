@@ -158,8 +158,10 @@ class ModelManifest:
 
 def predict_scores(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
     """The one scoring path (serving, evaluation, the registry's parity check): float64 scores
-    of float32 feature rows, NaN = missing, using every tree of the booster."""
-    return booster.predict(_matrix(feature_names, features)).astype(np.float64)
+    of float32 feature rows, NaN = missing, using every tree of the booster. In-place prediction
+    skips building a DMatrix, which cost more than the trees for a 400-row window (profiled)."""
+    array = _checked(feature_names, features)
+    return np.asarray(booster.inplace_predict(array, missing=np.nan, validate_features=False), dtype=np.float64)
 
 
 def predict_contributions(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
@@ -167,11 +169,15 @@ def predict_contributions(booster: xgboost.Booster, feature_names: list[str], fe
     return booster.predict(_matrix(feature_names, features), pred_contribs=True).astype(np.float64)
 
 
-def _matrix(names: list[str], features: np.ndarray) -> xgboost.DMatrix:
-    array = np.asarray(features, dtype=np.float32)
+def _checked(names: list[str], features: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(features, dtype=np.float32)
     if array.ndim != 2 or array.shape[1] != len(names):
         raise ValueError(f"the model expects a 2-D array with {len(names)} feature columns, got shape {array.shape}")
-    return xgboost.DMatrix(array, missing=np.nan, feature_names=list(names))
+    return array
+
+
+def _matrix(names: list[str], features: np.ndarray) -> xgboost.DMatrix:
+    return xgboost.DMatrix(_checked(names, features), missing=np.nan, feature_names=list(names))
 
 
 @dataclass

@@ -8,6 +8,8 @@
     ltr-search [--home DIR] eval --dataset PATH [--split test] [--pipeline bm25,dense] [--name INDEX]
                [--json OUT] [--report OUT.md] [--runs DIR] [--folds K] [--run-file PATH ...]
     ltr-search [--home DIR] serve [--host 127.0.0.1] [--port 8000] [--name INDEX] [--config FILE]
+    ltr-search [--home DIR] train --dataset PATH [--split train] [--name INDEX] [--feature-set text] [--valid-fraction 0.2]
+    ltr-search [--home DIR] models list|show VERSION|promote VERSION [--dataset PATH --split SPLIT] [--force]|rollback
     ltr-search clicks fit --log PATH [--models ctr,pbm,cascade,dbn] [--json OUT] [--report OUT.md]
     ltr-search simulate --qrels QRELS --run RUN --model pbm|cascade|dbn [--out events.jsonl]
 
@@ -100,13 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--name", help="index to serve (default: the config's, else 'default')")
     serve.add_argument("--config", help="TOML settings file (env LTR_SEARCH_CONFIG)")
-    serve.add_argument("--pipeline", dest="default_pipeline", help="default pipeline (default hybrid)")
+    serve.add_argument("--pipeline", dest="default_pipeline", help="default pipeline (default ltr, falling back to hybrid while no model is active)")
     serve.add_argument("--window", dest="rerank_window", type=int, help="rerank window (default 200)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime threads per query encoding (default: all cores; BLAS always 1)")
 
     from eval.click_cli import add_click_commands
 
     add_click_commands(commands)  # `clicks fit` and `simulate`
+    from ltr.cli import add_ltr_commands
+
+    add_ltr_commands(commands)  # `train` and `models list|show|promote|rollback`
     return parser
 
 
@@ -119,8 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from search.embedded import DenseUnavailableError
 
     from ltr.event_store import EventStoreError
+    from ltr.registry import RegistryError
 
-    user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, EventStoreError, ValueError)
+    user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, EventStoreError,
+                   RegistryError, ValueError)
     try:
         if args.command == "index":
             handler = {"build": cmd_build, "rebuild": cmd_rebuild, "status": cmd_status, "rollback": cmd_rollback}
@@ -131,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval(home, args)
         if args.command == "serve":
             return cmd_serve(home, args)
+        if args.command in ("train", "models"):
+            from ltr.cli import run_ltr_command
+
+            return run_ltr_command(home, args)
         if args.command in ("clicks", "simulate"):
             from eval.click_cli import run_click_command
 

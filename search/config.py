@@ -5,7 +5,7 @@ environment (or the file), never from a flag, so it does not show up in process 
 
     # ltr-search.toml
     index = "scifact"
-    default_pipeline = "hybrid"
+    default_pipeline = "ltr"     # the active model; hybrid (then bm25) while none is promoted
     rerank_window = 200
     [exploration]
     epsilon = 0.05
@@ -53,7 +53,7 @@ class ExplorationSettings:
 class ServiceConfig:
     home: Path
     index: str = DEFAULT_INDEX_NAME
-    default_pipeline: str = "hybrid"
+    default_pipeline: str = "ltr"  # falls back to hybrid, then bm25, when it cannot be served
     rerank_window: int = DEFAULT_RERANK_WINDOW
     max_query_chars: int = MAX_QUERY_CHARS
     max_page_size: int = MAX_PAGE_SIZE

@@ -14,7 +14,8 @@ from typing import Callable, Mapping, Protocol, runtime_checkable
 from search.backend import Hit
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline
-from ltr.ranker import LtrPipeline
+from ltr.features import feature_set
+from ltr.ranker import LtrPipeline, registry_pipeline
 
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -47,6 +48,8 @@ class PipelineSpec:
 
 
 _REGISTRY: dict[str, PipelineSpec] = {}
+# Parameterised names, "family:argument" (e.g. `ltr:basic`, `model:m0003`): prefix -> spec maker.
+_FAMILIES: dict[str, Callable[[str], PipelineSpec]] = {}
 
 
 def register_pipeline(name: str, factory: PipelineFactory, *, learned: bool = False, description: str = "") -> None:
@@ -55,15 +58,25 @@ def register_pipeline(name: str, factory: PipelineFactory, *, learned: bool = Fa
     _REGISTRY[name] = PipelineSpec(name, factory, learned, description)
 
 
+def register_pipeline_family(prefix: str, make_spec: Callable[[str], PipelineSpec], description: str = "") -> None:
+    """Pipelines named `prefix:argument`, whose spec is made from the argument on demand."""
+    if prefix in _FAMILIES:
+        raise ValueError(f"pipeline family '{prefix}' is already registered")
+    _FAMILIES[prefix] = make_spec
+
+
 def pipeline_names() -> list[str]:
     return list(_REGISTRY)
 
 
 def pipeline_spec(name: str) -> PipelineSpec:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown pipeline '{name}'; choose from {', '.join(_REGISTRY)}") from None
+    prefix, _, argument = name.partition(":")
+    if argument and prefix in _FAMILIES:
+        return _FAMILIES[prefix](argument)
+    families = ", ".join(f"{p}:..." for p in _FAMILIES)
+    raise ValueError(f"unknown pipeline '{name}'; choose from {', '.join(_REGISTRY)}" + (f" or {families}" if families else ""))
 
 
 def create_pipeline(name: str, index: EmbeddedIndex) -> Pipeline:
@@ -123,3 +136,22 @@ register_pipeline(
     "ltr", LtrPipeline, learned=True,
     description="XGBoost LambdaMART over the hybrid window (feature set 'text'), trained on training queries",
 )
+
+
+def learned_ltr_spec(feature_set_name: str) -> PipelineSpec:
+    features = feature_set(feature_set_name)  # refuses unknown sets up front
+    return PipelineSpec(
+        f"ltr:{feature_set_name}", lambda index: LtrPipeline(index, features=features, name=f"ltr:{feature_set_name}"),
+        learned=True, description=f"LambdaMART on feature set {feature_set_name}, trained on training queries",
+    )
+
+
+def registry_model_spec(version: str) -> PipelineSpec:
+    return PipelineSpec(
+        f"model:{version}", lambda index: registry_pipeline(index, index.home, version, name=f"model:{version}"),
+        learned=False, description=f"registry model {version}, as trained by `ltr-search train`",
+    )
+
+
+register_pipeline_family("ltr", learned_ltr_spec)  # ltr:FEATURE-SET, e.g. ltr:basic, ltr:text-without-dense
+register_pipeline_family("model", registry_model_spec)  # model:VERSION or model:active, from the model registry

@@ -38,6 +38,10 @@ class SearchRequest(Strict):
 class ResultExplanation(Strict):
     first_stage_rank: int
     first_stage_score: float
+    features: dict[str, float | None] | None = Field(None, description="the model's input (null = missing)")
+    contributions: dict[str, float | None] | None = Field(
+        None, description="per-feature contributions to the score (XGBoost pred_contribs), plus 'bias'"
+    )
 
 
 class SearchResult(Strict):

@@ -26,6 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
 from ltr.event_store import Event, EventStore, ServedRequest, ServedResult, ValidationError
+from ltr.ranker import ModelUnavailableError, registry_pipeline
+from ltr.registry import RegistryError
 from search.config import ServiceConfig
 from search.embedded import EmbeddedIndex
 from search.hybrid import HybridPipeline
@@ -38,7 +40,8 @@ from search.schemas import (
 )
 
 logger = logging.getLogger("ltr_search.service")
-DENSE_PIPELINES = frozenset({"dense", "hybrid", "hybrid-convex"})
+DENSE_PIPELINES = frozenset({"dense", "hybrid", "hybrid-convex", "ltr"})
+FALLBACK_PIPELINES = ("hybrid", "bm25")  # served by default when the configured pipeline cannot be
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -65,6 +68,8 @@ class Snapshot:
     index: EmbeddedIndex
     pipelines: dict[str, RankingPipeline]
     default_pipeline: str
+    model_version: str | None = None  # the active ranking model served as `ltr`
+    model_error: str | None = None  # why `ltr` is not served, when it is not
 
 
 class ServingState:
@@ -108,10 +113,26 @@ class ServingState:
                 epsilon=config.exploration.epsilon, protected_top=config.exploration.protected_top,
                 seed=config.exploration.seed,
             )
-        default = config.default_pipeline if config.default_pipeline in pipelines else "bm25"
+        model_version, model_error = None, None
+        if index.has_dense:
+            try:
+                learned = registry_pipeline(index, config.home, "active", config.fusion_for(index.name), warn=logger.warning)
+                pipelines["ltr"] = RankingPipeline(
+                    index, learned, config.rerank_window, epsilon=config.exploration.epsilon,
+                    protected_top=config.exploration.protected_top, seed=config.exploration.seed,
+                )
+                model_version = learned.version
+            except ModelUnavailableError as exc:
+                model_error = str(exc)
+            except RegistryError as exc:  # refused: parity, checksum or feature-set mismatch
+                model_error = f"the active model was refused: {exc}"
+                logger.error("%s", model_error)
+        else:
+            model_error = f"the ltr pipeline needs dense vectors; index '{index.name}' has none"
+        default = next(name for name in (config.default_pipeline, *FALLBACK_PIPELINES) if name in pipelines)
         if default != config.default_pipeline:
-            logger.warning("default pipeline %s unavailable on index %s; using bm25", config.default_pipeline, index.name)
-        return Snapshot(index, pipelines, default)
+            logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
+        return Snapshot(index, pipelines, default, model_version, model_error)
 
 
 # ----------------------------------------------------------------------------------- admin jobs
@@ -191,6 +212,10 @@ class ServiceMetrics:
         self.index_info.clear()
         self.index_info.labels(index, generation).set(1)
 
+    def set_model(self, version: str | None) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version or "none").set(1)
+
 
 class BodyLimitMiddleware:
     """Refuse request bodies over the limit with 413, whether or not Content-Length is sent."""
@@ -240,6 +265,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         snapshot = state.snapshot
         if snapshot is not None:
             metrics.set_generation(snapshot.index.name, snapshot.index.generation_id)
+            metrics.set_model(snapshot.model_version)
 
     jobs = JobRunner(state, refresh_generation_metric)
 
@@ -311,8 +337,12 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         name = body.pipeline or snapshot.default_pipeline
         pipeline = snapshot.pipelines.get(name)
         if pipeline is None:
-            reason = (f"needs dense vectors; index '{snapshot.index.name}' has none" if name in DENSE_PIPELINES
-                      else "unknown or not servable")
+            if name == "ltr":
+                reason = snapshot.model_error or "no model"
+            elif name in DENSE_PIPELINES:
+                reason = f"needs dense vectors; index '{snapshot.index.name}' has none"
+            else:
+                reason = "unknown or not servable"
             raise ApiError(400, "invalid_request", f"pipeline '{name}' {reason}; available: {', '.join(snapshot.pipelines)}",
                            [{"field": "pipeline", "reason": reason}])
         try:
@@ -335,8 +365,10 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         store.log_request(ServedRequest(
             request_id=request_id, timestamp=time.time(), query=body.query, pipeline=name,
             index_name=snapshot.index.name, index_generation=snapshot.index.generation_id,
-            model_version=None, user_id=body.user_id, session_id=body.session_id, page_offset=body.offset,
-            results=[ServedResult(r.doc_id, r.position, r.score, r.propensity) for r in outcome.results],
+            model_version=outcome.model_version, user_id=body.user_id, session_id=body.session_id,
+            page_offset=body.offset,
+            results=[ServedResult(r.doc_id, r.position, r.score, r.propensity, _named(outcome.feature_names, r.features))
+                     for r in outcome.results],
         ))
         outcome.timings_ms["log"] = (time.perf_counter() - log_started) * 1000
         for stage, ms in outcome.timings_ms.items():
@@ -344,14 +376,18 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         results = [
             SearchResult(
                 id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity, fields=r.fields or {},
-                explain=ResultExplanation(first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score)
-                if body.explain else None,
+                explain=ResultExplanation(
+                    first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score,
+                    features=_json_safe(_named(outcome.feature_names, r.features)),
+                    contributions=_json_safe(_named(_with_bias(outcome.feature_names), r.contributions)),
+                ) if body.explain else None,
             )
             for r in outcome.results
         ]
         return SearchResponse(
             request_id=request_id, query=body.query, pipeline=name,
-            index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id), model_version=None,
+            index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id),
+            model_version=outcome.model_version,
             offset=body.offset, size=body.size, window=outcome.window_size, eligible=outcome.eligible,
             explored=outcome.explored, results=results, took_ms=(time.perf_counter() - started) * 1000,
             timings_ms=outcome.timings_ms if body.explain else None,
@@ -470,6 +506,24 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
                               previous_generation=previous)
 
     return app
+
+
+def _named(names: tuple[str, ...] | None, values: Any) -> dict[str, float] | None:
+    """A feature row (or contribution row) as {name: value}; NaN stays NaN for the event log."""
+    if names is None or values is None:
+        return None
+    return dict(zip(names, (float(v) for v in values)))
+
+
+def _with_bias(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return None if names is None else (*names, "bias")
+
+
+def _json_safe(values: dict[str, float] | None) -> dict[str, float | None] | None:
+    """JSON has no NaN: a missing feature is null in API responses."""
+    if values is None:
+        return None
+    return {k: (None if v != v else v) for k, v in values.items()}
 
 
 def limit_native_threads() -> None:

@@ -3,8 +3,6 @@ index with vectors, a real SQLite event store, and a schema-driven fuzz run (sch
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +14,7 @@ import pytest
 
 from indexing.config import encoders_dir
 from ltr.event_store import EventStore
-from tests.conftest import ROOT, SMALL_DOCS, run_cli, write_jsonl
+from tests.conftest import SMALL_DOCS, run_cli, running_service, write_jsonl
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 DOCS = SMALL_DOCS + [
@@ -24,12 +22,6 @@ DOCS = SMALL_DOCS + [
     {"_id": "d8", "title": "Feline health", "text": "Vets recommend vaccines for cats and kittens.", "author": "eve", "year": 2021},
     {"_id": "d9", "title": "Mice as pets", "text": "Pet mice are social animals and need company.", "author": "bob", "year": 2015},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +34,11 @@ def service(tmp_path_factory, shared_encoder_home: Path):
     run_cli(home, "index", "build", "--dataset", str(corpus), "--name", "svc", "--quiet")
     config = root / "service.toml"
     config.write_text('rerank_window = 20\nmax_body_bytes = 20000\n[exploration]\nepsilon = 0.0\n')
-    port = _free_port()
-    env = dict(os.environ, LTR_SEARCH_ADMIN_TOKEN=ADMIN_TOKEN, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "--home", str(home), "serve", "--port", str(port), "--name", "svc",
-         "--config", str(config), "--threads", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"service did not become ready:\n{process.stdout.read()}")
-        time.sleep(0.2)
-    client = httpx.Client(base_url=url, timeout=30)
-    yield {"url": url, "client": client, "home": home, "process": process}
-    client.close()
-    process.terminate()
-    process.wait(timeout=30)
+    env = {"LTR_SEARCH_ADMIN_TOKEN": ADMIN_TOKEN}
+    with running_service(home, "--name", "svc", "--config", str(config), "--threads", "1", env=env) as (url, process):
+        client = httpx.Client(base_url=url, timeout=30)
+        yield {"url": url, "client": client, "home": home, "process": process}
+        client.close()
 
 
 def _search(client: httpx.Client, **body):
