@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create .venv, install, index SciFact (BM25 + dense), query it, evaluate on SciFact test, serve it over HTTP
+#   make demo   - create .venv, install, index SciFact (BM25 + dense), query it, train the LambdaMART ranker on
+#                 SciFact train, promote it, evaluate everything on SciFact test, serve it over HTTP
 #   make test   - create .venv if needed and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,8 +34,11 @@ print(f"POST /search ({page['pipeline']}, {page['took_ms']:.1f} ms, request {pag
 for r in page["results"]:
     print(f"  {r['position']}. {r['id']:<10} {r['score']:.4f}  {r['fields']['title'][:80]}")
 first = page["results"][0]
+if first.get("explain", {}).get("contributions"):
+    top = sorted(first["explain"]["contributions"].items(), key=lambda kv: -abs(kv[1]))[:4]
+    print("  why #1 (model " + str(page["model_version"]) + "):", ", ".join(f"{k} {v:+.3f}" for k, v in top))
 print("POST /events:", call("/events", {"events": [{"request_id": page["request_id"], "type": "click", "doc_id": first["id"], "position": 1}]}))
-print("GET /metrics:", [line for line in call("/metrics").splitlines() if line.startswith("ltr_search_index_generation_info")])
+print("GET /metrics:", [line for line in call("/metrics").splitlines() if line.startswith(("ltr_search_index_generation_info", "ltr_search_model_info"))])
 endef
 export DEMO_HTTP
 
@@ -56,7 +60,11 @@ demo: install
 	$(BIN)/ltr-search search "microstructural development of white matter in newborns" --name scifact -k 5
 	$(BIN)/ltr-search search "vitamin D deficiency and cancer risk" --name scifact -k 5 --pipeline dense
 	$(BIN)/ltr-search search "antibiotic resistance in hospital infections" --name scifact -k 5
-	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --pipeline bm25,dense,hybrid,hybrid-tuned --name scifact \
+	$(BIN)/ltr-search train --dataset $(DATASETS)/scifact --split train --name scifact
+	$(BIN)/ltr-search models promote latest --dataset $(DATASETS)/scifact --split test
+	$(BIN)/ltr-search models list
+	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --name scifact \
+		--pipeline bm25,dense,hybrid,hybrid-convex,hybrid-tuned,model:active --baseline hybrid-convex \
 		--json $(LTR_SEARCH_HOME)/reports/scifact-test.json --report $(LTR_SEARCH_HOME)/reports/scifact-test.md
 	@echo "--- serving scifact on 127.0.0.1:$(DEMO_PORT): one search and one click through HTTP, then stop (make serve keeps it up)"
 	@$(BIN)/ltr-search serve --name scifact --port $(DEMO_PORT) & pid=$$!; trap "kill $$pid" EXIT; \

@@ -43,6 +43,15 @@ GRIDS = {
         {"num_pair_per_sample": 32},
         {"subsample": 1.0, "colsample_bytree": 1.0},
     ],
+    # second round, around what the first found (deeper trees, larger steps, steadier stopping)
+    "round2": [
+        {"early_stopping_rounds": 200},
+        {"max_depth": 8, "early_stopping_rounds": 200},
+        {"max_depth": 8, "learning_rate": 0.1},
+        {"max_depth": 8, "min_child_weight": 10.0},
+        {"max_depth": 8, "learning_rate": 0.1, "early_stopping_rounds": 200},
+        {"max_depth": 10},
+    ],
 }
 
 

@@ -51,7 +51,7 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="one model's manifest")
     show.add_argument("version")
     promote = commands.add_parser("promote", help="make a model active, if it is not significantly worse than the active one")
-    promote.add_argument("version")
+    promote.add_argument("version", help="a model version, or 'latest'")
     promote.add_argument("--dataset", help="BEIR directory with the held-out judged queries of the gate")
     promote.add_argument("--split", help="held-out split (must differ from both models' training split)")
     promote.add_argument("--name", help="index to evaluate on (default: the model's)")
@@ -163,6 +163,10 @@ def cmd_promote(home: Path, args: argparse.Namespace) -> int:
     from ltr.registry import ModelRegistry
 
     registry = ModelRegistry(home)
+    if args.version == "latest":
+        if not registry.version_ids():
+            raise ValueError("no models to promote; train one with `ltr-search train --dataset PATH`")
+        args.version = registry.version_ids()[-1]
     candidate = registry.manifest(args.version)
     active = registry.active()
     if active == args.version:

@@ -212,3 +212,26 @@ def test_ltr_pipeline_without_a_model_says_how_to_get_one(trained):
     empty = trained["home"].parent / "empty-home"
     bad = run_cli(empty, "models", "rollback", check=False)
     assert bad.returncode == 2 and "ltr-search: error:" in bad.stderr
+
+
+def test_service_refuses_a_model_that_fails_its_parity_check(trained, tmp_path):
+    """A model whose stored sample no longer scores the same is not served; the rest is."""
+    import shutil
+
+    from search.config import load_service_config
+    from search.service import ServingState
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for part in ("indexes", "encoders"):
+        (home / part).symlink_to(trained["home"] / part, target_is_directory=True)
+    shutil.copytree(trained["home"] / "models", home / "models")
+    run_cli(home, "models", "promote", "m0001", "--force")
+    manifest_file = home / "models" / "m0001" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["sample"]["predictions"][0] += 1e-4
+    manifest_file.write_text(json.dumps(manifest))
+    state = ServingState(load_service_config(home, trained["config"], {"index": "topics"}))
+    _, snapshot = state.reload()
+    assert "ltr" not in snapshot.pipelines and snapshot.default_pipeline == "hybrid"
+    assert "refused" in snapshot.model_error and "m0001" in snapshot.model_error
