@@ -18,6 +18,7 @@ import numpy as np
 import xgboost as xgb
 
 from ltr.features import FeatureSet, extract_features
+from ltr.registry import single_threaded
 from search.backend import SearchBackend
 from search.hybrid import Candidates, FusionSettings, generate_candidates
 
@@ -27,9 +28,12 @@ EARLY_STOPPING_METRIC = "ndcg@10"
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """XGBoost LambdaMART parameters. The defaults were chosen by 5-fold cross-validation on
-    SciFact *train* queries only (see ltr/README in the closing note of issue 5 and
-    `bench/bench_ltr_tuning.py`); test queries were never looked at while choosing them."""
+    """XGBoost LambdaMART parameters, chosen by 5-fold cross-validation on SciFact *train*
+    queries only (`bench/bench_ltr_tuning.py --grid small` then `--grid round2`); the test split
+    played no part. Mean held-out nDCG@10: these defaults 0.7864; with early stopping after 50
+    flat rounds instead of 200, 0.7612 (validation nDCG@10 on ~130 queries is noisy enough to
+    stop a model at 5-50 trees); max_depth 8 0.7856; 4 0.7427; learning rate 0.1 with depth 8
+    0.7825; min_child_weight 10 0.7654; one pair per sample 0.7530; no row/column sampling 0.7458."""
 
     learning_rate: float = 0.05
     max_depth: int = 6
@@ -39,7 +43,7 @@ class TrainingSettings:
     reg_lambda: float = 1.0
     num_pair_per_sample: int = 8
     max_rounds: int = 1000
-    early_stopping_rounds: int = 50
+    early_stopping_rounds: int = 200
     valid_fraction: float = 0.2
     seed: int = 0
     threads: int = 0  # 0: XGBoost's default (all cores)
@@ -198,7 +202,7 @@ def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: Tr
         evals_result=history, verbose_eval=False, callbacks=callbacks,
     )
     best = int(booster.best_iteration) if len(evals) > 1 else settings.max_rounds - 1
-    trimmed = booster[: best + 1]
+    trimmed = single_threaded(booster[: best + 1])
     flat = {f"{data} {metric}": values for data, metrics in history.items() for metric, values in metrics.items()}
     return TrainedRanker(trimmed, tuple(feature_names), best, flat, time.perf_counter() - started)
 
