@@ -63,6 +63,7 @@ demo: install
 	$(BIN)/ltr-search train --dataset $(DATASETS)/scifact --split train --name scifact
 	$(BIN)/ltr-search models promote latest --dataset $(DATASETS)/scifact --split test
 	$(BIN)/ltr-search models list
+	$(BIN)/ltr-search search "vitamin D deficiency and cancer risk" --name scifact -k 5 --pipeline ltr
 	$(BIN)/ltr-search eval --dataset $(DATASETS)/scifact --split test --name scifact \
 		--pipeline bm25,dense,hybrid,hybrid-convex,hybrid-tuned,model:active --baseline hybrid-convex \
 		--json $(LTR_SEARCH_HOME)/reports/scifact-test.json --report $(LTR_SEARCH_HOME)/reports/scifact-test.md
@@ -83,6 +84,7 @@ bench: install
 	$(BIN)/python bench/bench_encoder.py
 	$(BIN)/python bench/bench_ann.py
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python bench/bench_ltr.py
 
 clean:
 	rm -rf $(VENV) .ltr-search bench/results

@@ -13,8 +13,9 @@ for training rows; k=10.
                at a time on a worker thread (the service runs requests on its thread pool), BLAS 1
                thread as `serve` sets. Stage p50/p99 from RankingOutcome.timings_ms (ltr's
                `retrieve` includes the exact rescoring of the window). Extra rows: "ltr nthread=1",
-               a copy of the served booster set to nthread=1 (served: XGBoost's default 0 = all
-               cores); "ltr main thread", the served pipeline called from the main thread as
+               a copy of the served booster set to nthread=1 (served boosters have been
+               single-threaded since this benchmark showed the cost of all cores; the "default"
+               variants below are therefore set to nthread 0 = all cores explicitly); "ltr main thread", the served pipeline called from the main thread as
                `ltr-search search` / `eval` do (when written: score stage ~20 ms there, ~3 ms on a
                worker thread).
 2. HTTP        a real `ltr-search serve` on 127.0.0.1 (uvicorn, one worker), POST /search {"query",
@@ -161,7 +162,8 @@ def bench_scoring(args: argparse.Namespace, model: Any, rows: np.ndarray) -> dic
 
     names = list(model.manifest.feature_names)
     boosters = {"default": model.booster.copy(), "nthread=1": model.booster.copy()}
-    boosters["nthread=1"].set_param({"nthread": 1})
+    boosters["default"].set_param({"nthread": 0})  # all cores, XGBoost's own default
+    boosters["nthread=1"].set_param({"nthread": 1})  # what the engine serves
     windows = [rows[i:i + WINDOW_ROWS] for i in range(0, len(rows) - WINDOW_ROWS + 1, WINDOW_ROWS)]
     pages = [w[:EXPLAIN_ROWS] for w in windows]
     if not windows:

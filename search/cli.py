@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run a query for a quick check")
     search.add_argument("query")
     search.add_argument("--name", default=DEFAULT_INDEX_NAME)
-    search.add_argument("--pipeline", default="bm25", help="a registered pipeline: bm25, dense, ...")
+    search.add_argument("--pipeline", default="bm25", help="bm25, dense, hybrid, hybrid-convex, ltr (the promoted model) or model:VERSION")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
 
@@ -258,7 +258,10 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
     from search.embedded import EmbeddedIndex
     from search.pipelines import create_pipeline, pipeline_spec
 
-    pipeline_spec(args.pipeline)  # an unknown name fails before the index loads
+    name = "model:active" if args.pipeline == "ltr" else args.pipeline  # as the service serves `ltr`
+    if pipeline_spec(name).learned:  # an unknown name fails here too, before the index loads
+        raise CliError(f"pipeline '{name}' is fitted on training queries inside `ltr-search eval`; "
+                       "to search with the promoted model use --pipeline ltr (or model:VERSION)")
     if not args.query.strip():
         raise CliError("query is empty")
     if len(args.query) > MAX_QUERY_CHARS:
@@ -266,7 +269,7 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
     if not 1 <= args.k <= 10_000:
         raise CliError(f"-k must be between 1 and 10000, got {args.k}")
     index = EmbeddedIndex.open(home, args.name)
-    pipeline = create_pipeline(args.pipeline, index)
+    pipeline = create_pipeline(name, index)
     started = time.perf_counter()
     hits = pipeline.search(args.query, args.k)
     took_ms = (time.perf_counter() - started) * 1000
