@@ -15,7 +15,7 @@ trained on and refuse to serve against another.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -137,7 +137,7 @@ def extract_features(backend: SearchBackend, query: str, window: Candidates, fea
 def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callable[[], np.ndarray]]:
     """Every feature as a lazily computed column, so a set pays only for what it uses."""
     n = len(window)
-    distinct = max(len(stats.terms), 0)
+    distinct = len(stats.terms)  # distinct analysed query terms, known to the index or not
     all_tf = stats.term_freqs[COMBINED_FIELD]
     matched = all_tf > 0
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
@@ -188,16 +188,3 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "rrf_score": lambda: fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K),
         "bm25_ratio_to_best": lambda: ratio_to_best(stats.bm25[COMBINED_FIELD].astype(np.float64)),
     }
-
-
-def feature_dicts(names: Iterable[str], matrix: np.ndarray) -> list[dict[str, float]]:
-    """Rows as {name: value} for the feature log and `explain` (NaN stays NaN)."""
-    names = list(names)
-    return [dict(zip(names, row.tolist())) for row in matrix]
-
-
-def check_feature_table(table: Mapping[str, Callable[[], np.ndarray]]) -> None:
-    """Every declared feature has a column and vice versa (a test calls this)."""
-    missing, extra = set(FEATURES) - set(table), set(table) - set(FEATURES)
-    if missing or extra:
-        raise AssertionError(f"feature table out of step: missing {sorted(missing)}, undeclared {sorted(extra)}")
