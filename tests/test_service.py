@@ -14,7 +14,7 @@ import pytest
 
 from indexing.config import encoders_dir
 from ltr.event_store import EventStore
-from tests.conftest import SMALL_DOCS, run_cli, running_service, write_jsonl
+from tests.conftest import ROOT, SMALL_DOCS, run_cli, running_service, write_jsonl
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 DOCS = SMALL_DOCS + [
