@@ -52,6 +52,11 @@ GRIDS = {
         {"max_depth": 8, "learning_rate": 0.1, "early_stopping_rounds": 200},
         {"max_depth": 10},
     ],
+    # third round: the same quality with fewer trees (scoring cost grows with the tree count)
+    "round3": [
+        {"learning_rate": 0.1},
+        {"learning_rate": 0.1, "max_depth": 8},
+    ],
 }
 
 
