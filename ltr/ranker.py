@@ -158,6 +158,10 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
             warn(f"model {version} was trained on the {trained_on.get('backend')} backend and is served on {BACKEND_NAME}")
         if trained_on.get("name") != backend.name:
             warn(f"model {version} was trained on index '{trained_on.get('name')}' and is served on '{backend.name}'")
+        elif trained_on.get("generation") != backend.generation_id:
+            warn(f"model {version} was trained against generation {trained_on.get('generation')} of '{backend.name}' "
+                 f"and is served on {backend.generation_id}: statistics such as IDF moved with the corpus; retrain "
+                 "if the corpus changed much (a generation built before forward indexes has no bigram features)")
     return LtrPipeline(backend, model, features, fusion, name=name)
 
 
