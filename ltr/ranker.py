@@ -94,7 +94,7 @@ class LtrPipeline:
 
     def fitted_parameters(self) -> dict[str, object]:
         if self.trained is None:
-            return {"model": self.version, "feature_set": self.features.describe()["name"]}
+            return {"model": self.version, "feature_set": self.features.name}
         top = list(self.trained.importance())[:5]
         return {"feature_set": self.features.name, "trees": self.trained.trees,
                 "valid nDCG@10": self.trained.valid_score, "top features by gain": top}

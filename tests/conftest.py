@@ -71,11 +71,14 @@ def shared_encoder_home(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def dense_home(tmp_path: Path, shared_encoder_home: Path) -> Path:
-    """An engine home whose encoders directory is the shared export."""
+    return home_sharing_encoder(tmp_path / "dense-home", shared_encoder_home)
+
+
+def home_sharing_encoder(home: Path, shared_encoder_home: Path) -> Path:
+    """A new engine home whose encoders directory is the session's shared export."""
     from indexing.config import encoders_dir
 
-    home = tmp_path / "dense-home"
-    home.mkdir()
+    home.mkdir(parents=True)
     (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
     return home
 

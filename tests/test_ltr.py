@@ -17,7 +17,7 @@ from ltr.registry import FeatureSetMismatchError, ModelRegistry
 from ltr.training import TrainingSettings, build_rows, split_queries, train_ranker
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings
-from tests.conftest import run_cli, running_service, write_jsonl
+from tests.conftest import home_sharing_encoder, run_cli, running_service, write_jsonl
 
 TOPICS = {
     "volcano": ("lava eruption magma crater", "basalt ash plume"),
@@ -63,12 +63,8 @@ def _collection(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_encoder_home: Path):
     """A home with the collection indexed, a window config, and one trained, promoted model."""
-    from indexing.config import encoders_dir
-
     root = tmp_path_factory.mktemp("ltr")
-    home = root / "home"
-    home.mkdir()
-    (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
+    home = home_sharing_encoder(root / "home", shared_encoder_home)
     dataset = _collection(root / "topics")
     run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
     config = root / "service.toml"

@@ -12,9 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from indexing.config import encoders_dir
 from ltr.event_store import EventStore
-from tests.conftest import ROOT, SMALL_DOCS, run_cli, running_service, write_jsonl
+from tests.conftest import home_sharing_encoder, ROOT, SMALL_DOCS, run_cli, running_service, write_jsonl
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 DOCS = SMALL_DOCS + [
@@ -27,9 +26,7 @@ DOCS = SMALL_DOCS + [
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, shared_encoder_home: Path):
     root = tmp_path_factory.mktemp("service")
-    home = root / "home"
-    home.mkdir()
-    (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
+    home = home_sharing_encoder(root / "home", shared_encoder_home)
     corpus = write_jsonl(root / "corpus.jsonl", DOCS)
     run_cli(home, "index", "build", "--dataset", str(corpus), "--name", "svc", "--quiet")
     config = root / "service.toml"
