@@ -139,7 +139,7 @@ def cmd_list(home: Path, args: argparse.Namespace) -> int:
         print(f"{'*' if m.version == active else '':2}{m.version:<9}{m.created_at[:19]:<22}"
               f"{m.feature_set['name'] + ' v' + str(m.feature_set['version']):<18}"
               f"{m.index['name'] + '/' + m.index['generation']:<24}{m.trees:>6}"
-              f"{valid if valid is None else round(valid, 4)!s:>15}  {m.training.get('dataset_name')}/{m.training.get('split')}")
+              f"{'-' if valid is None else format(valid, '.4f'):>15}  {m.training.get('dataset_name')}/{m.training.get('split')}")
     return 0
 
 
