@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from ltr.features import feature_set
     from ltr.ranker import index_description
     from ltr.registry import ModelRegistry
-    from ltr.training import TrainingSettings, build_rows, split_queries, train_ranker
+    from ltr.training import TrainingSettings, fit_ranker
     from search.config import load_service_config
 
     settings = TrainingSettings(
@@ -88,15 +87,11 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     log(f"training on {dataset.name}/{dataset.split}: {len(dataset.queries)} judged queries, index "
         f"{index.name}/{index.generation_id}, feature set {features.name} v{features.version} ({len(features.names)} features), "
         f"window BM25 top {fusion.bm25_candidates} + dense top {fusion.dense_candidates}")
-    started = time.perf_counter()
     progress = (lambda items: items) if args.quiet else (lambda items: tqdm(items, desc="features", unit="query", file=sys.stderr))
-    rows = build_rows(index, dataset.queries, dataset.qrels, features, fusion, progress=progress)
-    extract_seconds = time.perf_counter() - started
+    fitted = fit_ranker(index, dataset.queries, dataset.qrels, features, fusion, settings, progress=progress, log=log)
+    rows, trained, train_ids, valid_ids = fitted.rows, fitted.trained, fitted.train_ids, fitted.valid_ids
+    extract_seconds = fitted.feature_seconds
     pairs_per_second = len(rows.labels) / extract_seconds if extract_seconds else float("nan")
-    log(f"features: {len(rows.labels):,} (query, document) pairs in {extract_seconds:.1f} s ({pairs_per_second:,.0f} pairs/s); "
-        f"{rows.relevant_outside_window} relevant documents fell outside the candidate window")
-    train_ids, valid_ids = split_queries(rows.query_ids, settings.valid_fraction, settings.seed)
-    trained = train_ranker(rows.select(train_ids), features.names, settings, rows.select(valid_ids), log=log)
     sample = rows.features[np.random.default_rng(settings.seed).choice(len(rows.labels), min(SAMPLE_ROWS, len(rows.labels)), replace=False)]
     manifest = ModelRegistry(home).save(
         trained.booster, feature_set=features.describe(), index=index_description(index),

@@ -15,7 +15,7 @@ import numpy as np
 
 from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set
 from ltr.registry import FeatureSetMismatchError, ModelRegistry, predict_contributions, predict_scores, registry_dir
-from ltr.training import Qrels, TrainedRanker, TrainingSettings, build_rows, candidate_window, split_queries, train_ranker
+from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
 from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
 from search.hybrid import FusionSettings, top_hits
@@ -86,9 +86,7 @@ class LtrPipeline:
         return self.features.names
 
     def fit(self, queries: Mapping[str, str], qrels: Qrels) -> "LtrPipeline":
-        rows = build_rows(self.backend, queries, qrels, self.features, self.fusion)
-        train_ids, valid_ids = split_queries(rows.query_ids, self.settings.valid_fraction, self.settings.seed)
-        self.trained = train_ranker(rows.select(train_ids), self.features.names, self.settings, rows.select(valid_ids))
+        self.trained = fit_ranker(self.backend, queries, qrels, self.features, self.fusion, self.settings).trained
         self.model = InMemoryModel(self.trained)
         return self
 

@@ -209,6 +209,36 @@ def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: Tr
     return TrainedRanker(trimmed, tuple(feature_names), best, flat, time.perf_counter() - started)
 
 
+@dataclass
+class FittedRanker:
+    """A trained ranker and what it was trained from (rows, query split, feature time)."""
+
+    rows: RankingRows
+    trained: TrainedRanker
+    train_ids: list[str]
+    valid_ids: list[str]
+    feature_seconds: float
+
+
+def fit_ranker(
+    backend: SearchBackend, queries: Mapping[str, str], qrels: Qrels, features: FeatureSet, fusion: FusionSettings,
+    settings: TrainingSettings, progress: Callable[[Iterable], Iterable] = lambda items: items,
+    log: Callable[[str], None] | None = None,
+) -> FittedRanker:
+    """Rows from the serving window, a seeded hold-out for early stopping, LambdaMART: what
+    `ltr-search train` and the `ltr` pipeline of `ltr-search eval` both run."""
+    started = time.perf_counter()
+    rows = build_rows(backend, queries, qrels, features, fusion, progress=progress)
+    feature_seconds = time.perf_counter() - started
+    if log is not None:
+        rate = len(rows.labels) / feature_seconds if feature_seconds else float("nan")
+        log(f"features: {len(rows.labels):,} (query, document) pairs in {feature_seconds:.1f} s ({rate:,.0f} pairs/s); "
+            f"{rows.relevant_outside_window} relevant documents fell outside the candidate window")
+    train_ids, valid_ids = split_queries(rows.query_ids, settings.valid_fraction, settings.seed)
+    trained = train_ranker(rows.select(train_ids), features.names, settings, rows.select(valid_ids), log=log)
+    return FittedRanker(rows, trained, train_ids, valid_ids, feature_seconds)
+
+
 def _with_relevant(rows: RankingRows) -> RankingRows:
     """Queries whose window holds at least one relevant document (the others give LambdaMART
     no pair to learn from and only dilute its metric)."""
