@@ -371,6 +371,27 @@ class EventStore:
                 return
             cursor_key = (rows[-1][5], rows[-1][0])
 
+    def iter_events_after(self, seq: int, limit: int | None = None) -> Iterator[tuple[int, Event]]:
+        """(seq, event) for events with seq > `seq`, in seq (append) order, at most `limit`.
+
+        For incremental consumers that keep a watermark: writes are serialised and seq is given
+        inside the write transaction, so a committed seq is never followed by a smaller one."""
+        last = int(seq)
+        remaining = limit
+        while remaining is None or remaining > 0:
+            page = _PAGE_ROWS if remaining is None else min(_PAGE_ROWS, remaining)
+            with self._read() as connection:
+                rows = connection.execute(
+                    f"{_EVENT_SELECT} WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (last, page)
+                ).fetchall()
+            for row in rows:
+                yield row[0], Event(*row[1:])
+            if len(rows) < page:
+                return
+            last = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+
     def count_events(self) -> dict[str, int]:
         """Stored events per type; every known type is present, zero when none."""
         counts = dict.fromkeys(EVENT_TYPES, 0)
