@@ -11,7 +11,6 @@ bench/results/ltr-rows-<index>-<split>-<generation>-<set>.npz.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path

@@ -142,6 +142,7 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     matched = all_tf > 0
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
     matched_idf = np.where(matched, idf[None, :], np.nan)
+    matched_idf_sum = np.where(matched, idf[None, :], 0.0).sum(axis=1)
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
 
     def coverage(field: str) -> np.ndarray:
@@ -168,10 +169,10 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "coverage_text": lambda: coverage("text"),
         "coverage_all": lambda: coverage(COMBINED_FIELD),
         "matched_terms": lambda: stats.matched_terms(COMBINED_FIELD),
-        "idf_sum_matched": lambda: np.where(matched, idf[None, :], 0.0).sum(axis=1),
+        "idf_sum_matched": lambda: matched_idf_sum,
         "idf_max_matched": lambda: nan_reduce(np.nanmax),
         "idf_mean_matched": lambda: nan_reduce(np.nanmean),
-        "idf_share_matched": lambda: np.where(matched, idf[None, :], 0.0).sum(axis=1) / query_idf
+        "idf_share_matched": lambda: matched_idf_sum / query_idf
         if query_idf and np.isfinite(query_idf) else np.full(n, np.nan),
         "tfidf_all": lambda: (np.log1p(all_tf) * idf[None, :]).sum(axis=1),
         "bigram_title": lambda: stats.bigram_coverage["title"],

@@ -31,7 +31,7 @@ from ltr.registry import RegistryError
 from search.config import ServiceConfig
 from search.embedded import EmbeddedIndex
 from search.hybrid import HybridPipeline
-from search.pipelines import create_pipeline, pipeline_names, pipeline_spec
+from search.pipelines import Pipeline, create_pipeline, pipeline_names, pipeline_spec
 from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError
 from search.rules import RuleError, check_field_name, parse_filters
 from search.schemas import (
@@ -98,6 +98,12 @@ class ServingState:
             self.load_error = None
             return previous, self._snapshot
 
+    def _serve(self, index: EmbeddedIndex, first_stage: Pipeline) -> RankingPipeline:
+        """A first stage wrapped with the service's window and exploration settings."""
+        exploration = self.config.exploration
+        return RankingPipeline(index, first_stage, self.config.rerank_window, epsilon=exploration.epsilon,
+                               protected_top=exploration.protected_top, seed=exploration.seed)
+
     def _build(self, index: EmbeddedIndex) -> Snapshot:
         config = self.config
         pipelines: dict[str, RankingPipeline] = {}
@@ -108,19 +114,12 @@ class ServingState:
                 first_stage = HybridPipeline(index, config.fusion_for(index.name))
             else:
                 first_stage = create_pipeline(name, index)
-            pipelines[name] = RankingPipeline(
-                index, first_stage, config.rerank_window, ranker=None,
-                epsilon=config.exploration.epsilon, protected_top=config.exploration.protected_top,
-                seed=config.exploration.seed,
-            )
+            pipelines[name] = self._serve(index, first_stage)
         model_version, model_error = None, None
         if index.has_dense:
             try:
                 learned = registry_pipeline(index, config.home, "active", config.fusion_for(index.name), warn=logger.warning)
-                pipelines["ltr"] = RankingPipeline(
-                    index, learned, config.rerank_window, epsilon=config.exploration.epsilon,
-                    protected_top=config.exploration.protected_top, seed=config.exploration.seed,
-                )
+                pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
             except ModelUnavailableError as exc:
                 model_error = str(exc)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,9 +104,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `ltr-search serve` (uvicorn on 127.0.0.1, a free port), ready when yielded."""
-    import subprocess
     import time
 
     import httpx

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ltr.behaviour as behaviour
 from ltr.behaviour import DECAY_HALF_LIFE_S, PRIOR_STRENGTH, BehaviourStore, normalise_query
 from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
 

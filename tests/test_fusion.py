@@ -13,7 +13,7 @@ from indexing.corpus import CorpusSpec
 from search.backend import SearchBackend
 from search.embedded import EmbeddedIndex
 from search.fusion import fuse_convex, fuse_reciprocal_rank, normalise_min_max, normalise_z_score
-from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline, fused_scores, generate_candidates, top_hits
+from search.hybrid import FusionSettings, TunedHybridPipeline, fused_scores, generate_candidates, top_hits
 from search.pipelines import create_pipeline, pipeline_spec
 from tests.conftest import run_cli, write_jsonl
 
@@ -134,7 +134,7 @@ def test_hybrid_pipelines_through_the_registry(hybrid_index: EmbeddedIndex):
     tuned.fit(QUERIES, QRELS)
     assert isinstance(tuned, TunedHybridPipeline) and len(tuned.tuning) == 42
     chosen = tuned.fitted_parameters()
-    assert chosen[f"train nDCG@10"] == max(row["nDCG@10"] for row in tuned.tuning)
+    assert chosen["train nDCG@10"] == max(row["nDCG@10"] for row in tuned.tuning)
     assert tuned.search("electric car", 2)[0].doc_id == "car2"
 
 

@@ -2,7 +2,6 @@
 index with vectors, a real SQLite event store, and a schema-driven fuzz run (schemathesis)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from indexing.build import BuildSettings, build_index
 from indexing.corpus import CorpusSpec
