@@ -325,8 +325,8 @@ class EventStore:
         if problems:
             raise EventValidationError("event batch", [p for i in sorted(problems) for p in problems[i]])
 
-        received_at = time.time()
         with self._write() as connection:
+            received_at = time.time()  # inside the lock: seq order is received_at order (point-in-time reads rely on it)
             rows, duplicates = _new_event_rows(connection, events, request_seqs, received_at)
             connection.executemany(
                 "INSERT INTO events (event_id, request_seq, position, type, doc_id, timestamp, dwell_ms, received_at) "
@@ -371,24 +371,30 @@ class EventStore:
                 return
             cursor_key = (rows[-1][5], rows[-1][0])
 
-    def iter_events_after(self, seq: int, limit: int | None = None) -> Iterator[tuple[int, Event]]:
-        """(seq, event) for events with seq > `seq`, in seq (append) order, at most `limit`.
+    def iter_events_after(self, seq: int, limit: int | None = None,
+                          received_before: float | None = None) -> Iterator[tuple[int, Event]]:
+        """(seq, event) for events with seq > `seq`, in seq (append) order, at most `limit`;
+        with `received_before`, only events the store received before that time (what a service
+        could have known then: point-in-time reads for training rows).
 
         For incremental consumers that keep a watermark: writes are serialised and seq is given
         inside the write transaction, so a committed seq is never followed by a smaller one."""
         last = int(seq)
         remaining = limit
+        select = _EVENT_SELECT.replace("SELECT e.seq,", "SELECT e.received_at, e.seq,")
         while remaining is None or remaining > 0:
             page = _PAGE_ROWS if remaining is None else min(_PAGE_ROWS, remaining)
             with self._read() as connection:
-                rows = connection.execute(
-                    f"{_EVENT_SELECT} WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (last, page)
-                ).fetchall()
-            for row in rows:
+                rows = [row for row in connection.execute(
+                    f"{select} WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (last, page)
+                ).fetchall()]
+            for received_at, *row in rows:
+                if received_before is not None and received_at >= received_before:
+                    return  # seq order is receipt order: everything after was received later
                 yield row[0], Event(*row[1:])
             if len(rows) < page:
                 return
-            last = rows[-1][0]
+            last = rows[-1][1]
             if remaining is not None:
                 remaining -= len(rows)
 

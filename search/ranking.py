@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ltr.event_store import ServedRequest, ServedResult
 from search.backend import Hit, SearchBackend
 from search.pipelines import Pipeline
 from search.rules import FieldFilter, diversify, diversity_values, exclude_mask, explore, filter_mask, request_rng
@@ -171,6 +172,27 @@ class RankingPipeline:
 
     def _document(self, doc_id: str) -> dict[str, Any]:
         return self.backend.document(doc_id) or {}
+
+
+def served_request(outcome: RankingOutcome, request: RankingRequest, pipeline: str, backend: SearchBackend,
+                   timestamp: float, user_id: str | None = None, session_id: str | None = None) -> ServedRequest:
+    """What the request log stores of one answered request: every shown result with its position,
+    exploration propensity and the feature row the model scored. The query service and the
+    in-process simulator both log through here, so their logs are the same shape."""
+    return ServedRequest(
+        request_id=request.request_id, timestamp=timestamp, query=request.query, pipeline=pipeline,
+        index_name=backend.name, index_generation=backend.generation_id, model_version=outcome.model_version,
+        user_id=user_id, session_id=session_id, page_offset=request.offset,
+        results=[ServedResult(r.doc_id, r.position, r.score, r.propensity, named_row(outcome.feature_names, r.features))
+                 for r in outcome.results],
+    )
+
+
+def named_row(names: Sequence[str] | None, values: Any) -> dict[str, float] | None:
+    """A feature row (or contribution row) as {name: value}; NaN stays NaN for the event log."""
+    if names is None or values is None:
+        return None
+    return dict(zip(names, (float(v) for v in values)))
 
 
 def filterable_fields(document: Mapping[str, Any]) -> dict[str, Any]:

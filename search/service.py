@@ -25,14 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult, ValidationError
+from ltr.event_store import Event, EventStore, ValidationError
 from ltr.ranker import ModelUnavailableError, registry_pipeline
 from ltr.registry import RegistryError
 from search.config import ServiceConfig
 from search.embedded import EmbeddedIndex
 from search.hybrid import HybridPipeline
 from search.pipelines import Pipeline, create_pipeline, pipeline_names, pipeline_spec
-from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError
+from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError, named_row, served_request
 from search.rules import RuleError, check_field_name, parse_filters
 from search.schemas import (
     EventBatch, EventsAccepted, HealthResponse, IndexInfo, JobStatus, ReadyResponse, ReloadResponse,
@@ -361,14 +361,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         except WindowTooSmallError as exc:
             raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
         log_started = time.perf_counter()
-        store.log_request(ServedRequest(
-            request_id=request_id, timestamp=time.time(), query=body.query, pipeline=name,
-            index_name=snapshot.index.name, index_generation=snapshot.index.generation_id,
-            model_version=outcome.model_version, user_id=body.user_id, session_id=body.session_id,
-            page_offset=body.offset,
-            results=[ServedResult(r.doc_id, r.position, r.score, r.propensity, _named(outcome.feature_names, r.features))
-                     for r in outcome.results],
-        ))
+        store.log_request(served_request(outcome, ranking_request, name, snapshot.index, time.time(),
+                                         body.user_id, body.session_id))
         outcome.timings_ms["log"] = (time.perf_counter() - log_started) * 1000
         for stage, ms in outcome.timings_ms.items():
             metrics.stages.labels(stage).observe(ms / 1000)
@@ -377,8 +371,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
                 id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity, fields=r.fields or {},
                 explain=ResultExplanation(
                     first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score,
-                    features=_json_safe(_named(outcome.feature_names, r.features)),
-                    contributions=_json_safe(_named(_with_bias(outcome.feature_names), r.contributions)),
+                    features=_json_safe(named_row(outcome.feature_names, r.features)),
+                    contributions=_json_safe(named_row(_with_bias(outcome.feature_names), r.contributions)),
                 ) if body.explain else None,
             )
             for r in outcome.results
@@ -505,13 +499,6 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
                               previous_generation=previous)
 
     return app
-
-
-def _named(names: tuple[str, ...] | None, values: Any) -> dict[str, float] | None:
-    """A feature row (or contribution row) as {name: value}; NaN stays NaN for the event log."""
-    if names is None or values is None:
-        return None
-    return dict(zip(names, (float(v) for v in values)))
 
 
 def _with_bias(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
