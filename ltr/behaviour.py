@@ -47,6 +47,12 @@ SCHEMA_VERSION = 1
 _WHITESPACE = re.compile(r"\s+")
 
 
+def behaviour_store_path(home: Path, index: str) -> Path:
+    """Where an index's behaviour aggregates live: HOME/behaviour/INDEX.sqlite3 (next to the
+    event store's HOME/events/INDEX.sqlite3, from which they are derived)."""
+    return Path(home) / "behaviour" / f"{index}.sqlite3"
+
+
 def normalise_query(text: str) -> str:
     """The one query key for behaviour: Unicode NFKC, lowercase, whitespace runs collapsed to one
     space, stripped. Deliberately lighter than the analyzer (no stemming or stop words): two
