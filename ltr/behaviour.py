@@ -28,14 +28,16 @@ After a refit, `rebuild` recomputes them with the new propensities.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -45,6 +47,20 @@ DECAY_HALF_LIFE_S = 30 * 86_400.0  # decayed counts halve every 30 days
 PRIOR_STRENGTH = 10.0  # `a` in (clicks + a * prior) / (impressions + a): pseudo-impressions of the prior
 SCHEMA_VERSION = 1
 _WHITESPACE = re.compile(r"\s+")
+_LOOKUP_CHUNK = 500  # doc ids per `IN (...)` lookup, under SQLite's host-parameter limit
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _locked(method: _Method) -> _Method:
+    """One connection is shared by the service's request threads (reads) and the event handler
+    (updates): a transaction must not interleave with another thread's statements on it."""
+
+    @functools.wraps(method)
+    def wrapper(self: "BehaviourStore", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def behaviour_store_path(home: Path, index: str) -> Path:
@@ -135,6 +151,7 @@ class BehaviourStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
@@ -163,13 +180,16 @@ class BehaviourStore:
     def watermark(self) -> int:
         return int(self._meta("watermark", 0))
 
+    @_locked
     def totals(self) -> dict[str, int]:
         return {name: int(value) for name, value in self._meta("totals", dict.fromkeys(_TOTALS, 0)).items()}
 
+    @_locked
     def propensities(self) -> list[float] | None:
         """Fitted examination probability per position (position 1 first), None before a fit."""
         return self._meta("propensities")
 
+    @_locked
     def set_propensities(self, propensities: Sequence[float], fitted_at: float | None = None) -> None:
         values = [float(p) for p in propensities]
         if not values or any(not (0.0 < p <= 1.0) for p in values):
@@ -183,11 +203,13 @@ class BehaviourStore:
     def _transaction(self) -> "_Transaction":
         return _Transaction(self._db)
 
+    @_locked
     def update(self, event_store: EventStore, limit: int | None = None) -> UpdateSummary:
         """Apply the events after the watermark (at most `limit`) in one transaction."""
         with self._transaction():
             return self._apply(event_store, limit)
 
+    @_locked
     def rebuild(self, event_store: EventStore) -> UpdateSummary:
         """Drop every aggregate (keeping fitted propensities) and re-apply all events."""
         with self._transaction():
@@ -300,30 +322,34 @@ class BehaviourStore:
 
     # ---- reads -----------------------------------------------------------------------------
 
+    @_locked
     def prior_ctr(self) -> float:
         """Global clicks / impressions: the Beta prior's mean (0.0 before any impression)."""
         totals = self.totals()
         return totals["clicks"] / totals["impressions"] if totals["impressions"] else 0.0
 
+    @_locked
     def query_doc_stats(self, query: str, doc_ids: Sequence[str], now: float | None = None) -> dict[str, np.ndarray]:
         """Aligned arrays for the (normalised query, doc) pairs; see `_stats`."""
-        key = normalise_query(query)
-        rows = {}
-        for doc_id in dict.fromkeys(doc_ids):
-            row = self._db.execute(f"SELECT {','.join(_AGG_COLUMNS)} FROM pair_stats WHERE query = ? AND doc_id = ?",
-                                   (key, doc_id)).fetchone()
-            if row:
-                rows[doc_id] = Aggregate(*row)
+        rows = self._lookup("pair_stats", "query = ? AND ", (normalise_query(query),), doc_ids)
         return self._stats(rows, doc_ids, now)
 
+    @_locked
     def doc_stats(self, doc_ids: Sequence[str], now: float | None = None) -> dict[str, np.ndarray]:
-        rows = {}
-        for doc_id in dict.fromkeys(doc_ids):
-            row = self._db.execute(f"SELECT {','.join(_AGG_COLUMNS)} FROM doc_stats WHERE doc_id = ?",
-                                   (doc_id,)).fetchone()
-            if row:
-                rows[doc_id] = Aggregate(*row)
-        return self._stats(rows, doc_ids, now)
+        return self._stats(self._lookup("doc_stats", "", (), doc_ids), doc_ids, now)
+
+    def _lookup(self, table: str, where: str, params: tuple[Any, ...], doc_ids: Sequence[str]) -> dict[str, Aggregate]:
+        """Stored aggregates of the given docs, a few hundred per query (a window is one or two)."""
+        unique = list(dict.fromkeys(doc_ids))
+        rows: dict[str, Aggregate] = {}
+        for start in range(0, len(unique), _LOOKUP_CHUNK):
+            chunk = unique[start:start + _LOOKUP_CHUNK]
+            for doc_id, *values in self._db.execute(
+                f"SELECT doc_id, {','.join(_AGG_COLUMNS)} FROM {table} WHERE {where}doc_id IN ({','.join('?' * len(chunk))})",
+                (*params, *chunk),
+            ):
+                rows[doc_id] = Aggregate(*values)
+        return rows
 
     def _stats(self, rows: dict[str, Aggregate], doc_ids: Sequence[str], now: float | None) -> dict[str, np.ndarray]:
         """impressions, clicks, ctr (smoothed towards the prior with PRIOR_STRENGTH), coec (NaN
@@ -350,10 +376,12 @@ class BehaviourStore:
                 "decayed_clicks": np.array([a.decayed_clicks for a in aggs]) * decay,
             }
 
+    @_locked
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every stored row, sorted: for comparing an incremental build with a rebuild."""
         return {t: sorted(self._db.execute(f"SELECT * FROM {t}").fetchall()) for t in _TABLES}
 
+    @_locked
     def status(self) -> dict[str, Any]:
         totals = self.totals()
         return {
@@ -371,6 +399,7 @@ class BehaviourStore:
 
     # ---- position bias ---------------------------------------------------------------------
 
+    @_locked
     def fit_propensities(self, event_store: EventStore, max_position: int = 10) -> PropensityFit:
         """Fit PBM examination per position on the request log: each served request is a session
         of its results at positions <= max_position (all taken as shown), clicked or not. Scaled

@@ -9,13 +9,20 @@ Missing is NaN end to end: a candidate outside a retriever's top-k has no rank t
 query of one term has no bigram, a max over no matched term has no value. XGBoost learns a
 default branch for NaN; a zero would claim something false (rank 0 is better than rank 1).
 
+Behaviour features (the `behaviour` group) come from the behaviour aggregates of
+`ltr.behaviour` as they stand at the moment of the request: serving reads the live store, and
+training rows are built point in time (`ltr.point_in_time`), so a row never sees an event the
+service had not received when the request it describes was served. With no history at all they
+are NaN (rates) and 0 (counts): the counts are the confidence features that let a model trust a
+rate only when it is well supported.
+
 A change to a feature's meaning must bump its set's version: models record the set they were
 trained on and refuse to serve against another.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -24,7 +31,15 @@ from search.backend import SearchBackend
 from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
 from search.hybrid import Candidates
 
-FEATURE_GROUPS = ("text", "dense", "retrieval")
+FEATURE_GROUPS = ("text", "dense", "retrieval", "behaviour")
+
+
+class BehaviourView(Protocol):
+    """What behaviour features read: aggregates as of `now` (`ltr.behaviour.BehaviourStore`)."""
+
+    def query_doc_stats(self, query: str, doc_ids: Sequence[str], now: float | None = None) -> dict[str, np.ndarray]: ...
+
+    def doc_stats(self, doc_ids: Sequence[str], now: float | None = None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,18 @@ FEATURES: dict[str, tuple[str, str]] = {
     "dense_rank": ("retrieval", "rank in the dense top-k (NaN: not retrieved by dense)"),
     "rrf_score": ("retrieval", "reciprocal-rank-fused score (k=60) of the two retrievers"),
     "bm25_ratio_to_best": ("retrieval", "BM25 over the best BM25 in the window"),
+    "qd_impressions": ("behaviour", "impressions of this document for this (normalised) query: the confidence of the qd rates"),
+    "qd_clicks": ("behaviour", "clicks on this document for this query"),
+    "qd_ctr": ("behaviour", "click-through rate for this query, smoothed towards the global rate (NaN: never shown)"),
+    "qd_coec": ("behaviour", "clicks over expected clicks from position propensities: position-debiased CTR (NaN: never shown)"),
+    "qd_last_click_share": ("behaviour", "share of its clicks that ended the session (NaN: never clicked)"),
+    "qd_decayed_clicks": ("behaviour", "clicks for this query, halved every 30 days"),
+    "doc_impressions": ("behaviour", "impressions of this document over all queries"),
+    "doc_ctr": ("behaviour", "smoothed click-through rate of this document over all queries (NaN: never shown)"),
+    "doc_coec": ("behaviour", "clicks over expected clicks of this document over all queries (NaN: never shown)"),
+    "query_impressions": ("behaviour", "impressions of the window's documents for this query: how much history the query has"),
 }
+TEXT_GROUPS = ("text", "dense", "retrieval")
 
 
 def make_feature_set(name: str, version: int, names: Iterable[str]) -> FeatureSet:
@@ -97,7 +123,9 @@ FEATURE_SETS: dict[str, FeatureSet] = {
     fs.name: fs
     for fs in (
         # The engine's default: every text-match, dense and retrieval feature.
-        make_feature_set("text", 1, FEATURES),
+        make_feature_set("text", 1, (n for n, (group, _) in FEATURES.items() if group in TEXT_GROUPS)),
+        # `text` plus user behaviour: click aggregates and their confidence (impression counts).
+        make_feature_set("text+behaviour", 1, FEATURES),
         # The ten-feature reference the issue measures against (a plain LambdaMART).
         make_feature_set("basic", 1, (
             "bm25_title", "bm25_text", "bm25_all", "dense_cosine", "rrf_score",
@@ -121,17 +149,55 @@ def feature_set(name: str) -> FeatureSet:
     )
 
 
-def extract_features(backend: SearchBackend, query: str, window: Candidates, features: FeatureSet) -> np.ndarray:
+def uses_behaviour(features: FeatureSet) -> bool:
+    return "behaviour" in features.groups
+
+
+def extract_features(backend: SearchBackend, query: str, window: Candidates, features: FeatureSet,
+                     behaviour: BehaviourView | None = None, now: float | None = None) -> np.ndarray:
     """The feature matrix of a candidate window: float32, [candidate, feature], NaN = missing.
 
     The only way features are computed: training rows, served requests and the feature log all
-    come from here, so what a model learned from is what it is served.
+    come from here, so what a model learned from is what it is served. `behaviour` is read as of
+    `now` (default: the current time); without one, behaviour features have their no-history
+    values.
     """
     if not len(window):
         return np.empty((0, len(features.features)), dtype=np.float32)
     stats = backend.candidate_stats(query, window.doc_ids)
     columns = _all_columns(stats, window)
+    if uses_behaviour(features):
+        columns.update(_behaviour_columns(behaviour, query, window.doc_ids, now))
     return np.column_stack([np.asarray(columns[name](), dtype=np.float32) for name in features.names])
+
+
+def _behaviour_columns(behaviour: BehaviourView | None, query: str, doc_ids: Sequence[str],
+                       now: float | None) -> dict[str, Callable[[], np.ndarray]]:
+    n = len(doc_ids)
+    if behaviour is None:  # no history: counts 0, rates unknown
+        zeros, missing = np.zeros(n), np.full(n, np.nan)
+        qd = {"impressions": zeros, "clicks": zeros, "ctr": missing, "coec": missing, "last_click_share": missing,
+              "decayed_clicks": zeros}
+        doc = {"impressions": zeros, "ctr": missing, "coec": missing}
+    else:
+        qd = behaviour.query_doc_stats(query, doc_ids, now)
+        doc = behaviour.doc_stats(doc_ids, now)
+
+    def rate(stats: dict[str, np.ndarray], name: str) -> np.ndarray:
+        return np.where(stats["impressions"] > 0, stats[name], np.nan)
+
+    return {
+        "qd_impressions": lambda: qd["impressions"],
+        "qd_clicks": lambda: qd["clicks"],
+        "qd_ctr": lambda: rate(qd, "ctr"),
+        "qd_coec": lambda: rate(qd, "coec"),
+        "qd_last_click_share": lambda: qd["last_click_share"],
+        "qd_decayed_clicks": lambda: qd["decayed_clicks"],
+        "doc_impressions": lambda: doc["impressions"],
+        "doc_ctr": lambda: rate(doc, "ctr"),
+        "doc_coec": lambda: rate(doc, "coec"),
+        "query_impressions": lambda: np.full(n, float(np.sum(qd["impressions"]))),
+    }
 
 
 def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callable[[], np.ndarray]]:

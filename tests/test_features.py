@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import numpy as np
 import pytest
 
@@ -67,8 +69,8 @@ def test_forward_index_round_trips_the_analysed_text(bm25_index):
 def test_feature_values_against_their_definitions(dense_index):
     query = "dogs chase cats in the garden"
     window = candidate_window(dense_index, query, WINDOW)
-    features = feature_set("text")
-    assert set(features.names) == set(FEATURES)  # the default set computes every feature
+    features = feature_set("text+behaviour")
+    assert set(features.names) == set(FEATURES)  # the largest set computes every feature
     matrix = extract_features(dense_index, query, window, features)
     assert matrix.dtype == np.float32 and matrix.shape == (len(window), len(FEATURES))
     column = {name: matrix[:, i] for i, name in enumerate(features.names)}
@@ -89,6 +91,43 @@ def test_feature_values_against_their_definitions(dense_index):
     assert column["coverage_all"].max() <= 1.0 and column["bm25_ratio_to_best"].max() == pytest.approx(1.0)
     assert column["dense_gap_to_best"].max() == 0.0
     assert (column["query_terms"] == len(stats.terms)).all()
+    for name in ("qd_impressions", "qd_clicks", "qd_decayed_clicks", "doc_impressions", "query_impressions"):
+        assert (column[name] == 0).all(), name  # no history: counts are 0 ...
+    for name in ("qd_ctr", "qd_coec", "qd_last_click_share", "doc_ctr", "doc_coec"):
+        assert np.isnan(column[name]).all(), name  # ... and rates unknown
+
+
+def test_behaviour_features_read_the_aggregates_of_the_query(dense_index, tmp_path):
+    from ltr.behaviour import PRIOR_STRENGTH, BehaviourStore
+    from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+
+    query = "dogs chase cats in the garden"
+    window = candidate_window(dense_index, query, WINDOW)
+    shown = window.doc_ids[:3]
+    now = time.time()
+    events = EventStore(tmp_path / "events.sqlite3")
+    for r, clicked in (("r1", 1), ("r2", 2)):  # two pages of the same 3 docs; r1 clicks position 1, r2 position 2
+        events.log_request(ServedRequest(r, now - 100, f"  {query.upper()} ", "ltr", "i", "g", None, None, None, 0,
+                                         [ServedResult(d, p, 1.0) for p, d in enumerate(shown, start=1)]))
+        events.append_events([Event(r, "click", shown[clicked - 1], clicked, now - 50)])
+    events.log_request(ServedRequest("other", now - 100, "another query", "ltr", "i", "g", None, None, None, 0,
+                                     [ServedResult(shown[0], 1, 1.0)]))
+    events.append_events([Event("other", "impression", shown[0], 1, now - 50)])
+    behaviour = BehaviourStore(tmp_path / "behaviour.sqlite3")
+    behaviour.update(events)
+    matrix = extract_features(dense_index, query, window, feature_set("text+behaviour"), behaviour, now=now)
+    column = {name: matrix[:, i] for i, name in enumerate(feature_set("text+behaviour").names)}
+    row = {d: i for i, d in enumerate(window.doc_ids)}
+    first, second = row[shown[0]], row[shown[1]]
+    # r1: click at 1 -> position 1 impressed; r2: click at 2 -> positions 1, 2 impressed
+    assert column["qd_impressions"][first] == 2 and column["qd_clicks"][first] == 1
+    assert column["qd_impressions"][second] == 1 and column["qd_clicks"][second] == 1
+    assert column["doc_impressions"][first] == 3  # the other query's impression counts for the doc
+    prior = 2 / 4  # 2 clicks over 4 impressions in the whole store
+    assert column["qd_ctr"][first] == pytest.approx((1 + PRIOR_STRENGTH * prior) / (2 + PRIOR_STRENGTH), rel=1e-6)
+    assert column["query_impressions"][0] == 3
+    never_shown = [i for d, i in row.items() if d not in shown]
+    assert np.isnan(column["qd_ctr"][never_shown]).all() and (column["qd_impressions"][never_shown] == 0).all()
 
 
 def test_extraction_is_deterministic_and_per_candidate(dense_index):
