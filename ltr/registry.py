@@ -4,7 +4,8 @@
         active.json          {"active": "m0003", "history": ["m0001", "m0002"]}, replaced atomically
         .lock                held (flock) by save, promote and rollback, so CLI processes never interleave
         m0003/model.json     XGBoost's own JSON format (Booster.save_model); no pickle anywhere
-        m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample
+        m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample,
+                             optionally the training distributions for drift monitoring (ltr.drift)
         .m0004.tmp/          a save in progress; never listed, removed by the next save
 
 A save writes both files into the temp directory, loads the model back from disk to score the
@@ -33,6 +34,7 @@ import xgboost
 
 from indexing.config import settings_from_dict
 from indexing.durable import file_record, fsync_dir, fsync_tree, write_json_durably
+from ltr.drift import FeatureReference
 
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
@@ -91,6 +93,9 @@ class ModelManifest:
     best_iteration: int | None
     trees: int  # boosting rounds kept (one tree each for a ranker)
     files: dict[str, dict[str, Any]]  # file name -> {"bytes", "sha256"}
+    # Training distributions for drift monitoring (ltr.drift.FeatureReference.to_dict()); None for
+    # models saved without one, and in manifests written before the field existed.
+    reference: dict[str, Any] | None = None
 
     @property
     def feature_names(self) -> list[str]:
@@ -101,8 +106,11 @@ class ModelManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelManifest:
-        """Refuses unknown keys (a manifest from a newer engine must fail loudly) and missing ones."""
-        missing = {f.name for f in dataclasses.fields(cls)} - set(data)
+        """Refuses unknown keys (a manifest from a newer engine must fail loudly) and missing ones
+        (fields with a default, such as `reference`, may be absent: older manifests lack them)."""
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
         if missing:
             raise ValueError(f"missing ModelManifest keys: {sorted(missing)}")
         manifest: ModelManifest = settings_from_dict(cls, data)  # type: ignore[assignment]
@@ -126,6 +134,8 @@ class ModelManifest:
         record = self.files.get(MODEL_FILE) if isinstance(self.files, dict) else None
         if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
             raise ValueError(f"files must record bytes and sha256 of {MODEL_FILE}")
+        if self.reference is not None and not isinstance(self.reference, dict):
+            raise ValueError(f"reference must be a dict or null, got {type(self.reference).__name__}")
 
     def check_feature_set(self, expected: dict[str, Any]) -> None:
         """Raise FeatureSetMismatchError unless `expected` names the same set, version and columns."""
@@ -262,10 +272,13 @@ class ModelRegistry:
         importance: dict[str, float],
         sample_features: np.ndarray,
         best_iteration: int | None,
+        reference: Any = None,
     ) -> ModelManifest:
         """Store a trained booster (trimmed to best_iteration + 1 rounds) as the next version.
         Does not activate it; `promote` does. best_iteration has no default on purpose: forgetting
-        it would silently store the overfitted last rounds of an early-stopped booster."""
+        it would silently store the overfitted last rounds of an early-stopped booster.
+        `reference` (optional): the training distributions for drift monitoring, a
+        ltr.drift.FeatureReference or its to_dict(); it must describe the feature set's columns."""
         _require_keys("feature_set", feature_set, FEATURE_SET_KEYS)
         names = list(feature_set["features"])
         rounds = booster.num_boosted_rounds()
@@ -287,6 +300,7 @@ class ModelRegistry:
             raise ValueError(f"sample_features must be [>=1, {len(names)}], got shape {sample.shape}")
         if np.isinf(sample).any():
             raise ValueError("sample_features must be finite or NaN (JSON has no infinity)")
+        reference_data = _checked_reference(reference, names)
         trimmed = booster[:rounds]  # a copy: the caller's booster is left as it was
         trimmed.feature_names = names
 
@@ -312,6 +326,7 @@ class ModelRegistry:
                     best_iteration=None if best_iteration is None else int(best_iteration),
                     trees=rounds,
                     files={MODEL_FILE: file_record(staging / MODEL_FILE)},
+                    reference=reference_data,
                 )
                 # Score the sample with the model as read back from disk: what a later load gives.
                 scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version)).predict(sample)
@@ -453,6 +468,17 @@ def _version_number(version: str) -> int:
 def _rows_to_json(array: np.ndarray) -> list[list[float | None]]:
     """float32 rows as JSON numbers (exact: float32 -> float64 -> float32 round-trips), NaN as None."""
     return [[None if math.isnan(x) else x for x in row] for row in array.astype(np.float64).tolist()]
+
+
+def _checked_reference(reference: Any, names: list[str]) -> dict[str, Any] | None:
+    """The reference as a JSON dict, after checking it parses and covers exactly `names`."""
+    if reference is None:
+        return None
+    data = _jsonable(reference.to_dict() if isinstance(reference, FeatureReference) else reference)
+    parsed = FeatureReference.from_dict(data)
+    if parsed.names != names:
+        raise FeatureSetMismatchError(f"the drift reference describes features {parsed.names} but the feature set lists {names}")
+    return data
 
 
 def _require_keys(what: str, value: Any, keys: tuple[str, ...]) -> None:
