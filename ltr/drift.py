@@ -520,11 +520,3 @@ class DriftMonitor:
                                       model_version=self.model_version, time_range=span)
             self._cached, self._cached_at, self._cached_observed = report, now, observed
             return report
-
-
-def reference_names(reference: FeatureReference | Mapping[str, Any]) -> list[str]:
-    """Feature names of a reference or of its dict form (what the registry checks on save)."""
-    if isinstance(reference, FeatureReference):
-        return list(reference.names)
-    return list(FeatureReference.from_dict(reference).names)
-
