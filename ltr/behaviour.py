@@ -204,10 +204,12 @@ class BehaviourStore:
         return _Transaction(self._db)
 
     @_locked
-    def update(self, event_store: EventStore, limit: int | None = None) -> UpdateSummary:
-        """Apply the events after the watermark (at most `limit`) in one transaction."""
+    def update(self, event_store: EventStore, limit: int | None = None,
+               received_before: float | None = None) -> UpdateSummary:
+        """Apply the events after the watermark (at most `limit`; with `received_before`, only
+        those the event store received before that time) in one transaction."""
         with self._transaction():
-            return self._apply(event_store, limit)
+            return self._apply(event_store, limit, received_before)
 
     @_locked
     def rebuild(self, event_store: EventStore) -> UpdateSummary:
@@ -221,7 +223,7 @@ class BehaviourStore:
                     self._set_meta(key, value)
             return self._apply(event_store, None)
 
-    def _apply(self, event_store: EventStore, limit: int | None) -> UpdateSummary:
+    def _apply(self, event_store: EventStore, limit: int | None, received_before: float | None = None) -> UpdateSummary:
         watermark = self.watermark
         totals = self.totals()
         exam = self.propensities() or [1.0]
@@ -264,7 +266,7 @@ class BehaviourStore:
             if any(r.position == position and r.propensity < 1.0 for r in request.results):
                 added["explored"] += 1
 
-        for seq, event in event_store.iter_events_after(watermark, limit):
+        for seq, event in event_store.iter_events_after(watermark, limit, received_before):
             watermark = seq
             added["events"] += 1
             if event.request_id not in requests:

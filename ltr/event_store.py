@@ -398,6 +398,11 @@ class EventStore:
             if remaining is not None:
                 remaining -= len(rows)
 
+    def last_event_seq(self) -> int:
+        """The newest event's seq (0 when none): how far incremental consumers have to go."""
+        with self._read() as connection:
+            return int(connection.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
     def count_events(self) -> dict[str, int]:
         """Stored events per type; every known type is present, zero when none."""
         counts = dict.fromkeys(EVENT_TYPES, 0)

@@ -6,14 +6,19 @@ window training saw), so features such as "rank in the BM25 top-k" mean the same
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
-from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set
+from ltr.behaviour import BehaviourStore
+from ltr.event_store import EventStore
+from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set, uses_behaviour
+from ltr.point_in_time import BehaviourHistory, behaviour_sources
 from ltr.registry import FeatureSetMismatchError, ModelRegistry, predict_contributions, predict_scores, registry_dir
 from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
@@ -22,6 +27,7 @@ from search.hybrid import FusionSettings, top_hits
 
 
 BACKEND_NAME = "embedded"  # the backend this module's pipelines are trained and served on today
+WINDOW_CACHE_SIZE = 2048  # scored windows kept per pipeline for repeated queries (behaviour-free sets only)
 
 
 class ScoringModel(Protocol):
@@ -64,11 +70,18 @@ class LtrPipeline:
 
     Built with a model (served from the registry) or without one, in which case `fit` trains
     it on judged queries exactly as `ltr-search train` does (the harness calls `fit` on
-    training queries only)."""
+    training queries only).
+
+    A feature set with behaviour features reads the index's live behaviour store when ranking
+    and trains from point-in-time rows over the index's event store (`ltr.point_in_time`).
+    Without behaviour features a query's scored window depends only on the query, the index
+    generation and the model, all fixed for the life of the pipeline, so repeated queries are
+    answered from a small LRU cache."""
 
     def __init__(self, backend: SearchBackend, model: ScoringModel | None = None,
                  features: FeatureSet | None = None, fusion: FusionSettings = FusionSettings(),
-                 settings: TrainingSettings = TrainingSettings(), name: str = "ltr"):
+                 settings: TrainingSettings = TrainingSettings(), name: str = "ltr",
+                 behaviour: BehaviourStore | None = None, history: BehaviourHistory | None = None):
         self.backend = backend
         self.model = model
         self.features = features or feature_set(DEFAULT_FEATURE_SET)
@@ -76,6 +89,31 @@ class LtrPipeline:
         self.settings = settings
         self.name = name
         self.trained: TrainedRanker | None = None
+        self._behaviour = behaviour
+        self._history = history
+        self._cache: OrderedDict[str, ScoredWindow] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    @property
+    def uses_behaviour(self) -> bool:
+        return uses_behaviour(self.features)
+
+    def behaviour_store(self) -> BehaviourStore | None:
+        """The live aggregates this pipeline reads (opened on first use, next to the index)."""
+        if self._behaviour is None and self.uses_behaviour and hasattr(self.backend, "home"):
+            events_path, path = behaviour_sources(self.backend.home, self.backend.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = BehaviourStore(path)
+            if events_path.exists():  # catch up with events written while nothing applied them
+                with EventStore(events_path) as events:
+                    store.update(events)
+            self._behaviour = store
+        return self._behaviour
+
+    def history(self) -> BehaviourHistory | None:
+        if self._history is None and self.uses_behaviour and hasattr(self.backend, "home"):
+            self._history = BehaviourHistory.open(self.backend.home, self.backend.name)
+        return self._history
 
     @property
     def version(self) -> str:
@@ -86,8 +124,10 @@ class LtrPipeline:
         return self.features.names
 
     def fit(self, queries: Mapping[str, str], qrels: Qrels) -> "LtrPipeline":
-        self.trained = fit_ranker(self.backend, queries, qrels, self.features, self.fusion, self.settings).trained
+        self.trained = fit_ranker(self.backend, queries, qrels, self.features, self.fusion, self.settings,
+                                  history=self.history()).trained
         self.model = InMemoryModel(self.trained)
+        self._cache.clear()
         return self
 
     def fitted_parameters(self) -> dict[str, object]:
@@ -101,6 +141,12 @@ class LtrPipeline:
         if self.model is None:
             raise ValueError(f"pipeline '{self.name}' has no model: train one (`ltr-search train`) and promote it, "
                              "or evaluate it with `ltr-search eval --train-split`")
+        if not self.uses_behaviour:
+            with self._cache_lock:
+                cached = self._cache.get(query)
+                if cached is not None:
+                    self._cache.move_to_end(query)
+                    return ScoredWindow(cached.hits, cached.scores, cached.features, cached.feature_names, {"cached": 0.0})
         timings: dict[str, float] = {}
         started = time.perf_counter()
         window = candidate_window(self.backend, query, self.fusion)
@@ -108,13 +154,19 @@ class LtrPipeline:
         order = np.argsort(-fused, kind="stable")  # first-stage order: the hybrid (RRF) ranking
         timings["retrieve"] = _ms_since(started)
         started = time.perf_counter()
-        features = extract_features(self.backend, query, window, self.features)[order]
+        features = extract_features(self.backend, query, window, self.features, self.behaviour_store())[order]
         timings["features"] = _ms_since(started)
         started = time.perf_counter()
         scores = self.model.predict(features) if len(features) else np.empty(0)
         timings["score"] = _ms_since(started)
         hits = [Hit(window.doc_ids[i], float(fused[i]), rank) for rank, i in enumerate(order.tolist(), start=1)]
-        return ScoredWindow(hits, scores, features, self.features.names, timings)
+        scored = ScoredWindow(hits, scores, features, self.features.names, timings)
+        if not self.uses_behaviour:
+            with self._cache_lock:
+                self._cache[query] = scored
+                if len(self._cache) > WINDOW_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return scored
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         assert self.model is not None

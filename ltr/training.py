@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import xgboost as xgb
@@ -21,6 +21,9 @@ from ltr.features import FeatureSet, extract_features
 from ltr.registry import single_threaded
 from search.backend import SearchBackend
 from search.hybrid import Candidates, FusionSettings, generate_candidates
+
+if TYPE_CHECKING:
+    from ltr.point_in_time import BehaviourHistory
 
 Qrels = Mapping[str, Mapping[str, int]]
 EARLY_STOPPING_METRIC = "ndcg@10"
@@ -89,6 +92,7 @@ class RankingRows:
     labels: np.ndarray  # graded relevance, 0 for unjudged
     group_sizes: np.ndarray  # rows per query, in query_ids order
     relevant_outside_window: int = 0  # judged-relevant documents the candidate generator missed
+    group_weights: np.ndarray | None = None  # one weight per query (XGBoost ranking weighs groups), None = 1
 
     def select(self, query_ids: Iterable[str]) -> "RankingRows":
         wanted = set(query_ids)
@@ -99,20 +103,26 @@ class RankingRows:
             query_ids=[self.query_ids[i] for i in keep_queries],
             doc_ids=[self.doc_ids[r] for r in rows.tolist()],
             features=self.features[rows], labels=self.labels[rows], group_sizes=self.group_sizes[keep_queries],
+            group_weights=None if self.group_weights is None else self.group_weights[keep_queries],
         )
 
     def dmatrix(self, feature_names: Iterable[str]) -> xgb.DMatrix:
         matrix = xgb.DMatrix(self.features, label=self.labels, missing=np.nan, feature_names=list(feature_names))
         matrix.set_group(self.group_sizes)
+        if self.group_weights is not None:
+            matrix.set_weight(np.asarray(self.group_weights, dtype=np.float32))
         return matrix
 
     def fingerprint(self) -> str:
-        """What the model was trained on, in 16 hex digits: query ids, documents and labels."""
+        """What the model was trained on, in 16 hex digits: query ids, documents, labels (and
+        group weights when there are any)."""
         digest = hashlib.sha256()
         for q in self.query_ids:
             digest.update(q.encode() + b"\0")
         digest.update(json.dumps(self.doc_ids).encode())
         digest.update(self.labels.astype(np.float32).tobytes())
+        if self.group_weights is not None:
+            digest.update(np.asarray(self.group_weights, dtype=np.float32).tobytes())
         return digest.hexdigest()[:16]
 
 
@@ -183,8 +193,11 @@ class TrainedRanker:
 
 
 def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: TrainingSettings,
-                 valid: RankingRows | None = None, log: Callable[[str], None] | None = None) -> TrainedRanker:
-    """LambdaMART (`rank:ndcg`) with early stopping on `valid` when given."""
+                 valid: RankingRows | None = None, log: Callable[[str], None] | None = None,
+                 extra_params: Mapping[str, Any] | None = None) -> TrainedRanker:
+    """LambdaMART (`rank:ndcg`) with early stopping on `valid` when given. `rows.group_weights`
+    (one per group) weigh the groups; `extra_params` are added to (and override) the settings'
+    XGBoost parameters, e.g. position debiasing (`lambdarank_unbiased`)."""
     started = time.perf_counter()
     learnable = _with_relevant(rows)
     if not len(learnable.query_ids):
@@ -199,7 +212,7 @@ def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: Tr
     if log is not None:
         callbacks.append(_LogEvery(100, log))
     booster = xgb.train(
-        settings.xgboost_params(), train_matrix, num_boost_round=settings.max_rounds, evals=evals,
+        {**settings.xgboost_params(), **(extra_params or {})}, train_matrix, num_boost_round=settings.max_rounds, evals=evals,
         early_stopping_rounds=settings.early_stopping_rounds if len(evals) > 1 else None,
         evals_result=history, verbose_eval=False, callbacks=callbacks,
     )
@@ -223,18 +236,28 @@ class FittedRanker:
 def fit_ranker(
     backend: SearchBackend, queries: Mapping[str, str], qrels: Qrels, features: FeatureSet, fusion: FusionSettings,
     settings: TrainingSettings, progress: Callable[[Iterable], Iterable] = lambda items: items,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, history: "BehaviourHistory | None" = None,
 ) -> FittedRanker:
     """Rows from the serving window, a seeded hold-out for early stopping, LambdaMART: what
-    `ltr-search train` and the `ltr` pipeline of `ltr-search eval` both run."""
+    `ltr-search train` and the `ltr` pipeline of `ltr-search eval` both run. A feature set with
+    behaviour features takes its rows point in time from `history` (without one: no history,
+    every behaviour feature at its cold-start value)."""
+    from ltr.features import uses_behaviour
+    from ltr.point_in_time import point_in_time_rows
+
     started = time.perf_counter()
-    rows = build_rows(backend, queries, qrels, features, fusion, progress=progress)
+    if history is not None and uses_behaviour(features):
+        rows = point_in_time_rows(backend, queries, qrels, features, lambda text: candidate_window(backend, text, fusion),
+                                  history.event_store, history.propensities, history.moments_per_query,
+                                  settings.seed, progress=progress)
+    else:
+        rows = build_rows(backend, queries, qrels, features, fusion, progress=progress)
     feature_seconds = time.perf_counter() - started
     if log is not None:
         rate = len(rows.labels) / feature_seconds if feature_seconds else float("nan")
         log(f"features: {len(rows.labels):,} (query, document) pairs in {feature_seconds:.1f} s ({rate:,.0f} pairs/s); "
             f"{rows.relevant_outside_window} relevant documents fell outside the candidate window")
-    train_ids, valid_ids = split_queries(rows.query_ids, settings.valid_fraction, settings.seed)
+    train_ids, valid_ids = split_queries(list(dict.fromkeys(rows.query_ids)), settings.valid_fraction, settings.seed)
     trained = train_ranker(rows.select(train_ids), features.names, settings, rows.select(valid_ids), log=log)
     return FittedRanker(rows, trained, train_ids, valid_ids, feature_seconds)
 

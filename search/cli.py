@@ -10,6 +10,7 @@
     ltr-search [--home DIR] serve [--host 127.0.0.1] [--port 8000] [--name INDEX] [--config FILE]
     ltr-search [--home DIR] train --dataset PATH [--split train] [--name INDEX] [--feature-set text] [--valid-fraction 0.2]
     ltr-search [--home DIR] models list|show VERSION|promote VERSION [--dataset PATH --split SPLIT] [--force]|rollback
+    ltr-search [--home DIR] behaviour status|update|rebuild [--name INDEX]
     ltr-search clicks fit --log PATH [--models ctr,pbm,cascade,dbn] [--json OUT] [--report OUT.md]
     ltr-search simulate --qrels QRELS --run RUN --model pbm|cascade|dbn [--out events.jsonl]
 
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ltr.cli import add_ltr_commands
 
     add_ltr_commands(commands)  # `train` and `models list|show|promote|rollback`
+    from ltr.behaviour_cli import add_behaviour_commands
+
+    add_behaviour_commands(commands)  # `behaviour status|update|rebuild`
     return parser
 
 
@@ -142,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ltr.cli import run_ltr_command
 
             return run_ltr_command(home, args)
+        if args.command == "behaviour":
+            from ltr.behaviour_cli import run_behaviour_command
+
+            return run_behaviour_command(home, args)
         if args.command in ("clicks", "simulate"):
             from eval.click_cli import run_click_command
 

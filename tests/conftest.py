@@ -133,3 +133,12 @@ def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = N
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def dense_index(small_corpus: Path, dense_home: Path):
+    """SMALL_DOCS indexed with BM25 and dense vectors, as index 'fd' in a home of its own."""
+    from search.embedded import EmbeddedIndex
+
+    run_cli(dense_home, "index", "build", "--dataset", str(small_corpus), "--name", "fd", "--quiet")
+    return EmbeddedIndex.open(dense_home, "fd")

@@ -25,12 +25,6 @@ def bm25_index(small_corpus: Path, home: Path) -> EmbeddedIndex:
     return EmbeddedIndex.open(home, "f")
 
 
-@pytest.fixture
-def dense_index(small_corpus: Path, dense_home: Path) -> EmbeddedIndex:
-    run_cli(dense_home, "index", "build", "--dataset", str(small_corpus), "--name", "fd", "--quiet")
-    return EmbeddedIndex.open(dense_home, "fd")
-
-
 def _reference_bigrams(index: EmbeddedIndex, query: str, text: str) -> float:
     terms = index.analyzer.analyze(query)
     wanted = list(dict.fromkeys(zip(terms, terms[1:])))

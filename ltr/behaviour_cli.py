@@ -1,0 +1,140 @@
+"""`ltr-search behaviour status|update|rebuild`: the behaviour aggregates of an index.
+
+    ltr-search behaviour status [--name INDEX] [--json] [--since T]
+    ltr-search behaviour update [--name INDEX]
+    ltr-search behaviour rebuild [--name INDEX] [--keep-propensities] [--max-position 10]
+
+The query service applies new events to the aggregates as they arrive; `update` does the same
+for events written while no service ran, `rebuild` refits the position propensities on the
+request log and recomputes every aggregate from the events (the event store is the source of
+truth; the aggregates are derived and disposable). `status` shows the aggregates, the fitted
+propensities, how far they lag the event store, and the drift of the active model's served
+features against its training data.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RETENTION_POLICY = (
+    "events are kept (append-only, the source of truth); aggregates decay with a 30-day half-life "
+    "and can be rebuilt from the events at any time"
+)
+DRIFT_REQUESTS = 1000  # served requests of the active model compared with its training data
+
+
+def add_behaviour_commands(subparsers: argparse._SubParsersAction) -> None:
+    behaviour = subparsers.add_parser("behaviour", help="behaviour aggregates, position propensities and drift")
+    commands = behaviour.add_subparsers(dest="behaviour_command", required=True)
+    status = commands.add_parser("status", help="aggregates, propensities, lag behind the events, feature drift")
+    status.add_argument("--name", help="index (default: the service config's)")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--since", type=float, help="drift: only requests served at or after this epoch time")
+    update = commands.add_parser("update", help="apply events not yet in the aggregates")
+    update.add_argument("--name", help="index (default: the service config's)")
+    rebuild = commands.add_parser("rebuild", help="refit position propensities and recompute every aggregate")
+    rebuild.add_argument("--name", help="index (default: the service config's)")
+    rebuild.add_argument("--keep-propensities", action="store_true", help="recompute with the stored propensities")
+    rebuild.add_argument("--max-position", type=int, default=10, help="positions fitted (default 10)")
+
+
+def run_behaviour_command(home: Path, args: argparse.Namespace) -> int:
+    handler = {"status": cmd_status, "update": cmd_update, "rebuild": cmd_rebuild}
+    return handler[args.behaviour_command](home, args)
+
+
+def _open(home: Path, name: str | None):
+    from ltr.behaviour import BehaviourStore
+    from ltr.event_store import EventStore
+    from ltr.point_in_time import behaviour_sources
+    from search.config import load_service_config
+
+    index = name or load_service_config(home).index
+    events_path, store_path = behaviour_sources(home, index)
+    if not events_path.exists():
+        raise ValueError(f"no event store for index '{index}' at {events_path}: serve the index and send events first")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    return index, EventStore(events_path), BehaviourStore(store_path)
+
+
+def cmd_update(home: Path, args: argparse.Namespace) -> int:
+    index, events, store = _open(home, args.name)
+    with events, store:
+        summary = store.update(events)
+    print(f"behaviour[{index}]: applied {summary.events_applied:,} events ({summary.impressions_added:,} impressions, "
+          f"{summary.clicks_added:,} clicks; {summary.unknown_requests} for unknown requests); watermark {summary.watermark}")
+    return 0
+
+
+def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
+    index, events, store = _open(home, args.name)
+    with events, store:
+        if not args.keep_propensities:
+            fit = store.fit_propensities(events, max_position=args.max_position)
+            print(f"propensities fitted (PBM, EM) on {fit.sessions:,} served pages, {fit.clicks:,} clicks, "
+                  f"{fit.explored_impressions:,} explored impressions:")
+            print("  " + "  ".join(f"{i}:{p:.3f}" for i, p in enumerate(fit.propensities, start=1)))
+        started = time.perf_counter()
+        summary = store.rebuild(events)
+    print(f"behaviour[{index}]: rebuilt from {summary.events_applied:,} events in {time.perf_counter() - started:.1f} s "
+          f"({summary.impressions_added:,} impressions, {summary.clicks_added:,} clicks); watermark {summary.watermark}")
+    return 0
+
+
+def cmd_status(home: Path, args: argparse.Namespace) -> int:
+    index, events, store = _open(home, args.name)
+    with events, store:
+        status = store.status()
+        stored = events.count_events()
+        latest = events.last_event_seq()
+        drift = _drift(home, index, events, args.since)
+    status.update(index=index, events_in_store=stored, lag_events=max(latest - status["watermark"], 0),
+                  retention=RETENTION_POLICY, drift=drift)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(f"behaviour aggregates of index '{index}'")
+    print(f"  events stored: {sum(stored.values()):,} ({', '.join(f'{k} {v:,}' for k, v in stored.items())})")
+    print(f"  applied: {status['events_applied']:,} (watermark {status['watermark']}, {status['lag_events']:,} behind)")
+    print(f"  impressions {status['impressions']:,}, clicks {status['clicks']:,}, global CTR {status['global_ctr']:.4f}, "
+          f"explored impressions {status['explored_impressions']:,}")
+    print(f"  pairs (query, doc): {status['pairs']:,}; docs: {status['docs']:,}")
+    propensities = status["propensities"]
+    if propensities:
+        fitted = dt.datetime.fromtimestamp(status["fitted_at"], dt.timezone.utc).isoformat(timespec="seconds")
+        print(f"  position propensities (PBM, fitted {fitted}):")
+        print("    " + "  ".join(f"{i}:{p:.3f}" for i, p in enumerate(propensities, start=1)))
+    else:
+        print("  position propensities: not fitted (COEC = CTR); run `ltr-search behaviour rebuild`")
+    print(f"  retention: {RETENTION_POLICY}")
+    if drift.get("error"):
+        print(f"  drift: {drift['error']}")
+    else:
+        print(f"  drift of model {drift['model']} (last {drift['requests']} served requests vs its training rows):")
+        for line in drift["lines"]:
+            print(f"    {line}")
+    return 0
+
+
+def _drift(home: Path, index: str, events, since: float | None) -> dict[str, Any]:
+    """The active model's served feature rows against its training reference."""
+    from ltr.drift import FeatureReference, drift_report, format_drift, served_rows
+    from ltr.registry import ModelRegistry
+
+    registry = ModelRegistry(home)
+    version = registry.active()
+    if version is None:
+        return {"error": "no active model"}
+    manifest = registry.manifest(version)
+    if manifest.reference is None:
+        return {"error": f"model {version} has no training reference (trained before drift monitoring); retrain it"}
+    reference = FeatureReference.from_dict(manifest.reference)
+    rows, scores, time_range = served_rows(events, version, reference.names, since=since, limit_requests=DRIFT_REQUESTS)
+    if not len(rows):
+        return {"error": f"model {version} has served no logged requests{' since then' if since else ''}"}
+    report = drift_report(reference, rows, reference.names, scores, model_version=version, time_range=time_range)
+    return {"model": version, "requests": DRIFT_REQUESTS, "lines": format_drift(report), "report": report.to_dict()}
