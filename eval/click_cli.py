@@ -1,5 +1,9 @@
 """Command-line glue for click models: `ltr-search clicks fit` and `ltr-search simulate`.
 
+`simulate` has two modes: offline over a TREC run file (`--qrels --run`, events JSONL out) and
+live replay (`--dataset --split`) against the query service, in process or `--through-api URL`;
+the live loop itself is `eval/simulate.py`.
+
 The main CLI calls `add_click_commands(subparsers)` while building its parser and hands the
 parsed arguments to `run_click_command(args)`. Errors are `ClickCommandError` (or the readers'
 `ClickLogError`), both `ValueError`s with a one-line message, so the main CLI prints them and
@@ -8,10 +12,12 @@ exits 2. Progress goes to stderr; results and the summary to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,24 +58,50 @@ def add_click_commands(subparsers: argparse._SubParsersAction) -> None:
 
     simulate = subparsers.add_parser(
         "simulate",
-        help="simulate user clicks over the rankings of a TREC run file",
-        description="Simulate users (PBM, cascade or DBN behaviour) clicking on a run's rankings, given relevance grades.",
+        help="simulate users clicking: live against the query service, or offline over a TREC run file",
+        description=(
+            "Simulate users (PBM, cascade or DBN behaviour) clicking on rankings, given relevance grades. "
+            "Live replay (--dataset/--split): each session searches the query service (in process, or a running "
+            "server with --through-api URL), clicks on the page it got and posts the impressions and clicks to "
+            "/events, so the whole behaviour loop runs. Offline (--qrels/--run): sessions over a run file's "
+            "rankings, written as an events JSONL. The two modes are exclusive."
+        ),
     )
-    simulate.add_argument("--qrels", required=True, help="BEIR qrels TSV (query-id, corpus-id, score)")
-    simulate.add_argument("--run", required=True, help="TREC run file: qid Q0 docid rank score tag")
-    simulate.add_argument("--model", required=True, choices=["pbm", "cascade", "dbn"], help="user behaviour")
-    simulate.add_argument("--sessions-per-query", type=int, default=10)
-    simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--out", help="events JSONL (default: stdout)")
-    simulate.add_argument("--depth", type=int, default=10, help="results shown per page (default 10)")
-    simulate.add_argument("--eta", type=float, default=1.0, help="pbm examination 1/r**eta (default 1)")
-    simulate.add_argument("--examination", help="pbm examination per position, comma-separated (overrides --eta)")
-    simulate.add_argument("--click-probs", help="attraction per grade, e.g. 0:0.05,1:0.5,2:0.95")
-    simulate.add_argument("--stop-probs", help="dbn satisfaction per grade, e.g. 0:0,1:0.3,2:0.7")
-    simulate.add_argument("--continuation", type=float, default=0.9, help="dbn probability to go on after an unsatisfying result")
-    simulate.add_argument("--noise", type=float, default=0.0, help="probability of flipping each attraction decision")
-    simulate.add_argument("--shuffle", action="store_true", help="show each page a random permutation of the top --depth")
-    simulate.add_argument("--quiet", action="store_true")
+    simulate.add_argument("--model", "--click-model", dest="model", required=True, choices=["pbm", "cascade", "dbn"],
+                          help="user behaviour (--click-model is the same option)")
+    live = simulate.add_argument_group("live replay against the query service")
+    live.add_argument("--dataset", help="BEIR directory whose queries and qrels drive the sessions")
+    live.add_argument("--split", help="qrels split (default test)")
+    live.add_argument("--sessions", type=int, help="sessions in all, round-robin over the split's queries in a seeded "
+                      "shuffled order (default: one per query)")
+    live.add_argument("--through-api", metavar="URL", help="drive a running `ltr-search serve` at URL over HTTP; "
+                      "then the server's own config decides the index, exploration and default pipeline")
+    live.add_argument("--events-db", metavar="PATH", help="with --through-api: the server's SQLite event store, "
+                      "to check that every acknowledged event is in it")
+    live.add_argument("--name", "--index", dest="index_name", metavar="NAME", help="in process: index to serve (default: the config's, else 'default')")
+    live.add_argument("--config", help="in process: service TOML settings file (env LTR_SEARCH_CONFIG)")
+    live.add_argument("--exploration", type=float, metavar="EPSILON", help="in process: overrides the config's "
+                      "exploration.epsilon (through the API the server's config decides)")
+    live.add_argument("--pipeline", help="pipeline to search with (default: the service's default)")
+    live.add_argument("--timeout", type=float, help="with --through-api: seconds per HTTP request (default 30)")
+    live.add_argument("--json", dest="json_out", metavar="OUT", help="write the run's report as JSON")
+    offline = simulate.add_argument_group("offline over a TREC run file")
+    offline.add_argument("--qrels", help="BEIR qrels TSV (query-id, corpus-id, score)")
+    offline.add_argument("--run", help="TREC run file: qid Q0 docid rank score tag")
+    offline.add_argument("--sessions-per-query", type=int, help="default 10")
+    offline.add_argument("--out", help="events JSONL (default: stdout)")
+    offline.add_argument("--shuffle", action="store_true", help="show each page a random permutation of the top --depth")
+    shared = simulate.add_argument_group("users (both modes)")
+    shared.add_argument("--seed", type=int, default=0)
+    shared.add_argument("--depth", type=int, default=10, help="results shown per page (default 10)")
+    shared.add_argument("--eta", type=float, default=1.0, help="pbm examination 1/r**eta (default 1)")
+    shared.add_argument("--examination", help="pbm examination per position, comma-separated (overrides --eta)")
+    shared.add_argument("--click-probs", help="attraction per grade, e.g. 0:0.05,1:0.5,2:0.95")
+    shared.add_argument("--stop-probs", help="dbn satisfaction per grade, e.g. 0:0,1:0.3,2:0.7")
+    shared.add_argument("--continuation", type=float, default=0.9, help="dbn probability to go on after an unsatisfying result")
+    shared.add_argument("--noise", type=float, default=0.0, help="probability of flipping each attraction decision")
+    shared.add_argument("--quiet", action="store_true", help="no progress bar")
+    simulate.set_defaults(simulate_parser=simulate)
     simulate.set_defaults(click_command="simulate")
 
 
@@ -303,25 +335,46 @@ def plot_perplexity_by_position(per_position: dict[str, Sequence[float]], path: 
 # simulate
 
 
+LIVE_OPTIONS = {
+    "dataset": "--dataset", "split": "--split", "sessions": "--sessions", "through_api": "--through-api",
+    "events_db": "--events-db", "index_name": "--name/--index", "config": "--config", "exploration": "--exploration",
+    "pipeline": "--pipeline", "timeout": "--timeout", "json_out": "--json",
+}
+OFFLINE_OPTIONS = {"qrels": "--qrels", "run": "--run", "sessions_per_query": "--sessions-per-query", "out": "--out", "shuffle": "--shuffle"}
+IN_PROCESS_OPTIONS = {"index_name": "--name/--index", "config": "--config", "exploration": "--exploration"}
+
+
+def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in options.items() if getattr(args, dest, None) not in (None, False)]
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> None:
+    """An argparse error (usage and exit 2) when parsed by the CLI, else a ClickCommandError."""
+    parser = getattr(args, "simulate_parser", None)
+    if parser is not None:
+        parser.error(message)
+    raise ClickCommandError(message)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    if args.sessions_per_query < 1:
-        raise ClickCommandError(f"--sessions-per-query must be >= 1, got {args.sessions_per_query}")
+    live, offline = _given(args, LIVE_OPTIONS), _given(args, OFFLINE_OPTIONS)
+    if live and offline:
+        _usage_error(args, f"{', '.join(live)} (live replay against the service) cannot be combined with "
+                           f"{', '.join(offline)} (offline over a run file): choose one mode")
+    if not live and not offline:
+        _usage_error(args, "choose a mode: --dataset PATH --split SPLIT (live replay against the service) "
+                           "or --qrels QRELS --run RUN (offline over a run file)")
     if args.depth < 1:
         raise ClickCommandError(f"--depth must be >= 1, got {args.depth}")
-    try:
-        behaviour = UserBehaviour(
-            model=args.model,
-            examination=_float_list(args.examination, "--examination") if args.examination else None,
-            eta=args.eta,
-            click_probs=_grade_map(args.click_probs, "--click-probs") if args.click_probs else None,
-            stop_probs=_grade_map(args.stop_probs, "--stop-probs") if args.stop_probs else None,
-            continuation=args.continuation,
-            noise=args.noise,
-        )
-    except ClickCommandError:
-        raise
-    except ValueError as exc:
-        raise ClickCommandError(str(exc)) from None
+    behaviour = _behaviour(args)
+    if live:
+        return cmd_simulate_live(args, behaviour)
+    if args.qrels is None or args.run is None:
+        _usage_error(args, "offline simulation needs both --qrels and --run")
+    if args.sessions_per_query is None:
+        args.sessions_per_query = 10
+    if args.sessions_per_query < 1:
+        raise ClickCommandError(f"--sessions-per-query must be >= 1, got {args.sessions_per_query}")
     qrels = read_qrels(args.qrels)
     run = {qid: [doc for doc, _ in trec_order(ranked)] for qid, ranked in read_run(args.run).items()}
     if not run:
@@ -363,6 +416,144 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         lines.insert(2, f"  {skipped:,} run queries without judgments were skipped")
     print("\n".join(lines), file=out)
     return 0
+
+
+def _behaviour(args: argparse.Namespace) -> UserBehaviour:
+    try:
+        return UserBehaviour(
+            model=args.model,
+            examination=_float_list(args.examination, "--examination") if args.examination else None,
+            eta=args.eta,
+            click_probs=_grade_map(args.click_probs, "--click-probs") if args.click_probs else None,
+            stop_probs=_grade_map(args.stop_probs, "--stop-probs") if args.stop_probs else None,
+            continuation=args.continuation,
+            noise=args.noise,
+        )
+    except ClickCommandError:
+        raise
+    except ValueError as exc:
+        raise ClickCommandError(str(exc)) from None
+
+
+def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int:
+    """Live replay: sessions against the service in process (the FastAPI app through a
+    TestClient, no socket) or through a running server; then check the event store holds
+    every event the service acknowledged."""
+    from eval.datasets import load_dataset
+    from eval.simulate import SimulationError, SimulationSettings
+
+    if args.dataset is None:
+        _usage_error(args, "live replay needs --dataset PATH (and --split, default test)")
+    if args.through_api:
+        in_process_only = _given(args, IN_PROCESS_OPTIONS)
+        if in_process_only:
+            _usage_error(args, f"{', '.join(in_process_only)} apply in process; through the API the server's own config decides")
+    elif args.events_db or args.timeout is not None:
+        _usage_error(args, "--events-db and --timeout go with --through-api (in process the service's own event store is checked)")
+    if args.sessions is not None and args.sessions < 1:
+        raise ClickCommandError(f"--sessions must be >= 1, got {args.sessions}")
+    if args.depth > 100:
+        raise ClickCommandError(f"--depth must be at most 100 (the service's page limit), got {args.depth}")
+    dataset = load_dataset(args.dataset, args.split or "test")
+    settings = SimulationSettings(
+        sessions=args.sessions or len(dataset.queries), depth=args.depth, seed=args.seed, pipeline=args.pipeline,
+        id_prefix=f"sim-{args.model}-s{args.seed}-{uuid.uuid4().hex[:8]}",
+    )
+    progress = not args.quiet
+    target, store_path, before = "", None, None
+    try:
+        if args.through_api:
+            target = args.through_api
+            store_path = Path(args.events_db) if args.events_db else None
+            if store_path is not None and not store_path.is_file():
+                raise ClickCommandError(f"{store_path}: no such event store file")
+            before = _stored_events(store_path) if store_path else None
+            report = _run_through_api(args, dataset, behaviour, settings, progress)
+        else:
+            config = _in_process_config(args)
+            store_path = config.event_store_path
+            target = f"index '{config.index}' in {config.home} (in process)"
+            store_path.parent.mkdir(parents=True, exist_ok=True)
+            before = _stored_events(store_path)
+            report = _run_in_process(config, dataset, behaviour, settings, progress)
+    except SimulationError as exc:
+        partial = getattr(exc, "report", None)
+        if partial is not None:
+            print("\n".join(["simulation stopped; so far:", *partial.lines()]))
+        print(f"ltr-search: error: {exc}", file=sys.stderr)
+        return 1
+    after = _stored_events(store_path) if store_path else None
+    lines = [
+        f"simulated {args.model} users on {dataset.name} split {dataset.split} ({len(dataset.queries):,} queries) "
+        f"against {target} (seed {args.seed}, sessions {settings.id_prefix}-*)",
+        *report.lines(),
+    ]
+    status, payload_store = 0, None
+    if before is not None and after is not None:
+        delta = after - before
+        missing = max(0, report.events_stored - delta)
+        payload_store = {"path": str(store_path), "before": before, "after": after, "stored": delta, "missing": missing}
+        lines.append(f"events sent {report.events_sent:,}, stored {delta:,} (event store {store_path}: {before:,} -> {after:,} rows)")
+        if delta > report.events_stored:
+            lines.append(f"  note: {delta - report.events_stored:,} more rows than acknowledged: other writers, or a retried batch")
+        if missing:
+            status = 1
+    print("\n".join(lines))
+    if status:
+        print(f"ltr-search: error: {missing:,} acknowledged events are missing from {store_path}", file=sys.stderr)
+    if args.json_out:
+        payload = {
+            "mode": "through-api" if args.through_api else "in-process", "target": target,
+            "dataset": str(dataset.path), "split": dataset.split, "queries": len(dataset.queries),
+            "click_model": args.model, "seed": args.seed, "depth": args.depth, "id_prefix": settings.id_prefix,
+            **report.to_dict(), "event_store": payload_store,
+        }
+        _write_text(Path(args.json_out), json.dumps(_json_safe(payload), indent=2) + "\n")
+        print(f"json: {args.json_out}")
+    return status
+
+
+def _in_process_config(args: argparse.Namespace) -> Any:
+    from indexing.config import resolve_home
+    from search.config import load_service_config
+
+    home = resolve_home(getattr(args, "home", None))
+    config = load_service_config(home, Path(args.config) if args.config else None, {"index": args.index_name})
+    if args.exploration is not None:
+        exploration = dataclasses.replace(config.exploration, epsilon=args.exploration)  # validates the range
+        config = dataclasses.replace(config, exploration=exploration)
+    return config
+
+
+def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, settings: Any, progress: bool) -> Any:
+    """The real app, handlers and event store, driven without a socket."""
+    from fastapi.testclient import TestClient
+
+    from eval.simulate import check_ready, run_sessions
+    from search.service import create_app, limit_native_threads
+
+    limit_native_threads()  # as `serve` does: BLAS single-threaded per call
+    with TestClient(create_app(config)) as client:
+        check_ready(client, f"index '{config.index}' in {config.home}", retries=0)
+        return run_sessions(client, dataset.queries, dataset.qrels, behaviour, settings, progress)
+
+
+def _run_through_api(args: argparse.Namespace, dataset: Any, behaviour: UserBehaviour, settings: Any, progress: bool) -> Any:
+    import httpx
+
+    from eval.simulate import check_ready, run_sessions
+
+    with httpx.Client(base_url=args.through_api, timeout=args.timeout or 30.0) as client:
+        check_ready(client, args.through_api)
+        return run_sessions(client, dataset.queries, dataset.qrels, behaviour, settings, progress)
+
+
+def _stored_events(path: Path) -> int:
+    """Rows in an event store, all types (opened and closed here: a reader independent of the service)."""
+    from ltr.event_store import EventStore
+
+    with EventStore(path) as store:
+        return sum(store.count_events().values())
 
 
 def _float_list(text: str, option: str) -> list[float]:
@@ -422,6 +613,7 @@ def _json_safe(value: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser with just the click commands, until the main CLI wires them in."""
     parser = argparse.ArgumentParser(prog="python -m eval.click_cli", description="Click models and click simulation.")
+    parser.add_argument("--home", help="engine home, for in-process live simulation (env LTR_SEARCH_HOME)")
     add_click_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 

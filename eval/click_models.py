@@ -841,21 +841,53 @@ def simulate_click_log(
     else:
         if grades is None:
             raise ValueError("simulating from a user behaviour needs relevance grades")
-        grade_cells = _grade_cells(log, grades)
-        top = _max_grade(grades)
-        relevance = np.where(log.mask, behaviour.probabilities(grade_cells, top, "click"), 0.0)
-        satisfaction = np.where(log.mask, behaviour.probabilities(grade_cells, top, "stop"), 0.0)
-        if behaviour.model == "pbm":
-            model = PositionBasedModel.from_parameters(behaviour.examination_curve(log.n_positions))
-        elif behaviour.model == "cascade":
-            model = CascadeModel()
-        else:
-            model = DynamicBayesianNetworkModel.from_parameters(behaviour.continuation)
+        log.clicks = _behaviour_clicks(behaviour, log, _grade_cells(log, grades), _max_grade(grades), rng)
+        return log
     if isinstance(model, DynamicBayesianNetworkModel):
         log.clicks = model.simulate(log, relevance, rng, satisfaction=satisfaction)
     else:
         log.clicks = model.simulate(log, relevance, rng)
     return log
+
+
+def simulate_page_clicks(
+    behaviour: UserBehaviour | str,
+    grades: Sequence[int],
+    rng: np.random.Generator,
+    max_grade: int | None = None,
+) -> np.ndarray:
+    """One simulated user on one result page: clicks (bool, one per position, top first) for a
+    page whose documents have relevance `grades` (unjudged = 0).
+
+    The live simulator asks this once per served page, so a user reacts to the ranking the
+    service actually returned; it uses the same behaviour models as `simulate_click_log`.
+    `max_grade` is the top grade of the whole judgment set, which scales the default
+    probabilities (default: the page's own top grade, at least 1)."""
+    if isinstance(behaviour, str):
+        behaviour = UserBehaviour(model=behaviour)
+    grade_row = np.asarray(grades, dtype=np.int64).reshape(1, -1)
+    width = grade_row.shape[1]
+    if width == 0:
+        return np.zeros(0, dtype=bool)
+    top = int(grade_row.max()) if max_grade is None else int(max_grade)
+    page = ClickLog(
+        query_ids=["page"], doc_ids=[str(r) for r in range(width)], queries=np.zeros(1, dtype=np.int64),
+        docs=np.arange(width, dtype=np.int64)[None, :], clicks=np.zeros((1, width), dtype=bool),
+        mask=np.ones((1, width), dtype=bool), session_ids=["page"],
+    )
+    return _behaviour_clicks(behaviour, page, grade_row, top, rng)[0]
+
+
+def _behaviour_clicks(behaviour: UserBehaviour, log: ClickLog, grade_cells: np.ndarray, top: int, rng: np.random.Generator) -> np.ndarray:
+    """Clicks of `behaviour`'s users on the pages of `log`, whose cells have `grade_cells`."""
+    relevance = np.where(log.mask, behaviour.probabilities(grade_cells, top, "click"), 0.0)
+    satisfaction = np.where(log.mask, behaviour.probabilities(grade_cells, top, "stop"), 0.0)
+    if behaviour.model == "pbm":
+        return PositionBasedModel.from_parameters(behaviour.examination_curve(log.n_positions)).simulate(log, relevance, rng)
+    if behaviour.model == "cascade":
+        return CascadeModel().simulate(log, relevance, rng)
+    model = DynamicBayesianNetworkModel.from_parameters(behaviour.continuation)
+    return model.simulate(log, relevance, rng, satisfaction=satisfaction)
 
 
 def simulate_clicks(
