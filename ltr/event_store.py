@@ -235,40 +235,49 @@ class EventStore:
 
     def log_request(self, record: ServedRequest) -> None:
         """Store a served page and its results in one transaction; a request id is logged once."""
-        if not isinstance(record, ServedRequest):
-            raise RequestValidationError("request", [f"record: must be a ServedRequest, got {type(record).__name__}"])
-        problems = _request_problems(record)
-        if problems:
-            raise RequestValidationError(f"request {record.request_id!r}", problems)
-        request_row = (
-            record.request_id, float(record.timestamp), record.query, record.pipeline, record.index_name,
-            record.index_generation, record.model_version, record.user_id, record.session_id,
-            record.page_offset, len(record.results),
-        )
-        result_rows = [
-            (r.position, r.doc_id, float(r.score), float(r.propensity), _features_to_json(r.features))
-            for r in record.results
-        ]
-        with self._write() as connection:
-            try:
-                cursor = connection.execute(
-                    "INSERT INTO requests (request_id, timestamp, query, pipeline, index_name, index_generation, "
-                    "model_version, user_id, session_id, page_offset, n_results) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    request_row,
-                )
-            except sqlite3.IntegrityError as exc:
-                if "UNIQUE" not in str(exc):
-                    raise
-                raise RequestValidationError(
-                    f"request {record.request_id!r}",
-                    [f"request_id: request {record.request_id!r} is already logged (request ids must be unique)"],
-                ) from None
-            seq = cursor.lastrowid
-            connection.executemany(
-                "INSERT INTO request_results (request_seq, position, doc_id, score, propensity, features) "
-                "VALUES (?,?,?,?,?,?)",
-                [(seq, *row) for row in result_rows],
+        self.log_requests([record])
+
+    def log_requests(self, records: Sequence[ServedRequest]) -> None:
+        """Store several served pages in ONE transaction (all or none): for replays and batch
+        loaders, where a commit (an fsync) per page would dominate."""
+        prepared = []
+        for record in records:
+            if not isinstance(record, ServedRequest):
+                raise RequestValidationError("request", [f"record: must be a ServedRequest, got {type(record).__name__}"])
+            problems = _request_problems(record)
+            if problems:
+                raise RequestValidationError(f"request {record.request_id!r}", problems)
+            request_row = (
+                record.request_id, float(record.timestamp), record.query, record.pipeline, record.index_name,
+                record.index_generation, record.model_version, record.user_id, record.session_id,
+                record.page_offset, len(record.results),
             )
+            result_rows = [
+                (r.position, r.doc_id, float(r.score), float(r.propensity), _features_to_json(r.features))
+                for r in record.results
+            ]
+            prepared.append((record.request_id, request_row, result_rows))
+        with self._write() as connection:
+            for request_id, request_row, result_rows in prepared:
+                try:
+                    cursor = connection.execute(
+                        "INSERT INTO requests (request_id, timestamp, query, pipeline, index_name, index_generation, "
+                        "model_version, user_id, session_id, page_offset, n_results) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        request_row,
+                    )
+                except sqlite3.IntegrityError as exc:
+                    if "UNIQUE" not in str(exc):
+                        raise
+                    raise RequestValidationError(
+                        f"request {request_id!r}",
+                        [f"request_id: request {request_id!r} is already logged (request ids must be unique)"],
+                    ) from None
+                seq = cursor.lastrowid
+                connection.executemany(
+                    "INSERT INTO request_results (request_seq, position, doc_id, score, propensity, features) "
+                    "VALUES (?,?,?,?,?,?)",
+                    [(seq, *row) for row in result_rows],
+                )
 
     def get_request(self, request_id: str) -> ServedRequest | None:
         with self._read() as connection:
