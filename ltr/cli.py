@@ -1,6 +1,8 @@
 """`ltr-search train` and `ltr-search models list|show|promote|rollback`.
 
     ltr-search train --dataset PATH --split train [--name INDEX] [--feature-set text] [--valid-fraction 0.2]
+    ltr-search train --from-events [--events PATH] [--debias none|ips|unbiased-lambdamart]
+                     [--negatives skip-above|examined] [--since T] [--until T] [--name INDEX] [--feature-set NAME]
     ltr-search models list [--json]
     ltr-search models show VERSION
     ltr-search models promote VERSION [--dataset PATH --split SPLIT] [--force]
@@ -28,12 +30,29 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     from ltr.features import DEFAULT_FEATURE_SET
     from ltr.training import TrainingSettings
 
+    from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES
+
     defaults = TrainingSettings()
-    train = subparsers.add_parser("train", help="train a LambdaMART ranker on judged queries and store it in the registry")
-    train.add_argument("--dataset", required=True, help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
+    train = subparsers.add_parser("train", help="train a LambdaMART ranker on judged queries (--dataset) or on logged "
+                                                "clicks (--from-events) and store it in the registry")
+    train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
     train.add_argument("--split", default="train", help="judged split to learn from (default train)")
-    train.add_argument("--name", help="index (default: the dataset's name when such an index exists)")
-    train.add_argument("--feature-set", default=DEFAULT_FEATURE_SET, help=f"default {DEFAULT_FEATURE_SET}")
+    train.add_argument("--name", help="index (default: the dataset's name when such an index exists; with "
+                                      "--from-events the service's index)")
+    train.add_argument("--feature-set", help=f"default {DEFAULT_FEATURE_SET}; with --from-events the feature set "
+                                             "the request log's rows were logged with")
+    clicks = train.add_argument_group("training from clicks (no qrels): the request log joined with click events")
+    clicks.add_argument("--from-events", action="store_true",
+                        help="learn from logged requests and their clicks instead of judged queries")
+    clicks.add_argument("--events", help="event store (default: the service's, HOME/events/INDEX.sqlite3)")
+    clicks.add_argument("--debias", choices=DEBIAS, default="none",
+                        help="position-bias correction: none, ips (clicks weighted 1/propensity, clipped at "
+                             f"{IPS_MAX_WEIGHT:g}) or unbiased-lambdamart (XGBoost estimates the bias); default none")
+    clicks.add_argument("--negatives", choices=NEGATIVES, default="skip-above",
+                        help="skip-above: non-clicked results above the last click (default); examined: "
+                             "non-clicked results down to one below the last click")
+    clicks.add_argument("--since", help="only requests served at or after this time (epoch seconds or ISO 8601, UTC)")
+    clicks.add_argument("--until", help="only requests served before this time")
     train.add_argument("--valid-fraction", type=float, default=defaults.valid_fraction,
                        help=f"training queries held out for early stopping (default {defaults.valid_fraction})")
     train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
@@ -61,6 +80,13 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
     if args.command == "train":
+        if args.from_events and args.dataset:
+            raise ValueError("--from-events and --dataset are mutually exclusive: train either on logged clicks "
+                             "(--from-events) or on judged queries (--dataset PATH)")
+        if args.from_events:
+            return cmd_train_from_events(home, args)
+        if not args.dataset:
+            raise ValueError("train needs --dataset PATH (judged queries) or --from-events (logged clicks)")
         return cmd_train(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback}
     return handler[args.models_command](home, args)
@@ -70,7 +96,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from eval.datasets import load_dataset
-    from ltr.features import feature_set
+    from ltr.features import DEFAULT_FEATURE_SET, feature_set
     from ltr.ranker import index_description
     from ltr.registry import ModelRegistry
     from ltr.training import TrainingSettings, fit_ranker
@@ -80,7 +106,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
         valid_fraction=args.valid_fraction, seed=args.seed,
     )
-    features = feature_set(args.feature_set)
+    features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     dataset = load_dataset(args.dataset, args.split)
     index = open_index(home, args.name, dataset.name)
     fusion = load_service_config(home, args.config).fusion_for(index.name)
@@ -112,6 +138,83 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     print(f"model {manifest.version}: {trained.trees} trees (early stopping on {len(valid_ids)} held-out training queries), "
           f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
     print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
+    print(f"serve it with: ltr-search models promote {manifest.version}")
+    return 0
+
+
+def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
+    """LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
+    from ltr.behaviour import BehaviourStore, behaviour_store_path
+    from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks
+    from ltr.event_store import EventStore
+    from ltr.features import feature_set
+    from ltr.ranker import index_description
+    from ltr.registry import ModelRegistry
+    from ltr.training import TrainingSettings
+    from search.config import load_service_config
+
+    name = args.name or load_service_config(home, args.config).index
+    events_path = Path(args.events) if args.events else load_service_config(home, args.config, {"index": name}).event_store_path
+    if not events_path.is_file():
+        raise ValueError(f"no event store at {events_path}: serve the index with `ltr-search serve` to log requests "
+                         "and clicks, or pass --events PATH")
+    index = open_index(home, name, name)
+    settings = ClickTrainingSettings(
+        negatives=args.negatives, debias=args.debias, since=parse_time(args.since), until=parse_time(args.until),
+        index_name=index.name,
+        ranker=TrainingSettings(learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
+                                valid_fraction=args.valid_fraction, seed=args.seed),
+    )
+    features = feature_set(args.feature_set) if args.feature_set else None
+    with EventStore(events_path) as store:
+        propensities = None
+        if settings.debias == "ips":
+            path = behaviour_store_path(home, index.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with BehaviourStore(path) as behaviour:
+                propensities = behaviour.propensities()
+                if propensities is None:
+                    fit = behaviour.fit_propensities(store)
+                    propensities = fit.propensities
+                    log(f"no fitted propensities in {path}: fitted the position-based click model on "
+                        f"{fit.sessions} logged requests ({fit.clicks} clicks) and stored them there")
+                else:
+                    log(f"propensities from {path}")
+            log("IPS propensities by position: " + ", ".join(f"{p:.3f}" for p in propensities))
+        result = train_from_clicks(store, features, settings, propensities=propensities, log=log)
+    features, trained, record = result.features, result.trained, result.training_record()
+    record = {"event_store": str(events_path.resolve()), **record}
+    older = sorted(set(result.join.index_generations) - {index.generation_id})
+    if older:
+        log(f"note: {sum(result.join.index_generations[g] for g in older)} clicked requests were served from other "
+            f"generations of {index.name} ({', '.join(older)}) than the current {index.generation_id}; their logged "
+            "features are what was served then")
+    manifest = ModelRegistry(home).save(
+        trained.booster, feature_set=features.describe(), index=index_description(index), training=record,
+        params=result.params,
+        metrics={"valid click nDCG@10": trained.valid_score,
+                 "train click nDCG@10": float(trained.history["train ndcg@10"][trained.best_iteration])},
+        importance=trained.importance(), sample_features=result.sample_features(SAMPLE_ROWS),
+        best_iteration=trained.best_iteration,
+    )
+    span = record["time_range"]
+    skipped = record["skipped"]
+    valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no held-out requests)"
+    debias = settings.debias + (f" (weights 1/p clipped at {settings.max_ips_weight:g})" if settings.debias == "ips" else "")
+    print(f"model {manifest.version}: {trained.trees} trees from clicks in {events_path} "
+          f"({span['first']} .. {span['last']}), debias {debias}, negatives {settings.negatives}, "
+          f"feature set {features.name} v{features.version}")
+    print(f"requests: {record['requests']['used']} used of {record['requests']['clicked']} clicked "
+          f"({record['requests']['read']} read; skipped: {skipped['requests_without_clicks']} without clicks, "
+          f"{skipped['requests_without_features']} without logged features, {skipped['requests_without_negatives']} "
+          f"without negatives" + (f", {skipped['requests_not_contiguous']} not positions 1..n" if settings.debias ==
+                                  "unbiased-lambdamart" else "") + ")")
+    print(f"rows: {record['rows']} in {record['groups']} groups, {record['clicks_used']} clicks used of "
+          f"{record['clicks']}; {skipped['results_without_features']} results logged without features skipped; "
+          f"fingerprint {record['fingerprint']}")
+    print(f"early stopping on click nDCG@10 of {len(result.valid_requests)} held-out requests (position-biased: a "
+          f"stopping rule only): {valid}; trained in {trained.seconds:.1f} s")
+    print("top features by gain: " + ", ".join(f"{n} {gain:.0f}" for n, gain in list(trained.importance().items())[:8]))
     print(f"serve it with: ltr-search models promote {manifest.version}")
     return 0
 
