@@ -9,6 +9,10 @@ environment (or the file), never from a flag, so it does not show up in process 
     rerank_window = 200
     [exploration]
     epsilon = 0.05
+    [experiments]               # online comparison of ranking models (see search/interleaving.py)
+    shadow_model = "m0004"      # also scores every ltr request's window; logged, never shown
+    interleave_model = "m0004"  # team-draft interleaved against the active model ...
+    interleave_share = 0.1      # ... on this share of ltr requests (by request id, reproducibly)
     [fusion.scifact]            # per index, e.g. what `ltr-search eval` tuned on a train split
     method = "convex"
     dense_weight = 0.6
@@ -50,6 +54,44 @@ class ExplorationSettings:
 
 
 @dataclass(frozen=True)
+class ExperimentSettings:
+    """Online model comparisons on requests served by the `ltr` pipeline; all off by default."""
+
+    shadow_model: str | None = None  # a registry version scored on every ltr request's window, logged only
+    interleave_model: str | None = None  # the challenger (B) interleaved against the active model (A)
+    interleave_share: float = 0.0  # share of ltr requests interleaved, decided from the request id
+    seed: int = 0  # with the request id, makes the interleaving decision and its coin flips reproducible
+
+    def __post_init__(self) -> None:
+        for key in ("shadow_model", "interleave_model"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"experiments.{key} must be a model version such as 'm0002', got {value!r}")
+        share = self.interleave_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"experiments.interleave_share must be a number in [0, 1], got {share!r}")
+        if share > 0 and self.interleave_model is None:
+            raise ValueError(f"experiments.interleave_share = {share} needs experiments.interleave_model "
+                             "(the model to interleave against the active one)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"experiments.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.shadow_model is not None or (self.interleave_model is not None and self.interleave_share > 0)
+
+    @classmethod
+    def from_dict(cls, section: Any) -> "ExperimentSettings":
+        if not isinstance(section, Mapping):
+            raise ValueError(f"[experiments] must be a table, got {section!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ValueError(f"experiments.{unknown[0]}: unknown key; known: {', '.join(known)}")
+        return cls(**section)
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     home: Path
     index: str = DEFAULT_INDEX_NAME
@@ -62,6 +104,7 @@ class ServiceConfig:
     events_path: Path | None = None  # default HOME/events/INDEX.sqlite3
     threads: int | None = None  # ONNX Runtime intra-op threads per query (default: all cores); BLAS gets 1
     exploration: ExplorationSettings = field(default_factory=ExplorationSettings)
+    experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
     fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name
 
     def __post_init__(self) -> None:
@@ -73,6 +116,11 @@ class ServiceConfig:
     @property
     def event_store_path(self) -> Path:
         return self.events_path or self.home / "events" / f"{self.index}.sqlite3"
+
+    @property
+    def experiment_log_path(self) -> Path:
+        """Interleaved requests and shadow rankings (ltr/experiments.py), one file per index."""
+        return self.home / "experiments" / f"{self.index}.sqlite3"
 
     def fusion_for(self, index: str) -> FusionSettings:
         return self.fusion.get(index, FusionSettings())
@@ -96,6 +144,8 @@ def load_service_config(
     try:
         if "exploration" in values:
             values["exploration"] = settings_from_dict(ExplorationSettings, values["exploration"])
+        if "experiments" in values:
+            values["experiments"] = ExperimentSettings.from_dict(values["experiments"])
         if "fusion" in values:
             values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
         if "events_path" in values:

@@ -72,6 +72,9 @@ class SearchResponse(Strict):
     results: list[SearchResult]
     took_ms: float
     timings_ms: dict[str, float] | None = None
+    interleaved: bool | None = Field(
+        None, description="true: the page interleaves the active model with a challenger (an online experiment)"
+    )
 
 
 class EventIn(Strict):

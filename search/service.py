@@ -7,6 +7,7 @@ Every malformed input gets a 4xx JSON error naming the field; a 5xx means a bug.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -15,8 +16,9 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,14 +28,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
 from ltr.event_store import Event, EventStore, ValidationError
-from ltr.ranker import ModelUnavailableError, registry_pipeline
+from ltr.experiments import (
+    ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick, scoring_problem, top_ranking, window_features,
+)
+from ltr.ranker import LtrPipeline, ModelUnavailableError, ScoredWindow, registry_pipeline
 from ltr.registry import RegistryError
-from search.config import ServiceConfig
+from search.backend import Hit
+from search.config import ExperimentSettings, ServiceConfig
 from search.embedded import EmbeddedIndex
 from search.hybrid import HybridPipeline
+from search.interleaving import team_draft
 from search.pipelines import Pipeline, create_pipeline, pipeline_names, pipeline_spec
 from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError, named_row, served_request
-from search.rules import RuleError, check_field_name, parse_filters
+from search.rules import RuleError, check_field_name, parse_filters, request_rng
 from search.schemas import (
     EventBatch, EventsAccepted, HealthResponse, IndexInfo, JobStatus, ReadyResponse, ReloadResponse,
     ResultExplanation, SearchRequest, SearchResponse, SearchResult,
@@ -62,6 +69,15 @@ def _error(status: int, code: str, message: str, details: list[dict[str, str]] |
 
 
 @dataclass(frozen=True)
+class ServedExperiments:
+    """The models of `[experiments]` loaded for one generation, next to the active `ltr` model."""
+
+    shadow: LtrPipeline | None = None  # scores every ltr request's window; logged, never shown
+    challenger: LtrPipeline | None = None  # team B of interleaved pages (A: the active model)
+    errors: tuple[tuple[str, str], ...] = ()  # (experiment, why) for a configured model not used
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One loaded generation and the pipelines built on it; never mutated, only replaced."""
 
@@ -70,6 +86,7 @@ class Snapshot:
     default_pipeline: str
     model_version: str | None = None  # the active ranking model served as `ltr`
     model_error: str | None = None  # why `ltr` is not served, when it is not
+    experiments: ServedExperiments | None = None  # None: no [experiments], or no active model
 
 
 class ServingState:
@@ -115,12 +132,14 @@ class ServingState:
             else:
                 first_stage = create_pipeline(name, index)
             pipelines[name] = self._serve(index, first_stage)
-        model_version, model_error = None, None
+        model_version, model_error, experiments = None, None, None
         if index.has_dense:
             try:
                 learned = registry_pipeline(index, config.home, "active", config.fusion_for(index.name), warn=logger.warning)
                 pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
+                if config.experiments.enabled:
+                    experiments = self._experiments(index, learned)
             except ModelUnavailableError as exc:
                 model_error = str(exc)
             except RegistryError as exc:  # refused: parity, checksum or feature-set mismatch
@@ -131,7 +150,113 @@ class ServingState:
         default = next(name for name in (config.default_pipeline, *FALLBACK_PIPELINES) if name in pipelines)
         if default != config.default_pipeline:
             logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
-        return Snapshot(index, pipelines, default, model_version, model_error)
+        return Snapshot(index, pipelines, default, model_version, model_error, experiments)
+
+    def _experiments(self, index: EmbeddedIndex, served: LtrPipeline) -> ServedExperiments:
+        """Load the shadow and challenger models; one that cannot be used is logged and left out,
+        never failing the generation (the active model serves as usual)."""
+        settings = self.config.experiments
+        wanted = {"shadow": settings.shadow_model,
+                  "interleave": settings.interleave_model if settings.interleave_share > 0 else None}
+        loaded: dict[str, LtrPipeline] = {}
+        chosen: dict[str, LtrPipeline | None] = {}
+        errors: list[tuple[str, str]] = []
+        for experiment, version in wanted.items():
+            chosen[experiment] = None
+            if version is None:
+                continue
+            try:
+                if version not in loaded:
+                    loaded[version] = registry_pipeline(index, self.config.home, version, self.config.fusion_for(index.name),
+                                                        name=experiment, warn=logger.warning)
+                other = loaded[version]
+                problem = scoring_problem(served, other)
+                if problem is None and experiment == "interleave" and other.version == served.version:
+                    problem = "it is the active model: interleaving it with itself compares nothing"
+                if problem is not None:
+                    raise ValueError(problem)
+                chosen[experiment] = other
+            except Exception as exc:  # a model that cannot be used never breaks serving
+                errors.append((experiment, f"{experiment} model {version} is not used: {exc}"))
+                logger.error("%s", errors[-1][1])
+        return ServedExperiments(chosen["shadow"], chosen["interleave"], tuple(errors))
+
+
+class _WindowCapture:
+    """The served model's first stage, remembering the window it scored for ONE request, so
+    experiment models score that same window (no second retrieval). Made per request."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.window: ScoredWindow | None = None
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.inner.feature_names
+
+    def rank_window(self, query: str) -> ScoredWindow:
+        self.window = self.inner.rank_window(query)
+        return self.window
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        return self.inner.contributions(features)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        return self.inner.search(query, k)
+
+
+class _TeamDraftRanker:
+    """The `Ranker` of an interleaved request: it sees the window after filters and exclusions
+    and orders it as the team-draft interleaving of the active model's (A) and the challenger's
+    (B) rankings of those same documents; diversity then applies to that order. Returns
+    descending pseudo-scores; the service shows A's scores. If B fails, A's order is served."""
+
+    def __init__(self, capture: _WindowCapture, challenger: LtrPipeline, rng: np.random.Generator):
+        self.capture, self.challenger, self.rng = capture, challenger, rng
+        self.a_scores: dict[str, float] = {}
+        self.teams: dict[str, str] | None = None  # doc id -> "A" | "B"; None when not interleaved
+        self.error: str | None = None
+        self.version = f"team-draft({capture.version},{challenger.version})"
+
+    def score(self, query: str, hits: Sequence[Hit]) -> np.ndarray:
+        window = self.capture.window
+        assert window is not None
+        row_of = {hit.doc_id: i for i, hit in enumerate(window.hits)}
+        rows = np.fromiter((row_of[hit.doc_id] for hit in hits), dtype=np.intp, count=len(hits))
+        doc_ids = [hit.doc_id for hit in hits]
+        a = np.asarray(window.scores, dtype=np.float64)[rows]
+        self.a_scores = dict(zip(doc_ids, a.tolist()))
+        try:
+            model = self.challenger.model
+            assert model is not None
+            b = np.asarray(model.predict(window_features(self.challenger, query, window)[rows]), dtype=np.float64)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return a
+        ranking_a = [doc_ids[i] for i in np.argsort(-a, kind="stable").tolist()]  # as A alone would rank them
+        ranking_b = [doc_ids[i] for i in np.argsort(-b, kind="stable").tolist()]
+        docs, teams = team_draft(ranking_a, ranking_b, len(doc_ids), self.rng)
+        self.teams = dict(zip(docs, teams))
+        place = {doc_id: p for p, doc_id in enumerate(docs)}
+        return np.array([len(docs) - place[doc_id] for doc_id in doc_ids], dtype=np.float64)
+
+
+def interleaving_rng(request_id: str, settings: ExperimentSettings) -> np.random.Generator | None:
+    """The generator of an interleaved request (its first draw decided it), or None when the
+    request is not in the interleaved share. Salted apart from exploration's `request_rng`, so
+    equal seeds do not correlate the two decisions."""
+    if settings.interleave_model is None or settings.interleave_share <= 0:
+        return None
+    rng = request_rng(f"interleave\x00{request_id}", settings.seed)
+    return rng if rng.random() < settings.interleave_share else None
 
 
 # ----------------------------------------------------------------------------------- admin jobs
@@ -206,6 +331,15 @@ class ServiceMetrics:
                                 ["index", "generation"], registry=self.registry)
         self.model_info = Gauge("ltr_search_model_info", "the active ranking model (value 1; 'none' = fused order)",
                                 ["version"], registry=self.registry)
+        self.interleaved = Counter("ltr_search_interleaved_requests_total",
+                                   "ltr requests served as a team-draft interleaving of the active model (A) and B",
+                                   ["model_a", "model_b"], registry=self.registry)
+        self.shadow_scorings = Counter("ltr_search_shadow_scorings_total",
+                                       "ltr request windows the shadow model also ranked (logged, never shown)",
+                                       ["model"], registry=self.registry)
+        self.experiment_failures = Counter("ltr_search_experiment_failures_total",
+                                           "experiment failures (served responses unaffected), by experiment and stage",
+                                           ["experiment", "stage"], registry=self.registry)
 
     def set_generation(self, index: str, generation: str) -> None:
         self.index_info.clear()
@@ -252,19 +386,29 @@ GET_SEARCH_PARAMS = frozenset({"q", "size", "offset", "pipeline", "filters", "ex
                                "diversity_cap", "explain", "user_id", "session_id"})
 
 
-def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> FastAPI:
+def create_app(config: ServiceConfig, event_store: EventStore | None = None,
+               experiment_log: ExperimentLog | None = None) -> FastAPI:
     state = ServingState(config)
     metrics = ServiceMetrics()
     metrics.model_info.labels("none").set(1)
     if event_store is None:
         config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
     store = event_store or EventStore(config.event_store_path)
+    experiments_log = experiment_log
+    if experiments_log is None and config.experiments.enabled:
+        try:
+            experiments_log = ExperimentLog(config.experiment_log_path)
+        except Exception as exc:  # experiments are off without their log; serving goes on
+            logger.error("experiments disabled: %s", exc)
+            metrics.experiment_failures.labels("all", "open").inc()
 
     def refresh_generation_metric() -> None:
         snapshot = state.snapshot
         if snapshot is not None:
             metrics.set_generation(snapshot.index.name, snapshot.index.generation_id)
             metrics.set_model(snapshot.model_version)
+            for experiment, _ in snapshot.experiments.errors if snapshot.experiments else ():
+                metrics.experiment_failures.labels(experiment, "load").inc()
 
     jobs = JobRunner(state, refresh_generation_metric)
 
@@ -279,6 +423,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         yield
         if event_store is None:
             store.close()
+        if experiment_log is None and experiments_log is not None:
+            experiments_log.close()
 
     app = FastAPI(title="ltr-search", version="1", lifespan=lifespan,
                   description="Hybrid retrieval, learning-to-rank and behaviour events over one index.")
@@ -351,18 +497,53 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
         except RuleError as exc:
             raise ApiError(400, "invalid_request", str(exc), [{"field": str(exc).split(":")[0], "reason": str(exc)}]) from None
         request_id = uuid.uuid4().hex
+        experiments = snapshot.experiments if name == "ltr" and experiments_log is not None else None
+        run_pipeline, capture, interleaver = pipeline, None, None
+        if experiments is not None:
+            capture = _WindowCapture(pipeline.first_stage)
+            run_pipeline = dataclasses.replace(pipeline, first_stage=capture)
+            rng = interleaving_rng(request_id, config.experiments) if experiments.challenger is not None else None
+            if rng is not None:  # interleaved pages are not explored: every propensity is 1
+                interleaver = _TeamDraftRanker(capture, experiments.challenger, rng)
+                run_pipeline = dataclasses.replace(run_pipeline, ranker=interleaver, epsilon=0.0)
         ranking_request = RankingRequest(
             query=body.query, request_id=request_id, size=body.size, offset=body.offset, filters=tuple(filters),
             exclude=frozenset(body.exclude), diversity_field=body.diversity.field if body.diversity else None,
             diversity_cap=body.diversity.max_per_value if body.diversity else None, explain=body.explain,
         )
         try:
-            outcome = pipeline.run(ranking_request)
+            outcome = run_pipeline.run(ranking_request)
         except WindowTooSmallError as exc:
             raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
+        interleaved = interleaver is not None and interleaver.teams is not None
+        if interleaver is not None and interleaver.error is not None:
+            logger.error("interleaving %s failed, served A's order: %s", interleaver.version, interleaver.error)
+            metrics.experiment_failures.labels("interleave", "score").inc()
+        if interleaved:
+            for result in outcome.results:  # shown scores are the active model's, as on any ltr page
+                result.score = interleaver.a_scores[result.doc_id]
+        shadow = None
+        if experiments is not None and experiments.shadow is not None and capture is not None and capture.window is not None:
+            shadow_started = time.perf_counter()
+            shadow = shadow_ranking(experiments.shadow, body.query, capture.window, request_id, outcome.model_version)
+            outcome.timings_ms["shadow"] = (time.perf_counter() - shadow_started) * 1000
+            if shadow is None:
+                metrics.experiment_failures.labels("shadow", "score").inc()
+            else:
+                metrics.shadow_scorings.labels(experiments.shadow.version).inc()
         log_started = time.perf_counter()
-        store.log_request(served_request(outcome, ranking_request, name, snapshot.index, time.time(),
+        now = time.time()
+        store.log_request(served_request(outcome, ranking_request, name, snapshot.index, now,
                                          body.user_id, body.session_id))
+        if interleaved:
+            metrics.interleaved.labels(interleaver.capture.version, interleaver.challenger.version).inc()
+            picks = tuple(TeamPick(r.position, r.doc_id, interleaver.teams[r.doc_id]) for r in outcome.results)
+            record = InterleavedRequest(request_id, now, interleaver.capture.version, interleaver.challenger.version,
+                                        body.offset, picks)
+            _log_experiment(metrics, "interleave", lambda: experiments_log.log_interleaved(record))
+        if shadow is not None:
+            shadow = dataclasses.replace(shadow, timestamp=now)
+            _log_experiment(metrics, "shadow", lambda: experiments_log.log_shadow(shadow))
         outcome.timings_ms["log"] = (time.perf_counter() - log_started) * 1000
         for stage, ms in outcome.timings_ms.items():
             metrics.stages.labels(stage).observe(ms / 1000)
@@ -383,7 +564,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
             model_version=outcome.model_version,
             offset=body.offset, size=body.size, window=outcome.window_size, eligible=outcome.eligible,
             explored=outcome.explored, results=results, took_ms=(time.perf_counter() - started) * 1000,
-            timings_ms=outcome.timings_ms if body.explain else None,
+            timings_ms=outcome.timings_ms if body.explain else None, interleaved=True if interleaved else None,
         )
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
@@ -499,6 +680,30 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None) -> 
                               previous_generation=previous)
 
     return app
+
+
+def shadow_ranking(shadow: LtrPipeline, query: str, window: ScoredWindow, request_id: str,
+                   served_model: str | None) -> ShadowRanking | None:
+    """The shadow model's top of the served window next to the served model's top of it, or
+    None (logged) when the shadow fails: it never affects the response."""
+    try:
+        model = shadow.model
+        assert model is not None
+        doc_ids = [hit.doc_id for hit in window.hits]
+        scores = np.asarray(model.predict(window_features(shadow, query, window)), dtype=np.float64) if doc_ids else np.empty(0)
+        return ShadowRanking(request_id, 0.0, shadow.version, top_ranking(doc_ids, scores), served_model,
+                             top_ranking(doc_ids, np.asarray(window.scores, dtype=np.float64)))
+    except Exception:
+        logger.exception("shadow model %s failed on request %s", shadow.version, request_id)
+        return None
+
+
+def _log_experiment(metrics: ServiceMetrics, experiment: str, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except Exception:  # the page is served and in the request log; only this experiment row is lost
+        logger.exception("experiment log write failed (%s)", experiment)
+        metrics.experiment_failures.labels(experiment, "log").inc()
 
 
 def _with_bias(names: tuple[str, ...] | None) -> tuple[str, ...] | None:

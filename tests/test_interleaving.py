@@ -1,0 +1,410 @@
+"""Online model comparison: team-draft interleaving, shadow scoring, the experiment log and
+`models compare` (click credit, sign test), unit-level and through a real `ltr-search serve`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ltr.compare import (
+    add_compare_parser, cmd_models_compare, compare_interleaved, overlap_at, rank_biased_overlap, shadow_agreement,
+)
+from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from ltr.experiments import ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick
+from search.config import ExperimentSettings, ExplorationSettings, load_service_config
+from search.interleaving import team_draft
+from search.service import interleaving_rng
+from tests.conftest import home_sharing_encoder, run_cli, running_service
+from tests.test_ltr import _collection
+
+
+# ------------------------------------------------------------------------------ team draft
+
+
+def _rankings(seed: int, n: int, overlap: bool = True) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    docs = [f"d{i}" for i in range(n)]
+    a = list(rng.permutation(docs))
+    if overlap:  # the same documents in another order
+        return a, list(rng.permutation(docs))
+    return a, list(rng.permutation(docs + [f"x{i}" for i in range(n // 2)]))[: max(1, n - 2)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 30), k=st.integers(0, 40), overlap=st.booleans())
+def test_team_draft_properties(seed, n, k, overlap):
+    a, b = _rankings(seed, n, overlap) if n else ([], [])
+    docs, teams = team_draft(a, b, k, np.random.default_rng(seed))
+    assert len(docs) == len(teams) == min(k, len(set(a) | set(b)))
+    assert len(set(docs)) == len(docs)  # no duplicates
+    assert all(d in a or d in b for d in docs)
+    for team, ranking in (("A", a), ("B", b)):
+        picked = [d for d, t in zip(docs, teams) if t == team]
+        assert all(d in ranking for d in picked)
+        assert picked == sorted(picked, key=ranking.index)  # each team keeps its ranking's order
+    if set(a) == set(b):  # both can always pick: the teams stay balanced on every prefix
+        for prefix in range(1, len(teams) + 1):
+            assert abs(teams[:prefix].count("A") - teams[:prefix].count("B")) <= 1
+    again = team_draft(a, b, k, np.random.default_rng(seed))
+    assert again == (docs, teams)  # same seed, same page
+
+
+def test_team_draft_identical_rankings_give_the_ranking_and_a_coin_per_round():
+    ranking = [f"d{i}" for i in range(11)]
+    for seed in range(20):
+        docs, teams = team_draft(ranking, list(ranking), 11, np.random.default_rng(seed))
+        assert docs == ranking
+        assert all({teams[i], teams[i + 1]} == {"A", "B"} for i in range(0, 10, 2))  # one pick each per round
+    first = {team_draft(ranking, ranking, 2, np.random.default_rng(seed))[1][0] for seed in range(40)}
+    assert first == {"A", "B"}  # the coin decides who picks first
+
+
+def test_team_draft_example_and_errors():
+    a, b = ["a", "b", "c", "d"], ["b", "e", "a", "f"]
+    docs, teams = team_draft(a, b, 6, np.random.default_rng(1))
+    assert set(docs) == {"a", "b", "c", "d", "e", "f"} and teams.count("A") == teams.count("B") == 3
+    assert team_draft(a, b, 0, np.random.default_rng(1)) == ([], [])
+    with pytest.raises(ValueError, match="k must be"):
+        team_draft(a, b, -1, np.random.default_rng(1))
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def _config(tmp_path: Path, text: str):
+    path = tmp_path / "service.toml"
+    path.write_text(text)
+    return load_service_config(tmp_path / "home", path)
+
+
+@pytest.mark.parametrize("section, message", [
+    ("interleave_model = 'm2'\ninterleave_share = 1.5", "experiments.interleave_share must be a number in [0, 1], got 1.5"),
+    ("interleave_share = -0.1\ninterleave_model = 'm2'", "experiments.interleave_share"),
+    ("interleave_share = true\ninterleave_model = 'm2'", "experiments.interleave_share"),
+    ("interleave_share = 0.2", "experiments.interleave_share = 0.2 needs experiments.interleave_model"),
+    ("shadow = 'm2'", "experiments.shadow: unknown key"),
+    ("shadow_model = ''", "experiments.shadow_model must be a model version"),
+    ("shadow_model = 3", "experiments.shadow_model must be a model version"),
+    ("seed = 1.5", "experiments.seed must be an integer"),
+])
+def test_experiment_settings_errors_name_the_key(tmp_path, section, message):
+    with pytest.raises(ValueError, match="service.toml: " + re.escape(message)):
+        _config(tmp_path, f"[experiments]\n{section}\n")
+
+
+def test_experiment_settings_load(tmp_path):
+    config = _config(tmp_path, "[experiments]\nshadow_model = 'm2'\ninterleave_model = 'm3'\ninterleave_share = 1\nseed = 4\n")
+    assert config.experiments == ExperimentSettings("m2", "m3", 1, 4) and config.experiments.enabled
+    assert config.experiment_log_path == tmp_path / "home" / "experiments" / "default.sqlite3"
+    assert not _config(tmp_path, "rerank_window = 10\n").experiments.enabled
+    assert not ExperimentSettings(interleave_model="m3").enabled  # share 0: nothing interleaved
+
+
+# ------------------------------------------------------------------------------ compare statistics
+
+
+def _page(request_id: str, teams: str, models=("m1", "m2"), offset=0, t=1000.0) -> InterleavedRequest:
+    picks = tuple(TeamPick(offset + i + 1, f"{request_id}-d{i}", team) for i, team in enumerate(teams))
+    return InterleavedRequest(request_id, t, models[0], models[1], offset, picks)
+
+
+def _click(page: InterleavedRequest, position: int) -> Event:
+    pick = page.pick_at(position)
+    return Event(page.request_id, "click", pick.doc_id, position, page.timestamp + 1)
+
+
+def test_clicks_are_credited_to_teams_and_the_sign_test_decides():
+    pages = [_page(f"r{i}", "ABAB") for i in range(12)]
+    clicks = [_click(pages[i], 1) for i in range(10)]  # position 1 is A's: 10 wins for m1
+    clicks += [_click(pages[10], 2), _click(pages[10], 4)]  # two B clicks: a loss
+    clicks += [_click(pages[11], 1), _click(pages[11], 2)]  # one each: a tie
+    clicks += [_click(pages[0], 1)]  # the same document clicked again counts once
+    clicks += [Event("r1", "click", "not-on-page", 1, 2000.0), Event("elsewhere", "click", "x", 1, 2000.0)]
+    result = compare_interleaved("m1", "m2", pages, clicks)
+    assert (result.wins, result.losses, result.ties) == (10, 1, 1)
+    assert result.unmatched_clicks == 1  # the unknown request is not counted at all
+    assert result.p_value == pytest.approx(2 * (1 + 11) / 2 ** 11)  # exact two-sided binomial, n = 11
+    assert result.preferred == "m1" and "m1 preferred" in result.verdict()
+    flipped = compare_interleaved("m2", "m1", pages, clicks)  # the other order: the same evidence, turned
+    assert (flipped.wins, flipped.losses, flipped.preferred) == (1, 10, "m1")
+    few = compare_interleaved("m1", "m2", pages[:4], clicks)
+    assert few.wins == 4 and few.p_value == pytest.approx(0.125) and few.verdict() == "no significant preference"
+    assert compare_interleaved("m1", "m2", [], []).p_value == 1.0
+
+
+def test_pages_logged_in_either_order_are_oriented():
+    pages = [_page("x", "AB", models=("m2", "m1")), _page("y", "AB")]  # x: m2 was active (team A)
+    clicks = [_click(pages[0], 1), _click(pages[1], 1)]
+    result = compare_interleaved("m1", "m2", pages, clicks)
+    assert {r.request_id: r.outcome for r in result.requests} == {"x": "loss", "y": "win"}
+
+
+def test_shadow_agreement_measures():
+    ranking = [f"d{i}" for i in range(10)]
+    assert overlap_at(ranking, ranking) == 1.0 and rank_biased_overlap(ranking, ranking) == pytest.approx(1.0)
+    assert overlap_at(ranking, [f"x{i}" for i in range(10)]) == 0.0
+    assert rank_biased_overlap(ranking, [f"x{i}" for i in range(10)]) == 0.0
+    swapped_top = ranking[1::-1] + ranking[2:]
+    swapped_bottom = ranking[:8] + ranking[:7:-1]
+    assert rank_biased_overlap(ranking, swapped_top) < rank_biased_overlap(ranking, swapped_bottom) < 1.0
+    rows = [ShadowRanking("r", 1.0, "m2", tuple((d, 0.0) for d in swapped_top), "m1", tuple((d, 0.0) for d in ranking)),
+            ShadowRanking("s", 1.0, "m3", (("a", 0.0),), "m1", (("a", 0.0),))]
+    agreement = shadow_agreement("m1", "m2", rows)
+    assert agreement["requests"] == 1 and agreement["mean_overlap@10"] == 1.0 and agreement["top1_agreement"] == 0.0
+    assert shadow_agreement("m1", "m4", rows) is None
+
+
+def _compare_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_compare_parser(parser.add_subparsers(dest="models_command"))
+    return parser.parse_args(["compare", *argv])
+
+
+def test_models_compare_reads_the_experiment_log_and_the_event_store(tmp_path, capsys):
+    home = tmp_path / "home"
+    pages = [_page(f"r{i}", "ABBA", t=1000.0 + i) for i in range(8)] + [_page("old", "AB", t=10.0)]
+    events_path = tmp_path / "events.sqlite3"
+    with EventStore(events_path) as store, ExperimentLog(tmp_path / "experiments.sqlite3") as log:
+        for page in pages:
+            log.log_interleaved(page)
+            store.log_request(ServedRequest(page.request_id, page.timestamp, "q", "ltr", "idx", "g1", "m1", None, None, 0,
+                                            [ServedResult(p.doc_id, p.position, 1.0) for p in page.teams]))
+        log.log_shadow(ShadowRanking("r0", 1000.0, "m2", (("a", 2.0), ("b", 1.0)), "m1", (("a", 1.5), ("c", 1.0))))
+        clicks = [_click(pages[i], 1) for i in range(7)] + [_click(pages[7], 2), _click(pages[8], 2)]
+        store.append_events(clicks)
+    common = ("--events", str(events_path), "--experiments", str(tmp_path / "experiments.sqlite3"), "--json")
+    assert cmd_models_compare(home, _compare_args("m1", "m2", *common)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests"], report["wins_a"], report["wins_b"], report["ties"]) == (9, 7, 2, 0)
+    assert report["p_value"] == pytest.approx(0.1796875) and report["preferred"] is None
+    assert report["shadow"]["requests"] == 1 and report["shadow"]["mean_overlap@10"] == 0.5
+    assert cmd_models_compare(home, _compare_args("m1", "m2", *common, "--since", "1970-01-01T00:16:40")) == 0
+    recent = json.loads(capsys.readouterr().out)
+    assert (recent["requests"], recent["wins_a"], recent["wins_b"]) == (8, 7, 1)
+    assert recent["p_value"] == pytest.approx(0.0703125)
+    assert cmd_models_compare(home, _compare_args("m1", "m2", *common[:-1])) == 0
+    text = capsys.readouterr().out
+    assert "wins m1: 7, wins m2: 2" in text and "no significant preference" in text and "overlap@10 0.500" in text
+    with pytest.raises(ValueError, match="no experiment log"):
+        cmd_models_compare(home, _compare_args("m1", "m2", "--events", str(events_path), "--experiments", str(tmp_path / "none")))
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+def _save_inverted_model(home: Path, dataset: Path) -> str:
+    """A model trained on inverted labels (as in test_ltr): it ranks the windows very differently."""
+    from eval.datasets import load_dataset
+    from ltr.features import feature_set
+    from ltr.ranker import index_description
+    from ltr.registry import ModelRegistry
+    from ltr.training import TrainingSettings, build_rows, train_ranker
+    from search.embedded import EmbeddedIndex
+    from tests.test_ltr import WINDOW
+
+    index = EmbeddedIndex.open(home, "topics")
+    data = load_dataset(dataset, "train")
+    features = feature_set("text")
+    rows = build_rows(index, data.queries, data.qrels, features, WINDOW)
+    rows.labels = np.where(rows.labels > 0, 0.0, 1.0).astype(np.float32)
+    model = train_ranker(rows, features.names, TrainingSettings(max_rounds=30), None)
+    return ModelRegistry(home).save(
+        model.booster, feature_set=features.describe(), index=index_description(index),
+        training={"dataset": str(dataset.resolve()), "split": "train", "note": "inverted labels"}, params={},
+        metrics={}, importance=model.importance(), sample_features=rows.features[:8], best_iteration=model.best_iteration,
+    ).version
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, shared_encoder_home: Path):
+    """A home with the topics collection indexed and two models: m0001 (active) and m0002, which
+    prefers the wrong documents, so interleaved pages really mix two rankings."""
+    root = tmp_path_factory.mktemp("interleaving")
+    home = home_sharing_encoder(root / "home", shared_encoder_home)
+    dataset = _collection(root / "topics")
+    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    base = "rerank_window = 20\n[exploration]\nepsilon = 0.5\n[fusion.topics]\nbm25_candidates = 8\ndense_candidates = 8\n"
+    plain = root / "plain.toml"
+    plain.write_text(base)
+    run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(plain),
+            "--valid-fraction", "0.25", "--quiet")
+    assert _save_inverted_model(home, dataset) == "m0002"
+    run_cli(home, "models", "promote", "m0001")
+    experiments = root / "experiments.toml"
+    experiments.write_text(base + '[experiments]\nshadow_model = "m0002"\ninterleave_model = "m0002"\n'
+                                  'interleave_share = 1.0\nseed = 5\n')
+    shadow_only = root / "shadow.toml"
+    shadow_only.write_text(base.replace("epsilon = 0.5", "epsilon = 0.0") + '[experiments]\nshadow_model = "m0002"\n')
+    return {"home": home, "plain": plain, "experiments": experiments, "shadow_only": shadow_only}
+
+
+QUERIES = ("volcano lava eruption", "ice crevasse glacier melt", "reef", "honeybee waggle dance drone", "saturn rings")
+
+
+def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
+    home = two_models["home"]
+    with running_service(home, "--name", "topics", "--config", str(two_models["experiments"]), "--threads", "1") as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            pages = [client.post("/search", json={"query": q, "size": 10, "explain": True}).json() for q in QUERIES]
+            excluded = pages[0]["results"][0]["id"]
+            titles = sorted({r["fields"]["title"] for r in pages[0]["results"][1:5]})
+            filtered = client.post("/search", json={"query": QUERIES[0], "exclude": [excluded],
+                                                    "filters": {"title": {"in": titles}}}).json()
+            hybrid = client.post("/search", json={"query": QUERIES[0], "pipeline": "hybrid"}).json()
+            clicked = pages[1]["results"][0]
+            stored = client.post("/events", json={"events": [
+                {"request_id": pages[1]["request_id"], "type": "click", "doc_id": clicked["id"], "position": 1}]})
+            assert stored.status_code == 200, stored.text
+            metrics = client.get("/metrics").text
+    for page in pages + [filtered]:
+        assert page["interleaved"] is True and page["model_version"] == "m0001" and not page["explored"]
+        assert all(r["propensity"] == 1.0 for r in page["results"])
+    assert "interleaved" not in hybrid
+    assert filtered["results"] and excluded not in [r["id"] for r in filtered["results"]]
+    assert all(r["fields"]["title"] in titles for r in filtered["results"])
+    for page in pages:  # shown scores and explanations are the active model's
+        for r in page["results"]:
+            assert sum(r["explain"]["contributions"].values()) == pytest.approx(r["score"], abs=1e-4)
+    with ExperimentLog(home / "experiments" / "topics.sqlite3", create=False) as log:
+        logged = {row.request_id: row for row in log.iter_interleaved()}
+        shadows = {row.request_id: row for row in log.iter_shadow()}
+    for page in pages + [filtered]:
+        row = logged[page["request_id"]]
+        assert (row.model_a, row.model_b, row.page_offset) == ("m0001", "m0002", 0)
+        assert [(p.position, p.doc_id) for p in row.teams] == [(r["position"], r["id"]) for r in page["results"]]
+        teams = [p.team for p in row.teams]
+        assert set(teams) <= {"A", "B"} and abs(teams.count("A") - teams.count("B")) <= 1
+        shadow = shadows[page["request_id"]]  # interleaved requests are shadowed too
+        assert shadow.model_version == "m0002" and shadow.served_model == "m0001" and len(shadow.ranking) > 0
+    settings = load_service_config(home, two_models["experiments"]).experiments
+    mixed = 0
+    for page in pages:  # the page replays from the request id: team draft of A's and B's window rankings
+        shadow = shadows[page["request_id"]]  # B (the shadow here too) and A over the whole window (<= 16 < 20)
+        ranking_a, ranking_b = [d for d, _ in shadow.served_ranking], [d for d, _ in shadow.ranking]
+        docs, teams = team_draft(ranking_a, ranking_b, len(page["results"]), interleaving_rng(page["request_id"], settings))
+        assert docs == [r["id"] for r in page["results"]]
+        assert teams == [p.team for p in logged[page["request_id"]].teams]
+        mixed += docs != ranking_a[:len(docs)]
+    assert mixed >= 3  # the models disagree: most pages differ from A's own
+    assert 'ltr_search_interleaved_requests_total{model_a="m0001",model_b="m0002"} 6.0' in metrics
+    assert 'ltr_search_shadow_scorings_total{model="m0002"} 6.0' in metrics
+
+    team = logged[pages[1]["request_id"]].pick_at(1).team
+    assert cmd_models_compare(home, _compare_args("m0001", "m0002", "--name", "topics", "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    outcomes = {r["request_id"]: r for r in report["per_request"]}
+    assert report["requests"] == 6 and report["requests_with_clicks"] == 1
+    credited = outcomes[pages[1]["request_id"]]
+    assert (credited["clicks_a"], credited["clicks_b"]) == ((1, 0) if team == "A" else (0, 1))
+    assert credited["outcome"] == ("win" if team == "A" else "loss")
+    assert report["p_value"] == 1.0 and report["verdict"] == "no significant preference"
+    assert report["shadow"]["requests"] >= 6 and 0.0 <= report["shadow"]["mean_rbo@10"] <= 1.0 + 1e-9
+
+
+def test_shadow_scoring_logs_and_never_changes_the_page(two_models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from search.service import create_app
+
+    home = two_models["home"]
+    served = {}
+    for label in ("plain", "shadow_only"):
+        config = dataclasses.replace(load_service_config(home, two_models[label], {"index": "topics"}),
+                                     events_path=tmp_path / f"{label}.sqlite3", exploration=ExplorationSettings())
+        with TestClient(create_app(config)) as client:
+            served[label] = [client.post("/search", json={"query": q, "size": 10, "explain": True}).json() for q in QUERIES]
+            if label == "shadow_only":
+                app_state = client.app.state
+                shadow = app_state.serving.snapshot.experiments.shadow
+                assert shadow.version == "m0002" and app_state.serving.snapshot.experiments.challenger is None
+                shadow.model = _Broken(shadow.model)  # a shadow that errors: the response is unaffected
+                broken = client.post("/search", json={"query": QUERIES[0], "size": 10}).json()
+                metrics = client.get("/metrics").text
+    for plain_page, shadow_page in zip(served["plain"], served["shadow_only"]):
+        assert "interleaved" not in shadow_page
+        assert [(r["id"], r["score"]) for r in plain_page["results"]] == [(r["id"], r["score"]) for r in shadow_page["results"]]
+        assert "shadow" in shadow_page["timings_ms"] and "shadow" not in plain_page["timings_ms"]
+    assert [r["id"] for r in broken["results"]] == [r["id"] for r in served["plain"][0]["results"]]
+    assert 'ltr_search_experiment_failures_total{experiment="shadow",stage="score"} 1.0' in metrics
+    assert 'ltr_search_shadow_scorings_total{model="m0002"} 5.0' in metrics
+    with ExperimentLog(home / "experiments" / "topics.sqlite3", create=False) as log:
+        rows = {row.request_id: row for row in log.iter_shadow()}
+    for page in served["shadow_only"]:
+        row = rows[page["request_id"]]
+        assert [d for d, _ in row.served_ranking[:len(page["results"])]] == [r["id"] for r in page["results"]]
+        assert [s for _, s in row.ranking] == sorted((s for _, s in row.ranking), reverse=True)
+    assert broken["request_id"] not in rows
+
+
+class _Broken:
+    def __init__(self, model):
+        self.version = model.version
+
+    def predict(self, features):
+        raise RuntimeError("shadow model exploded")
+
+
+def test_unusable_experiment_models_never_break_serving(two_models, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from search.service import create_app
+
+    path = tmp_path / "missing.toml"
+    path.write_text(two_models["plain"].read_text() + '[experiments]\nshadow_model = "m0099"\n'
+                    'interleave_model = "m0001"\ninterleave_share = 1.0\n')
+    config = load_service_config(two_models["home"], path, {"index": "topics"})
+    config = dataclasses.replace(config, events_path=tmp_path / "events.sqlite3")
+    with TestClient(create_app(config)) as client:
+        page = client.post("/search", json={"query": "reef"}).json()
+        experiments = client.app.state.serving.snapshot.experiments
+        metrics = client.get("/metrics").text
+    assert page["model_version"] == "m0001" and "interleaved" not in page and page["results"]
+    assert experiments.shadow is None and experiments.challenger is None
+    reasons = dict(experiments.errors)
+    assert "m0099" in reasons["shadow"] and "is the active model" in reasons["interleave"]
+    assert 'ltr_search_experiment_failures_total{experiment="shadow",stage="load"} 1.0' in metrics
+
+
+def test_other_feature_sets_score_the_served_window_through_the_one_feature_path(two_models):
+    """A model reading other features gets them for the SAME window via extract_features, once
+    the window carries its candidates; until then it is refused up front, not per request."""
+    from types import SimpleNamespace
+
+    from ltr.experiments import ExperimentScoringError, scoring_problem, window_features
+    from ltr.features import feature_set
+    from ltr.ranker import LtrPipeline, registry_pipeline
+    from ltr.training import build_rows, candidate_window
+    from search.embedded import EmbeddedIndex
+    from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
+    from search.hybrid import Candidates
+    from tests.test_ltr import WINDOW
+
+    home = two_models["home"]
+    index = EmbeddedIndex.open(home, "topics")
+    served = registry_pipeline(index, home, "m0001", WINDOW)
+    basic = LtrPipeline(index, features=feature_set("basic"), fusion=WINDOW)
+    assert scoring_problem(served, registry_pipeline(index, home, "m0002", WINDOW)) is None
+    problem = scoring_problem(served, basic)
+    assert problem is None or "candidates" in problem
+    query = "comet dust tail"
+    scored = served.rank_window(query)
+    with pytest.raises(ExperimentScoringError, match="no candidates"):
+        window_features(basic, query, scored)
+    window = candidate_window(index, query, WINDOW)
+    order = np.argsort(-fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K), kind="stable")
+    in_order = Candidates([window.doc_ids[i] for i in order], window.bm25[order], window.dense[order],
+                          window.bm25_rank[order], window.dense_rank[order])
+    with_candidates = SimpleNamespace(hits=scored.hits, features=scored.features, feature_names=scored.feature_names,
+                                      candidates=in_order)
+    assert window_features(served, query, with_candidates) is scored.features  # same set: the matrix is reused
+    computed = window_features(basic, query, with_candidates)
+    rows = build_rows(index, {"q": query}, {}, feature_set("basic"), WINDOW)  # the training path
+    expected = rows.features[[rows.doc_ids.index(hit.doc_id) for hit in scored.hits]]
+    assert computed.tobytes() == expected.tobytes()
