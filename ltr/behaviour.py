@@ -137,6 +137,9 @@ class UpdateSummary:
     watermark: int
 
 
+MIN_RANDOMISED_PAGES = 200  # shuffled pages needed before their click rates replace the EM fit
+
+
 @dataclass(frozen=True)
 class PropensityFit:
     propensities: list[float]  # examination probability per position (index 0 = position 1 = 1.0)
@@ -144,6 +147,8 @@ class PropensityFit:
     sessions: int
     clicks: int
     explored_impressions: int
+    method: str = "pbm-em"  # or "randomised": click rates per position on shuffled pages
+    randomised_pages: int = 0
 
 
 class BehaviourStore:
@@ -425,12 +430,45 @@ class BehaviourStore:
                 events.append(ClickEvent(query, r.doc_id, r.position, True, click, request.timestamp, request.request_id))
         if not events:
             raise ValueError("cannot fit propensities: the request log has no served results")
-        model = PositionBasedModel().fit(ClickLog.from_events(events, n_positions=max_position))
-        gamma = model.examination / model.examination[0]
+        randomised = _randomised_click_rates(event_store, clicked, max_position)
+        if randomised is not None and randomised[1] >= MIN_RANDOMISED_PAGES:
+            rates, pages = randomised
+            gamma, method = rates / rates[0], "randomised"
+        else:
+            model = PositionBasedModel().fit(ClickLog.from_events(events, n_positions=max_position))
+            gamma, method, pages = model.examination / model.examination[0], "pbm-em", 0 if randomised is None else randomised[1]
         values = [float(min(max(g, 1e-6), 1.0)) for g in gamma]
         fitted_at = time.time()
         self.set_propensities(values, fitted_at)
-        return PropensityFit(values, fitted_at, sessions, n_clicks, explored)
+        return PropensityFit(values, fitted_at, sessions, n_clicks, explored, method, pages)
+
+
+def _randomised_click_rates(event_store: EventStore, clicked: set[tuple[str, int]],
+                            max_position: int) -> tuple[np.ndarray, int] | None:
+    """Click-through rate per position over the pages exploration shuffled (RandTop-n).
+
+    On a shuffled page every document is equally likely at every position, so the expected click
+    rate at position k is examination(k) times the mean attractiveness of the page's documents:
+    the rates are proportional to the examination curve, with no model to fit (Wang et al. 2016).
+    A shuffled page is one whose results at positions 1..n all have a propensity below 1 and at
+    least one moved (propensity <= 1/n): `search.rules.shuffle_page` logs exactly that. Only full
+    pages of `max_position` results from offset 0 count. None when there is no such page or no
+    click at position 1."""
+    clicks = np.zeros(max_position)
+    pages = 0
+    for request in event_store.iter_requests():
+        shown = sorted((r for r in request.results if r.position <= max_position), key=lambda r: r.position)
+        if request.page_offset != 0 or len(shown) != max_position:
+            continue
+        propensity = np.array([r.propensity for r in shown])
+        if not ((propensity < 1.0).all() and propensity.min() <= 1.0 / max_position + 1e-12):
+            continue
+        pages += 1
+        for r in shown:
+            clicks[r.position - 1] += (request.request_id, r.position) in clicked
+    if not pages or clicks[0] == 0:
+        return None
+    return clicks / pages, pages
 
 
 def _values(agg: Aggregate) -> tuple[Any, ...]:

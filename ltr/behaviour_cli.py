@@ -75,8 +75,9 @@ def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
     with events, store:
         if not args.keep_propensities:
             fit = store.fit_propensities(events, max_position=args.max_position)
-            print(f"propensities fitted (PBM, EM) on {fit.sessions:,} served pages, {fit.clicks:,} clicks, "
-                  f"{fit.explored_impressions:,} explored impressions:")
+            how = (f"click rates on {fit.randomised_pages:,} shuffled pages" if fit.method == "randomised"
+                   else f"PBM EM on {fit.sessions:,} served pages ({fit.randomised_pages:,} shuffled: too few)")
+            print(f"propensities fitted from {how}; {fit.clicks:,} clicks, {fit.explored_impressions:,} explored impressions:")
             print("  " + "  ".join(f"{i}:{p:.3f}" for i, p in enumerate(fit.propensities, start=1)))
         started = time.perf_counter()
         summary = store.rebuild(events)

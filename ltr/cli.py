@@ -7,6 +7,7 @@
     ltr-search models show VERSION
     ltr-search models promote VERSION [--dataset PATH --split SPLIT] [--force]
     ltr-search models rollback
+    ltr-search models compare A B [--since T] [--json]
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--force", action="store_true", help="promote even without, or against, the gate")
     promote.add_argument("--quiet", action="store_true")
     commands.add_parser("rollback", help="re-activate the previously active model")
+    from ltr.compare import add_compare_parser
+
+    add_compare_parser(commands)  # `models compare A B`: interleaving wins/losses and a binomial test
 
 
 def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
@@ -88,6 +92,10 @@ def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
         if not args.dataset:
             raise ValueError("train needs --dataset PATH (judged queries) or --from-events (logged clicks)")
         return cmd_train(home, args)
+    if args.models_command == "compare":
+        from ltr.compare import cmd_models_compare
+
+        return cmd_models_compare(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback}
     return handler[args.models_command](home, args)
 
@@ -96,7 +104,8 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from eval.datasets import load_dataset
-    from ltr.features import DEFAULT_FEATURE_SET, feature_set
+    from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour
+    from ltr.point_in_time import BehaviourHistory
     from ltr.ranker import index_description
     from ltr.registry import ModelRegistry
     from ltr.training import TrainingSettings, fit_ranker
@@ -113,8 +122,17 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     log(f"training on {dataset.name}/{dataset.split}: {len(dataset.queries)} judged queries, index "
         f"{index.name}/{index.generation_id}, feature set {features.name} v{features.version} ({len(features.names)} features), "
         f"window BM25 top {fusion.bm25_candidates} + dense top {fusion.dense_candidates}")
-    progress = (lambda items: items) if args.quiet else (lambda items: tqdm(items, desc="features", unit="query", file=sys.stderr))
-    fitted = fit_ranker(index, dataset.queries, dataset.qrels, features, fusion, settings, progress=progress, log=log)
+    history = None
+    if uses_behaviour(features):
+        history = BehaviourHistory.open(home, index.name)
+        if history is None:
+            log(f"no event store for index {index.name}: behaviour features at their no-history values")
+        else:
+            log(f"behaviour features point in time from {history.event_store.path}: a cold group and up to "
+                f"{history.moments_per_query} served moments per query")
+    progress = (lambda items: items) if args.quiet else (lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
+    fitted = fit_ranker(index, dataset.queries, dataset.qrels, features, fusion, settings, progress=progress, log=log,
+                        history=history)
     rows, trained, train_ids, valid_ids = fitted.rows, fitted.trained, fitted.train_ids, fitted.valid_ids
     extract_seconds = fitted.feature_seconds
     pairs_per_second = len(rows.labels) / extract_seconds if extract_seconds else float("nan")
@@ -123,7 +141,8 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
         trained.booster, feature_set=features.describe(), index=index_description(index),
         training={
             "dataset": str(Path(args.dataset).resolve()), "dataset_name": dataset.name, "split": dataset.split,
-            "queries": len(rows.query_ids), "train_queries": len(train_ids), "valid_queries": len(valid_ids),
+            "queries": len(set(rows.query_ids)), "row_groups": len(rows.query_ids),
+            "train_queries": len(train_ids), "valid_queries": len(valid_ids),
             "pairs": int(len(rows.labels)), "fingerprint": rows.fingerprint(),
             "relevant_outside_window": rows.relevant_outside_window, "window": fusion.to_dict(),
             "settings": settings.to_dict(), "feature_seconds": round(extract_seconds, 2),
@@ -133,6 +152,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
         metrics={"valid nDCG@10": trained.valid_score,
                  "train nDCG@10": float(trained.history["train ndcg@10"][trained.best_iteration])},
         importance=trained.importance(), sample_features=sample, best_iteration=trained.best_iteration,
+        reference=drift_reference(trained, rows, page_rows=True),
     )
     valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no validation queries)"
     print(f"model {manifest.version}: {trained.trees} trees (early stopping on {len(valid_ids)} held-out training queries), "
@@ -195,7 +215,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
         metrics={"valid click nDCG@10": trained.valid_score,
                  "train click nDCG@10": float(trained.history["train ndcg@10"][trained.best_iteration])},
         importance=trained.importance(), sample_features=result.sample_features(SAMPLE_ROWS),
-        best_iteration=trained.best_iteration,
+        best_iteration=trained.best_iteration, reference=drift_reference(trained, result.train.rows, page_rows=False),
     )
     span = record["time_range"]
     skipped = record["skipped"]
@@ -219,6 +239,28 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_on(training: dict[str, Any]) -> str:
+    """What `models list` says a model learned from: judged queries, or clicks (validation on clicks)."""
+    if training.get("source") == "events":
+        return f"clicks ({training.get('debias')} debiasing; valid = click nDCG@10)"
+    return f"{training.get('dataset_name')}/{training.get('split')}"
+
+
+def drift_reference(trained, rows, page_rows: bool) -> dict[str, Any]:
+    """The distribution of the model's training features and scores that drift monitoring compares
+    served requests with. Served pages show a query's best-scored documents, so a model trained
+    on whole candidate windows is referenced on each query's top 10 (`page_rows`); one trained on
+    logged pages already is."""
+    from ltr.drift import feature_reference
+    from ltr.registry import predict_scores
+
+    names = list(trained.feature_names)
+    scores = predict_scores(trained.booster, names, rows.features)
+    if page_rows:
+        return feature_reference(rows.features, names, scores, group_sizes=rows.group_sizes, top_k=10).to_dict()
+    return feature_reference(rows.features, names, scores).to_dict()
+
+
 def cmd_list(home: Path, args: argparse.Namespace) -> int:
     from ltr.registry import ModelRegistry
 
@@ -233,11 +275,11 @@ def cmd_list(home: Path, args: argparse.Namespace) -> int:
         return 0
     print(f"{'':2}{'version':<9}{'created':<22}{'feature set':<18}{'index':<24}{'trees':>6}{'valid nDCG@10':>15}  trained on")
     for m in manifests:
-        valid = m.metrics.get("valid nDCG@10")
+        valid = m.metrics.get("valid nDCG@10", m.metrics.get("valid click nDCG@10"))
         print(f"{'*' if m.version == active else '':2}{m.version:<9}{m.created_at[:19]:<22}"
               f"{m.feature_set['name'] + ' v' + str(m.feature_set['version']):<18}"
               f"{m.index['name'] + '/' + m.index['generation']:<24}{m.trees:>6}"
-              f"{'-' if valid is None else format(valid, '.4f'):>15}  {m.training.get('dataset_name')}/{m.training.get('split')}")
+              f"{'-' if valid is None else format(valid, '.4f'):>15}  {trained_on(m.training)}")
     return 0
 
 

@@ -49,9 +49,12 @@ class BehaviourHistory:
     moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY
 
     @classmethod
-    def open(cls, home: Path, index: str, moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY) -> "BehaviourHistory":
-        """The service's event store of the index and the propensities fitted on it (if any)."""
+    def open(cls, home: Path, index: str, moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY) -> "BehaviourHistory | None":
+        """The service's event store of the index and the propensities fitted on it (if any);
+        None when the index has no event store yet (no history: cold-start rows only)."""
         events_path, store_path = behaviour_sources(home, index)
+        if not events_path.exists():
+            return None
         propensities = None
         if store_path.exists():
             with BehaviourStore(store_path) as store:

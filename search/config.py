@@ -40,13 +40,21 @@ MAX_PAGE_SIZE = 100
 MAX_BODY_BYTES = 64 * 1024
 
 
+EXPLORATION_MODES = ("swap", "shuffle")
+
+
 @dataclass(frozen=True)
 class ExplorationSettings:
     epsilon: float = 0.0  # share of requests that get one deeper result swapped into the page
     protected_top: int = 3  # the first positions of a page are never swapped
     seed: int = 0  # with the request id, makes each request's exploration reproducible
+    # "swap": one deeper result swapped into the page (finds documents the ranker buries);
+    # "shuffle": the whole page shown in random order (RandTop-n; identifies position bias)
+    mode: str = "swap"
 
     def __post_init__(self) -> None:
+        if self.mode not in EXPLORATION_MODES:
+            raise ValueError(f"exploration.mode must be one of {', '.join(EXPLORATION_MODES)}, got '{self.mode}'")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"exploration.epsilon must be in [0, 1], got {self.epsilon}")
         if self.protected_top < 0:

@@ -15,7 +15,9 @@ import numpy as np
 from ltr.event_store import ServedRequest, ServedResult
 from search.backend import Hit, SearchBackend
 from search.pipelines import Pipeline
-from search.rules import FieldFilter, diversify, diversity_values, exclude_mask, explore, filter_mask, request_rng
+from search.rules import (
+    FieldFilter, diversify, diversity_values, exclude_mask, explore, filter_mask, request_rng, shuffle_page,
+)
 
 
 class Ranker(Protocol):
@@ -90,6 +92,7 @@ class RankingPipeline:
     epsilon: float = 0.0
     protected_top: int = 3
     seed: int = 0
+    exploration: str = "swap"  # or "shuffle" (search.config.ExplorationSettings.mode)
 
     @property
     def name(self) -> str:
@@ -139,10 +142,14 @@ class RankingPipeline:
             if request.diversity_field and request.diversity_cap:
                 values = diversity_values(metadata or [], request.diversity_field)
                 order = diversify(order, values, request.diversity_cap)
-            exploration = explore(
-                order, request_rng(request.request_id, self.seed), self.epsilon,
-                page_start=request.offset, page_size=request.size, protected_top=self.protected_top,
-            )
+            if self.exploration == "shuffle":
+                exploration = shuffle_page(order, request_rng(request.request_id, self.seed), self.epsilon,
+                                           page_start=request.offset, page_size=request.size)
+            else:
+                exploration = explore(
+                    order, request_rng(request.request_id, self.seed), self.epsilon,
+                    page_start=request.offset, page_size=request.size, protected_top=self.protected_top,
+                )
         page = range(request.offset, min(request.offset + request.size, len(exploration.order)))
         page_rows = [int(exploration.order[position]) for position in page]
         contributions = None

@@ -384,3 +384,36 @@ def explore(
     shown[slot], shown[deep] = order[deep], order[slot]
     propensities[slot] = propensities[deep] = swap_probability
     return Exploration(shown, propensities, explored=True, swapped=(slot, deep))
+
+
+def shuffle_page(order: np.ndarray, rng: np.random.Generator, epsilon: float, page_start: int, page_size: int) -> Exploration:
+    """Randomised exploration of one page (RandTop-n, as in Wang et al. 2016): with probability
+    epsilon (one draw per request) the page's documents are shown in a uniformly random order.
+
+    This is the intervention that makes position bias identifiable: on a shuffled page every
+    document is equally likely at every position, so the click-through rate per position is
+    proportional to the examination probability (`ltr.behaviour` fits propensities from it).
+    Propensities of the n page documents: (1 - eps) + eps / n where a document stays at its own
+    position, eps / n where it moved; outside the page 1. A document moved by a shuffle has a
+    propensity <= 1/n, which is how the request log tells shuffled pages apart.
+    """
+    order = _check_order(order)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= epsilon <= 1.0:
+        raise RuleError(f"epsilon must be in [0, 1], got {_render(epsilon)}")
+    page_start = _check_count("page_start", page_start)
+    page_size = _check_count("page_size", page_size)
+    end = min(page_start + page_size, len(order))
+    n = end - page_start
+    shown = order.copy()
+    propensities = np.ones(len(order), dtype=np.float64)
+    if n < 2 or epsilon == 0.0:
+        return Exploration(shown, propensities, explored=False, swapped=None)
+    epsilon = float(epsilon)
+    stay, move = (1.0 - epsilon) + epsilon / n, epsilon / n
+    propensities[page_start:end] = stay
+    if rng.random() >= epsilon:
+        return Exploration(shown, propensities, explored=False, swapped=None)
+    permutation = rng.permutation(n)
+    shown[page_start:end] = order[page_start:end][permutation]
+    propensities[page_start:end] = np.where(permutation == np.arange(n), stay, move)
+    return Exploration(shown, propensities, explored=True, swapped=None)

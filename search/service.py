@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
+from ltr.behaviour import BehaviourStore, behaviour_store_path
+from ltr.drift import PROMETHEUS_GAUGES, DriftMonitor, set_gauges
 from ltr.event_store import Event, EventStore, ValidationError
 from ltr.experiments import (
     ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick, scoring_problem, top_ranking, window_features,
@@ -87,6 +89,7 @@ class Snapshot:
     model_version: str | None = None  # the active ranking model served as `ltr`
     model_error: str | None = None  # why `ltr` is not served, when it is not
     experiments: ServedExperiments | None = None  # None: no [experiments], or no active model
+    drift: DriftMonitor | None = None  # the active model's served features against its training data
 
 
 class ServingState:
@@ -119,7 +122,7 @@ class ServingState:
         """A first stage wrapped with the service's window and exploration settings."""
         exploration = self.config.exploration
         return RankingPipeline(index, first_stage, self.config.rerank_window, epsilon=exploration.epsilon,
-                               protected_top=exploration.protected_top, seed=exploration.seed)
+                               protected_top=exploration.protected_top, seed=exploration.seed, exploration=exploration.mode)
 
     def _build(self, index: EmbeddedIndex) -> Snapshot:
         config = self.config
@@ -132,12 +135,13 @@ class ServingState:
             else:
                 first_stage = create_pipeline(name, index)
             pipelines[name] = self._serve(index, first_stage)
-        model_version, model_error, experiments = None, None, None
+        model_version, model_error, experiments, drift = None, None, None, None
         if index.has_dense:
             try:
                 learned = registry_pipeline(index, config.home, "active", config.fusion_for(index.name), warn=logger.warning)
                 pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
+                drift = DriftMonitor.for_manifest(learned.model.manifest)
                 if config.experiments.enabled:
                     experiments = self._experiments(index, learned)
             except ModelUnavailableError as exc:
@@ -150,7 +154,7 @@ class ServingState:
         default = next(name for name in (config.default_pipeline, *FALLBACK_PIPELINES) if name in pipelines)
         if default != config.default_pipeline:
             logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
-        return Snapshot(index, pipelines, default, model_version, model_error, experiments)
+        return Snapshot(index, pipelines, default, model_version, model_error, experiments, drift)
 
     def _experiments(self, index: EmbeddedIndex, served: LtrPipeline) -> ServedExperiments:
         """Load the shadow and challenger models; one that cannot be used is logged and left out,
@@ -337,6 +341,12 @@ class ServiceMetrics:
         self.shadow_scorings = Counter("ltr_search_shadow_scorings_total",
                                        "ltr request windows the shadow model also ranked (logged, never shown)",
                                        ["model"], registry=self.registry)
+        self.drift = {name: Gauge(name, help_text, list(labels), registry=self.registry)
+                      for name, (help_text, labels) in PROMETHEUS_GAUGES.items()}
+        self.behaviour_failures = Counter("ltr_search_behaviour_update_failures_total",
+                                          "event batches stored but not yet applied to the behaviour aggregates "
+                                          "(the next batch or `ltr-search behaviour update` catches up)",
+                                          registry=self.registry)
         self.experiment_failures = Counter("ltr_search_experiment_failures_total",
                                            "experiment failures (served responses unaffected), by experiment and stage",
                                            ["experiment", "stage"], registry=self.registry)
@@ -394,6 +404,9 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     if event_store is None:
         config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
     store = event_store or EventStore(config.event_store_path)
+    behaviour_path = behaviour_store_path(config.home, config.index)
+    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
+    aggregates = BehaviourStore(behaviour_path)  # updated after every stored event batch
     experiments_log = experiment_log
     if experiments_log is None and config.experiments.enabled:
         try:
@@ -421,6 +434,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
             state.load_error = str(exc)
             logger.error("index not loaded: %s", exc)
         yield
+        aggregates.close()
         if event_store is None:
             store.close()
         if experiment_log is None and experiments_log is not None:
@@ -515,6 +529,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
             outcome = run_pipeline.run(ranking_request)
         except WindowTooSmallError as exc:
             raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
+        if snapshot.drift is not None:
+            snapshot.drift.observe_outcome(outcome)
         interleaved = interleaver is not None and interleaver.teams is not None
         if interleaver is not None and interleaver.error is not None:
             logger.error("interleaving %s failed, served A's order: %s", interleaver.version, interleaver.error)
@@ -631,6 +647,11 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
             raise ApiError(422, "invalid_events", f"{len(exc.problems)} problem(s); nothing was stored", details) from None
         for event in events:
             metrics.events.labels(event.type).inc()
+        try:  # the events are stored (the source of truth); aggregates follow them, never the reverse
+            aggregates.update(store)
+        except Exception:
+            logger.exception("behaviour aggregates not updated; they catch up on the next batch")
+            metrics.behaviour_failures.inc()
         return EventsAccepted(stored=result.stored, duplicates=result.duplicates)
 
     @app.get("/documents/{doc_id}")
@@ -656,6 +677,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
+        snapshot = state.snapshot
+        set_gauges(metrics.drift, snapshot.drift.report() if snapshot is not None and snapshot.drift is not None else None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/rebuild", response_model=JobStatus, status_code=202, dependencies=[Depends(require_admin)])
