@@ -7,7 +7,6 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
 from ltr.behaviour import MIN_RANDOMISED_PAGES, BehaviourStore, behaviour_store_path
 from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
