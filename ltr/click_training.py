@@ -467,9 +467,13 @@ def parse_time(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise ValueError(f"'{text}' is not a finite time")
+        return value
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ltr.click_training import parse_time
 from ltr.event_store import Event
 from ltr.experiments import InterleavedRequest, ShadowRanking
 
@@ -200,7 +200,7 @@ def cmd_models_compare(home: Path, args: argparse.Namespace) -> int:
     if args.model_a == args.model_b:
         raise ValueError(f"compare two different models, got {args.model_a} twice")
     config = load_service_config(home, Path(args.config) if args.config else None, {"index": args.name})
-    since = parse_time(args.since) if args.since else None
+    since = parse_time(args.since)
     events_path = Path(args.events) if args.events else config.event_store_path
     if not events_path.is_file():
         raise ValueError(f"{events_path}: no event store (pass --events PATH)")
@@ -247,20 +247,4 @@ def render(report: dict[str, Any]) -> str:
                      f"same top 1 {shadow['top1_agreement']:.0%}")
     return "\n".join(lines)
 
-
-def parse_time(text: str) -> float:
-    """Unix seconds, or an ISO 8601 date/time (UTC when it names no zone)."""
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"--since: expected unix seconds or an ISO 8601 time, got {text!r}") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return moment.timestamp()
-    if not math.isfinite(value):
-        raise ValueError(f"--since: expected a finite time, got {text!r}")
-    return value
 
