@@ -32,7 +32,7 @@ import numpy as np
 from ltr.behaviour import BehaviourStore, normalise_query
 from ltr.event_store import EventStore
 from ltr.features import FeatureSet, extract_features
-from ltr.training import RankingRows
+from ltr.training import RankingRows, window_labels
 from search.backend import SearchBackend
 from search.hybrid import Candidates
 
@@ -107,9 +107,8 @@ def point_in_time_rows(
                 query_id = moment.query_id
                 if query_id not in windows:
                     window = window_of(queries[query_id])
-                    judged = qrels.get(query_id, {})
-                    grades = np.array([max(judged.get(d, 0), 0) for d in window.doc_ids], dtype=np.float32)
-                    missed += sum(1 for g in judged.values() if g > 0) - int((grades > 0).sum())
+                    grades, outside = window_labels(window, qrels.get(query_id, {}))
+                    missed += outside
                     windows[query_id] = (window, grades)
                 window, grades = windows[query_id]
                 if moment.timestamp is not None:
@@ -136,7 +135,5 @@ def behaviour_sources(home: Path, index: str) -> tuple[Path, Path]:
     from ltr.behaviour import behaviour_store_path
     from search.config import load_service_config
 
-    config = load_service_config(home)
-    events = config.events_path or Path(home) / "events" / f"{index}.sqlite3"
-    return events, behaviour_store_path(home, index)
+    return load_service_config(home, None, {"index": index}).event_store_path, behaviour_store_path(home, index)
 

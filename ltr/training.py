@@ -140,9 +140,8 @@ def build_rows(
     missed = 0
     for query_id in progress(list(queries)):
         window = candidate_window(backend, queries[query_id], fusion)
-        judged = qrels.get(query_id, {})
-        grades = np.array([max(judged.get(d, 0), 0) for d in window.doc_ids], dtype=np.float32)
-        missed += sum(1 for d, g in judged.items() if g > 0) - int((grades > 0).sum())
+        grades, outside = window_labels(window, qrels.get(query_id, {}))
+        missed += outside
         query_ids.append(query_id)
         doc_ids += window.doc_ids
         blocks.append(extract_features(backend, queries[query_id], window, features))
@@ -155,6 +154,13 @@ def build_rows(
         labels=np.concatenate(labels) if labels else np.empty(0, np.float32),
         group_sizes=np.array(sizes, dtype=np.int64), relevant_outside_window=missed,
     )
+
+
+def window_labels(window: Candidates, judged: Mapping[str, int]) -> tuple[np.ndarray, int]:
+    """Graded labels of a window's candidates (unjudged and negative grades = 0), and how many
+    judged-relevant documents the window missed."""
+    grades = np.array([max(judged.get(d, 0), 0) for d in window.doc_ids], dtype=np.float32)
+    return grades, sum(1 for g in judged.values() if g > 0) - int((grades > 0).sum())
 
 
 def split_queries(query_ids: list[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
