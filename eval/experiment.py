@@ -19,7 +19,7 @@ from tqdm import tqdm
 from eval.datasets import EvalDataset, Run, write_run
 from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, Metric, QueryScores, evaluate_run, parse_metric
 from eval.significance import DEFAULT_ALPHA, DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, compare_to_baseline, mean_confidence_interval
-from search.embedded import EmbeddedIndex
+from search.backend import SearchBackend
 from search.pipelines import LearnedPipeline, create_pipeline, pipeline_spec
 
 DEFAULT_DEPTH = 1000
@@ -148,7 +148,7 @@ def run_queries(
 
 
 def run_experiment(
-    index: EmbeddedIndex,
+    index: SearchBackend,
     dataset: EvalDataset,
     settings: ExperimentSettings,
     runs_dir: Path,
@@ -214,14 +214,14 @@ def run_experiment(
         resamples=settings.resamples, seed=settings.seed,
     )
     judged = {doc for docs in dataset.qrels.values() for doc in docs}
-    missing = sum(1 for doc in judged if doc not in index.docs.index_of)
+    missing = sum(1 for doc in index.documents(sorted(judged)) if doc is None)
     return ExperimentResult(
-        dataset, settings, index.name, index.generation.generation, results, significance, missing, folds_file
+        dataset, settings, index.name, index.generation_id, results, significance, missing, folds_file
     )
 
 
 def _cross_validate(
-    index: EmbeddedIndex, name: str, dataset: EvalDataset, folds: dict[str, int], settings: ExperimentSettings, progress: bool
+    index: SearchBackend, name: str, dataset: EvalDataset, folds: dict[str, int], settings: ExperimentSettings, progress: bool
 ) -> tuple[Run, np.ndarray, list[dict[str, Any]]]:
     """Fit a fresh pipeline on K-1 folds, run it on the held-out fold; every query is answered
     by a model that never saw it."""

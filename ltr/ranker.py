@@ -26,7 +26,6 @@ from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
 from search.hybrid import FusionSettings, top_hits
 
 
-BACKEND_NAME = "embedded"  # the backend this module's pipelines are trained and served on today
 WINDOW_CACHE_SIZE = 2048  # scored windows kept per pipeline for repeated queries (behaviour-free sets only)
 
 
@@ -204,8 +203,10 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
     model = registry.load(version, expected_feature_set=features.describe())
     trained_on = manifest.index
     if warn is not None:
-        if trained_on.get("backend") != BACKEND_NAME:
-            warn(f"model {version} was trained on the {trained_on.get('backend')} backend and is served on {BACKEND_NAME}")
+        if trained_on.get("backend") != backend.kind:
+            warn(f"model {version} was trained on the {trained_on.get('backend')} backend and is served on {backend.kind}: "
+                 "BM25 and analysis details differ between backends (README: Differences from the embedded backend); "
+                 "retrain on this backend for the model to see the features it is served")
         if trained_on.get("name") != backend.name:
             warn(f"model {version} was trained on index '{trained_on.get('name')}' and is served on '{backend.name}'")
         elif trained_on.get("generation") != backend.generation_id:
@@ -218,10 +219,13 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
 def index_description(backend: SearchBackend) -> dict[str, object]:
     """What a model manifest records of the index it was trained against."""
     analyzer = getattr(backend, "analyzer", None)
-    return {
-        "name": backend.name, "generation": backend.generation_id, "backend": BACKEND_NAME,
-        "analyzer": analyzer.settings.to_dict() if analyzer is not None else {},
+    description: dict[str, object] = {
+        "name": backend.name, "generation": backend.generation_id, "backend": backend.kind,
+        "analyzer": analyzer.settings.to_dict() if analyzer is not None else getattr(backend, "meta", {}).get("analyzer", {}),
     }
+    if backend.kind == "elasticsearch":  # the concrete generation index behind the alias
+        description["elasticsearch_index"] = backend.index
+    return description
 
 
 def _ms_since(started: float) -> float:

@@ -1,6 +1,6 @@
 """The retrieval backend interface: everything above it (fusion, features, ranking, rules) is
-backend-agnostic. The embedded index (`search/embedded.py`) implements it today; an
-Elasticsearch backend implements the same methods.
+backend-agnostic. Two implementations: the embedded index (`search/embedded.py`, files in the
+engine home) and Elasticsearch (`search/elastic_backend.py`); `search/backends.py` opens one.
 
 Documents are named by their string ids at this boundary, and scores travel as numpy arrays
 aligned with those ids.
@@ -41,6 +41,8 @@ class Retrieved:
 
 @runtime_checkable
 class SearchBackend(Protocol):
+    kind: str  # "embedded" or "elasticsearch": recorded with trained models
+
     @property
     def name(self) -> str: ...
 
@@ -62,6 +64,14 @@ class SearchBackend(Protocol):
         """Nearest documents by cosine similarity."""
         ...
 
+    def retrieve_hybrid(self, query: str, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
+        """BM25 top-k, the query embedding and dense top-k (one round trip where the backend can)."""
+        ...
+
+    def exact_scores(self, query: str, query_vector: np.ndarray, doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`bm25_scores` and `dense_scores` together (one round trip where the backend can)."""
+        ...
+
     def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
         """Exact combined-field BM25 of the given documents (0 where no term matches)."""
         ...
@@ -76,4 +86,12 @@ class SearchBackend(Protocol):
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         """Stored fields of one document, None when the id is unknown."""
+        ...
+
+    def documents(self, doc_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Stored fields of many documents (one round trip where the backend can)."""
+        ...
+
+    def filter_mask(self, filters: Sequence[Any], doc_ids: Sequence[str]) -> np.ndarray:
+        """True for each document that passes every `search.rules.FieldFilter` (all AND-ed)."""
         ...

@@ -5,6 +5,7 @@ environment (or the file), never from a flag, so it does not show up in process 
 
     # ltr-search.toml
     index = "scifact"
+    backend = "elasticsearch"   # default "embedded"; see search/backends.py
     default_pipeline = "ltr"     # the active model; hybrid (then bm25) while none is promoted
     rerank_window = 200
     [exploration]
@@ -13,6 +14,9 @@ environment (or the file), never from a flag, so it does not show up in process 
     shadow_model = "m0004"      # also scores every ltr request's window; logged, never shown
     interleave_model = "m0004"  # team-draft interleaved against the active model ...
     interleave_share = 0.1      # ... on this share of ltr requests (by request id, reproducibly)
+    [elasticsearch]             # connection settings (indexing/elastic.py), also LTR_SEARCH_ES_*
+    url = "https://es.example.internal:9200"
+    ca_certs = "/etc/ltr-search/es-ca.pem"
     [fusion.scifact]            # per index, e.g. what `ltr-search eval` tuned on a train split
     method = "convex"
     dense_weight = 0.6
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from indexing.config import DEFAULT_INDEX_NAME, settings_from_dict
+from search.backends import BackendChoice, choose_backend
 from search.hybrid import FusionSettings
 
 ADMIN_TOKEN_ENV_VAR = "LTR_SEARCH_ADMIN_TOKEN"
@@ -114,6 +119,7 @@ class ServiceConfig:
     exploration: ExplorationSettings = field(default_factory=ExplorationSettings)
     experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
     fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name
+    backend: BackendChoice = field(default_factory=BackendChoice)
 
     def __post_init__(self) -> None:
         if not 1 <= self.rerank_window <= MAX_RERANK_WINDOW:
@@ -158,6 +164,9 @@ def load_service_config(
             values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
         if "events_path" in values:
             values["events_path"] = Path(values["events_path"])
+        overrides = dict(overrides or {})
+        values["backend"] = choose_backend(overrides.pop("backend", None), overrides.pop("es_url", None),
+                                           {key: values.pop(key) for key in ("backend", "elasticsearch") if key in values})
         token = os.environ.get(ADMIN_TOKEN_ENV_VAR)
         if token:
             values["admin_token"] = token

@@ -19,6 +19,7 @@ from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
 from search.backend import Hit, Retrieved
+from search.rules import FieldFilter, filter_mask, filterable_fields
 
 class DenseUnavailableError(RuntimeError):
     pass
@@ -27,6 +28,8 @@ class DenseUnavailableError(RuntimeError):
 class EmbeddedIndex:
     """Retrieval over one index generation (the embedded `SearchBackend`). Thread-safe for
     concurrent reads."""
+
+    kind = "embedded"
 
     def __init__(self, home: Path, generation: IndexGeneration, encoder_threads: int | None = None):
         self.home = home
@@ -44,7 +47,7 @@ class EmbeddedIndex:
         if dense:
             self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
             encoder_settings = EncoderSettings.from_dict(manifest["build"]["encoder"])
-            self.encoder = _open_encoder(home, dense["encoder"], encoder_settings, encoder_threads)
+            self.encoder = open_query_encoder(home, dense["encoder"], encoder_settings, encoder_threads)
 
     @classmethod
     def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True,
@@ -82,6 +85,13 @@ class EmbeddedIndex:
         keep = indices[0] >= 0
         return Retrieved(self._ids_of(indices[0][keep]), scores[0][keep].astype(np.float32, copy=False))
 
+    def retrieve_hybrid(self, query: str, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
+        vector = self.encode_query(query)
+        return self.retrieve_bm25(query, bm25_k), vector, self.retrieve_dense(vector, dense_k)
+
+    def exact_scores(self, query: str, query_vector: np.ndarray, doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.bm25_scores(query, doc_ids), self.dense_scores(query_vector, doc_ids)
+
     def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
         indices = self._indices_of(doc_ids)
         return self.bm25.scores_of(self.analyzer.analyze(query), indices, COMBINED_FIELD)
@@ -103,6 +113,12 @@ class EmbeddedIndex:
     def document(self, doc_id: str) -> dict[str, Any] | None:
         return self.docs.get_by_id(doc_id)
 
+    def documents(self, doc_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        return [self.docs.get_by_id(doc_id) for doc_id in doc_ids]
+
+    def filter_mask(self, filters: Sequence[FieldFilter], doc_ids: Sequence[str]) -> np.ndarray:
+        return filter_mask(filters, [filterable_fields(d or {}) for d in self.documents(doc_ids)], doc_ids=doc_ids)
+
     def _require_dense(self) -> None:
         if self.vectors is None or self.encoder is None:
             raise DenseUnavailableError(
@@ -122,7 +138,8 @@ class EmbeddedIndex:
         return [ids[i] for i in indices.tolist()]
 
 
-def _open_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:
+def open_query_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:
+    """The index's ONNX encoder from the home, refused when its checksum is not the one the index recorded."""
     directory = encoders_dir(home) / description["directory"]
     try:
         encoder = OnnxEncoder(directory, threads, settings=settings)  # queries truncated as documents were

@@ -71,9 +71,7 @@ def generate_candidates(backend: SearchBackend, query: str, bm25_k: int, dense_k
     convex fusion and ranking features need); without it a candidate outside a retriever's top-k
     gets NaN there, which is all RRF needs (bench_service: exact rescoring is 2 of 5 ms a query
     on 1M documents)."""
-    lexical = backend.retrieve_bm25(query, bm25_k)
-    query_vector = backend.encode_query(query)
-    semantic = backend.retrieve_dense(query_vector, dense_k)
+    lexical, query_vector, semantic = backend.retrieve_hybrid(query, bm25_k, dense_k)
     doc_ids = list(lexical.doc_ids)
     seen = set(doc_ids)
     doc_ids += [d for d in semantic.doc_ids if d not in seen]
@@ -84,8 +82,7 @@ def generate_candidates(backend: SearchBackend, query: str, bm25_k: int, dense_k
     dense_rank = np.full(len(doc_ids), np.nan)
     dense_rank[dense_rows] = np.arange(1, len(semantic) + 1)
     if exact:
-        bm25 = backend.bm25_scores(query, doc_ids)
-        dense = backend.dense_scores(query_vector, doc_ids)
+        bm25, dense = backend.exact_scores(query, query_vector, doc_ids)
     else:
         bm25 = np.full(len(doc_ids), np.nan, dtype=np.float32)
         bm25[: len(lexical)] = lexical.scores

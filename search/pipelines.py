@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, runtime_checkable
 
-from search.backend import Hit
-from search.embedded import EmbeddedIndex
+from search.backend import Hit, SearchBackend
 from search.hybrid import FusionSettings, HybridPipeline, TunedHybridPipeline
 from ltr.features import feature_set
 from ltr.ranker import LtrPipeline, registry_pipeline
@@ -36,7 +35,7 @@ class LearnedPipeline(Pipeline, Protocol):
         ...
 
 
-PipelineFactory = Callable[[EmbeddedIndex], Pipeline]
+PipelineFactory = Callable[[SearchBackend], Pipeline]
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def pipeline_spec(name: str) -> PipelineSpec:
     raise ValueError(f"unknown pipeline '{name}'; choose from {', '.join(_REGISTRY)}" + (f" or {families}" if families else ""))
 
 
-def create_pipeline(name: str, index: EmbeddedIndex) -> Pipeline:
+def create_pipeline(name: str, index: SearchBackend) -> Pipeline:
     return pipeline_spec(name).factory(index)
 
 
@@ -101,11 +100,11 @@ class BM25Pipeline:
 
     name = "bm25"
 
-    def __init__(self, index: EmbeddedIndex):
+    def __init__(self, index: SearchBackend):
         self.index = index
 
     def search(self, query: str, k: int) -> list[Hit]:
-        return self.index.search_bm25(query, k)
+        return self.index.retrieve_bm25(query, k).hits()
 
 
 class DensePipeline:
@@ -113,11 +112,11 @@ class DensePipeline:
 
     name = "dense"
 
-    def __init__(self, index: EmbeddedIndex):
+    def __init__(self, index: SearchBackend):
         self.index = index
 
     def search(self, query: str, k: int) -> list[Hit]:
-        return self.index.search_dense(query, k)
+        return self.index.retrieve_dense(self.index.encode_query(query), k).hits()
 
 
 register_pipeline("bm25", BM25Pipeline, description="BM25 (Lucene formula) over title + text")

@@ -16,7 +16,7 @@ from ltr.event_store import ServedRequest, ServedResult
 from search.backend import Hit, SearchBackend
 from search.pipelines import Pipeline
 from search.rules import (
-    FieldFilter, diversify, diversity_values, exclude_mask, explore, filter_mask, request_rng, shuffle_page,
+    FieldFilter, diversify, diversity_values, exclude_mask, explore, filterable_fields, request_rng, shuffle_page,
 )
 
 
@@ -118,14 +118,14 @@ class RankingPipeline:
         window_size = len(hits)
         documents: list[dict[str, Any]] | None = None  # fetched once, when a rule needs metadata
         metadata: list[Mapping[str, Any]] | None = None
-        if request.filters or request.diversity_field:
+        if request.diversity_field:
             with _timed(timings, "fetch_metadata"):
-                documents = [self._document(hit.doc_id) for hit in hits]
+                documents = [d or {} for d in self.backend.documents([hit.doc_id for hit in hits])]
                 metadata = [filterable_fields(document) for document in documents]
         with _timed(timings, "filter"):
             keep = exclude_mask([h.doc_id for h in hits], request.exclude)
-            if request.filters:
-                keep &= filter_mask(request.filters, metadata or [], doc_ids=[h.doc_id for h in hits])
+            if request.filters:  # evaluated by the backend: Elasticsearch runs them as a filter query
+                keep &= self.backend.filter_mask(request.filters, [h.doc_id for h in hits])
             kept = np.flatnonzero(keep)
             hits = [hits[i] for i in kept]
             if features is not None and model_scores is not None:
@@ -157,6 +157,11 @@ class RankingPipeline:
             with _timed(timings, "explain"):
                 contributions = self.first_stage.contributions(features[page_rows])
         with _timed(timings, "fetch_fields"):
+            if documents is None:  # one batch for the page (one `_mget` on Elasticsearch)
+                fetched = self.backend.documents([hits[i].doc_id for i in page_rows])
+                page_fields = {i: d or {} for i, d in zip(page_rows, fetched)}
+            else:
+                page_fields = {i: documents[i] for i in page_rows}
             results = []
             for row, (position, i) in enumerate(zip(page, page_rows)):
                 hit = hits[i]
@@ -167,7 +172,7 @@ class RankingPipeline:
                     propensity=float(exploration.propensities[position]),
                     first_stage_rank=hit.rank,
                     first_stage_score=hit.score,
-                    fields=documents[i] if documents is not None else self._document(hit.doc_id),
+                    fields=page_fields[i],
                     features=features[i] if features is not None else None,
                     contributions=contributions[row] if contributions is not None else None,
                 ))
@@ -176,9 +181,6 @@ class RankingPipeline:
             feature_names=self.first_stage.feature_names if learned else None,
             model_version=self.first_stage.version if learned else None,
         )
-
-    def _document(self, doc_id: str) -> dict[str, Any]:
-        return self.backend.document(doc_id) or {}
 
 
 def served_request(outcome: RankingOutcome, request: RankingRequest, pipeline: str, backend: SearchBackend,
@@ -200,11 +202,6 @@ def named_row(names: Sequence[str] | None, values: Any) -> dict[str, float] | No
     if names is None or values is None:
         return None
     return dict(zip(names, (float(v) for v in values)))
-
-
-def filterable_fields(document: Mapping[str, Any]) -> dict[str, Any]:
-    """What filters and diversity caps see: the metadata, plus the reserved `id` and `title`."""
-    return {**document.get("metadata", {}), "id": document.get("id"), "title": document.get("title")}
 
 
 @contextmanager

@@ -214,6 +214,11 @@ def parse_filters(spec: Mapping[str, Any]) -> list[FieldFilter]:
     return parsed
 
 
+def filterable_fields(document: Mapping[str, Any]) -> dict[str, Any]:
+    """What filters and diversity caps see: the metadata, plus the reserved `id` and `title`."""
+    return {**document.get("metadata", {}), "id": document.get("id"), "title": document.get("title")}
+
+
 _MISSING = object()
 
 

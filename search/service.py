@@ -37,7 +37,8 @@ from ltr.ranker import LtrPipeline, ModelUnavailableError, ScoredWindow, registr
 from ltr.registry import RegistryError
 from search.backend import Hit
 from search.config import ExperimentSettings, ServiceConfig
-from search.embedded import EmbeddedIndex
+from search.backend import SearchBackend
+from search.backends import open_backend
 from search.hybrid import HybridPipeline
 from search.interleaving import team_draft
 from search.pipelines import Pipeline, create_pipeline, pipeline_names, pipeline_spec
@@ -83,7 +84,7 @@ class ServedExperiments:
 class Snapshot:
     """One loaded generation and the pipelines built on it; never mutated, only replaced."""
 
-    index: EmbeddedIndex
+    index: SearchBackend
     pipelines: dict[str, RankingPipeline]
     default_pipeline: str
     model_version: str | None = None  # the active ranking model served as `ltr`
@@ -113,18 +114,18 @@ class ServingState:
         """Open the active generation and swap it in; the old one keeps serving until then."""
         with self._reload_lock:
             previous = self._snapshot.index.generation_id if self._snapshot else None
-            index = EmbeddedIndex.open(self.config.home, self.config.index, encoder_threads=self.config.threads)
+            index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
             self._snapshot = self._build(index)
             self.load_error = None
             return previous, self._snapshot
 
-    def _serve(self, index: EmbeddedIndex, first_stage: Pipeline) -> RankingPipeline:
+    def _serve(self, index: SearchBackend, first_stage: Pipeline) -> RankingPipeline:
         """A first stage wrapped with the service's window and exploration settings."""
         exploration = self.config.exploration
         return RankingPipeline(index, first_stage, self.config.rerank_window, epsilon=exploration.epsilon,
                                protected_top=exploration.protected_top, seed=exploration.seed, exploration=exploration.mode)
 
-    def _build(self, index: EmbeddedIndex) -> Snapshot:
+    def _build(self, index: SearchBackend) -> Snapshot:
         config = self.config
         pipelines: dict[str, RankingPipeline] = {}
         for name in pipeline_names():
@@ -156,7 +157,7 @@ class ServingState:
             logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
         return Snapshot(index, pipelines, default, model_version, model_error, experiments, drift)
 
-    def _experiments(self, index: EmbeddedIndex, served: LtrPipeline) -> ServedExperiments:
+    def _experiments(self, index: SearchBackend, served: LtrPipeline) -> ServedExperiments:
         """Load the shadow and challenger models; one that cannot be used is logged and left out,
         never failing the generation (the active model serves as usual)."""
         settings = self.config.experiments
