@@ -194,10 +194,10 @@ def connect(settings: ElasticsearchSettings) -> Any:
 def explain_error(exc: Exception, settings: ElasticsearchSettings, what: str) -> ElasticsearchError:
     """Turn a client exception into an error that says what failed and what to do about it."""
     from elasticsearch import ApiError, AuthenticationException, AuthorizationException, NotFoundError
-    from elastic_transport import ConnectionError as TransportConnectionError, ConnectionTimeout, TLSError
+    from elastic_transport import ConnectionError as TransportConnectionError, ConnectionTimeout, TlsError
 
     url = settings.url
-    if isinstance(exc, TLSError):
+    if isinstance(exc, TlsError):
         return ClusterUnavailableError(f"{what}: TLS handshake with {url} failed ({exc}); set elasticsearch.ca_certs "
                                        f"(env {ENV_PREFIX}CA_CERTS) to the cluster's CA certificate")
     if isinstance(exc, ConnectionTimeout):

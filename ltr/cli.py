@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from search.backends import add_backend_arguments
+
 SAMPLE_ROWS = 64  # feature rows stored with a model and re-scored on every load
 GATE_METRIC = "nDCG@10"
 
@@ -37,6 +39,7 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a LambdaMART ranker on judged queries (--dataset) or on logged "
                                                 "clicks (--from-events) and store it in the registry")
     train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
+    add_backend_arguments(train)
     train.add_argument("--split", default="train", help="judged split to learn from (default train)")
     train.add_argument("--name", help="index (default: the dataset's name when such an index exists; with "
                                       "--from-events the service's index)")
@@ -71,6 +74,7 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("version")
     promote = commands.add_parser("promote", help="make a model active, if it is not significantly worse than the active one")
     promote.add_argument("version", help="a model version, or 'latest'")
+    add_backend_arguments(promote)
     promote.add_argument("--dataset", help="BEIR directory with the held-out judged queries of the gate")
     promote.add_argument("--split", help="held-out split (must differ from both models' training split)")
     promote.add_argument("--name", help="index to evaluate on (default: the model's)")
@@ -117,7 +121,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     )
     features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     dataset = load_dataset(args.dataset, args.split)
-    index = open_index(home, args.name, dataset.name)
+    index = open_index(home, args.name, dataset.name, args)
     fusion = load_service_config(home, args.config).fusion_for(index.name)
     log(f"training on {dataset.name}/{dataset.split}: {len(dataset.queries)} judged queries, index "
         f"{index.name}/{index.generation_id}, feature set {features.name} v{features.version} ({len(features.names)} features), "
@@ -178,7 +182,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     if not events_path.is_file():
         raise ValueError(f"no event store at {events_path}: serve the index with `ltr-search serve` to log requests "
                          "and clicks, or pass --events PATH")
-    index = open_index(home, name, name)
+    index = open_index(home, name, name, args)
     settings = ClickTrainingSettings(
         negatives=args.negatives, debias=args.debias, since=parse_time(args.since), until=parse_time(args.until),
         index_name=index.name,
@@ -349,7 +353,7 @@ def promotion_gate(home: Path, args: argparse.Namespace, candidate: Any, active:
         if trained.get("split") == dataset.split and trained.get("dataset") == str(dataset.path.resolve()):
             raise ValueError(f"model {manifest.version} was trained on {dataset.name}/{dataset.split}; "
                              "the gate needs queries neither model has seen (another split)")
-    index = open_index(home, args.name or candidate.index["name"], dataset.name)
+    index = open_index(home, args.name or candidate.index["name"], dataset.name, args)
     values = {}
     for manifest in (active, candidate):
         pipeline = registry_pipeline(index, home, manifest.version, name=manifest.version, warn=log)
@@ -377,16 +381,10 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def open_index(home: Path, name: str | None, dataset_name: str) -> Any:
-    from indexing.bundle import IndexStore
-    from search.embedded import EmbeddedIndex
+def open_index(home: Path, name: str | None, dataset_name: str, args: argparse.Namespace) -> Any:
+    from search.backends import backend_from_args, open_index_for_dataset
 
-    store = IndexStore(home)
-    chosen = name or (dataset_name if dataset_name in store.names() else "default")
-    if chosen not in store.names():
-        raise ValueError(f"no index named '{chosen}' in {store.root}; build it with `ltr-search index build --dataset PATH "
-                         f"--name {chosen}` (or pass --name)")
-    return EmbeddedIndex.open(home, chosen)
+    return open_index_for_dataset(home, name, dataset_name, backend_from_args(args))
 
 
 def log(message: str) -> None:

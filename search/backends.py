@@ -80,3 +80,18 @@ def open_backend(home: Path, name: str, choice: BackendChoice, encoder_threads: 
     from search.embedded import EmbeddedIndex
 
     return EmbeddedIndex.open(home, name, encoder_threads=encoder_threads)
+
+
+def open_index_for_dataset(home: Path, name: str | None, dataset_name: str, choice: BackendChoice) -> Any:
+    """The backend for a job on a dataset: `--name`, else an index named like the dataset, else
+    'default' (embedded: among the home's indexes; Elasticsearch: the dataset's name)."""
+    if choice.is_elasticsearch:
+        return open_backend(home, name or dataset_name, choice)
+    from indexing.bundle import IndexStore
+
+    store = IndexStore(home)
+    chosen = name or (dataset_name if dataset_name in store.names() else "default")
+    if chosen not in store.names():
+        raise ValueError(f"no index named '{chosen}' in {store.root}; build it with `ltr-search index build --dataset PATH "
+                         f"--name {chosen}` (or pass --name)")
+    return open_backend(home, chosen, choice)

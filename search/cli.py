@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from search.backends import add_backend_arguments
 from indexing.config import DEFAULT_BM25_B, DEFAULT_BM25_K1, DEFAULT_INDEX_NAME, DEFAULT_KEEP_GENERATIONS, HOME_ENV_VAR, resolve_home
 
 EXIT_USAGE = 2
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--pipeline", default="bm25", help="bm25, dense, hybrid, hybrid-convex, ltr (the promoted model) or model:VERSION")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
+    add_backend_arguments(search)
 
     evaluate = commands.add_parser("eval", help="evaluate pipelines on a judged split, with significance tests")
     evaluate.add_argument("--dataset", required=True, help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", help="write a markdown report here, with PNG plots next to it")
     evaluate.add_argument("--runs", help="directory for the TREC run files (default: HOME/runs/DATASET-SPLIT)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_backend_arguments(evaluate)
 
     serve = commands.add_parser("serve", help="run the HTTP query service (FastAPI on uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pipeline", dest="default_pipeline", help="default pipeline (default ltr, falling back to hybrid while no model is active)")
     serve.add_argument("--window", dest="rerank_window", type=int, help="rerank window (default 200)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime threads per query encoding (default: all cores; BLAS always 1)")
+    add_backend_arguments(serve)
 
     from eval.click_cli import add_click_commands
 
@@ -125,13 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from indexing.bundle import IndexBundleError
     from indexing.corpus import CorpusError
     from indexing.encoder import EncoderError
+    from indexing.elastic import ElasticsearchError
     from search.embedded import DenseUnavailableError
 
     from ltr.event_store import EventStoreError
     from ltr.registry import RegistryError
 
     user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, EventStoreError,
-                   RegistryError, ValueError)
+                   RegistryError, ElasticsearchError, ValueError)
     try:
         if args.command == "index":
             handler = {"build": cmd_build, "rebuild": cmd_rebuild, "status": cmd_status, "rollback": cmd_rollback}
@@ -263,7 +268,7 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_search(home: Path, args: argparse.Namespace) -> int:
-    from search.embedded import EmbeddedIndex
+    from search.backends import backend_from_args, open_backend
     from search.pipelines import create_pipeline, pipeline_spec
 
     name = "model:active" if args.pipeline == "ltr" else args.pipeline  # as the service serves `ltr`
@@ -276,7 +281,7 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
         raise CliError(f"query has {len(args.query)} characters; the limit is {MAX_QUERY_CHARS}")
     if not 1 <= args.k <= 10_000:
         raise CliError(f"-k must be between 1 and 10000, got {args.k}")
-    index = EmbeddedIndex.open(home, args.name)
+    index = open_backend(home, args.name, backend_from_args(args))
     pipeline = create_pipeline(name, index)
     started = time.perf_counter()
     hits = pipeline.search(args.query, args.k)
@@ -290,13 +295,14 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
             "query": args.query,
             "pipeline": args.pipeline,
             "index": index.name,
-            "generation": index.generation.generation,
+            "generation": index.generation_id,
+            "backend": index.kind,
             "took_ms": round(took_ms, 3),
             "hits": rows,
         }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
         return 0
-    print(f"{args.pipeline} top {len(rows)} for {args.query!r} ({index.name}/{index.generation.generation}, {took_ms:.1f} ms)")
+    print(f"{args.pipeline} top {len(rows)} for {args.query!r} ({index.kind} {index.name}/{index.generation_id}, {took_ms:.1f} ms)")
     for row in rows:
         print(f"{row['rank']:>4}  {row['score']:8.3f}  {row['id']:<12}  {row['title'][:90]}")
     return 0
@@ -311,9 +317,9 @@ def cmd_serve(home: Path, args: argparse.Namespace) -> int:
     config = load_service_config(
         home, Path(args.config) if args.config else None,
         {"index": args.name, "default_pipeline": args.default_pipeline, "rerank_window": args.rerank_window,
-         "threads": args.threads},
+         "threads": args.threads, "backend": args.backend, "es_url": args.es_url},
     )
-    _log(f"serving index '{config.index}' from {home} on http://{args.host}:{args.port} "
+    _log(f"serving index '{config.index}' ({config.backend.describe()}) from {home} on http://{args.host}:{args.port} "
          f"(admin endpoints {'enabled' if config.admin_token else 'disabled: set LTR_SEARCH_ADMIN_TOKEN'})")
     serve(config, args.host, args.port)
     return 0
@@ -324,8 +330,7 @@ def cmd_eval(home: Path, args: argparse.Namespace) -> int:
     from eval.experiment import ExperimentSettings, run_experiment
     from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, parse_metric_list
     from eval.significance import DEFAULT_SEED
-    from indexing.bundle import IndexStore
-    from search.embedded import EmbeddedIndex
+    from search.backends import backend_from_args, open_index_for_dataset
     from search.pipelines import parse_pipeline_list, pipeline_spec
 
     dataset = load_dataset(args.dataset, args.split)
@@ -356,17 +361,11 @@ def cmd_eval(home: Path, args: argparse.Namespace) -> int:
             raise CliError("learned pipelines need a training split other than the evaluated one (--train-split), or --folds K")
         train = load_dataset(args.dataset, train_split)
 
-    store = IndexStore(home)
-    name = args.name or (dataset.name if dataset.name in store.names() else "default")
-    if name not in store.names():
-        raise CliError(
-            f"no index named '{name}' in {store.root}; build it with "
-            f"`ltr-search index build --dataset {dataset.path} --name {name}` (or pass --name)"
-        )
-    index = EmbeddedIndex.open(home, name)
+    index = open_index_for_dataset(home, args.name, dataset.name, backend_from_args(args))
+    name = index.name
     runs_dir = Path(args.runs) if args.runs else home / "runs" / f"{dataset.name}-{dataset.split}"
     _log(f"evaluating {', '.join(settings.pipelines)} on {dataset.name}/{dataset.split}: "
-         f"{len(dataset.queries)} queries ({len(dataset.skipped)} skipped), index {name}/{index.generation.generation}")
+         f"{len(dataset.queries)} queries ({len(dataset.skipped)} skipped), index {name}/{index.generation_id} ({index.kind})")
     result = run_experiment(
         index, dataset, settings, runs_dir, train=train, external_runs=external, progress=not args.quiet, log=_log
     )

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
+from indexing.elastic import ElasticsearchError
 from ltr.behaviour import BehaviourStore, behaviour_store_path
 from ltr.drift import PROMETHEUS_GAUGES, DriftMonitor, set_gauges
 from ltr.event_store import Event, EventStore, ValidationError
@@ -35,9 +36,8 @@ from ltr.experiments import (
 )
 from ltr.ranker import LtrPipeline, ModelUnavailableError, ScoredWindow, registry_pipeline
 from ltr.registry import RegistryError
-from search.backend import Hit
+from search.backend import Hit, SearchBackend
 from search.config import ExperimentSettings, ServiceConfig
-from search.backend import SearchBackend
 from search.backends import open_backend
 from search.hybrid import HybridPipeline
 from search.interleaving import team_draft
@@ -351,6 +351,8 @@ class ServiceMetrics:
         self.experiment_failures = Counter("ltr_search_experiment_failures_total",
                                            "experiment failures (served responses unaffected), by experiment and stage",
                                            ["experiment", "stage"], registry=self.registry)
+        self.backend_errors = Counter("ltr_search_backend_errors_total",
+                                      "requests answered 503 because the Elasticsearch backend failed", registry=self.registry)
 
     def set_generation(self, index: str, generation: str) -> None:
         self.index_info.clear()
@@ -431,7 +433,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
         try:
             state.reload()
             refresh_generation_metric()
-        except (IndexBundleError, OSError, ValueError) as exc:
+        except (IndexBundleError, ElasticsearchError, OSError, ValueError) as exc:
             state.load_error = str(exc)
             logger.error("index not loaded: %s", exc)
         yield
@@ -466,6 +468,13 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(ElasticsearchError)
+    async def backend_error(request: Request, exc: ElasticsearchError) -> JSONResponse:
+        """The cluster is down, slow or refused a request: the service itself is fine, retry later."""
+        logger.error("elasticsearch: %s", exc)
+        metrics.backend_errors.inc()
+        return _error(503, "backend_unavailable", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -697,7 +706,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     def admin_reload() -> ReloadResponse:
         try:
             previous, snapshot = state.reload()
-        except (IndexBundleError, OSError, ValueError) as exc:
+        except (IndexBundleError, ElasticsearchError, OSError, ValueError) as exc:
             raise ApiError(409, "reload_failed", f"the active generation could not be loaded; still serving the old one: {exc}") from None
         refresh_generation_metric()
         return ReloadResponse(index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id),
