@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 DEMO_PORT ?= 8765
 
-.PHONY: install demo serve test bench clean
+.PHONY: install demo serve test test-es bench clean
 
 # The HTTP part of the demo: wait for /ready, search, report a click, read the metrics.
 define DEMO_HTTP
@@ -76,6 +76,12 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Integration tests of the Elasticsearch backend against a running cluster (8.8 or later):
+#   docker compose up -d elasticsearch && ES_URL=http://127.0.0.1:9200 make test-es
+ES_URL ?= http://127.0.0.1:9200
+test-es: install
+	ES_URL='$(ES_URL)' $(BIN)/python -m pytest -q tests/test_elastic_integration.py
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
