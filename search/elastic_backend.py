@@ -167,13 +167,17 @@ def aligned_scores(response: Mapping[str, Any], doc_ids: Sequence[str], index: s
 
 def parse_query_terms(response: Mapping[str, Any]) -> dict[str, Any]:
     """From the `termvectors` response: distinct terms in query order, their counts, the token
-    sequence (for bigrams), and per field each term's document frequency and the doc count."""
+    sequence (for bigrams), and per field each term's document frequency and the doc count.
+
+    The query's own tokens are read from a source field: in the artificial document `all` holds the
+    query several times (its own value plus the copies `copy_to` makes from title and text), so its
+    term frequencies and positions would repeat the query; every field has the same analyser."""
     vectors = response.get("term_vectors") or {}
-    combined = vectors.get(COMBINED_FIELD, {}).get("terms", {})
-    tokens = sorted((token["position"], term) for term, info in combined.items() for token in info.get("tokens", []))
+    analysed = vectors.get(SOURCE_FIELDS[0], {}).get("terms", {})
+    tokens = sorted((token["position"], term) for term, info in analysed.items() for token in info.get("tokens", []))
     sequence = [term for _, term in tokens]
     distinct = list(dict.fromkeys(sequence))
-    stats: dict[str, Any] = {"terms": distinct, "counts": [combined[t].get("term_freq", 1) for t in distinct],
+    stats: dict[str, Any] = {"terms": distinct, "counts": [analysed[t].get("term_freq", 1) for t in distinct],
                              "sequence": sequence, "df": {}, "doc_count": {}}
     for field in (*SOURCE_FIELDS, COMBINED_FIELD):
         entry = vectors.get(field, {})
