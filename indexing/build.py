@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Settings
 from indexing.bundle import IndexGeneration, IndexStore, utc_now
@@ -84,7 +86,6 @@ class BuildSummary:
 
     def lines(self) -> list[str]:
         """The one-screen summary every build ends with."""
-        total = sum(self.seconds.values())
         out = [
             f"index '{self.name}' generation {self.generation} is active ({self.path})",
             f"  documents      {self.documents:,}",
@@ -92,20 +93,37 @@ class BuildSummary:
             f"  vocabulary     {self.vocabulary:,} terms, {self.postings:,} postings (combined field)",
             f"  dense vectors  {self.dense}",
             f"  size on disk   {self.bytes_on_disk / 1e6:,.1f} MB",
-            "  time           " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()) + f" (total {total:.1f}s)",
         ]
-        if self.pruned:
-            out.append(f"  pruned         {', '.join(self.pruned)}")
-        for skip in self.skipped[:20]:
-            out.append(f"  skipped {skip.path}:{skip.line}: {skip.reason}")
-        if len(self.skipped) > 20:
-            out.append(f"  ... and {len(self.skipped) - 20} more skipped lines")
-        return out
+        return out + summary_tail(self.seconds, self.pruned, self.skipped)
+
+
+def summary_tail(seconds: dict[str, float], pruned: list[str], skipped: list[SkippedLine]) -> list[str]:
+    """The end of every build summary (embedded and Elasticsearch): time per phase, pruned
+    generations and the first skipped corpus lines."""
+    total = sum(seconds.values())
+    out = ["  time           " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f" (total {total:.1f}s)"]
+    if pruned:
+        out.append(f"  pruned         {', '.join(pruned)}")
+    for skip in skipped[:20]:
+        out.append(f"  skipped {skip.path}:{skip.line}: {skip.reason}")
+    if len(skipped) > 20:
+        out.append(f"  ... and {len(skipped) - 20} more skipped lines")
+    return out
 
 
 def dense_text(doc: Document) -> str:
     """What the encoder sees of a document (BEIR's convention: title, a space, text)."""
     return f"{doc.title} {doc.text}".strip()
+
+
+def encode_documents(home: Path, encoder_settings: EncoderSettings, documents: list[Document],
+                     progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed documents with the home's exported ONNX encoder (exporting it first if needed).
+    Returns the (documents x dims) embeddings and the manifest's description of the encoder."""
+    encoder_dir = ensure_onnx_encoder(home, encoder_settings, progress=progress)
+    encoder = OnnxEncoder(encoder_dir, settings=encoder_settings)
+    embeddings = encoder.encode([dense_text(d) for d in documents], progress=progress)
+    return embeddings, {**encoder.metadata, "directory": encoder_dir.name}
 
 
 def build_index(
@@ -146,13 +164,11 @@ def build_index(
         manifest["dense"] = None
         if settings.dense:
             started = time.perf_counter()
-            encoder_dir = ensure_onnx_encoder(home, settings.encoder, progress=progress)
-            encoder = OnnxEncoder(encoder_dir, settings=settings.encoder)
-            embeddings = encoder.encode([dense_text(d) for d in corpus.documents], progress=progress)
+            embeddings, encoder_entry = encode_documents(home, settings.encoder, corpus.documents, progress)
             seconds["encode"] = time.perf_counter() - started
             started = time.perf_counter()
             vectors = build_vector_index(embeddings, settings.vectors, staging / VECTORS_DIR)
-            manifest["dense"] = {"encoder": {**encoder.metadata, "directory": encoder_dir.name}, "vectors": vectors}
+            manifest["dense"] = {"encoder": encoder_entry, "vectors": vectors}
             dense_kind = vectors["kind"]
             seconds["vectors"] = time.perf_counter() - started
 

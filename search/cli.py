@@ -19,6 +19,7 @@ Input problems exit with status 2 and one precise line on stderr; nothing is hal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -58,21 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--stopwords", default="lucene", help="lucene or none")
     build.add_argument("--vector-index", default="auto", choices=["auto", "exact", "hnsw"])
     build.add_argument("--hnsw-threshold", type=int, help="corpus size from which 'auto' builds HNSW")
-    build.add_argument("--keep", type=int, default=DEFAULT_KEEP_GENERATIONS, help="old generations kept for rollback")
+    build.add_argument("--keep", type=int, help=f"old generations kept for rollback (default {DEFAULT_KEEP_GENERATIONS}; "
+                                                "elasticsearch: elasticsearch.keep, env LTR_SEARCH_ES_KEEP)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_backend_arguments(build)
 
     rebuild = index_commands.add_parser("rebuild", help="rebuild from the active generation's recorded corpus and settings")
     rebuild.add_argument("--name", default=DEFAULT_INDEX_NAME)
     rebuild.add_argument("--quiet", action="store_true")
+    add_backend_arguments(rebuild)
 
     status = index_commands.add_parser("status", help="generations, sizes and the active pointer")
     status.add_argument("--name")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--verify", action="store_true", help="check every file's SHA-256, not just its size")
+    status.add_argument("--verify", action="store_true", help="check every file's SHA-256, not just its size (embedded)")
+    add_backend_arguments(status)
 
     rollback = index_commands.add_parser("rollback", help="reactivate an older generation")
     rollback.add_argument("--name", default=DEFAULT_INDEX_NAME)
     rollback.add_argument("--to", help="generation id (default: the one before the active)")
+    add_backend_arguments(rollback)
 
     search = commands.add_parser("search", help="run a query for a quick check")
     search.add_argument("query")
@@ -166,16 +172,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_build(home: Path, args: argparse.Namespace) -> int:
+    from indexing.build import build_index
+
+    es = _elasticsearch_settings(args)
+    if es is not None:
+        from indexing.elastic_build import build_elastic_index
+
+        if args.keep is not None:
+            es = dataclasses.replace(es, keep=args.keep)
+        summary = build_elastic_index(home, args.name, _build_settings(args, es.keep), es, progress=not args.quiet,
+                                      log=_log)
+    else:
+        keep = DEFAULT_KEEP_GENERATIONS if args.keep is None else args.keep
+        summary = build_index(home, args.name, _build_settings(args, keep), progress=not args.quiet, log=_log)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _build_settings(args: argparse.Namespace, keep: int) -> Any:
+    """The `BuildSettings` of `index build`'s flags (both backends)."""
     from indexing.analysis import AnalyzerSettings
     from indexing.bm25 import BM25Settings
-    from indexing.build import BuildSettings, build_index
+    from indexing.build import BuildSettings
     from indexing.corpus import CorpusSpec
     from indexing.vectors import VectorIndexSettings
 
     vector_options: dict[str, Any] = {"kind": args.vector_index}
     if args.hnsw_threshold is not None:
         vector_options["hnsw_threshold"] = args.hnsw_threshold
-    settings = BuildSettings(
+    return BuildSettings(
         corpus=CorpusSpec(
             path=str(Path(args.dataset).resolve()),
             id_field=args.id_field,
@@ -187,23 +212,37 @@ def cmd_build(home: Path, args: argparse.Namespace) -> int:
         dense=not args.no_dense,
         vectors=VectorIndexSettings(**vector_options),
         skip_invalid=args.skip_invalid,
-        keep=args.keep,
+        keep=keep,
     )
-    summary = build_index(home, args.name, settings, progress=not args.quiet, log=_log)
-    print("\n".join(summary.lines()))
-    return 0
+
+
+def _elasticsearch_settings(args: argparse.Namespace) -> Any:
+    """The cluster settings when an `index` command targets Elasticsearch, else None."""
+    from search.backends import backend_from_args
+
+    return backend_from_args(args).elasticsearch
 
 
 def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
     from indexing.build import rebuild_index
 
-    summary = rebuild_index(home, args.name, progress=not args.quiet, log=_log)
+    es = _elasticsearch_settings(args)
+    if es is not None:
+        from indexing.elastic_build import rebuild_elastic_index
+
+        summary = rebuild_elastic_index(home, args.name, es, progress=not args.quiet, log=_log)
+    else:
+        summary = rebuild_index(home, args.name, progress=not args.quiet, log=_log)
     print("\n".join(summary.lines()))
     return 0
 
 
 def cmd_status(home: Path, args: argparse.Namespace) -> int:
     from indexing.bundle import IndexBundleError, IndexStore
+
+    es = _elasticsearch_settings(args)
+    if es is not None:
+        return _elastic_status(args, es)
 
     store = IndexStore(home)
     names = [args.name] if args.name else store.names()
@@ -236,33 +275,60 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
             raise CliError(f"no index named '{name}' in {store.root}")
         report["indexes"][name] = {"active": active, "generations": generations}
 
+    def row(g: dict[str, Any]) -> str:
+        if g["status"] != "ok":
+            return f"CORRUPT: {g['error']}"
+        return (f"{g['created_at']}  {g['documents']:>9,} docs  "
+                f"{g['vocabulary']:>9,} terms  dense={g['dense']:<5}  {g['bytes'] / 1e6:8.1f} MB")
+
+    return _print_status(args, report, f"no indexes in {store.root}", lambda name, info: f"index '{name}'", row)
+
+
+def _elastic_status(args: argparse.Namespace, es: Any) -> int:
+    from indexing.elastic_build import elastic_index_status
+
+    def row(g: dict[str, Any]) -> str:
+        if g["status"] == "incompatible":
+            return f"INCOMPATIBLE: {g['error']}"
+        documents = "?" if g["documents"] is None else f"{g['documents']:,}"
+        note = "" if g["status"] == "ok" else f"  INCOMPLETE: its build read {g['expected_documents']} documents"
+        return (f"{g['created_at']}  {documents:>9} docs  dense={g['dense']:<5}  {g['bytes'] / 1e6:8.1f} MB  "
+                f"{g['health'] or '?'}/{g['state'] or '?'}{note}")
+
+    return _print_status(args, elastic_index_status(args.name, es),
+                         f"no indexes under prefix '{es.index_prefix}' on Elasticsearch at {es.url}",
+                         lambda name, info: f"index '{name}' (Elasticsearch at {es.url}, alias {info['alias']})", row)
+
+
+def _print_status(args: argparse.Namespace, report: dict[str, Any], nothing: str, heading: Any, row: Any) -> int:
+    """`index status` output (both backends): the JSON report, or a heading per index and a line
+    per generation, `*` marking the active one."""
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     if not report["indexes"]:
-        print(f"no indexes in {store.root}")
+        print(nothing)
     for name, info in report["indexes"].items():
-        print(f"index '{name}': active generation {info['active'] or '(none)'}")
+        print(f"{heading(name, info)}: active generation {info['active'] or '(none)'}")
         for g in info["generations"]:
-            marker = "*" if g["active"] else " "
-            if g["status"] != "ok":
-                print(f" {marker} {g['generation']}  CORRUPT: {g['error']}")
-                continue
-            print(
-                f" {marker} {g['generation']}  {g['created_at']}  {g['documents']:>9,} docs  "
-                f"{g['vocabulary']:>9,} terms  dense={g['dense']:<5}  {g['bytes'] / 1e6:8.1f} MB"
-            )
+            print(f" {'*' if g['active'] else ' '} {g['generation']}  {row(g)}")
     return 0
 
 
 def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
     from indexing.bundle import IndexStore
 
-    store = IndexStore(home)
-    with store.lock(args.name):
-        before = store.active_generation(args.name)
-        target = args.to or store.previous_generation(args.name)
-        store.activate(args.name, target)
+    es = _elasticsearch_settings(args)
+    if es is not None:
+        from indexing.elastic_build import rollback_elastic_index
+
+        before, target = rollback_elastic_index(args.name, es, to=args.to, log=_log)
+    else:
+        store = IndexStore(home)
+        with store.lock(args.name):
+            before = store.active_generation(args.name)
+            target = args.to or store.previous_generation(args.name)
+            store.activate(args.name, target)
     print(f"index '{args.name}': active generation {before} -> {target}")
     return 0
 
