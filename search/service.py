@@ -302,10 +302,17 @@ class JobRunner:
         return job
 
     def _rebuild(self, job: Job) -> None:
-        from indexing.build import rebuild_index
-
+        config = self.state.config
         try:
-            summary = rebuild_index(self.state.config.home, self.state.config.index, progress=False, log=job.log.append)
+            if config.backend.is_elasticsearch:  # a new generation index, verified, then the alias switch
+                from indexing.elastic_build import rebuild_elastic_index
+
+                summary = rebuild_elastic_index(config.home, config.index, config.backend.elasticsearch, progress=False,
+                                                log=job.log.append)
+            else:
+                from indexing.build import rebuild_index
+
+                summary = rebuild_index(config.home, config.index, progress=False, log=job.log.append)
             job.generation = summary.generation
             self.state.reload()
             self.on_reload()

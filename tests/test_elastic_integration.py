@@ -180,3 +180,21 @@ def test_a_down_cluster_is_a_clear_error(home: Path, small_corpus: Path):
     build = run_cli(home, "index", "build", "--dataset", str(small_corpus), "--no-dense", "--backend", "elasticsearch",
                     "--es-url", CLOSED_PORT_URL, check=False)
     assert build.returncode == 2 and "cannot reach Elasticsearch" in build.stderr
+
+
+def test_the_service_reports_a_down_cluster_as_not_ready(home: Path):
+    """No cluster needed: the service starts, says why it is not ready, and /health stays up."""
+    from fastapi.testclient import TestClient
+
+    from search.config import load_service_config
+    from search.service import create_app
+
+    config = load_service_config(home, None, {"backend": "elasticsearch", "es_url": CLOSED_PORT_URL})
+    assert config.backend.is_elasticsearch and config.backend.elasticsearch.url == CLOSED_PORT_URL
+    with TestClient(create_app(config)) as client:
+        assert client.get("/health").status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert "cannot reach Elasticsearch at http://127.0.0.1:9" in ready.text
+        search = client.post("/search", json={"query": "cats"})
+        assert search.status_code == 503
