@@ -82,7 +82,8 @@ def test_build_search_swap_and_rollback(es, small_corpus: Path, dense_home: Path
     es_cli(dense_home, "index", "rollback", "--name", "it")
     assert alias_targets(es, "it") == first
     status = json.loads(es_cli(dense_home, "index", "status", "--name", "it", "--json").stdout)
-    assert status  # the status command reads the cluster
+    assert status["indexes"]["it"]["active"] == "g000001"
+    assert [g["generation"] for g in status["indexes"]["it"]["generations"] if g["status"] == "ok"] == ["g000001", "g000002"]
 
 
 @needs_cluster
