@@ -13,7 +13,6 @@ API reference (tests/test_elastic_backend.py).
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -283,7 +282,6 @@ class ElasticsearchBackend:
         self.encoder = encoder
         self.field_types = metadata_field_types(mapping)
         self._search_type = "dfs_query_then_fetch" if settings.shards > 1 else None
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, home: Path, name: str, settings: ElasticsearchSettings, encoder_threads: int | None = None,
@@ -291,7 +289,7 @@ class ElasticsearchBackend:
         client = client or connect(settings)
         alias = alias_name(settings, name)
         aliases = _call(settings, f"resolve alias '{alias}'", lambda: client.indices.get_alias(name=alias), alias=alias)
-        indices = sorted(aliases.body if hasattr(aliases, "body") else aliases)
+        indices = sorted(aliases)
         if len(indices) != 1:
             raise ElasticsearchError(f"alias '{alias}' points at {len(indices)} indices ({', '.join(indices)}); "
                                      f"expected one generation: repair it with `ltr-search index rollback --backend "
