@@ -75,6 +75,7 @@ serve: install
 	$(BIN)/ltr-search serve --name scifact --port $(DEMO_PORT)
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Integration tests of the Elasticsearch backend against a running cluster (8.8 or later):

@@ -42,14 +42,16 @@ from eval.click_models import UserBehaviour, simulate_page_clicks  # noqa: E402
 from eval.datasets import load_dataset  # noqa: E402
 from eval.experiment import ExperimentSettings, run_experiment  # noqa: E402
 from eval.simulate import session_plan  # noqa: E402
+from search.app.pipelines import pipeline_spec  # noqa: E402
 from ltr.behaviour import BehaviourStore  # noqa: E402
-from ltr.event_store import Event, EventStore  # noqa: E402
+from search.event_store import Event, EventStore  # noqa: E402
 from ltr.point_in_time import behaviour_sources  # noqa: E402
 from ltr.registry import ModelRegistry  # noqa: E402
-from search.config import ExplorationSettings, ServiceConfig  # noqa: E402
+from search.app.config import ExplorationSettings, ServiceConfig  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 from search.ranking import RankingRequest, served_request  # noqa: E402
-from search.service import ServingState  # noqa: E402
+from search.app.service import ServingState  # noqa: E402
+from eval.propensity import fit_propensities  # noqa: E402
 
 INDEX = "scifact"
 DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
@@ -133,7 +135,8 @@ def evaluate(home: Path, test, train, label: str, runs: Path) -> dict[str, objec
     index = EmbeddedIndex.open(home, INDEX)
     settings = ExperimentSettings(pipelines=["model:active", "ltr:text+behaviour"], baseline="model:active")
     started = time.perf_counter()
-    result = run_experiment(index, test, settings, runs / label, train=train, log=lambda m: print(f"  {m}", flush=True))
+    result = run_experiment(index, test, settings, runs / label, catalog=pipeline_spec, train=train,
+                            log=lambda m: print(f"  {m}", flush=True))
     data = result.to_json()
     text = data["pipelines"]["model:active"]["metrics"]["nDCG@10"]
     both = data["pipelines"]["ltr:text+behaviour"]["metrics"]["nDCG@10"]
@@ -194,7 +197,7 @@ def main() -> int:
             print(f"[{level}/query] {part}: {traffic[part]}", flush=True)
             if part == "train" and level == args.clicks_snapshot_level:
                 snapshot_train_clicks(events_path, RESULTS / "behaviour-loop-train-clicks.sqlite3", list(test.queries.values()))
-        fit = behaviour.fit_propensities(events, max_position=PAGE)
+        fit = fit_propensities(behaviour, events, max_position=PAGE)
         behaviour.rebuild(events)
         mae = float(np.mean(np.abs(np.asarray(fit.propensities) - true_exam / true_exam[0])))
         print(f"[{level}/query] propensities ({fit.method}, {fit.randomised_pages} shuffled pages) "

@@ -27,7 +27,7 @@ from ltr.behaviour import BehaviourStore  # noqa: E402
 from ltr.features import feature_set  # noqa: E402
 from ltr.ranker import InMemoryModel, LtrPipeline  # noqa: E402
 from ltr.training import TrainingSettings, build_rows, split_queries, train_ranker  # noqa: E402
-from search.config import load_service_config  # noqa: E402
+from search.app.config import load_service_config  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 
 DATASET = ROOT.parent / "shared" / "datasets" / "scifact"

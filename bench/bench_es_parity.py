@@ -34,9 +34,9 @@ from eval.metrics import evaluate_run, parse_metric_list  # noqa: E402
 from indexing.bundle import IndexStore  # noqa: E402
 from indexing.elastic import ElasticsearchSettings  # noqa: E402
 from ltr.features import extract_features, feature_set  # noqa: E402
-from search.backends import BackendChoice, open_backend  # noqa: E402
+from search.backend_factory import BackendChoice, open_backend  # noqa: E402
 from search.hybrid import generate_candidates  # noqa: E402
-from search.pipelines import create_pipeline  # noqa: E402
+from search.app.pipelines import create_pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
         print("bench_es_parity: ES_URL is not set; nothing measured (start a cluster with `docker compose up -d "
               "elasticsearch` and run with ES_URL=http://127.0.0.1:9200)")
         return 0
-    from search.cli import main as cli
+    from search.app.cli import main as cli
 
     home = Path(args.home).resolve()
     os.environ["LTR_SEARCH_HOME"] = str(home)

@@ -137,7 +137,7 @@ def bench_http(args: argparse.Namespace, home: Path, workdir: Path, queries: lis
     config = write_config(workdir, workdir / "events-http.sqlite3")
     port = free_port()
     script = Path(sys.executable).with_name("ltr-search")
-    command = ([str(script)] if script.is_file() else [sys.executable, "-m", "search.cli"]) + [
+    command = ([str(script)] if script.is_file() else [sys.executable, "-m", "search.app.cli"]) + [
         "--home", str(home), "serve", "--port", str(port), "--name", args.name, "--config", str(config)]
     log(f"\n== 2. HTTP POST /search, {len(queries)} test queries; starting: {' '.join(command)}")
     with Server(command, workdir, port) as server:
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     import xgboost
 
     from eval.datasets import load_dataset
-    from indexing.config import resolve_home
+    from indexing.home import resolve_home
 
     home = resolve_home(args.home)
     queries = list(load_dataset(Path(args.dataset), "test").queries.values())[: args.queries]

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.datasets import load_dataset  # noqa: E402
 from eval.experiment import assign_folds  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
-from indexing.config import resolve_home  # noqa: E402
+from indexing.home import resolve_home  # noqa: E402
 from ltr.features import feature_set  # noqa: E402
 from ltr.training import RankingRows, TrainingSettings, build_rows, split_queries, train_ranker  # noqa: E402
-from search.config import load_service_config  # noqa: E402
+from search.app.config import load_service_config  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -17,7 +17,7 @@ What is measured (k=10 results, RRF k=60 over BM25 top-200 + dense top-200, BM25
                     filters, rules, page, stored fields of the 10 results). BLAS limited to one
                     thread, as `ltr-search serve` does; ONNX threads = config `threads` (default:
                     all cores).
-   ours HTTP        a real `python -m search.cli serve` subprocess on 127.0.0.1 (uvicorn, one
+   ours HTTP        a real `python -m search.app.cli serve` subprocess on 127.0.0.1 (uvicorn, one
                     worker), POST /search {"query", "size": 10} from httpx clients (one keep-alive
                     client per client thread), concurrency 1 and 16. Each request also writes the
                     request log (request + 10 results) to the SQLite event store, WAL with
@@ -440,8 +440,8 @@ def write_config(workdir: Path, events: Path, threads: int | None = None) -> Pat
 
 def in_process_pipeline(home: Path, name: str, config_file: Path, threads: int | None = None):
     """The hybrid RankingPipeline exactly as the service builds it."""
-    from search.config import load_service_config
-    from search.service import ServingState
+    from search.app.config import load_service_config
+    from search.app.service import ServingState
 
     config = load_service_config(home, config_file, {"index": name, "threads": threads})
     state = ServingState(config)
@@ -536,7 +536,7 @@ def bench_scifact(args, home: Path, workdir: Path) -> dict[str, Any]:
         events = workdir / "events-http.sqlite3"
         http_config = write_config(workdir, events)
         port = free_port()
-        command = [sys.executable, "-m", "search.cli", "--home", str(home), "serve", "--port", str(port),
+        command = [sys.executable, "-m", "search.app.cli", "--home", str(home), "serve", "--port", str(port),
                    "--name", args.name, "--config", str(http_config)]
         log(f"   starting: {' '.join(command[1:])}")
         with Server(command, workdir, port) as server:
@@ -661,7 +661,7 @@ def ensure_bm25_index(spec: SyntheticSpec, corpus: Path) -> Path:
         return home
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    command = [sys.executable, "-m", "search.cli", "--home", str(home), "index", "build", "--dataset", str(corpus),
+    command = [sys.executable, "-m", "search.app.cli", "--home", str(home), "index", "build", "--dataset", str(corpus),
                "--name", SYNTHETIC_INDEX, "--no-dense", "--quiet", "--keep", "1"]
     log(f"   building our BM25 index: {' '.join(command[1:])}")
     started = time.perf_counter()
@@ -784,7 +784,7 @@ def open_synthetic_backend(paths: dict[str, Any], threads: int | None = None):
 
 
 def service_config_for(home: Path, name: str, config_file: Path | None = None):
-    from search.config import load_service_config
+    from search.app.config import load_service_config
 
     return load_service_config(home, config_file, {"index": name})
 
@@ -793,7 +793,7 @@ def serve_synthetic(args) -> None:
     """Child mode: the FastAPI app from create_app, serving the synthetic backend."""
     import uvicorn
 
-    from search.service import create_app, limit_native_threads
+    from search.app.service import create_app, limit_native_threads
 
     paths = synthetic_paths(args)
     spec = paths["spec"]
@@ -818,7 +818,7 @@ def bench_synthetic(args, paths: dict[str, Any], workdir: Path) -> dict[str, Any
     import hnswlib
     from threadpoolctl import threadpool_limits
 
-    from search.service import ServingState
+    from search.app.service import ServingState
 
     spec, vspec = paths["spec"], paths["vectors"]
     label = synthetic_label(spec.docs)
@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"synthetic inputs ready ({time.perf_counter() - started:.0f}s)")
         return
 
-    from indexing.config import resolve_home
+    from indexing.home import resolve_home
 
     home = resolve_home(args.home)
     import bm25s

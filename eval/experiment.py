@@ -20,7 +20,7 @@ from eval.datasets import EvalDataset, Run, write_run
 from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, Metric, QueryScores, evaluate_run, parse_metric
 from eval.significance import DEFAULT_ALPHA, DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, compare_to_baseline, mean_confidence_interval
 from search.backend import SearchBackend
-from search.pipelines import LearnedPipeline, create_pipeline, pipeline_spec
+from search.pipelines import LearnedPipeline, PipelineSpec
 
 DEFAULT_DEPTH = 1000
 
@@ -153,6 +153,7 @@ def run_experiment(
     settings: ExperimentSettings,
     runs_dir: Path,
     *,
+    catalog: Callable[[str], PipelineSpec],
     train: EvalDataset | None = None,
     external_runs: dict[str, Run] | None = None,
     progress: bool = False,
@@ -180,14 +181,14 @@ def run_experiment(
             run_file = write_run({q: run[q] for q in dataset.queries if q in run}, runs_dir / f"{name}.run", tag=name)
             results[name] = PipelineResult(name, False, None, run, scores, np.full(1, np.nan), run_file)
             continue
-        spec = pipeline_spec(name)
+        spec = catalog(name)
         trained_on = None
         fitted: list[dict[str, Any]] = []
         if spec.learned and folds is not None:
-            run, latencies, fitted = _cross_validate(index, name, dataset, folds, settings, progress)
+            run, latencies, fitted = _cross_validate(index, spec, dataset, folds, settings, progress)
             trained_on = f"{settings.folds}-fold cross-validation on {dataset.split} (seed {settings.seed})"
         else:
-            pipeline = create_pipeline(name, index)
+            pipeline = spec.factory(index)
             if spec.learned:
                 if train is None:
                     raise ValueError(
@@ -221,7 +222,8 @@ def run_experiment(
 
 
 def _cross_validate(
-    index: SearchBackend, name: str, dataset: EvalDataset, folds: dict[str, int], settings: ExperimentSettings, progress: bool
+    index: SearchBackend, spec: PipelineSpec, dataset: EvalDataset, folds: dict[str, int], settings: ExperimentSettings,
+    progress: bool,
 ) -> tuple[Run, np.ndarray, list[dict[str, Any]]]:
     """Fit a fresh pipeline on K-1 folds, run it on the held-out fold; every query is answered
     by a model that never saw it."""
@@ -232,12 +234,12 @@ def _cross_validate(
     for fold in range(settings.folds or 0):
         held_out = {q: t for q, t in dataset.queries.items() if folds[q] == fold}
         training = {q: t for q, t in dataset.queries.items() if folds[q] != fold}
-        pipeline = create_pipeline(name, index)
+        pipeline = spec.factory(index)
         assert isinstance(pipeline, LearnedPipeline)
         pipeline.fit(training, {q: dataset.qrels[q] for q in training})
         fitted.append(_fitted_parameters(pipeline))
         fold_run, fold_latencies = run_queries(
-            pipeline.search, held_out, settings.depth, label=f"{name} fold {fold + 1}/{settings.folds}", progress=progress
+            pipeline.search, held_out, settings.depth, label=f"{spec.name} fold {fold + 1}/{settings.folds}", progress=progress
         )
         run.update(fold_run)
         for query_id, latency in zip(held_out, fold_latencies):

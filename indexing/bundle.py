@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from indexing.durable import file_record, fsync_dir, fsync_tree, sha256_file, write_json_durably
-from indexing.config import INDEX_SCHEMA_VERSION, indexes_dir
+from indexing.config import INDEX_SCHEMA_VERSION
+from indexing.home import indexes_dir
 
 MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "ACTIVE"

@@ -1,12 +1,8 @@
-"""Where the engine keeps its files, and the defaults every job shares (one place for each constant)."""
+"""The defaults every job shares (one place for each constant); where files live is `indexing.home`."""
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
-HOME_ENV_VAR = "LTR_SEARCH_HOME"
-DEFAULT_HOME = Path(".ltr-search")
 DEFAULT_INDEX_NAME = "default"
 
 # On-disk index bundle format; bump when a file layout or manifest field changes meaning.
@@ -21,25 +17,6 @@ DEFAULT_BM25_B = 0.4
 # Corpora at least this large get an HNSW index; smaller ones are searched exactly (bench_ann:
 # exact search costs ~16 ms a query at 200k documents, HNSW ef=128 well under 1 ms at recall 0.998+).
 DEFAULT_HNSW_THRESHOLD = 50_000
-
-
-def resolve_home(cli_value: str | os.PathLike[str] | None = None) -> Path:
-    """The engine home: `--home`, else $LTR_SEARCH_HOME, else ./.ltr-search."""
-    if cli_value:
-        return Path(cli_value).expanduser().resolve()
-    env_value = os.environ.get(HOME_ENV_VAR)
-    if env_value:
-        return Path(env_value).expanduser().resolve()
-    return DEFAULT_HOME.resolve()
-
-
-def encoders_dir(home: Path) -> Path:
-    """Exported ONNX encoders, shared by every index in this home (content-addressed)."""
-    return home / "encoders"
-
-
-def indexes_dir(home: Path) -> Path:
-    return home / "indexes"
 
 
 def settings_from_dict(cls: type, data: dict) -> object:

@@ -38,7 +38,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from indexing.durable import fsync_dir, fsync_tree, sha256_file
-from indexing.config import encoders_dir, settings_from_dict
+from indexing.config import settings_from_dict
+from indexing.home import encoders_dir
 
 ENCODER_FORMAT = 1
 MODEL_FILE = "model.onnx"

@@ -61,7 +61,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from ltr.event_store import EventStore, ServedRequest
+from search.event_store import EventStore, ServedRequest
 from ltr.features import FEATURE_SETS, FeatureSet, feature_set
 from ltr.training import RankingRows, TrainedRanker, TrainingSettings, split_queries, train_ranker
 

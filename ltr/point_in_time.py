@@ -29,8 +29,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from indexing.home import behaviour_store_path, event_store_path
 from ltr.behaviour import BehaviourStore, normalise_query
-from ltr.event_store import EventStore
+from search.event_store import EventStore
 from ltr.features import FeatureSet, extract_features
 from ltr.training import RankingRows, window_labels
 from search.backend import SearchBackend
@@ -49,10 +50,11 @@ class BehaviourHistory:
     moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY
 
     @classmethod
-    def open(cls, home: Path, index: str, moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY) -> "BehaviourHistory | None":
+    def open(cls, home: Path, index: str, moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY,
+             events_path: Path | None = None) -> "BehaviourHistory | None":
         """The service's event store of the index and the propensities fitted on it (if any);
         None when the index has no event store yet (no history: cold-start rows only)."""
-        events_path, store_path = behaviour_sources(home, index)
+        events_path, store_path = behaviour_sources(home, index, events_path)
         if not events_path.exists():
             return None
         propensities = None
@@ -130,10 +132,8 @@ def point_in_time_rows(
     )
 
 
-def behaviour_sources(home: Path, index: str) -> tuple[Path, Path]:
-    """(event store, behaviour store) of an index, where the query service keeps them."""
-    from ltr.behaviour import behaviour_store_path
-    from search.config import load_service_config
-
-    return load_service_config(home, None, {"index": index}).event_store_path, behaviour_store_path(home, index)
+def behaviour_sources(home: Path, index: str, events_path: Path | None = None) -> tuple[Path, Path]:
+    """(event store, behaviour store) of an index: the home's defaults unless the service is
+    configured with another event store (`events_path`, which the caller passes)."""
+    return events_path or event_store_path(home, index), behaviour_store_path(home, index)
 

@@ -16,10 +16,11 @@ from typing import Callable, Mapping, Protocol
 import numpy as np
 
 from ltr.behaviour import BehaviourStore
-from ltr.event_store import EventStore
+from search.event_store import EventStore
 from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set, uses_behaviour
 from ltr.point_in_time import BehaviourHistory, behaviour_sources
-from ltr.registry import FeatureSetMismatchError, ModelRegistry, predict_contributions, predict_scores, registry_dir
+from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry, predict_contributions, predict_scores
+from indexing.home import registry_dir
 from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
 from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
@@ -80,7 +81,8 @@ class LtrPipeline:
     def __init__(self, backend: SearchBackend, model: ScoringModel | None = None,
                  features: FeatureSet | None = None, fusion: FusionSettings = FusionSettings(),
                  settings: TrainingSettings = TrainingSettings(), name: str = "ltr",
-                 behaviour: BehaviourStore | None = None, history: BehaviourHistory | None = None):
+                 behaviour: BehaviourStore | None = None, history: BehaviourHistory | None = None,
+                 events_path: Path | None = None):
         self.backend = backend
         self.model = model
         self.features = features or feature_set(DEFAULT_FEATURE_SET)
@@ -90,6 +92,7 @@ class LtrPipeline:
         self.trained: TrainedRanker | None = None
         self._behaviour = behaviour
         self._history = history
+        self._events_path = events_path  # None: the home's event store of the index
         self._cache: OrderedDict[str, ScoredWindow] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -100,7 +103,7 @@ class LtrPipeline:
     def behaviour_store(self) -> BehaviourStore | None:
         """The live aggregates this pipeline reads (opened on first use, next to the index)."""
         if self._behaviour is None and self.uses_behaviour and hasattr(self.backend, "home"):
-            events_path, path = behaviour_sources(self.backend.home, self.backend.name)
+            events_path, path = behaviour_sources(self.backend.home, self.backend.name, self._events_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             store = BehaviourStore(path)
             if events_path.exists():  # catch up with events written while nothing applied them
@@ -111,7 +114,7 @@ class LtrPipeline:
 
     def history(self) -> BehaviourHistory | None:
         if self._history is None and self.uses_behaviour and hasattr(self.backend, "home"):
-            self._history = BehaviourHistory.open(self.backend.home, self.backend.name)
+            self._history = BehaviourHistory.open(self.backend.home, self.backend.name, events_path=self._events_path)
         return self._history
 
     @property
@@ -180,9 +183,19 @@ class ModelUnavailableError(ValueError):
     """No model to serve: none promoted, or the chosen one cannot run on this index."""
 
 
-def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active", fusion: FusionSettings = FusionSettings(),
-                      name: str = "ltr", warn: Callable[[str], None] | None = None) -> LtrPipeline:
-    """An `LtrPipeline` serving a registry model (`active` = the promoted one).
+def model_window(manifest: ModelManifest) -> FusionSettings:
+    """The candidate window a model was trained on, as its manifest records it. Every place that
+    scores a registry model (search, eval, the promotion gate, the service) takes it from here, so
+    a model is never scored on a window it did not see. Manifests without one were trained on the
+    default window."""
+    window = manifest.training.get("window")
+    return FusionSettings.from_dict(window) if window else FusionSettings()
+
+
+def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active", name: str = "ltr",
+                      warn: Callable[[str], None] | None = None, events_path: Path | None = None) -> LtrPipeline:
+    """An `LtrPipeline` serving a registry model (`active` = the promoted one) on the candidate
+    window recorded in its manifest.
 
     The registry re-scores the model's stored sample (parity to 1e-6) and refuses a model whose
     feature set differs from the one this engine computes under that name and version."""
@@ -213,7 +226,7 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
             warn(f"model {version} was trained against generation {trained_on.get('generation')} of '{backend.name}' "
                  f"and is served on {backend.generation_id}: statistics such as IDF moved with the corpus; retrain "
                  "if the corpus changed much (a generation built before forward indexes has no bigram features)")
-    return LtrPipeline(backend, model, features, fusion, name=name)
+    return LtrPipeline(backend, model, features, model_window(manifest), name=name, events_path=events_path)
 
 
 def index_description(backend: SearchBackend) -> dict[str, object]:

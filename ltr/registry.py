@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import xgboost
 
+from indexing.home import registry_dir
 from indexing.config import settings_from_dict
 from indexing.durable import file_record, fsync_dir, fsync_tree, write_json_durably
 from ltr.drift import FeatureReference
@@ -46,10 +47,6 @@ VERSION_PATTERN = re.compile(r"^m(\d{4,})$")
 PARITY_TOLERANCE = 1e-6
 FEATURE_SET_KEYS = ("name", "version", "features")
 INDEX_KEYS = ("name", "generation", "analyzer", "backend")
-
-
-def registry_dir(home: Path) -> Path:
-    return home / "models"
 
 
 class RegistryError(Exception):

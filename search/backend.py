@@ -1,6 +1,6 @@
 """The retrieval backend interface: everything above it (fusion, features, ranking, rules) is
 backend-agnostic. Two implementations: the embedded index (`search/embedded.py`, files in the
-engine home) and Elasticsearch (`search/elastic_backend.py`); `search/backends.py` opens one.
+engine home) and Elasticsearch (`search/elastic_backend.py`); `search/backend_factory.py` opens one.
 
 Documents are named by their string ids at this boundary, and scores travel as numpy arrays
 aligned with those ids.

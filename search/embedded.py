@@ -14,7 +14,7 @@ from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import COMBINED_FIELD, BM25Index, CandidateStats
 from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR
 from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
-from indexing.config import encoders_dir
+from indexing.home import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index

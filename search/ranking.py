@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ltr.event_store import ServedRequest, ServedResult
+from search.event_store import ServedRequest, ServedResult
 from search.backend import Hit, SearchBackend
 from search.pipelines import Pipeline
 from search.rules import (
@@ -92,7 +92,7 @@ class RankingPipeline:
     epsilon: float = 0.0
     protected_top: int = 3
     seed: int = 0
-    exploration: str = "swap"  # or "shuffle" (search.config.ExplorationSettings.mode)
+    exploration: str = "swap"  # or "shuffle" (search.app.config.ExplorationSettings.mode)
 
     @property
     def name(self) -> str:

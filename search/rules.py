@@ -19,11 +19,8 @@ from typing import Any, Collection, Hashable, Mapping, Sequence
 
 import numpy as np
 
-MAX_FILTERS = 32  # fields per request
-MAX_FIELD_NAME_LENGTH = 64
-MAX_IN_VALUES = 1000  # values in one `in` list
-MAX_STRING_LENGTH = 512  # characters in one string filter value
-MAX_EXCLUDE = 1000  # document ids in one exclude list
+from search.limits import MAX_EXCLUDE_IDS, MAX_FIELD_NAME_LENGTH, MAX_FILTERS, MAX_IN_VALUES, MAX_STRING_LENGTH
+
 FIELD_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 RESERVED_FIELDS = ("id", "title")  # the document id and its title, besides metadata keys
 MATCH_OPERATORS = ("eq", "in")
@@ -249,8 +246,8 @@ def exclude_mask(doc_ids: Sequence[str], exclude: Collection[str]) -> np.ndarray
     Ids that are not among the candidates are ignored."""
     if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Collection):
         raise RuleError(f"exclude: expected a list of document ids, got {_render(exclude)}")
-    if len(exclude) > MAX_EXCLUDE:
-        raise RuleError(f"exclude: at most {MAX_EXCLUDE} document ids, got {len(exclude)}")
+    if len(exclude) > MAX_EXCLUDE_IDS:
+        raise RuleError(f"exclude: at most {MAX_EXCLUDE_IDS} document ids, got {len(exclude)}")
     for doc_id in exclude:
         if not isinstance(doc_id, str):
             raise RuleError(f"exclude: expected document id strings, got {_render(doc_id)}")

@@ -77,7 +77,7 @@ def dense_home(tmp_path: Path, shared_encoder_home: Path) -> Path:
 
 def home_sharing_encoder(home: Path, shared_encoder_home: Path) -> Path:
     """A new engine home whose encoders directory is the session's shared export."""
-    from indexing.config import encoders_dir
+    from indexing.home import encoders_dir
 
     home.mkdir(parents=True)
     (home / "encoders").symlink_to(encoders_dir(shared_encoder_home), target_is_directory=True)
@@ -88,7 +88,7 @@ def run_cli(home: Path, *args: str, check: bool = True):
     """Run `ltr-search` in a subprocess, as a user would."""
     import subprocess
 
-    command = [sys.executable, "-m", "search.cli", "--home", str(home), *args]
+    command = [sys.executable, "-m", "search.app.cli", "--home", str(home), *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -112,7 +112,7 @@ def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = N
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "--home", str(home), "serve", "--port", str(port), *serve_args],
+        [sys.executable, "-m", "search.app.cli", "--home", str(home), "serve", "--port", str(port), *serve_args],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

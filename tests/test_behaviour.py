@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ltr.behaviour import DECAY_HALF_LIFE_S, PRIOR_STRENGTH, BehaviourStore, normalise_query
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
+from eval.propensity import fit_propensities
 
 T0 = time.time() - 100 * 86_400.0  # far enough back that a half-life later is still in the past
 
@@ -177,7 +178,7 @@ def test_pbm_fit_recovers_examination(events, beh):
         clicks += [ev(f"s{s}", "click", int(p) + 1, docs[order[p]], T0 + s + 1) for p in np.flatnonzero(hit)]
     for start in range(0, len(clicks), 1000):
         events.append_events(clicks[start:start + 1000])
-    fit = beh.fit_propensities(events, max_position=n_positions)
+    fit = fit_propensities(beh, events, max_position=n_positions)
     assert fit.sessions == n_sessions and fit.clicks == len(clicks)
     assert fit.propensities[0] == 1.0
     mae = float(np.mean(np.abs(np.array(fit.propensities) - true_exam)))

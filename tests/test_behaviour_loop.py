@@ -8,10 +8,12 @@ import time
 import httpx
 import numpy as np
 
-from ltr.behaviour import MIN_RANDOMISED_PAGES, BehaviourStore, behaviour_store_path
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from ltr.behaviour import MIN_RANDOMISED_PAGES, BehaviourStore
+from indexing.home import behaviour_store_path
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from ltr.registry import ModelRegistry
 from search.rules import request_rng, shuffle_page
+from eval.propensity import fit_propensities
 from tests.conftest import run_cli, running_service
 from tests.test_ltr import trained  # noqa: F401 - the module-scoped trained home (a model promoted)
 
@@ -50,7 +52,7 @@ def test_propensities_from_shuffled_pages_recover_the_examination_curve(tmp_path
     for i in range(0, len(clicks), 1000):
         events.append_events(clicks[i:i + 1000])
     store = BehaviourStore(tmp_path / "behaviour.sqlite3")
-    fit = store.fit_propensities(events, max_position=10)
+    fit = fit_propensities(store, events, max_position=10)
     assert fit.method == "randomised" and fit.randomised_pages == 1500 >= MIN_RANDOMISED_PAGES
     assert np.mean(np.abs(np.array(fit.propensities) - examination)) < 0.03
     assert store.propensities() == fit.propensities

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.click_cli import ClickCommandError, add_click_commands, plot_perplexity_by_position, run_click_command
+from search.app.cli.clicks import ClickCommandError, add_click_commands, plot_perplexity_by_position, run_click_command
 from eval.click_log import (
     ClickEvent,
     ClickLog,

@@ -15,10 +15,11 @@ from ltr.click_training import (
     IPS_MAX_WEIGHT, ClickTrainingSettings, click_rows, join_clicks, logged_feature_set, parse_time, rows_from_clicks,
     train_from_clicks,
 )
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from ltr.features import Feature, FeatureSet, feature_set
 from ltr.registry import ModelRegistry, predict_scores
 from ltr.training import TrainingSettings
+from eval.propensity import fit_propensities
 from tests.conftest import SMALL_DOCS, run_cli, write_jsonl
 
 SYNTHETIC = FeatureSet("synthetic", 1, (Feature("signal", "text", "true relevance"), Feature("noise", "text", "noise")))
@@ -175,7 +176,7 @@ def biased_log(tmp_path_factory):
     with EventStore(root / "events.sqlite3") as events:
         _position_biased_log(events)
         with BehaviourStore(root / "behaviour.sqlite3") as behaviour:
-            propensities = behaviour.fit_propensities(events).propensities
+            propensities = fit_propensities(behaviour, events).propensities
         yield events, propensities
 
 

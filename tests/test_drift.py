@@ -26,8 +26,9 @@ from ltr.drift import (
     set_gauges,
     top_rows,
 )
-from ltr.event_store import EventStore, ServedRequest, ServedResult
-from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry, registry_dir
+from search.event_store import EventStore, ServedRequest, ServedResult
+from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry
+from indexing.home import registry_dir
 
 NAMES = ["bm25_all", "coverage_all", "dense_cosine", "constant", "never_set"]
 

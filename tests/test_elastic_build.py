@@ -513,7 +513,7 @@ def test_a_down_cluster_is_a_clear_error():
 
 
 def test_cli_index_commands_print_one_line_for_a_down_cluster(tmp_path, small_corpus, capsys, monkeypatch):
-    from search.cli import main
+    from search.app.cli import main
 
     monkeypatch.setenv("LTR_SEARCH_ES_MAX_RETRIES", "0")
     base = ["--home", str(tmp_path / "home"), "index"]
@@ -526,7 +526,7 @@ def test_cli_index_commands_print_one_line_for_a_down_cluster(tmp_path, small_co
 
 
 def test_cli_build_passes_keep_to_both_settings(tmp_path, small_corpus, monkeypatch, capsys):
-    from search.cli import main
+    from search.app.cli import main
 
     seen: dict[str, Any] = {}
 
@@ -618,7 +618,7 @@ def test_a_dense_build_records_the_encoder_and_checks_knn(home, small_corpus, fa
 
 
 def test_cli_status_and_rollback_read_the_cluster(tmp_path, monkeypatch, capsys):
-    from search.cli import main
+    from search.app.cli import main
 
     cluster = three_generations()
     monkeypatch.setattr(elastic_build, "connect", lambda es: cluster)

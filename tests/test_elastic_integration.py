@@ -187,8 +187,8 @@ def test_the_service_reports_a_down_cluster_as_not_ready(home: Path):
     """No cluster needed: the service starts, says why it is not ready, and /health stays up."""
     from fastapi.testclient import TestClient
 
-    from search.config import load_service_config
-    from search.service import create_app
+    from search.app.config import load_service_config
+    from search.app.service import create_app
 
     config = load_service_config(home, None, {"backend": "elasticsearch", "es_url": CLOSED_PORT_URL})
     assert config.backend.is_elasticsearch and config.backend.elasticsearch.url == CLOSED_PORT_URL

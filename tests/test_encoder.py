@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexing.config import encoders_dir
+from indexing.home import encoders_dir
 from indexing.encoder import (
     EncoderError,
     EncoderSettings,

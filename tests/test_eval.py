@@ -14,7 +14,8 @@ from eval.datasets import EvalDataError, load_dataset, read_qrels, read_run, tre
 from eval.experiment import ExperimentSettings, assign_folds, run_experiment
 from eval.metrics import DEFAULT_METRICS, evaluate_run, parse_metric, parse_metric_list
 from eval.significance import compare_to_baseline, holm, paired_randomisation_test, paired_t_test
-from search import pipelines as pipeline_registry
+from search.app.pipelines import pipeline_spec
+from search.pipelines import PipelineSpec
 from search.backend import Hit
 from search.embedded import EmbeddedIndex
 from tests.conftest import SMALL_DOCS, run_cli, write_jsonl
@@ -240,11 +241,13 @@ class _MemorisingPipeline:
 @pytest.fixture
 def memorising_pipeline(monkeypatch):
     _MemorisingPipeline.fitted_on = []
-    monkeypatch.setitem(
-        pipeline_registry._REGISTRY, "memorise",
-        pipeline_registry.PipelineSpec("memorise", _MemorisingPipeline, True, "test only"),
-    )
     return _MemorisingPipeline
+
+
+def _catalog(name: str):
+    if name == "memorise":
+        return PipelineSpec("memorise", _MemorisingPipeline, True, "test only")
+    return pipeline_spec(name)
 
 
 def test_cross_validation_never_fits_on_evaluated_queries(small_dataset: Path, home: Path, memorising_pipeline, tmp_path: Path):
@@ -252,7 +255,7 @@ def test_cross_validation_never_fits_on_evaluated_queries(small_dataset: Path, h
     index = EmbeddedIndex.open(home, "small")
     dataset = load_dataset(small_dataset, "test")
     settings = ExperimentSettings(["bm25", "memorise"], folds=3, seed=4, resamples=200)
-    result = run_experiment(index, dataset, settings, tmp_path / "runs")
+    result = run_experiment(index, dataset, settings, tmp_path / "runs", catalog=_catalog)
     folds = json.loads(result.folds_file.read_text())["folds"]
     assert len(memorising_pipeline.fitted_on) == 3
     for fold, fitted in enumerate(memorising_pipeline.fitted_on):
@@ -263,7 +266,7 @@ def test_cross_validation_never_fits_on_evaluated_queries(small_dataset: Path, h
     assert result.pipelines["memorise"].scores.mean()["nDCG@10"] < 1.0
     # without folds or a training split a learned pipeline refuses to run
     with pytest.raises(ValueError, match="is learned"):
-        run_experiment(index, dataset, ExperimentSettings(["memorise"], resamples=200), tmp_path / "r2")
+        run_experiment(index, dataset, ExperimentSettings(["memorise"], resamples=200), tmp_path / "r2", catalog=_catalog)
 
 
 # ---------------------------------------------------------------- the CLI

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import ltr.event_store as event_store
-from ltr.event_store import (
+import search.event_store as event_store
+from search.event_store import (
     CLOCK_SKEW_ALLOWANCE_S,
     MAX_BATCH_EVENTS,
     MAX_ID_LENGTH,
@@ -106,7 +106,7 @@ def test_iter_requests_in_timestamp_order_with_half_open_range_across_pages(tmp_
         (dict(request_id="x" * (MAX_ID_LENGTH + 1)), f"request_id: {MAX_ID_LENGTH + 1} characters, the limit is {MAX_ID_LENGTH}"),
         (dict(timestamp=math.inf), "timestamp: must be a finite number of seconds since the epoch, got inf"),
         (dict(query=None), "query: must be a string, got NoneType"),
-        (dict(query="q" * 16_385), "query: 16385 characters, the limit is 16384 (MAX_QUERY_LENGTH)"),
+        (dict(query="q" * 16_385), "query: 16385 characters, the limit is 16384 (MAX_QUERY_CHARS)"),
         (dict(pipeline=""), "pipeline: must not be empty"),
         (dict(page_offset=-1), "page_offset: must be an integer >= 0, got -1"),
         (dict(results=[ServedResult("d1", 1, 1.0)] * 1001), "results: 1001 results, the limit is 1000 (MAX_RESULTS_PER_REQUEST)"),
@@ -385,7 +385,7 @@ def test_closed_store_says_so(tmp_path):
 
 CRASH_CHILD = """
 import sys, time
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 path, run = sys.argv[1], sys.argv[2]
 with EventStore(path) as store:
     request_id = "crash-" + run

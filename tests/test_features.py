@@ -93,7 +93,7 @@ def test_feature_values_against_their_definitions(dense_index):
 
 def test_behaviour_features_read_the_aggregates_of_the_query(dense_index, tmp_path):
     from ltr.behaviour import PRIOR_STRENGTH, BehaviourStore
-    from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+    from search.event_store import Event, EventStore, ServedRequest, ServedResult
 
     query = "dogs chase cats in the garden"
     window = candidate_window(dense_index, query, WINDOW)

@@ -13,8 +13,9 @@ from indexing.corpus import CorpusSpec
 from search.backend import SearchBackend
 from search.embedded import EmbeddedIndex
 from search.fusion import fuse_convex, fuse_reciprocal_rank, normalise_min_max, normalise_z_score
-from search.hybrid import FusionSettings, TunedHybridPipeline, fused_scores, generate_candidates, top_hits
-from search.pipelines import create_pipeline, pipeline_spec
+from eval.fusion_tuning import TunedHybridPipeline
+from search.hybrid import FusionSettings, fused_scores, generate_candidates, top_hits
+from search.app.pipelines import create_pipeline, pipeline_spec
 from tests.conftest import run_cli, write_jsonl
 
 NAN = float("nan")

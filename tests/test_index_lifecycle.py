@@ -171,7 +171,7 @@ def test_killed_build_leaves_the_previous_generation_serving(home, small_corpus,
         "bm25_written": lambda s: (s / "bm25" / "all.doclen.npy").exists(),
         "docs_written": lambda s: (s / "docs" / "docs.offsets.npy").exists(),
     }
-    command = [sys.executable, "-m", "search.cli", "--home", str(home), "index", "build",
+    command = [sys.executable, "-m", "search.app.cli", "--home", str(home), "index", "build",
                "--dataset", str(big), "--name", "t", "--no-dense", "--quiet"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

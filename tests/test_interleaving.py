@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ltr.compare import (
+from search.app.cli.compare import (
     add_compare_parser, cmd_models_compare, compare_interleaved, overlap_at, rank_biased_overlap, shadow_agreement,
 )
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from ltr.experiments import ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick
-from search.config import ExperimentSettings, ExplorationSettings, load_service_config
+from search.app.config import ExperimentSettings, ExplorationSettings, load_service_config
 from search.interleaving import team_draft
-from search.service import interleaving_rng
+from search.app.service import interleaving_rng
 from tests.conftest import home_sharing_encoder, run_cli, running_service
 from tests.test_ltr import _collection
 
@@ -217,7 +217,8 @@ def _save_inverted_model(home: Path, dataset: Path) -> str:
     model = train_ranker(rows, features.names, TrainingSettings(max_rounds=30), None)
     return ModelRegistry(home).save(
         model.booster, feature_set=features.describe(), index=index_description(index),
-        training={"dataset": str(dataset.resolve()), "split": "train", "note": "inverted labels"}, params={},
+        training={"dataset": str(dataset.resolve()), "split": "train", "note": "inverted labels",
+                  "window": WINDOW.to_dict()}, params={},
         metrics={}, importance=model.importance(), sample_features=rows.features[:8], best_iteration=model.best_iteration,
     ).version
 
@@ -311,7 +312,7 @@ def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
 def test_shadow_scoring_logs_and_never_changes_the_page(two_models, tmp_path):
     from fastapi.testclient import TestClient
 
-    from search.service import create_app
+    from search.app.service import create_app
 
     home = two_models["home"]
     served = {}
@@ -354,7 +355,7 @@ class _Broken:
 def test_unusable_experiment_models_never_break_serving(two_models, tmp_path):
     from fastapi.testclient import TestClient
 
-    from search.service import create_app
+    from search.app.service import create_app
 
     path = tmp_path / "missing.toml"
     path.write_text(two_models["plain"].read_text() + '[experiments]\nshadow_model = "m0099"\n'
@@ -388,9 +389,9 @@ def test_other_feature_sets_score_the_served_window_through_the_one_feature_path
 
     home = two_models["home"]
     index = EmbeddedIndex.open(home, "topics")
-    served = registry_pipeline(index, home, "m0001", WINDOW)
+    served = registry_pipeline(index, home, "m0001")
     basic = LtrPipeline(index, features=feature_set("basic"), fusion=WINDOW)
-    assert scoring_problem(served, registry_pipeline(index, home, "m0002", WINDOW)) is None
+    assert scoring_problem(served, registry_pipeline(index, home, "m0002")) is None
     problem = scoring_problem(served, basic)
     assert problem is None or "candidates" in problem
     query = "comet dust tail"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval.datasets import load_dataset
-from ltr.event_store import EventStore
+from search.event_store import EventStore
 from ltr.features import feature_set
 from ltr.ranker import LtrPipeline, index_description, registry_pipeline
 from ltr.registry import FeatureSetMismatchError, ModelRegistry
@@ -158,7 +158,7 @@ def test_served_features_equal_training_features_bit_for_bit(trained):
 def test_registry_model_scores_like_the_in_memory_one(trained):
     home = trained["home"]
     index = EmbeddedIndex.open(home, "topics")
-    served = registry_pipeline(index, home, "active", WINDOW)
+    served = registry_pipeline(index, home, "active")
     window = served.rank_window("comet dust tail")
     np.testing.assert_allclose(served.model.predict(window.features), window.scores, atol=0)
     assert [h.rank for h in window.hits] == list(range(1, len(window.hits) + 1))
@@ -214,8 +214,8 @@ def test_service_refuses_a_model_that_fails_its_parity_check(trained, tmp_path):
     """A model whose stored sample no longer scores the same is not served; the rest is."""
     import shutil
 
-    from search.config import load_service_config
-    from search.service import ServingState
+    from search.app.config import load_service_config
+    from search.app.service import ServingState
 
     home = tmp_path / "home"
     home.mkdir()

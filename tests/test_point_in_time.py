@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from ltr.behaviour import BehaviourStore
-from ltr.event_store import Event, EventStore, ServedRequest, ServedResult
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from ltr.features import feature_set
 from ltr.point_in_time import point_in_time_rows, training_moments
 from ltr.ranker import LtrPipeline

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.config import ADMIN_TOKEN_ENV_VAR, load_service_config
+from search.app.config import ADMIN_TOKEN_ENV_VAR, load_service_config
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings
 from search.pipelines import BM25Pipeline

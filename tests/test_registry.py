@@ -11,17 +11,8 @@ import pytest
 import xgboost
 
 from indexing.durable import file_record
-from ltr.registry import (
-    PARITY_TOLERANCE,
-    FeatureSetMismatchError,
-    ModelCorruptError,
-    ModelManifest,
-    ModelNotFoundError,
-    ModelParityError,
-    ModelRegistry,
-    RegistryError,
-    registry_dir,
-)
+from ltr.registry import PARITY_TOLERANCE, FeatureSetMismatchError, ModelCorruptError, ModelManifest, ModelNotFoundError, ModelParityError, ModelRegistry, RegistryError
+from indexing.home import registry_dir
 
 FEATURES = ["bm25_body", "bm25_title", "dense_cosine", "doc_length", "clicks"]
 FEATURE_SET = {"name": "text", "version": 1, "features": FEATURES}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from search.rules import (
-    MAX_EXCLUDE,
+    MAX_EXCLUDE_IDS,
     MAX_FIELD_NAME_LENGTH,
     MAX_FILTERS,
     MAX_IN_VALUES,
@@ -176,10 +176,10 @@ def test_exclude_mask():
     assert exclude_mask(IDS, ["d1", "d4", "unknown"]).tolist() == [True, False, True, True, False]
     assert exclude_mask(IDS, set()).tolist() == [True] * 5
     assert exclude_mask([], ["d1"]).tolist() == []
-    assert exclude_mask(IDS, [f"x{i}" for i in range(MAX_EXCLUDE)]).all()
+    assert exclude_mask(IDS, [f"x{i}" for i in range(MAX_EXCLUDE_IDS)]).all()
     for exclude, message in [
-        ([f"x{i}" for i in range(MAX_EXCLUDE + 1)],
-         f"exclude: at most {MAX_EXCLUDE} document ids, got {MAX_EXCLUDE + 1}"),
+        ([f"x{i}" for i in range(MAX_EXCLUDE_IDS + 1)],
+         f"exclude: at most {MAX_EXCLUDE_IDS} document ids, got {MAX_EXCLUDE_IDS + 1}"),
         ("d1", 'exclude: expected a list of document ids, got "d1"'),
         (["d1", 7], "exclude: expected document id strings, got 7"),
     ]:

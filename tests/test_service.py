@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ltr.event_store import EventStore
+from search.event_store import EventStore
 from tests.conftest import home_sharing_encoder, ROOT, SMALL_DOCS, run_cli, running_service, write_jsonl
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -14,8 +14,8 @@ import pytest
 
 from eval.click_models import UserBehaviour, simulate_page_clicks
 from eval.simulate import SimulationError, SimulationReport, SimulationSettings, _post, run_sessions, session_plan
-from ltr.event_store import EventStore
-from search.cli import main as cli_main
+from search.event_store import EventStore
+from search.app.cli import main as cli_main
 from tests.conftest import SMALL_DOCS, running_service, write_jsonl
 
 INDEX = "sim"
@@ -95,8 +95,8 @@ def test_same_seed_same_clicks(world):
     from fastapi.testclient import TestClient
 
     from eval.datasets import load_dataset
-    from search.config import load_service_config
-    from search.service import create_app
+    from search.app.config import load_service_config
+    from search.app.service import create_app
 
     dataset = load_dataset(world["dataset"], "test")
     config = load_service_config(world["home"], world["config"], {"index": INDEX})

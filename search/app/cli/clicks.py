@@ -514,8 +514,8 @@ def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int
 
 
 def _in_process_config(args: argparse.Namespace) -> Any:
-    from indexing.config import resolve_home
-    from search.config import load_service_config
+    from indexing.home import resolve_home
+    from search.app.config import load_service_config
 
     home = resolve_home(getattr(args, "home", None))
     config = load_service_config(home, Path(args.config) if args.config else None, {"index": args.index_name})
@@ -530,7 +530,7 @@ def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, setting
     from fastapi.testclient import TestClient
 
     from eval.simulate import check_ready, run_sessions
-    from search.service import create_app, limit_native_threads
+    from search.app.service import create_app, limit_native_threads
 
     limit_native_threads()  # as `serve` does: BLAS single-threaded per call
     with TestClient(create_app(config)) as client:
@@ -550,7 +550,7 @@ def _run_through_api(args: argparse.Namespace, dataset: Any, behaviour: UserBeha
 
 def _stored_events(path: Path) -> int:
     """Rows in an event store, all types (opened and closed here: a reader independent of the service)."""
-    from ltr.event_store import EventStore
+    from search.event_store import EventStore
 
     with EventStore(path) as store:
         return sum(store.count_events().values())
@@ -612,7 +612,7 @@ def _json_safe(value: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser with just the click commands, until the main CLI wires them in."""
-    parser = argparse.ArgumentParser(prog="python -m eval.click_cli", description="Click models and click simulation.")
+    parser = argparse.ArgumentParser(prog="python -m search.app.cli.clicks", description="Click models and click simulation.")
     parser.add_argument("--home", help="engine home, for in-process live simulation (env LTR_SEARCH_HOME)")
     add_click_commands(parser.add_subparsers(dest="command", required=True))
     return parser

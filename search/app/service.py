@@ -28,23 +28,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError, IndexBusyError
 from indexing.elastic import ElasticsearchError
-from ltr.behaviour import BehaviourStore, behaviour_store_path
+from ltr.behaviour import BehaviourStore
+from indexing.home import behaviour_store_path
 from ltr.drift import PROMETHEUS_GAUGES, DriftMonitor, set_gauges
-from ltr.event_store import Event, EventStore, ValidationError
+from search.event_store import Event, EventStore, ValidationError
 from ltr.experiments import (
     ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick, scoring_problem, top_ranking, window_features,
 )
 from ltr.ranker import LtrPipeline, ModelUnavailableError, ScoredWindow, registry_pipeline
 from ltr.registry import RegistryError
 from search.backend import Hit, SearchBackend
-from search.config import ExperimentSettings, ServiceConfig
-from search.backends import open_backend
+from search.app.config import ExperimentSettings, ServiceConfig
+from search.backend_factory import open_backend
 from search.hybrid import HybridPipeline
 from search.interleaving import team_draft
-from search.pipelines import Pipeline, create_pipeline, pipeline_names, pipeline_spec
+from search.app.pipelines import create_pipeline, pipeline_names, pipeline_spec
+from search.pipelines import Pipeline
 from search.ranking import RankingPipeline, RankingRequest, WindowTooSmallError, named_row, served_request
 from search.rules import RuleError, check_field_name, parse_filters, request_rng
-from search.schemas import (
+from search.app.schemas import (
     EventBatch, EventsAccepted, HealthResponse, IndexInfo, JobStatus, ReadyResponse, ReloadResponse,
     ResultExplanation, SearchRequest, SearchResponse, SearchResult,
 )
@@ -139,7 +141,8 @@ class ServingState:
         model_version, model_error, experiments, drift = None, None, None, None
         if index.has_dense:
             try:
-                learned = registry_pipeline(index, config.home, "active", config.fusion_for(index.name), warn=logger.warning)
+                learned = registry_pipeline(index, config.home, "active", warn=logger.warning,
+                                            events_path=config.event_store_path)
                 pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
                 drift = DriftMonitor.for_manifest(learned.model.manifest)
@@ -172,8 +175,8 @@ class ServingState:
                 continue
             try:
                 if version not in loaded:
-                    loaded[version] = registry_pipeline(index, self.config.home, version, self.config.fusion_for(index.name),
-                                                        name=experiment, warn=logger.warning)
+                    loaded[version] = registry_pipeline(index, self.config.home, version, name=experiment, warn=logger.warning,
+                                                        events_path=self.config.event_store_path)
                 other = loaded[version]
                 problem = scoring_problem(served, other)
                 if problem is None and experiment == "interleave" and other.version == served.version:

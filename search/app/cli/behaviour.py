@@ -13,6 +13,7 @@ features against its training data.
 """
 from __future__ import annotations
 
+from eval.propensity import fit_propensities
 import argparse
 import datetime as dt
 import json
@@ -49,9 +50,9 @@ def run_behaviour_command(home: Path, args: argparse.Namespace) -> int:
 
 def _open(home: Path, name: str | None):
     from ltr.behaviour import BehaviourStore
-    from ltr.event_store import EventStore
+    from search.event_store import EventStore
     from ltr.point_in_time import behaviour_sources
-    from search.config import load_service_config
+    from search.app.config import load_service_config
 
     index = name or load_service_config(home).index
     events_path, store_path = behaviour_sources(home, index)
@@ -74,7 +75,7 @@ def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
     index, events, store = _open(home, args.name)
     with events, store:
         if not args.keep_propensities:
-            fit = store.fit_propensities(events, max_position=args.max_position)
+            fit = fit_propensities(store, events, max_position=args.max_position)
             how = (f"click rates on {fit.randomised_pages:,} shuffled pages" if fit.method == "randomised"
                    else f"PBM EM on {fit.sessions:,} served pages ({fit.randomised_pages:,} shuffled: too few)")
             print(f"propensities fitted from {how}; {fit.clicks:,} clicks, {fit.explored_impressions:,} explored impressions:")

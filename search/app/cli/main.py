@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from search.backends import add_backend_arguments
-from indexing.config import DEFAULT_BM25_B, DEFAULT_BM25_K1, DEFAULT_INDEX_NAME, DEFAULT_KEEP_GENERATIONS, HOME_ENV_VAR, resolve_home
+from search.backend_factory import add_backend_arguments
+from indexing.config import DEFAULT_BM25_B, DEFAULT_BM25_K1, DEFAULT_INDEX_NAME, DEFAULT_KEEP_GENERATIONS
+from indexing.home import HOME_ENV_VAR, resolve_home, runs_dir
+from search.limits import MAX_QUERY_CHARS
 
 EXIT_USAGE = 2
-MAX_QUERY_CHARS = 4096
 
 
 class CliError(Exception):
@@ -117,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="ONNX Runtime threads per query encoding (default: all cores; BLAS always 1)")
     add_backend_arguments(serve)
 
-    from eval.click_cli import add_click_commands
+    from search.app.cli.clicks import add_click_commands
 
     add_click_commands(commands)  # `clicks fit` and `simulate`
-    from ltr.cli import add_ltr_commands
+    from search.app.cli.models import add_ltr_commands
 
     add_ltr_commands(commands)  # `train` and `models list|show|promote|rollback`
-    from ltr.behaviour_cli import add_behaviour_commands
+    from search.app.cli.behaviour import add_behaviour_commands
 
     add_behaviour_commands(commands)  # `behaviour status|update|rebuild`
     return parser
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from indexing.elastic import ElasticsearchError
     from search.embedded import DenseUnavailableError
 
-    from ltr.event_store import EventStoreError
+    from search.event_store import EventStoreError
     from ltr.registry import RegistryError
 
     user_errors = (CliError, CorpusError, IndexBundleError, EncoderError, DenseUnavailableError, EventStoreError,
@@ -154,15 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(home, args)
         if args.command in ("train", "models"):
-            from ltr.cli import run_ltr_command
+            from search.app.cli.models import run_ltr_command
 
             return run_ltr_command(home, args)
         if args.command == "behaviour":
-            from ltr.behaviour_cli import run_behaviour_command
+            from search.app.cli.behaviour import run_behaviour_command
 
             return run_behaviour_command(home, args)
         if args.command in ("clicks", "simulate"):
-            from eval.click_cli import run_click_command
+            from search.app.cli.clicks import run_click_command
 
             return run_click_command(args)
     except user_errors as exc:
@@ -218,7 +219,7 @@ def _build_settings(args: argparse.Namespace, keep: int) -> Any:
 
 def _elasticsearch_settings(args: argparse.Namespace) -> Any:
     """The cluster settings when an `index` command targets Elasticsearch, else None."""
-    from search.backends import backend_from_args
+    from search.backend_factory import backend_from_args
 
     return backend_from_args(args).elasticsearch
 
@@ -334,8 +335,8 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_search(home: Path, args: argparse.Namespace) -> int:
-    from search.backends import backend_from_args, open_backend
-    from search.pipelines import create_pipeline, pipeline_spec
+    from search.backend_factory import backend_from_args, open_backend
+    from search.app.pipelines import create_pipeline, pipeline_spec
 
     name = "model:active" if args.pipeline == "ltr" else args.pipeline  # as the service serves `ltr`
     if pipeline_spec(name).learned:  # an unknown name fails here too, before the index loads
@@ -375,8 +376,8 @@ def cmd_search(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(home: Path, args: argparse.Namespace) -> int:
-    from search.config import load_service_config
-    from search.service import serve
+    from search.app.config import load_service_config
+    from search.app.service import serve
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be between 1 and 65535, got {args.port}")
@@ -396,8 +397,8 @@ def cmd_eval(home: Path, args: argparse.Namespace) -> int:
     from eval.experiment import ExperimentSettings, run_experiment
     from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, parse_metric_list
     from eval.significance import DEFAULT_SEED
-    from search.backends import backend_from_args, open_index_for_dataset
-    from search.pipelines import parse_pipeline_list, pipeline_spec
+    from search.backend_factory import backend_from_args, open_index_for_dataset
+    from search.app.pipelines import parse_pipeline_list, pipeline_spec
 
     dataset = load_dataset(args.dataset, args.split)
     external = {}
@@ -429,11 +430,12 @@ def cmd_eval(home: Path, args: argparse.Namespace) -> int:
 
     index = open_index_for_dataset(home, args.name, dataset.name, backend_from_args(args))
     name = index.name
-    runs_dir = Path(args.runs) if args.runs else home / "runs" / f"{dataset.name}-{dataset.split}"
+    runs = Path(args.runs) if args.runs else runs_dir(home, dataset.name, dataset.split)
     _log(f"evaluating {', '.join(settings.pipelines)} on {dataset.name}/{dataset.split}: "
          f"{len(dataset.queries)} queries ({len(dataset.skipped)} skipped), index {name}/{index.generation_id} ({index.kind})")
     result = run_experiment(
-        index, dataset, settings, runs_dir, train=train, external_runs=external, progress=not args.quiet, log=_log
+        index, dataset, settings, runs, catalog=pipeline_spec, train=train, external_runs=external,
+        progress=not args.quiet, log=_log,
     )
     payload = result.to_json()
     if args.json_out == "-":

@@ -5,10 +5,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from search.config import MAX_PAGE_SIZE, MAX_QUERY_CHARS, MAX_RERANK_WINDOW
-from ltr.event_store import MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_ID_LENGTH
-
-MAX_EXCLUDE_IDS = 1_000
+from search.limits import (
+    MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_EXCLUDE_IDS, MAX_FIELD_NAME_LENGTH, MAX_ID_LENGTH, MAX_PAGE_SIZE, MAX_QUERY_CHARS,
+    MAX_RERANK_WINDOW,
+)
 
 
 class Strict(BaseModel):
@@ -16,7 +16,7 @@ class Strict(BaseModel):
 
 
 class Diversity(Strict):
-    field: str = Field(min_length=1, max_length=128, description="metadata field, e.g. author")
+    field: str = Field(min_length=1, max_length=MAX_FIELD_NAME_LENGTH, description="metadata field, e.g. author")
     max_per_value: int = Field(ge=1, le=MAX_PAGE_SIZE, description="at most this many results per value")
 
 
@@ -24,7 +24,7 @@ class SearchRequest(Strict):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     size: int = Field(10, ge=1, le=MAX_PAGE_SIZE)
     offset: int = Field(0, ge=0, le=MAX_RERANK_WINDOW)
-    pipeline: str | None = Field(None, max_length=64, description="default: the service's default pipeline")
+    pipeline: str | None = Field(None, max_length=MAX_ID_LENGTH, description="default: the service's default pipeline")
     filters: dict[str, Any] | None = Field(
         None, description='metadata filters: {"author": "ann", "year": {"gte": 2010}, "journal": {"in": ["a", "b"]}}'
     )

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence, get_args
 
+from search.limits import (
+    MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_FEATURES_PER_RESULT, MAX_FIELD_NAME_LENGTH, MAX_ID_LENGTH, MAX_QUERY_CHARS,
+    MAX_RESULTS_PER_REQUEST,
+)
+
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C545245  # "LTRE" in PRAGMA application_id: marks the file as an event store
 BUSY_TIMEOUT_MS = 10_000  # only other processes wait on this; threads of one process queue on a lock
@@ -43,13 +48,6 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 # service (stamp on receipt), not absorbed here. The same allowance bounds timestamps in the future.
 CLOCK_SKEW_ALLOWANCE_S = 5.0
 
-MAX_BATCH_EVENTS = 1000
-MAX_ID_LENGTH = 128  # request_id, event_id, user_id, session_id, model_version, pipeline, index names
-MAX_DOC_ID_LENGTH = 512
-MAX_QUERY_LENGTH = 16_384  # BEIR's ArguAna queries are whole arguments, thousands of characters
-MAX_RESULTS_PER_REQUEST = 1000
-MAX_FEATURES_PER_RESULT = 512
-MAX_FEATURE_NAME_LENGTH = 128
 MAX_DWELL_MS = 86_400_000.0  # one day; longer is a client bug, not a reading
 MAX_PROBLEMS_IN_MESSAGE = 20
 
@@ -541,8 +539,8 @@ def _request_problems(record: ServedRequest) -> list[str]:
     _check_time(problems, "timestamp", record.timestamp)
     if not isinstance(record.query, str):
         problems.append(f"query: must be a string, got {type(record.query).__name__}")
-    elif len(record.query) > MAX_QUERY_LENGTH:
-        problems.append(f"query: {len(record.query)} characters, the limit is {MAX_QUERY_LENGTH} (MAX_QUERY_LENGTH)")
+    elif len(record.query) > MAX_QUERY_CHARS:
+        problems.append(f"query: {len(record.query)} characters, the limit is {MAX_QUERY_CHARS} (MAX_QUERY_CHARS)")
     for name in ("pipeline", "index_name", "index_generation"):
         _check_id(problems, name, getattr(record, name), MAX_ID_LENGTH)
     for name in ("model_version", "user_id", "session_id"):
@@ -602,10 +600,10 @@ def _check_features(problems: list[str], where: str, features: Any) -> None:
     for name, value in features.items():
         if not isinstance(name, str) or not name:
             problems.append(f"{where}: feature names must be non-empty strings, got {name!r}")
-        elif len(name) > MAX_FEATURE_NAME_LENGTH:
+        elif len(name) > MAX_FIELD_NAME_LENGTH:
             problems.append(
                 f"{where}[{name[:20]!r}...]: name has {len(name)} characters, the limit is "
-                f"{MAX_FEATURE_NAME_LENGTH} (MAX_FEATURE_NAME_LENGTH)"
+                f"{MAX_FIELD_NAME_LENGTH} (MAX_FIELD_NAME_LENGTH)"
             )
         elif not _is_number(value) or math.isinf(value):
             problems.append(f"{where}[{name!r}]: must be a finite number or NaN (missing), got {value!r}")

@@ -5,7 +5,7 @@ environment (or the file), never from a flag, so it does not show up in process 
 
     # ltr-search.toml
     index = "scifact"
-    backend = "elasticsearch"   # default "embedded"; see search/backends.py
+    backend = "elasticsearch"   # default "embedded"; see search/backend_factory.py
     default_pipeline = "ltr"     # the active model; hybrid (then bm25) while none is promoted
     rerank_window = 200
     [exploration]
@@ -32,17 +32,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from indexing.config import DEFAULT_INDEX_NAME, settings_from_dict
-from search.backends import BackendChoice, choose_backend
+from indexing.home import event_store_path, experiment_log_path
+from search.backend_factory import BackendChoice, choose_backend
 from search.hybrid import FusionSettings
+from search.limits import DEFAULT_RERANK_WINDOW, MAX_BODY_BYTES, MAX_PAGE_SIZE, MAX_QUERY_CHARS, MAX_RERANK_WINDOW
 
 ADMIN_TOKEN_ENV_VAR = "LTR_SEARCH_ADMIN_TOKEN"
 CONFIG_ENV_VAR = "LTR_SEARCH_CONFIG"
 
-DEFAULT_RERANK_WINDOW = 200
-MAX_RERANK_WINDOW = 2_000
-MAX_QUERY_CHARS = 1_024
-MAX_PAGE_SIZE = 100
-MAX_BODY_BYTES = 64 * 1024
 
 
 EXPLORATION_MODES = ("swap", "shuffle")
@@ -124,17 +121,21 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.rerank_window <= MAX_RERANK_WINDOW:
             raise ValueError(f"rerank_window must be between 1 and {MAX_RERANK_WINDOW}, got {self.rerank_window}")
+        if not 1 <= self.max_query_chars <= MAX_QUERY_CHARS:
+            raise ValueError(f"max_query_chars must be between 1 and {MAX_QUERY_CHARS}, got {self.max_query_chars}")
+        if not 1 <= self.max_page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"max_page_size must be between 1 and {MAX_PAGE_SIZE}, got {self.max_page_size}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError(f"the admin token (${ADMIN_TOKEN_ENV_VAR}) must be at least 16 characters")
 
     @property
     def event_store_path(self) -> Path:
-        return self.events_path or self.home / "events" / f"{self.index}.sqlite3"
+        return self.events_path or event_store_path(self.home, self.index)
 
     @property
     def experiment_log_path(self) -> Path:
         """Interleaved requests and shadow rankings (ltr/experiments.py), one file per index."""
-        return self.home / "experiments" / f"{self.index}.sqlite3"
+        return experiment_log_path(self.home, self.index)
 
     def fusion_for(self, index: str) -> FusionSettings:
         return self.fusion.get(index, FusionSettings())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ltr.click_training import parse_time
-from ltr.event_store import Event
+from search.event_store import Event
 from ltr.experiments import InterleavedRequest, ShadowRanking
 
 ALPHA = 0.05
@@ -193,9 +193,9 @@ def add_compare_parser(models_subparsers: argparse._SubParsersAction) -> argpars
 
 
 def cmd_models_compare(home: Path, args: argparse.Namespace) -> int:
-    from ltr.event_store import CLOCK_SKEW_ALLOWANCE_S, EventStore
+    from search.event_store import CLOCK_SKEW_ALLOWANCE_S, EventStore
     from ltr.experiments import ExperimentLog, ExperimentLogError
-    from search.config import load_service_config
+    from search.app.config import load_service_config
 
     if args.model_a == args.model_b:
         raise ValueError(f"compare two different models, got {args.model_a} twice")

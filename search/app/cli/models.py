@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from search.backends import add_backend_arguments
+from search.backend_factory import add_backend_arguments
+from eval.propensity import fit_propensities
 
 SAMPLE_ROWS = 64  # feature rows stored with a model and re-scored on every load
 GATE_METRIC = "nDCG@10"
@@ -81,7 +82,7 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--force", action="store_true", help="promote even without, or against, the gate")
     promote.add_argument("--quiet", action="store_true")
     commands.add_parser("rollback", help="re-activate the previously active model")
-    from ltr.compare import add_compare_parser
+    from search.app.cli.compare import add_compare_parser
 
     add_compare_parser(commands)  # `models compare A B`: interleaving wins/losses and a binomial test
 
@@ -97,7 +98,7 @@ def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
             raise ValueError("train needs --dataset PATH (judged queries) or --from-events (logged clicks)")
         return cmd_train(home, args)
     if args.models_command == "compare":
-        from ltr.compare import cmd_models_compare
+        from search.app.cli.compare import cmd_models_compare
 
         return cmd_models_compare(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback}
@@ -113,7 +114,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from ltr.ranker import index_description
     from ltr.registry import ModelRegistry
     from ltr.training import TrainingSettings, fit_ranker
-    from search.config import load_service_config
+    from search.app.config import load_service_config
 
     settings = TrainingSettings(
         learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
@@ -168,14 +169,15 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
 
 def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     """LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
-    from ltr.behaviour import BehaviourStore, behaviour_store_path
+    from ltr.behaviour import BehaviourStore
+    from indexing.home import behaviour_store_path
     from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks
-    from ltr.event_store import EventStore
+    from search.event_store import EventStore
     from ltr.features import feature_set
     from ltr.ranker import index_description
     from ltr.registry import ModelRegistry
     from ltr.training import TrainingSettings
-    from search.config import load_service_config
+    from search.app.config import load_service_config
 
     name = args.name or load_service_config(home, args.config).index
     events_path = Path(args.events) if args.events else load_service_config(home, args.config, {"index": name}).event_store_path
@@ -198,7 +200,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
             with BehaviourStore(path) as behaviour:
                 propensities = behaviour.propensities()
                 if propensities is None:
-                    fit = behaviour.fit_propensities(store)
+                    fit = fit_propensities(behaviour, store)
                     propensities = fit.propensities
                     log(f"no fitted propensities in {path}: fitted the position-based click model on "
                         f"{fit.sessions} logged requests ({fit.clicks} clicks) and stored them there")
@@ -382,7 +384,7 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
 
 
 def open_index(home: Path, name: str | None, dataset_name: str, args: argparse.Namespace) -> Any:
-    from search.backends import backend_from_args, open_index_for_dataset
+    from search.backend_factory import backend_from_args, open_index_for_dataset
 
     return open_index_for_dataset(home, name, dataset_name, backend_from_args(args))
 

@@ -1,0 +1,5 @@
+import sys
+
+from search.app.cli.main import main
+
+sys.exit(main())
