@@ -75,7 +75,7 @@ class EventValidationError(ValidationError):
     """An event batch refused as a whole; problems are named `events[i].field: reason`."""
 
 
-class RequestValidationError(ValidationError):
+class ServedRequestError(ValidationError):
     """A served request refused by `log_request`; problems are named `field` or `results[i].field`."""
 
 
@@ -241,10 +241,10 @@ class EventStore:
         prepared = []
         for record in records:
             if not isinstance(record, ServedRequest):
-                raise RequestValidationError("request", [f"record: must be a ServedRequest, got {type(record).__name__}"])
+                raise ServedRequestError("request", [f"record: must be a ServedRequest, got {type(record).__name__}"])
             problems = _request_problems(record)
             if problems:
-                raise RequestValidationError(f"request {record.request_id!r}", problems)
+                raise ServedRequestError(f"request {record.request_id!r}", problems)
             request_row = (
                 record.request_id, float(record.timestamp), record.query, record.pipeline, record.index_name,
                 record.index_generation, record.model_version, record.user_id, record.session_id,
@@ -266,7 +266,7 @@ class EventStore:
                 except sqlite3.IntegrityError as exc:
                     if "UNIQUE" not in str(exc):
                         raise
-                    raise RequestValidationError(
+                    raise ServedRequestError(
                         f"request {request_id!r}",
                         [f"request_id: request {request_id!r} is already logged (request ids must be unique)"],
                     ) from None

@@ -25,7 +25,7 @@ from search.event_store import (
     EventStore,
     EventStoreError,
     EventValidationError,
-    RequestValidationError,
+    ServedRequestError,
     ServedRequest,
     ServedResult,
 )
@@ -120,14 +120,14 @@ def test_iter_requests_in_timestamp_order_with_half_open_range_across_pages(tmp_
 )
 def test_request_validation_names_field_and_reason(tmp_path, change, message):
     with EventStore(tmp_path / "e.db") as store:
-        with pytest.raises(RequestValidationError) as info:
+        with pytest.raises(ServedRequestError) as info:
             store.log_request(served(**{"request_id": "bad", **change}))
         assert info.value.problems == [message]
         assert list(store.iter_requests()) == []
 
 
 def test_request_id_is_logged_once(store):
-    with pytest.raises(RequestValidationError) as info:
+    with pytest.raises(ServedRequestError) as info:
         store.log_request(served("r1", n=2))
     assert info.value.problems == ["request_id: request 'r1' is already logged (request ids must be unique)"]
     assert len(store.get_request("r1").results) == 10  # the first one is untouched
