@@ -15,7 +15,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field as dataclass_field
-from typing import Any, Collection, Hashable, Mapping, Sequence
+from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -219,6 +219,35 @@ def filterable_fields(document: Mapping[str, Any]) -> dict[str, Any]:
 _MISSING = object()
 
 
+def _kind(value: Any) -> str | None:
+    """The JSON kind a filter compares by; list fields count by their elements."""
+    key = _key(value)
+    return None if key is None else key[0]
+
+
+def check_value_kinds(rule: FieldFilter, stored: Iterable[Any]) -> None:
+    """Refuse a filter that can never match because of its JSON type: `{"year": "2010"}` against
+    a field that holds numbers (or `2010` against strings) would silently match nothing. Judged on
+    the stored values the filter is applied to; a field with mixed kinds, or none seen, passes."""
+    seen: set[str] = set()
+    for value in stored:
+        for element in value if isinstance(value, (list, tuple)) else (value,):
+            kind = _kind(element)
+            if kind is not None:
+                seen.add(kind)
+    if len(seen) != 1:
+        return
+    (stored_kind,) = seen
+    wanted = {"num"} if rule.is_range else {_kind(v) for v in rule.values} - {None}
+    if wanted and stored_kind not in wanted:
+        names = {"num": "numbers", "str": "strings", "bool": "booleans"}
+        example = ", ".join(_render(v) for v in rule.values[:3]) if rule.values else "a range"
+        hint = {"num": "write the number without quotes", "str": "quote the value",
+                "bool": "write true or false"}[stored_kind]
+        raise RuleError(f"filters.{rule.field}: {example} can never match: field '{rule.field}' holds "
+                        f"{names[stored_kind]} in this index ({hint})")
+
+
 def filter_mask(
     filters: Sequence[FieldFilter], metadata: Sequence[Mapping[str, Any]], doc_ids: Sequence[str] | None = None
 ) -> np.ndarray:
@@ -229,6 +258,7 @@ def filter_mask(
         raise RuleError(f"{len(doc_ids)} document ids but {len(metadata)} metadata records")
     keep = np.ones(len(metadata), dtype=bool)
     for rule in filters:
+        check_value_kinds(rule, (record.get(rule.field) for record in metadata))
         for i, record in enumerate(metadata):
             if not keep[i]:
                 continue

@@ -397,3 +397,32 @@ def test_request_rng_is_reproducible_from_the_request_id():
         request_rng(123, 7)
     with pytest.raises(RuleError, match="seed must be an integer"):
         request_rng("req-1", "7")
+
+
+# ---------------------------------------------------------------- filter values of the wrong JSON type
+
+
+@pytest.mark.parametrize("spec, stored, message", [
+    ({"year": "2010"}, [2010, 2012, 2019], 'filters.year: "2010" can never match: field \'year\' holds numbers in this '
+                                           'index (write the number without quotes)'),
+    ({"year": {"in": ["2010", "2011"]}}, [2010, 2011], "holds numbers"),
+    ({"year": {"gte": 2010}}, ["2010", "2012"], "holds strings in this index (quote the value)"),
+    ({"author": 7}, [["ann", "bob"], ["cy"]], "holds strings"),
+    ({"open": "true"}, [True, False], "holds booleans in this index (write true or false)"),
+])
+def test_a_filter_of_the_wrong_type_is_an_error_not_an_empty_page(spec, stored, message):
+    metadata = [{next(iter(spec)): value} for value in stored]
+    with pytest.raises(RuleError) as info:
+        filter_mask(parse_filters(spec), metadata)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("spec, stored, expected", [
+    ({"year": 2010}, [2010, 2012], [True, False]),
+    ({"year": "2010"}, ["2010", 2012], [True, False]),  # mixed kinds: no verdict, plain matching
+    ({"year": "2010"}, [None, None], [False, False]),  # nothing seen: nothing to judge by
+    ({"year": {"in": ["2010", 2010]}}, [2010, 2011], [True, False]),  # one of the values can match
+])
+def test_filters_whose_type_can_match_are_applied_as_before(spec, stored, expected):
+    metadata = [{next(iter(spec)): value} for value in stored]
+    assert filter_mask(parse_filters(spec), metadata).tolist() == expected
