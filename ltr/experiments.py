@@ -1,4 +1,6 @@
-"""Online model comparisons: the experiment log, and scoring a served window with another model.
+"""Online model comparisons, in one module: the experiment log, scoring a served window with
+another model, team-draft interleaving of served pages, shadow scoring, and the analysis behind
+`ltr-search models compare` (clicks credited per team, sign test, shadow agreement).
 
     HOME/experiments/INDEX.sqlite3
         interleaved      one row per team-draft interleaved page: the two models and, per shown
@@ -19,22 +21,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
+from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
+from search.backend import Hit
+from search.event_store import Event
+from search.interleaving import team_draft
+from search.rules import request_rng
+
+if TYPE_CHECKING:  # ltr.ranker loads xgboost: `models compare` and `--help` never need it
     from ltr.ranker import LtrPipeline, ScoredWindow
+
+logger = logging.getLogger("ltr_search.experiments")
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C545258  # "LTRX": marks the file as an experiment log
-BUSY_TIMEOUT_MS = 10_000
 SHADOW_TOP = 20  # documents of each ranking kept per shadow row
+ALPHA = 0.05  # significance level of the interleaving sign test
+AGREEMENT_DEPTH = 10
+RBO_PERSISTENCE = 0.9
 
 _SCHEMA: tuple[str, ...] = (
     """
@@ -65,7 +77,7 @@ _SCHEMA: tuple[str, ...] = (
 )
 
 
-class ExperimentLogError(RuntimeError):
+class ExperimentLogError(SqliteStoreError):
     """The experiment log cannot be opened or used: names the file and the reason."""
 
 
@@ -115,24 +127,12 @@ class ExperimentLog:
             raise ExperimentLogError(f"{self.path}: no experiment log (the service writes one when [experiments] is set)")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._closed = False
-        try:
-            self._connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                               timeout=BUSY_TIMEOUT_MS / 1000)
-        except sqlite3.Error as exc:
-            raise ExperimentLogError(f"{self.path}: cannot open experiment log: {exc}") from exc
-        try:
-            self._prepare()
-        except BaseException:
-            self._connection.close()
-            raise
+        schema = SqliteSchema("experiment log", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, error=ExperimentLogError,
+                              synchronous="FULL")
+        self._db = SqliteDatabase(self.path, schema)  # WAL, locking and transactions: indexing.sqlite
 
     def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._connection.close()
+        self._db.close()
 
     def __enter__(self) -> "ExperimentLog":
         return self
@@ -190,62 +190,11 @@ class ExperimentLog:
     # ---- connection ------------------------------------------------------------------------
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            self._check_open()
-            return self._connection.execute(sql, list(params)).fetchall()
+        with self._db.read() as connection:
+            return connection.execute(sql, list(params)).fetchall()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._check_open()
-            connection = self._connection
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-                connection.execute("COMMIT")  # the WAL is fsynced before this returns (synchronous=FULL)
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ExperimentLogError(f"{self.path}: experiment log is closed")
-
-    def _prepare(self) -> None:
-        connection = self._connection
-        try:
-            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            connection.execute("PRAGMA synchronous = FULL")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                tables = connection.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall()
-                if tables:
-                    raise ExperimentLogError(f"{self.path}: not an experiment log (it has other tables)")
-                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise ExperimentLogError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode!r})")
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    if connection.execute("PRAGMA user_version").fetchone()[0] == 0:  # no other process won the race
-                        for statement in _SCHEMA:
-                            connection.execute(statement)
-                        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    connection.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-                version = connection.execute("PRAGMA user_version").fetchone()[0]
-            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            if application_id != APPLICATION_ID:
-                raise ExperimentLogError(f"{self.path}: not an experiment log (application_id {application_id:#x})")
-            if version != SCHEMA_VERSION:
-                raise ExperimentLogError(f"{self.path}: schema version {version}; this code knows {SCHEMA_VERSION}")
-            connection.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.DatabaseError as exc:
-            raise ExperimentLogError(f"{self.path}: cannot open experiment log: {exc}") from exc
+    def _write(self) -> ContextManager[sqlite3.Connection]:
+        return self._db.write()
 
 
 def _ranking_json(ranking: Sequence[tuple[str, float]]) -> str:
@@ -283,14 +232,15 @@ def window_features(other: "LtrPipeline", query: str, window: "ScoredWindow") ->
                                      "served window carries no candidates to compute them from")
     if list(candidates.doc_ids) != [hit.doc_id for hit in window.hits]:
         raise ExperimentScoringError("the served window's candidates are not aligned with its hits")
-    from ltr.features import extract_features
+    from ltr.features import extract_features  # xgboost and friends: loaded only when another feature set scores
 
     behaviour = other.behaviour_store() if hasattr(other, "behaviour_store") else None  # what `other` itself reads
     return extract_features(other.backend, query, candidates, other.features, behaviour)
 
 
 def window_scores(other: "LtrPipeline", query: str, window: "ScoredWindow") -> np.ndarray:
-    """`other`'s scores for every document of the served window, aligned with `window.hits`."""
+    """`other`'s scores for every document of the served window, aligned with `window.hits`: the
+    one scoring path of shadow and challenger models."""
     if other.model is None:
         raise ExperimentScoringError(f"pipeline '{other.name}' has no model")
     if not window.hits:
@@ -302,3 +252,290 @@ def top_ranking(doc_ids: Sequence[str], scores: np.ndarray, k: int = SHADOW_TOP)
     """The `k` best (doc_id, score), best first; ties keep the window's order (as the service ranks)."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
     return tuple((doc_ids[i], float(scores[i])) for i in order.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving experiments: what the service runs on one `ltr` request
+
+
+class InterleavingSettings(Protocol):
+    """What interleaving reads of the service's `[experiments]` (search.app.config)."""
+
+    interleave_model: str | None
+    interleave_share: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ServedExperiments:
+    """The models of `[experiments]` loaded for one generation, next to the active `ltr` model."""
+
+    shadow: "LtrPipeline | None" = None  # scores every ltr request's window; logged, never shown
+    challenger: "LtrPipeline | None" = None  # team B of interleaved pages (A: the active model)
+    errors: tuple[tuple[str, str], ...] = ()  # (experiment, why) for a configured model not used
+
+
+class WindowCapture:
+    """The served model's first stage, remembering the window it scored for ONE request, so
+    experiment models score that same window (no second retrieval). Made per request."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.window: "ScoredWindow | None" = None
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def version(self) -> str:
+        return self.inner.version
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.inner.feature_names
+
+    def rank_window(self, query: str) -> "ScoredWindow":
+        self.window = self.inner.rank_window(query)
+        return self.window
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        return self.inner.contributions(features)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        return self.inner.search(query, k)
+
+
+class TeamDraftRanker:
+    """The `Ranker` of an interleaved request: it sees the window after filters and exclusions
+    and orders it as the team-draft interleaving of the active model's (A) and the challenger's
+    (B) rankings of those same documents; diversity then applies to that order. Returns
+    descending pseudo-scores; the service shows A's scores. If B fails, A's order is served."""
+
+    def __init__(self, capture: WindowCapture, challenger: "LtrPipeline", rng: np.random.Generator):
+        self.capture, self.challenger, self.rng = capture, challenger, rng
+        self.a_scores: dict[str, float] = {}
+        self.teams: dict[str, str] | None = None  # doc id -> "A" | "B"; None when not interleaved
+        self.error: str | None = None
+        self.version = f"team-draft({capture.version},{challenger.version})"
+
+    def score(self, query: str, hits: Sequence[Hit]) -> np.ndarray:
+        window = self.capture.window
+        assert window is not None
+        row_of = {hit.doc_id: i for i, hit in enumerate(window.hits)}
+        rows = np.fromiter((row_of[hit.doc_id] for hit in hits), dtype=np.intp, count=len(hits))
+        doc_ids = [hit.doc_id for hit in hits]
+        a = np.asarray(window.scores, dtype=np.float64)[rows]
+        self.a_scores = dict(zip(doc_ids, a.tolist()))
+        try:
+            b = window_scores(self.challenger, query, window)[rows]
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            return a
+        ranking_a = [doc_ids[i] for i in np.argsort(-a, kind="stable").tolist()]  # as A alone would rank them
+        ranking_b = [doc_ids[i] for i in np.argsort(-b, kind="stable").tolist()]
+        docs, teams = team_draft(ranking_a, ranking_b, len(doc_ids), self.rng)
+        self.teams = dict(zip(docs, teams))
+        place = {doc_id: p for p, doc_id in enumerate(docs)}
+        return np.array([len(docs) - place[doc_id] for doc_id in doc_ids], dtype=np.float64)
+
+    def picks(self, shown: Iterable[tuple[int, str]]) -> tuple[TeamPick, ...]:
+        """The team of each shown (position, doc_id), for the experiment log."""
+        assert self.teams is not None
+        return tuple(TeamPick(position, doc_id, self.teams[doc_id]) for position, doc_id in shown)
+
+
+def interleaving_rng(request_id: str, settings: InterleavingSettings) -> np.random.Generator | None:
+    """The generator of an interleaved request (its first draw decided it), or None when the
+    request is not in the interleaved share. Salted apart from exploration's `request_rng`, so
+    equal seeds do not correlate the two decisions."""
+    if settings.interleave_model is None or settings.interleave_share <= 0:
+        return None
+    rng = request_rng(f"interleave\x00{request_id}", settings.seed)
+    return rng if rng.random() < settings.interleave_share else None
+
+
+def shadow_ranking(shadow: "LtrPipeline", query: str, window: "ScoredWindow", request_id: str,
+                   served_model: str | None) -> ShadowRanking | None:
+    """The shadow model's top of the served window next to the served model's top of it, or
+    None (logged) when the shadow fails: it never affects the response."""
+    try:
+        doc_ids = [hit.doc_id for hit in window.hits]
+        scores = window_scores(shadow, query, window)
+        return ShadowRanking(request_id, 0.0, shadow.version, top_ranking(doc_ids, scores), served_model,
+                             top_ranking(doc_ids, np.asarray(window.scores, dtype=np.float64)))
+    except Exception:
+        logger.exception("shadow model %s failed on request %s", shadow.version, request_id)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: which of two models users prefer (`ltr-search models compare`)
+
+
+@dataclass
+class RequestOutcome:
+    request_id: str
+    clicks_a: int
+    clicks_b: int
+
+    @property
+    def outcome(self) -> str:
+        return "win" if self.clicks_a > self.clicks_b else "loss" if self.clicks_b > self.clicks_a else "tie"
+
+
+@dataclass
+class InterleavingComparison:
+    model_a: str
+    model_b: str
+    requests: list[RequestOutcome]
+    unmatched_clicks: int = 0  # clicks whose position or document is not on the logged page
+    shadow: dict[str, Any] | None = None
+
+    @property
+    def wins(self) -> int:
+        return sum(r.outcome == "win" for r in self.requests)
+
+    @property
+    def losses(self) -> int:
+        return sum(r.outcome == "loss" for r in self.requests)
+
+    @property
+    def ties(self) -> int:
+        return sum(r.outcome == "tie" for r in self.requests)
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided binomial (sign) test of wins against losses under no preference (p = 1/2)."""
+        decided = self.wins + self.losses
+        if decided == 0:
+            return 1.0
+        from scipy.stats import binomtest  # scipy.stats takes a few hundred ms to import; only reports need it
+
+        return float(binomtest(self.wins, decided, 0.5, alternative="two-sided").pvalue)
+
+    @property
+    def preferred(self) -> str | None:
+        if self.p_value >= ALPHA or self.wins == self.losses:
+            return None
+        return self.model_a if self.wins > self.losses else self.model_b
+
+    def verdict(self) -> str:
+        preferred = self.preferred
+        if preferred is None:
+            return "no significant preference"
+        return f"{preferred} preferred (p = {self.p_value:.3g} < {ALPHA})"
+
+    def to_dict(self) -> dict[str, Any]:
+        clicked = [r for r in self.requests if r.clicks_a or r.clicks_b]
+        return {
+            "model_a": self.model_a, "model_b": self.model_b, "requests": len(self.requests),
+            "requests_with_clicks": len(clicked), "wins_a": self.wins, "wins_b": self.losses, "ties": self.ties,
+            "clicks_a": sum(r.clicks_a for r in self.requests), "clicks_b": sum(r.clicks_b for r in self.requests),
+            "unmatched_clicks": self.unmatched_clicks, "p_value": self.p_value, "alpha": ALPHA,
+            "preferred": self.preferred, "verdict": self.verdict(), "shadow": self.shadow,
+            "per_request": [{**asdict(r), "outcome": r.outcome} for r in self.requests],
+        }
+
+
+def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedRequest],
+                        clicks: Iterable[Event]) -> InterleavingComparison:
+    """Credit clicks to teams. `pages` of the pair in either order: team labels are turned so that
+    'A' is `model_a` here; pages of other pairs are ignored."""
+    oriented: dict[str, tuple[InterleavedRequest, bool]] = {}  # request id -> (page, swapped)
+    for page in pages:
+        if (page.model_a, page.model_b) == (model_a, model_b):
+            oriented[page.request_id] = (page, False)
+        elif (page.model_a, page.model_b) == (model_b, model_a):
+            oriented[page.request_id] = (page, True)
+    credited: dict[str, dict[str, set[str]]] = {rid: {"A": set(), "B": set()} for rid in oriented}
+    unmatched = 0
+    for click in clicks:
+        if click.request_id not in oriented or click.type != "click":
+            continue
+        page, swapped = oriented[click.request_id]
+        pick = page.pick_at(click.position)
+        if pick is None or pick.doc_id != click.doc_id:
+            unmatched += 1
+            continue
+        team = pick.team if not swapped else ("B" if pick.team == "A" else "A")
+        credited[click.request_id][team].add(click.doc_id)
+    outcomes = [RequestOutcome(rid, len(credited[rid]["A"]), len(credited[rid]["B"])) for rid in oriented]
+    return InterleavingComparison(model_a, model_b, outcomes, unmatched)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shadow agreement
+
+
+def overlap_at(a: Sequence[str], b: Sequence[str], k: int = AGREEMENT_DEPTH) -> float:
+    """Share of the top k the two rankings have in common (k: the shorter list's depth when shorter)."""
+    depth = min(k, max(len(a), len(b)))
+    return len(set(a[:k]) & set(b[:k])) / depth if depth else 1.0
+
+
+def rank_biased_overlap(a: Sequence[str], b: Sequence[str], p: float = RBO_PERSISTENCE, k: int = AGREEMENT_DEPTH) -> float:
+    """Extrapolated rank-biased overlap of the top k (Webber, Moffat & Zobel 2010, eq. 32): 1 for
+    identical lists, 0 for disjoint ones, weighting the top most."""
+    a, b = list(a[:k]), list(b[:k])
+    depth = min(len(a), len(b))
+    if depth == 0:
+        return 1.0 if not a and not b else 0.0
+    seen_a: set[str] = set()
+    seen_b: set[str] = set()
+    overlap, total = 0, 0.0
+    for d in range(1, depth + 1):
+        x, y = a[d - 1], b[d - 1]
+        if x == y:
+            overlap += 1
+        else:
+            overlap += (x in seen_b) + (y in seen_a)
+        seen_a.add(x)
+        seen_b.add(y)
+        total += overlap / d * p ** d
+    return overlap / depth * p ** depth + (1 - p) / p * total
+
+
+def shadow_agreement(model_a: str, model_b: str, rows: Iterable[ShadowRanking],
+                     k: int = AGREEMENT_DEPTH) -> dict[str, Any] | None:
+    """Agreement of shadow and served top-k where one of the pair shadowed the other; None when
+    the log has no such rows."""
+    pair = {model_a, model_b}
+    overlaps, rbos, top1 = [], [], []
+    shadows = set()
+    for row in rows:
+        if {row.model_version, row.served_model} != pair:
+            continue
+        shadow = [doc_id for doc_id, _ in row.ranking[:k]]
+        served = [doc_id for doc_id, _ in row.served_ranking[:k]]
+        overlaps.append(overlap_at(shadow, served, k))
+        rbos.append(rank_biased_overlap(shadow, served, k=k))
+        top1.append(bool(shadow[:1] == served[:1]))
+        shadows.add(row.model_version)
+    if not overlaps:
+        return None
+    return {"requests": len(overlaps), "shadow_models": sorted(shadows), "depth": k,
+            f"mean_overlap@{k}": sum(overlaps) / len(overlaps), f"mean_rbo@{k}": sum(rbos) / len(rbos),
+            "top1_agreement": sum(top1) / len(top1), "rbo_persistence": RBO_PERSISTENCE}
+
+
+def render(report: dict[str, Any]) -> str:
+    a, b = report["model_a"], report["model_b"]
+    lines = [f"interleaving {a} (A) vs {b} (B): {report['requests']} interleaved requests, "
+             f"{report['requests_with_clicks']} with clicks"
+             + (f" (since {datetime.fromtimestamp(report['since'], timezone.utc).isoformat()})" if report["since"] else "")]
+    for r in report["per_request"]:
+        if r["clicks_a"] or r["clicks_b"]:
+            lines.append(f"  {r['request_id']}  A {r['clicks_a']}  B {r['clicks_b']}  {r['outcome']}")
+    lines.append(f"wins {a}: {report['wins_a']}, wins {b}: {report['wins_b']}, ties: {report['ties']}; "
+                 f"clicks A {report['clicks_a']}, B {report['clicks_b']}"
+                 + (f"; {report['unmatched_clicks']} clicks not on a logged page position" if report["unmatched_clicks"] else ""))
+    p = report["p_value"]
+    lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")
+    shadow = report["shadow"]
+    if shadow:
+        k = shadow["depth"]
+        lines.append(f"shadow agreement ({', '.join(shadow['shadow_models'])} shadowing, {shadow['requests']} requests): "
+                     f"overlap@{k} {shadow[f'mean_overlap@{k}']:.3f}, RBO@{k} {shadow[f'mean_rbo@{k}']:.3f}, "
+                     f"same top 1 {shadow['top1_agreement']:.0%}")
+    return "\n".join(lines)

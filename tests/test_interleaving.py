@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from search.app.cli.compare import (
-    add_compare_parser, cmd_models_compare, compare_interleaved, overlap_at, rank_biased_overlap, shadow_agreement,
+from ltr.experiments import (
+    ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick, compare_interleaved, interleaving_rng, overlap_at,
+    rank_biased_overlap, shadow_agreement,
 )
+from search.app.cli.compare import add_compare_parser, cmd_models_compare
 from search.event_store import Event, EventStore, ServedRequest, ServedResult
-from ltr.experiments import ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick
-from search.app.config import ExperimentSettings, ExplorationSettings, load_service_config
+from search.app.config import ExplorationSettings, OnlineExperimentSettings, load_service_config
 from search.interleaving import team_draft
-from search.app.service import interleaving_rng
 from tests.conftest import home_sharing_encoder, run_cli, running_service
 from tests.test_ltr import _collection
 
@@ -101,10 +101,10 @@ def test_experiment_settings_errors_name_the_key(tmp_path, section, message):
 
 def test_experiment_settings_load(tmp_path):
     config = _config(tmp_path, "[experiments]\nshadow_model = 'm2'\ninterleave_model = 'm3'\ninterleave_share = 1\nseed = 4\n")
-    assert config.experiments == ExperimentSettings("m2", "m3", 1, 4) and config.experiments.enabled
+    assert config.experiments == OnlineExperimentSettings("m2", "m3", 1, 4) and config.experiments.enabled
     assert config.experiment_log_path == tmp_path / "home" / "experiments" / "default.sqlite3"
     assert not _config(tmp_path, "rerank_window = 10\n").experiments.enabled
-    assert not ExperimentSettings(interleave_model="m3").enabled  # share 0: nothing interleaved
+    assert not OnlineExperimentSettings(interleave_model="m3").enabled  # share 0: nothing interleaved
 
 
 # ------------------------------------------------------------------------------ compare statistics

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from search.event_store import EventStore
+from search.limits import MAX_QUERY_CHARS
 from tests.conftest import home_sharing_encoder, ROOT, SMALL_DOCS, run_cli, running_service, write_jsonl
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -89,7 +90,7 @@ def test_filters_exclusion_and_diversity(service):
     [
         ({"query": "x", "size": 0}, 422, "body.size"),
         ({"query": "x", "sizee": 3}, 422, "body.sizee"),
-        ({"query": "x" * 5000}, 422, "body.query"),
+        ({"query": "x" * (MAX_QUERY_CHARS + 1)}, 422, "body.query"),
         ({"query": "   "}, 400, "query"),
         ({"query": "x", "pipeline": "nope"}, 400, "pipeline"),
         ({"query": "x", "filters": {"year": {"gtee": 1}}}, 400, "filters.year"),

@@ -64,7 +64,7 @@ class ExplorationSettings:
 
 
 @dataclass(frozen=True)
-class ExperimentSettings:
+class OnlineExperimentSettings:
     """Online model comparisons on requests served by the `ltr` pipeline; all off by default."""
 
     shadow_model: str | None = None  # a registry version scored on every ltr request's window, logged only
@@ -91,7 +91,7 @@ class ExperimentSettings:
         return self.shadow_model is not None or (self.interleave_model is not None and self.interleave_share > 0)
 
     @classmethod
-    def from_dict(cls, section: Any) -> "ExperimentSettings":
+    def from_dict(cls, section: Any) -> "OnlineExperimentSettings":
         if not isinstance(section, Mapping):
             raise ValueError(f"[experiments] must be a table, got {section!r}")
         known = [f.name for f in dataclasses.fields(cls)]
@@ -114,7 +114,7 @@ class ServiceConfig:
     events_path: Path | None = None  # default HOME/events/INDEX.sqlite3
     threads: int | None = None  # ONNX Runtime intra-op threads per query (default: all cores); BLAS gets 1
     exploration: ExplorationSettings = field(default_factory=ExplorationSettings)
-    experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
+    experiments: OnlineExperimentSettings = field(default_factory=OnlineExperimentSettings)
     fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name
     backend: BackendChoice = field(default_factory=BackendChoice)
 
@@ -160,7 +160,7 @@ def load_service_config(
         if "exploration" in values:
             values["exploration"] = settings_from_dict(ExplorationSettings, values["exploration"])
         if "experiments" in values:
-            values["experiments"] = ExperimentSettings.from_dict(values["experiments"])
+            values["experiments"] = OnlineExperimentSettings.from_dict(values["experiments"])
         if "fusion" in values:
             values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
         if "events_path" in values:

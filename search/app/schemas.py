@@ -96,19 +96,8 @@ class EventsAccepted(Strict):
     duplicates: int
 
 
-class ErrorDetail(Strict):
-    field: str
-    reason: str
-
-
-class ErrorBody(Strict):
-    code: str
-    message: str
-    details: list[ErrorDetail] = Field(default_factory=list)
-
-
-class ErrorResponse(Strict):
-    error: ErrorBody
+class RebuildRequest(Strict):
+    """POST /admin/rebuild takes no options yet: an empty object or no body; any field is refused."""
 
 
 class JobStatus(Strict):

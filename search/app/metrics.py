@@ -1,0 +1,64 @@
+"""The service's Prometheus metrics, one registry per app (tests run several apps in one process)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, CollectorRegistry, Gauge, Histogram
+
+from ltr.drift import PROMETHEUS_GAUGES
+
+if TYPE_CHECKING:
+    from search.app.state import ServingState
+
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ltr_search_requests_total", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("ltr_search_request_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=STAGE_BUCKETS, registry=self.registry)
+        self.stages = Histogram("ltr_search_stage_seconds", "search latency per pipeline stage", ["stage"],
+                                buckets=STAGE_BUCKETS, registry=self.registry)
+        self.events = Counter("ltr_search_events_total", "behaviour events stored, by type", ["type"], registry=self.registry)
+        self.index_info = Gauge("ltr_search_index_generation_info", "the active index generation (value 1)",
+                                ["index", "generation"], registry=self.registry)
+        self.model_info = Gauge("ltr_search_model_info", "the active ranking model (value 1; 'none' = fused order)",
+                                ["version"], registry=self.registry)
+        self.interleaved = Counter("ltr_search_interleaved_requests_total",
+                                   "ltr requests served as a team-draft interleaving of the active model (A) and B",
+                                   ["model_a", "model_b"], registry=self.registry)
+        self.shadow_scorings = Counter("ltr_search_shadow_scorings_total",
+                                       "ltr request windows the shadow model also ranked (logged, never shown)",
+                                       ["model"], registry=self.registry)
+        self.drift = {name: Gauge(name, help_text, list(labels), registry=self.registry)
+                      for name, (help_text, labels) in PROMETHEUS_GAUGES.items()}
+        self.behaviour_failures = Counter("ltr_search_behaviour_update_failures_total",
+                                          "event batches stored but not yet applied to the behaviour aggregates "
+                                          "(the next batch or `ltr-search behaviour update` catches up)",
+                                          registry=self.registry)
+        self.experiment_failures = Counter("ltr_search_experiment_failures_total",
+                                           "experiment failures (served responses unaffected), by experiment and stage",
+                                           ["experiment", "stage"], registry=self.registry)
+        self.backend_errors = Counter("ltr_search_backend_errors_total",
+                                      "requests answered 503 because the Elasticsearch backend failed", registry=self.registry)
+
+    def set_generation(self, index: str, generation: str) -> None:
+        self.index_info.clear()
+        self.index_info.labels(index, generation).set(1)
+
+    def set_model(self, version: str | None) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version or "none").set(1)
+
+
+def refresh_generation_metrics(metrics: ServiceMetrics, state: "ServingState") -> None:
+    """The served generation and model, and the experiment models that failed to load."""
+    snapshot = state.snapshot
+    if snapshot is not None:
+        metrics.set_generation(snapshot.index.name, snapshot.index.generation_id)
+        metrics.set_model(snapshot.model_version)
+        for experiment, _ in snapshot.experiments.errors if snapshot.experiments else ():
+            metrics.experiment_failures.labels(experiment, "load").inc()

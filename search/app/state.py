@@ -1,0 +1,199 @@
+"""What the service serves: one immutable snapshot of the index generation and its pipelines,
+swapped atomically on reload, and the background rebuild jobs that produce new generations.
+
+A request that started on the old generation finishes on it while new requests use the new one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from indexing.bundle import IndexBusyError
+from ltr.drift import DriftMonitor
+from ltr.experiments import ServedExperiments, scoring_problem
+from ltr.ranker import LtrPipeline, ModelUnavailableError, registry_pipeline
+from ltr.registry import RegistryError
+from search.app.config import ServiceConfig
+from search.app.errors import ApiError
+from search.app.pipelines import create_pipeline, pipeline_names, pipeline_spec
+from search.app.schemas import JobStatus
+from search.backend import SearchBackend
+from search.backend_factory import open_backend
+from search.hybrid import HybridPipeline
+from search.pipelines import Pipeline
+from search.ranking import RankingPipeline
+
+logger = logging.getLogger("ltr_search.service")
+DENSE_PIPELINES = frozenset({"dense", "hybrid", "hybrid-convex", "ltr"})
+FALLBACK_PIPELINES = ("hybrid", "bm25")  # served by default when the configured pipeline cannot be
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded generation and the pipelines built on it; never mutated, only replaced."""
+
+    index: SearchBackend
+    pipelines: dict[str, RankingPipeline]
+    default_pipeline: str
+    model_version: str | None = None  # the active ranking model served as `ltr`
+    model_error: str | None = None  # why `ltr` is not served, when it is not
+    experiments: ServedExperiments | None = None  # None: no [experiments], or no active model
+    drift: DriftMonitor | None = None  # the active model's served features against its training data
+
+
+class ServingState:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self._snapshot: Snapshot | None = None
+        self._reload_lock = threading.Lock()
+        self.load_error: str | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def require(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise ApiError(503, "not_ready", f"no index loaded: {self.load_error or 'still loading'}")
+        return snapshot
+
+    def reload(self) -> tuple[str | None, Snapshot]:
+        """Open the active generation and swap it in; the old one keeps serving until then."""
+        with self._reload_lock:
+            previous = self._snapshot.index.generation_id if self._snapshot else None
+            index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
+            self._snapshot = self._build(index)
+            self.load_error = None
+            return previous, self._snapshot
+
+    def _serve(self, index: SearchBackend, first_stage: Pipeline) -> RankingPipeline:
+        """A first stage wrapped with the service's window and exploration settings."""
+        exploration = self.config.exploration
+        return RankingPipeline(index, first_stage, self.config.rerank_window, epsilon=exploration.epsilon,
+                               protected_top=exploration.protected_top, seed=exploration.seed, exploration=exploration.mode)
+
+    def _build(self, index: SearchBackend) -> Snapshot:
+        config = self.config
+        pipelines: dict[str, RankingPipeline] = {}
+        for name in pipeline_names():
+            if pipeline_spec(name).learned or (name in DENSE_PIPELINES and not index.has_dense):
+                continue
+            if name == "hybrid":
+                first_stage = HybridPipeline(index, config.fusion_for(index.name))
+            else:
+                first_stage = create_pipeline(name, index)
+            pipelines[name] = self._serve(index, first_stage)
+        model_version, model_error, experiments, drift = None, None, None, None
+        if index.has_dense:
+            try:
+                learned = registry_pipeline(index, config.home, "active", warn=logger.warning,
+                                            events_path=config.event_store_path)
+                pipelines["ltr"] = self._serve(index, learned)
+                model_version = learned.version
+                drift = DriftMonitor.for_manifest(learned.model.manifest)
+                if config.experiments.enabled:
+                    experiments = self._experiments(index, learned)
+            except ModelUnavailableError as exc:
+                model_error = str(exc)
+            except RegistryError as exc:  # refused: parity, checksum or feature-set mismatch
+                model_error = f"the active model was refused: {exc}"
+                logger.error("%s", model_error)
+        else:
+            model_error = f"the ltr pipeline needs dense vectors; index '{index.name}' has none"
+        default = next(name for name in (config.default_pipeline, *FALLBACK_PIPELINES) if name in pipelines)
+        if default != config.default_pipeline:
+            logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
+        return Snapshot(index, pipelines, default, model_version, model_error, experiments, drift)
+
+    def _experiments(self, index: SearchBackend, served: LtrPipeline) -> ServedExperiments:
+        """Load the shadow and challenger models; one that cannot be used is logged and left out,
+        never failing the generation (the active model serves as usual)."""
+        settings = self.config.experiments
+        wanted = {"shadow": settings.shadow_model,
+                  "interleave": settings.interleave_model if settings.interleave_share > 0 else None}
+        loaded: dict[str, LtrPipeline] = {}
+        chosen: dict[str, LtrPipeline | None] = {}
+        errors: list[tuple[str, str]] = []
+        for experiment, version in wanted.items():
+            chosen[experiment] = None
+            if version is None:
+                continue
+            try:
+                if version not in loaded:
+                    loaded[version] = registry_pipeline(index, self.config.home, version, name=experiment, warn=logger.warning,
+                                                        events_path=self.config.event_store_path)
+                other = loaded[version]
+                problem = scoring_problem(served, other)
+                if problem is None and experiment == "interleave" and other.version == served.version:
+                    problem = "it is the active model: interleaving it with itself compares nothing"
+                if problem is not None:
+                    raise ValueError(problem)
+                chosen[experiment] = other
+            except Exception as exc:  # a model that cannot be used never breaks serving
+                errors.append((experiment, f"{experiment} model {version} is not used: {exc}"))
+                logger.error("%s", errors[-1][1])
+        return ServedExperiments(chosen["shadow"], chosen["interleave"], tuple(errors))
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    state: str = "running"
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    generation: str | None = None
+    error: str | None = None
+    log: list[str] = field(default_factory=list)
+
+    def status(self) -> JobStatus:
+        return JobStatus(job_id=self.job_id, kind=self.kind, state=self.state, started_at=self.started_at,
+                         finished_at=self.finished_at, generation=self.generation, error=self.error, log=self.log[-50:])
+
+
+class JobRunner:
+    """Index rebuilds in a background thread; at most one at a time per service."""
+
+    def __init__(self, state: ServingState, on_reload: Callable[[], None]):
+        self.state = state
+        self.on_reload = on_reload
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start_rebuild(self) -> Job:
+        with self._lock:
+            if any(job.state == "running" for job in self.jobs.values()):
+                raise ApiError(409, "busy", "a rebuild is already running; poll its status")
+            job = Job(uuid.uuid4().hex, "rebuild")
+            self.jobs[job.job_id] = job
+        threading.Thread(target=self._rebuild, args=(job,), name=f"rebuild-{job.job_id[:8]}", daemon=True).start()
+        return job
+
+    def _rebuild(self, job: Job) -> None:
+        config = self.state.config
+        try:
+            if config.backend.is_elasticsearch:  # a new generation index, verified, then the alias switch
+                from indexing.elastic_build import rebuild_elastic_index
+
+                summary = rebuild_elastic_index(config.home, config.index, config.backend.elasticsearch, progress=False,
+                                                log=job.log.append)
+            else:
+                from indexing.build import rebuild_index
+
+                summary = rebuild_index(config.home, config.index, progress=False, log=job.log.append)
+            job.generation = summary.generation
+            self.state.reload()
+            self.on_reload()
+            job.state = "succeeded"
+        except IndexBusyError as exc:
+            job.state, job.error = "failed", f"index is locked by another writer: {exc}"
+        except Exception as exc:  # the job reports every failure; serving goes on with the old generation
+            logger.exception("rebuild failed")
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.finished_at = time.time()
