@@ -4,13 +4,9 @@ One SQLite file in WAL mode with `synchronous=FULL`, so a write is on disk (the 
 before the call that made it returns: an acknowledged request or event batch survives a process
 crash or a power cut. Events are append-only; aggregates are derived from them elsewhere.
 
-Threading: the query service calls this from a thread pool. All writes go through ONE connection
-guarded by a `threading.Lock`; reads take a connection from a small pool of read-only ones (WAL
-lets them run while a write commits). Measured on the 2-core dev machine with 8 writer threads,
-40 commits each: one connection per thread relying on SQLite's `busy_timeout` gave 150-270
-commits/s with p99 0.5-1.3 s (the busy handler sleeps and backs off, so some threads starve); one
-locked connection gave 310-570 commits/s with p99 under 80 ms. Separate processes writing the same
-file still contend through `busy_timeout`, which stays set as the fallback.
+Threading and locking are `indexing.sqlite`'s (the one SQLite helper): one writer connection behind
+the file's process-local lock, reads from a pool of read-only connections (WAL lets them run while
+a write commits), `busy_timeout` as the fallback between processes.
 
 Validation happens before anything is written: a bad event batch raises `EventValidationError`
 listing every problem as `events[i].field: reason`, and nothing of that batch is stored. A valid
@@ -21,15 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import queue
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence, get_args
 
+from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
 from search.limits import (
     MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_FEATURES_PER_RESULT, MAX_FIELD_NAME_LENGTH, MAX_ID_LENGTH, MAX_QUERY_CHARS,
     MAX_RESULTS_PER_REQUEST,
@@ -37,7 +31,6 @@ from search.limits import (
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C545245  # "LTRE" in PRAGMA application_id: marks the file as an event store
-BUSY_TIMEOUT_MS = 10_000  # only other processes wait on this; threads of one process queue on a lock
 
 EventType = Literal["impression", "click", "dwell"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
@@ -54,7 +47,7 @@ MAX_PROBLEMS_IN_MESSAGE = 20
 _PAGE_ROWS = 500  # iterators read in pages so no read transaction stays open while a consumer works
 
 
-class EventStoreError(RuntimeError):
+class EventStoreError(SqliteStoreError):
     """The store cannot be opened or used: names the file and the reason."""
 
 
@@ -183,6 +176,9 @@ _SCHEMA: tuple[str, ...] = (
     """,
 )
 
+_FILE = SqliteSchema("event store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, error=EventStoreError,
+                     synchronous="FULL", foreign_keys=True)
+
 _REQUEST_COLUMNS = (
     "seq, request_id, timestamp, query, pipeline, index_name, index_generation, "
     "model_version, user_id, session_id, page_offset"
@@ -198,30 +194,15 @@ class EventStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self._write_lock = threading.Lock()
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
-        self._closed = False
-        self._writer = self._connect(read_only=False)
-        try:
-            self._prepare_schema()
-        except BaseException:
-            self._writer.close()
-            raise
+        self._db = SqliteDatabase(self.path, _FILE, reader_pool=True)
+        self._write = self._db.write
+        self._read = self._db.read
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close every connection; call once no request handler uses the store any more."""
-        with self._write_lock, self._readers_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._writer.close()
-            for connection in self._all_readers:
-                connection.close()
-            self._all_readers.clear()
+        self._db.close()
 
     def __enter__(self) -> "EventStore":
         return self
@@ -417,117 +398,6 @@ class EventStore:
             for event_type, count in connection.execute("SELECT type, COUNT(*) FROM events GROUP BY type"):
                 counts[event_type] = count
         return counts
-
-    # ---- connections -----------------------------------------------------------------------
-
-    def _connect(self, read_only: bool) -> sqlite3.Connection:
-        try:
-            # isolation_level=None: no implicit transactions; we BEGIN IMMEDIATE / COMMIT ourselves.
-            connection = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-            )
-        except sqlite3.Error as exc:
-            raise EventStoreError(f"{self.path}: cannot open event store: {exc}") from exc
-        try:
-            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            connection.execute("PRAGMA foreign_keys = ON")
-            connection.execute("PRAGMA synchronous = FULL")
-            if read_only:
-                connection.execute("PRAGMA query_only = ON")
-        except sqlite3.Error as exc:
-            connection.close()
-            raise EventStoreError(f"{self.path}: cannot open event store: {exc}") from exc
-        return connection
-
-    def _prepare_schema(self) -> None:
-        connection = self._writer
-        try:
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                self._refuse_foreign_tables(connection)  # before WAL: never change someone else's file
-                mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise EventStoreError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode!r})")
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    version = connection.execute("PRAGMA user_version").fetchone()[0]
-                    if version == 0:  # still empty under the write lock: no other process created it
-                        self._refuse_foreign_tables(connection)
-                        for statement in _SCHEMA:
-                            connection.execute(statement)
-                        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                        version = SCHEMA_VERSION
-                    connection.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            if application_id != APPLICATION_ID:
-                raise EventStoreError(
-                    f"{self.path}: not an event store (application_id {application_id:#x}, "
-                    f"expected {APPLICATION_ID:#x})"
-                )
-            if version > SCHEMA_VERSION:
-                raise EventStoreError(
-                    f"{self.path}: schema version {version} is newer than this code supports "
-                    f"({SCHEMA_VERSION}); upgrade ltr-search to open it"
-                )
-            if version != SCHEMA_VERSION:
-                raise EventStoreError(
-                    f"{self.path}: unknown schema version {version} (this code knows version {SCHEMA_VERSION})"
-                )
-            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise EventStoreError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode!r})")
-        except sqlite3.DatabaseError as exc:
-            raise EventStoreError(f"{self.path}: cannot open event store: {exc}") from exc
-
-    def _refuse_foreign_tables(self, connection: sqlite3.Connection) -> None:
-        tables = [row[0] for row in connection.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name"
-        )]
-        if tables:
-            raise EventStoreError(
-                f"{self.path}: not an event store (schema version 0 but it has tables: {', '.join(tables)})"
-            )
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the single writer connection; commits (fsync) or rolls back."""
-        with self._write_lock:
-            if self._closed:
-                raise EventStoreError(f"{self.path}: event store is closed")
-            connection = self._writer
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-                connection.execute("COMMIT")  # returns once the WAL is fsynced (synchronous=FULL)
-            except BaseException:
-                if connection.in_transaction:  # a failed COMMIT (disk full, I/O error) may leave it open
-                    connection.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read-only connection from the pool, returned after use (not tied to a thread)."""
-        if self._closed:
-            raise EventStoreError(f"{self.path}: event store is closed")
-        try:
-            connection = self._readers.get_nowait()
-        except queue.Empty:
-            connection = self._connect(read_only=True)
-            with self._readers_lock:
-                if self._closed:
-                    connection.close()
-                    raise EventStoreError(f"{self.path}: event store is closed") from None
-                self._all_readers.append(connection)
-        try:
-            yield connection
-        finally:
-            if not self._closed:
-                self._readers.put(connection)
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ltr.behaviour as behaviour
 from ltr.behaviour import DECAY_HALF_LIFE_S, PRIOR_STRENGTH, BehaviourStore, normalise_query
 from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from eval.propensity import fit_propensities
@@ -140,10 +141,10 @@ def test_crash_mid_update_leaves_previous_state(events, beh, monkeypatch):
     before = beh.dump()
     events.append_events(second + third)
 
-    def boom(self, docs):
+    def boom(db, docs):
         raise RuntimeError("simulated crash after the pair rows were written")
 
-    monkeypatch.setattr(BehaviourStore, "_write_docs", boom)
+    monkeypatch.setattr(behaviour, "_write_docs", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         beh.update(events)
     assert beh.dump() == before and beh.watermark == 4
