@@ -42,6 +42,61 @@ class WindowRanker(Protocol):
     def contributions(self, features: np.ndarray) -> np.ndarray: ...
 
 
+BM25, DENSE = "bm25", "dense"
+SERVER_ANALYSED_BACKENDS = frozenset({"elasticsearch"})  # they analyse queries on their server: term counts unknown
+
+
+@dataclass(frozen=True)
+class RetrieverStatus:
+    """Whether one first-stage retriever can answer a query, and why not."""
+
+    name: str  # BM25 or DENSE
+    answers: bool
+    terms: int | None = None  # BM25: indexable terms after analysis; None where unknown
+
+
+def pipeline_retrievers(pipeline: str, has_dense: bool) -> tuple[str, ...]:
+    """The retrievers a pipeline's first stage reads: `bm25` and `dense` alone, every other
+    (hybrid, convex, learned) fuses both where the index has vectors."""
+    if pipeline == BM25:
+        return (BM25,)
+    if pipeline == DENSE:
+        return (DENSE,)
+    return (BM25, DENSE) if has_dense else (BM25,)
+
+
+def retriever_statuses(retrievers: Sequence[str], bm25_terms: int | None) -> tuple[RetrieverStatus, ...]:
+    """Which retrievers can answer a query with `bm25_terms` indexable terms (None: unknown,
+    assumed some): BM25 needs a term (`!!!` and `the of and` have none), dense always answers."""
+    return tuple(
+        RetrieverStatus(name, bm25_terms is None or bm25_terms > 0, bm25_terms) if name == BM25
+        else RetrieverStatus(name, True)
+        for name in retrievers
+    )
+
+
+def query_retrievers(backend: SearchBackend, query: str, pipeline: str) -> tuple[RetrieverStatus, ...]:
+    """`retriever_statuses` of `query` on `pipeline` over `backend` (the service and the CLI
+    both ask here before running a pipeline)."""
+    retrievers = pipeline_retrievers(pipeline, backend.has_dense)
+    terms = None
+    if BM25 in retrievers and backend.kind not in SERVER_ANALYSED_BACKENDS:
+        terms = len(backend.analyse(query).terms)
+    return retriever_statuses(retrievers, terms)
+
+
+def retriever_notes(statuses: Sequence[RetrieverStatus]) -> list[str]:
+    """What a user should know of the statuses: a retriever that could not answer, and who did."""
+    silent = [s for s in statuses if not s.answers]
+    if not silent:
+        return []
+    notes = [f"{s.name}: the query has no indexable term (all stop words or punctuation)" if s.name == BM25
+             else f"{s.name}: cannot answer" for s in silent]
+    answering = [s.name for s in statuses if s.answers]
+    notes.append(f"answered by {', '.join(answering)}" if answering else "no retriever can answer: no results")
+    return notes
+
+
 class WindowTooSmallError(ValueError):
     """offset + size asks for results beyond the rerank window."""
 
@@ -98,12 +153,23 @@ class RankingPipeline:
     def name(self) -> str:
         return self.first_stage.name
 
-    def run(self, request: RankingRequest) -> RankingOutcome:
+    def check_page(self, request: RankingRequest) -> None:
         if request.offset + request.size > self.window:
             raise WindowTooSmallError(
                 f"offset + size = {request.offset + request.size} goes past the rerank window of {self.window} results; "
                 f"pages are cut from one ranked window, so ask for offset + size <= {self.window}"
             )
+
+    def nothing(self, request: RankingRequest) -> RankingOutcome:
+        """The answer to a query none of the first stage's retrievers can answer (see
+        `query_retrievers`): no results, without running the pipeline."""
+        self.check_page(request)
+        learned = isinstance(self.first_stage, WindowRanker)
+        return RankingOutcome([], 0, 0, False, {}, feature_names=self.first_stage.feature_names if learned else None,
+                              model_version=self.first_stage.version if learned else None)
+
+    def run(self, request: RankingRequest) -> RankingOutcome:
+        self.check_page(request)
         timings: dict[str, float] = {}
         features: np.ndarray | None = None
         model_scores: np.ndarray | None = None

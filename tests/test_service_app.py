@@ -63,3 +63,32 @@ def test_routes_answer_as_before(client):
     assert too_deep.status_code == 422 and too_deep.json()["error"]["details"][0]["field"] == "query.offset"
     assert client.get("/documents/d1").json()["title"] == "Cats and dogs"
     assert 'route="/search"' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("query", ["!!!", "the of and"])
+def test_a_query_with_no_indexable_term_says_so(client, home, query):
+    lexical = client.post("/search", json={"query": query, "pipeline": "bm25"})
+    assert lexical.status_code == 200, lexical.text
+    payload = lexical.json()
+    assert payload["results"] == [] and payload["retrievers"] == {"bm25": {"answered": False, "terms": 0}}
+    assert any("no indexable term" in note for note in payload["notes"])
+    assert any("no retriever can answer" in note for note in payload["notes"])
+    hybrid = client.post("/search", json={"query": query, "pipeline": "hybrid", "size": 3}).json()
+    assert len(hybrid["results"]) == 3  # dense still answers
+    assert hybrid["retrievers"] == {"bm25": {"answered": False, "terms": 0}, "dense": {"answered": True}}
+    assert "answered by dense" in hybrid["notes"]
+    normal = client.post("/search", json={"query": "cats and mice", "pipeline": "hybrid"}).json()
+    assert "notes" not in normal and normal["retrievers"]["bm25"] == {"answered": True, "terms": 2}
+    with _client(home, "lexical") as no_vectors:  # hybrid falls back to bm25 alone: nothing can answer
+        fallback = no_vectors.get("/search", params={"q": query}).json()
+    assert fallback["pipeline"] == "bm25" and fallback["results"] == [] and fallback["retrievers"]["bm25"]["terms"] == 0
+
+
+def test_retriever_statuses_are_pure():
+    from search.ranking import pipeline_retrievers, retriever_notes, retriever_statuses
+
+    assert pipeline_retrievers("bm25", True) == ("bm25",) and pipeline_retrievers("ltr", False) == ("bm25",)
+    statuses = retriever_statuses(pipeline_retrievers("hybrid", True), 0)
+    assert [(s.name, s.answers) for s in statuses] == [("bm25", False), ("dense", True)]
+    assert all(s.answers for s in retriever_statuses(("bm25",), None))  # unknown (Elasticsearch): assumed to answer
+    assert retriever_notes(retriever_statuses(("bm25",), 3)) == []

@@ -58,6 +58,12 @@ class IndexInfo(Strict):
     generation: str
 
 
+class RetrieverInfo(Strict):
+    answered: bool = Field(description="false: this retriever could not answer the query (e.g. bm25 with no indexable term)")
+    terms: int | None = Field(None, description="bm25: indexable query terms after analysis (absent where the backend "
+                                                "analyses on its server)")
+
+
 class SearchResponse(Strict):
     request_id: str
     query: str
@@ -75,6 +81,10 @@ class SearchResponse(Strict):
     interleaved: bool | None = Field(
         None, description="true: the page interleaves the active model with a challenger (an online experiment)"
     )
+    retrievers: dict[str, RetrieverInfo] = Field(
+        default_factory=dict, description="the first stage's retrievers (bm25, dense) and whether each could answer"
+    )
+    notes: list[str] | None = Field(None, description="why results are few or none, e.g. a query with no indexable term")
 
 
 class EventIn(Strict):

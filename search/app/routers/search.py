@@ -23,13 +23,14 @@ from search.app.deps import ConfigDep, EventStoreDep, ExperimentLogDep, MetricsD
 from search.app.errors import ApiError
 from search.app.metrics import ServiceMetrics
 from search.app.schemas import (
-    IndexInfo, ResultExplanation, SearchRequest, SearchResponse, SearchResult,
+    IndexInfo, ResultExplanation, RetrieverInfo, SearchRequest, SearchResponse, SearchResult,
 )
 from search.app.state import DENSE_PIPELINES, Snapshot
 from search.event_store import EventStore
 from search.limits import MAX_FIELD_NAME_LENGTH, MAX_ID_LENGTH, MAX_PAGE_SIZE, MAX_QUERY_CHARS, MAX_RERANK_WINDOW
 from search.ranking import (
-    RankingOutcome, RankingPipeline, RankingRequest, WindowTooSmallError, named_row, served_request,
+    RankingOutcome, RankingPipeline, RankingRequest, RetrieverStatus, WindowTooSmallError, named_row, query_retrievers,
+    retriever_notes, served_request,
 )
 from search.rules import FieldFilter, RuleError, check_field_name, parse_filters
 
@@ -113,14 +114,17 @@ def run_search(body: SearchRequest, snapshot: Snapshot, config: ServiceConfig, m
     started = time.perf_counter()
     name, pipeline, filters = validate_search(body, snapshot)
     request_id = uuid.uuid4().hex
-    plan = plan_experiments(pipeline, name, snapshot, config.experiments, request_id, experiment_log is not None)
+    retrievers = query_retrievers(snapshot.index, body.query, name)
+    answerable = any(r.answers for r in retrievers)
+    plan = plan_experiments(pipeline, name, snapshot, config.experiments, request_id,
+                            experiment_log is not None and answerable)
     ranking_request = RankingRequest(
         query=body.query, request_id=request_id, size=body.size, offset=body.offset, filters=tuple(filters),
         exclude=frozenset(body.exclude), diversity_field=body.diversity.field if body.diversity else None,
         diversity_cap=body.diversity.max_per_value if body.diversity else None, explain=body.explain,
     )
     try:
-        outcome = plan.pipeline.run(ranking_request)
+        outcome = plan.pipeline.run(ranking_request) if answerable else plan.pipeline.nothing(ranking_request)
     except WindowTooSmallError as exc:
         raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
     if snapshot.drift is not None:
@@ -129,7 +133,7 @@ def run_search(body: SearchRequest, snapshot: Snapshot, config: ServiceConfig, m
     shadow = score_shadow(plan, body.query, outcome, request_id, metrics)
     log_search(store, experiment_log, metrics, plan, outcome, ranking_request, name, snapshot, body, interleaved, shadow)
     record_stage_metrics(metrics, outcome.timings_ms)
-    return build_response(body, request_id, name, snapshot, outcome, interleaved, started)
+    return build_response(body, request_id, name, snapshot, outcome, interleaved, retrievers, started)
 
 
 def validate_search(body: SearchRequest, snapshot: Snapshot) -> tuple[str, RankingPipeline, list[FieldFilter]]:
@@ -246,7 +250,7 @@ def record_stage_metrics(metrics: ServiceMetrics, timings_ms: dict[str, float]) 
 
 
 def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Snapshot, outcome: RankingOutcome,
-                   interleaved: bool, started: float) -> SearchResponse:
+                   interleaved: bool, retrievers: tuple[RetrieverStatus, ...], started: float) -> SearchResponse:
     results = [
         SearchResult(
             id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity, fields=r.fields or {},
@@ -265,6 +269,8 @@ def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Sn
         offset=body.offset, size=body.size, window=outcome.window_size, eligible=outcome.eligible,
         explored=outcome.explored, results=results, took_ms=(time.perf_counter() - started) * 1000,
         timings_ms=outcome.timings_ms if body.explain else None, interleaved=True if interleaved else None,
+        retrievers={r.name: RetrieverInfo(answered=r.answers, terms=r.terms) for r in retrievers},
+        notes=retriever_notes(retrievers) or None,
     )
 
 
