@@ -1,22 +1,26 @@
 """Which backend answers: the embedded index (files in the engine home, the default) or an
-Elasticsearch cluster. One place chooses and opens it for every command and the service.
+Elasticsearch cluster. The one place that chooses and opens it, for every command and the
+service: `open_backend` for searching, `index_admin` for building and managing generations.
 
 Choice: `--backend` flag > $LTR_SEARCH_BACKEND > `backend = "..."` in the config file >
 embedded. Elasticsearch connection settings: see `indexing.elastic.ElasticsearchSettings`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
+from indexing.config import DEFAULT_INDEX_NAME, DEFAULT_KEEP_GENERATIONS
 from indexing.elastic import BACKEND_ELASTICSEARCH, ElasticsearchSettings
+from search.backend import SearchBackend
 
 BACKEND_EMBEDDED = "embedded"
 BACKENDS = (BACKEND_EMBEDDED, BACKEND_ELASTICSEARCH)
 BACKEND_ENV_VAR = "LTR_SEARCH_BACKEND"
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -58,40 +62,202 @@ def choose_backend(kind: str | None = None, es_url: str | None = None, file_conf
     return BackendChoice(BACKEND_ELASTICSEARCH, settings)
 
 
-def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help=f"where the index lives: embedded (files in the home, default) or elasticsearch "
-                             f"(env {BACKEND_ENV_VAR})")
-    parser.add_argument("--es-url", help="Elasticsearch URL, e.g. http://127.0.0.1:9200 (env LTR_SEARCH_ES_URL; "
-                                         "credentials, CA and timeouts from LTR_SEARCH_ES_* or [elasticsearch])")
-
-
-def backend_from_args(args: argparse.Namespace, file_config: Mapping[str, Any] | None = None) -> BackendChoice:
-    return choose_backend(getattr(args, "backend", None), getattr(args, "es_url", None), file_config)
-
-
-def open_backend(home: Path, name: str, choice: BackendChoice, encoder_threads: int | None = None) -> Any:
+def open_backend(home: Path, name: str, choice: BackendChoice, encoder_threads: int | None = None) -> SearchBackend:
     """The `SearchBackend` serving index `name`: its active generation (embedded) or the
     generation its alias points at (Elasticsearch)."""
     if choice.is_elasticsearch:
-        from search.elastic_backend import ElasticsearchBackend
+        from search.elastic_backend import ElasticsearchBackend  # here for start-up time: the client is heavy
 
         return ElasticsearchBackend.open(home, name, choice.elasticsearch, encoder_threads=encoder_threads)
-    from search.embedded import EmbeddedIndex
+    from search.embedded import EmbeddedIndex  # here for start-up time: not needed by Elasticsearch jobs
 
     return EmbeddedIndex.open(home, name, encoder_threads=encoder_threads)
 
 
-def open_index_for_dataset(home: Path, name: str | None, dataset_name: str, choice: BackendChoice) -> Any:
-    """The backend for a job on a dataset: `--name`, else an index named like the dataset, else
-    'default' (embedded: among the home's indexes; Elasticsearch: the dataset's name)."""
+def resolve_index_name(home: Path, name: str | None, choice: BackendChoice, dataset_name: str | None = None) -> str:
+    """The index a command works on: `name` when given; else (embedded) an index named like the
+    dataset, the only index of the home, or 'default'; else an error that lists the indexes.
+    Elasticsearch cannot list the home's indexes: the dataset's name, else 'default'."""
+    if name:
+        return name
     if choice.is_elasticsearch:
-        return open_backend(home, name or dataset_name, choice)
+        return dataset_name or DEFAULT_INDEX_NAME
     from indexing.bundle import IndexStore
 
     store = IndexStore(home)
-    chosen = name or (dataset_name if dataset_name in store.names() else "default")
-    if chosen not in store.names():
-        raise ValueError(f"no index named '{chosen}' in {store.root}; build it with `ltr-search index build --dataset PATH "
-                         f"--name {chosen}` (or pass --name)")
+    names = store.names()
+    usable = [n for n in names if store.active_generation(n) is not None]
+    for candidate in (dataset_name, DEFAULT_INDEX_NAME):
+        if candidate in usable:
+            return candidate
+    if len(usable) == 1:
+        return usable[0]
+    if not usable:
+        raise ValueError(f"no indexes in {store.root}; build one with `ltr-search index build --dataset PATH --name NAME`")
+    wanted = f"no index named '{dataset_name}' and " if dataset_name else ""
+    raise ValueError(f"{wanted}{len(usable)} indexes in {store.root} ({', '.join(usable)}): choose one with --name")
+
+
+def open_index_for_dataset(home: Path, name: str | None, dataset_name: str | None, choice: BackendChoice) -> SearchBackend:
+    """The backend for a job: `--name`, else the index `resolve_index_name` picks."""
+    chosen = resolve_index_name(home, name, choice, dataset_name)
+    if not choice.is_elasticsearch:
+        from indexing.bundle import IndexStore
+
+        store = IndexStore(home)
+        if chosen not in store.names():
+            listed = ", ".join(store.names()) or "none"
+            raise ValueError(f"no index named '{chosen}' in {store.root} (indexes: {listed}); build it with "
+                             f"`ltr-search index build --dataset PATH --name {chosen}`, or choose one with --name")
     return open_backend(home, chosen, choice)
+
+
+# ---------------------------------------------------------------------------------------------
+# Managing generations: the same operations on either backend.
+
+
+class IndexAdmin(Protocol):
+    """Build, rebuild, report, roll back and delete the generations of an index."""
+
+    where: str  # e.g. "/home/indexes" or "Elasticsearch at URL", for messages
+
+    def keep(self, requested: int | None) -> int: ...
+
+    def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any: ...
+
+    def rebuild(self, name: str, progress: bool, log: Log) -> Any: ...
+
+    def status(self, name: str | None, verify: bool) -> dict[str, Any]: ...
+
+    def rollback(self, name: str, to: str | None, log: Log) -> tuple[str | None, str]: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def heading(self, name: str, info: dict[str, Any]) -> str: ...
+
+
+@dataclass(frozen=True)
+class EmbeddedAdmin:
+    home: Path
+
+    @property
+    def where(self) -> str:
+        from indexing.bundle import IndexStore
+
+        return str(IndexStore(self.home).root)
+
+    def keep(self, requested: int | None) -> int:
+        return DEFAULT_KEEP_GENERATIONS if requested is None else requested
+
+    def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any:
+        from indexing.build import build_index
+
+        return build_index(self.home, name, settings, progress=progress, log=log)
+
+    def rebuild(self, name: str, progress: bool, log: Log) -> Any:
+        from indexing.build import rebuild_index
+
+        return rebuild_index(self.home, name, progress=progress, log=log)
+
+    def status(self, name: str | None, verify: bool) -> dict[str, Any]:
+        """Every generation of `name` (or of every index) with its manifest's counts; a
+        generation that does not open is reported 'corrupt' with the reason."""
+        from indexing.bundle import IndexBundleError, IndexStore
+
+        store = IndexStore(self.home)
+        report: dict[str, Any] = {"home": str(self.home), "indexes": {}}
+        for index in [name] if name else store.names():
+            active = store.active_generation(index)
+            generations = []
+            for generation in store.generations(index):
+                entry: dict[str, Any] = {"generation": generation, "active": generation == active}
+                try:
+                    bundle = store.open(index, generation, verify=verify)
+                except IndexBundleError as exc:
+                    entry.update(status="corrupt", error=str(exc))
+                else:
+                    manifest = bundle.manifest
+                    dense = manifest.get("dense")
+                    entry.update(
+                        status="ok", created_at=manifest["created_at"], documents=manifest["counts"]["documents"],
+                        skipped_lines=manifest["counts"]["skipped_lines"], vocabulary=manifest["counts"]["vocabulary"],
+                        dense=dense["vectors"]["kind"] if dense else "none",
+                        bytes=sum(f["bytes"] for f in manifest["files"].values()),
+                        corpus=manifest["corpus"]["file"], path=str(bundle.path),
+                    )
+                generations.append(entry)
+            if not generations and name and name not in store.names():
+                raise ValueError(f"no index named '{name}' in {store.root}")
+            report["indexes"][index] = {"active": active, "generations": generations}
+        return report
+
+    def rollback(self, name: str, to: str | None, log: Log) -> tuple[str | None, str]:
+        from indexing.bundle import IndexStore
+
+        store = IndexStore(self.home)
+        with store.lock(name):
+            before = store.active_generation(name)
+            target = to or store.previous_generation(name)
+            store.activate(name, target)
+        return before, target
+
+    def delete(self, name: str) -> None:
+        from indexing.bundle import IndexStore
+
+        store = IndexStore(self.home)
+        if name not in store.names():
+            raise ValueError(f"no index named '{name}' in {store.root}")
+        store.delete_index(name)
+
+    def heading(self, name: str, info: dict[str, Any]) -> str:
+        return f"index '{name}'"
+
+
+@dataclass(frozen=True)
+class ElasticAdmin:
+    home: Path
+    es: ElasticsearchSettings
+
+    @property
+    def where(self) -> str:
+        return f"Elasticsearch at {self.es.url} (prefix '{self.es.index_prefix}')"
+
+    def keep(self, requested: int | None) -> int:
+        return self.es.keep if requested is None else requested
+
+    def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any:
+        import dataclasses
+
+        from indexing.elastic_build import build_elastic_index
+
+        es = dataclasses.replace(self.es, keep=settings.keep)
+        return build_elastic_index(self.home, name, settings, es, progress=progress, log=log)
+
+    def rebuild(self, name: str, progress: bool, log: Log) -> Any:
+        from indexing.elastic_build import rebuild_elastic_index
+
+        return rebuild_elastic_index(self.home, name, self.es, progress=progress, log=log)
+
+    def status(self, name: str | None, verify: bool) -> dict[str, Any]:
+        from indexing.elastic_build import elastic_index_status
+
+        return elastic_index_status(name, self.es)
+
+    def rollback(self, name: str, to: str | None, log: Log) -> tuple[str | None, str]:
+        from indexing.elastic_build import rollback_elastic_index
+
+        return rollback_elastic_index(name, self.es, to=to, log=log)
+
+    def delete(self, name: str) -> None:
+        raise ValueError("deleting an index is not supported on Elasticsearch; delete its indices and alias "
+                         f"'{self.es.index_prefix}{name}' with the cluster's own tools")
+
+    def heading(self, name: str, info: dict[str, Any]) -> str:
+        return f"index '{name}' (Elasticsearch at {self.es.url}, alias {info['alias']})"
+
+
+def index_admin(home: Path, choice: BackendChoice) -> IndexAdmin:
+    """The generation manager of the chosen backend."""
+    if choice.is_elasticsearch:
+        return ElasticAdmin(home, choice.elasticsearch)
+    return EmbeddedAdmin(home)

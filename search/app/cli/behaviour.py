@@ -13,7 +13,6 @@ features against its training data.
 """
 from __future__ import annotations
 
-from eval.propensity import fit_propensities
 import argparse
 import datetime as dt
 import json
@@ -28,8 +27,7 @@ RETENTION_POLICY = (
 DRIFT_REQUESTS = 1000  # served requests of the active model compared with its training data
 
 
-def add_behaviour_commands(subparsers: argparse._SubParsersAction) -> None:
-    behaviour = subparsers.add_parser("behaviour", help="behaviour aggregates, position propensities and drift")
+def add_arguments(command: str, behaviour: argparse.ArgumentParser) -> None:
     commands = behaviour.add_subparsers(dest="behaviour_command", required=True)
     status = commands.add_parser("status", help="aggregates, propensities, lag behind the events, feature drift")
     status.add_argument("--name", help="index (default: the service config's)")
@@ -43,7 +41,7 @@ def add_behaviour_commands(subparsers: argparse._SubParsersAction) -> None:
     rebuild.add_argument("--max-position", type=int, default=10, help="positions fitted (default 10)")
 
 
-def run_behaviour_command(home: Path, args: argparse.Namespace) -> int:
+def run(home: Path, args: argparse.Namespace) -> int:
     handler = {"status": cmd_status, "update": cmd_update, "rebuild": cmd_rebuild}
     return handler[args.behaviour_command](home, args)
 
@@ -72,6 +70,8 @@ def cmd_update(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
+    from eval.propensity import fit_propensities  # here for start-up time
+
     index, events, store = _open(home, args.name)
     with events, store:
         if not args.keep_propensities:

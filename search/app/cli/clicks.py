@@ -4,8 +4,8 @@
 live replay (`--dataset --split`) against the query service, in process or `--through-api URL`;
 the live loop itself is `eval/simulate.py`.
 
-The main CLI calls `add_click_commands(subparsers)` while building its parser and hands the
-parsed arguments to `run_click_command(args)`. Errors are `ClickCommandError` (or the readers'
+The main CLI builds `clicks` and `simulate` with `add_arguments(command, parser)` and runs them
+with `run(home, args)` (`add_click_commands`/`run_click_command` do the same on any subparser set). Errors are `ClickCommandError` (or the readers'
 `ClickLogError`), both `ValueError`s with a one-line message, so the main CLI prints them and
 exits 2. Progress goes to stderr; results and the summary to stdout.
 """
@@ -36,9 +36,35 @@ class ClickCommandError(ValueError):
     """A problem with the command's input worth one line to the user (exit status 2)."""
 
 
+SIMULATE_DESCRIPTION = (
+    "Simulate users (PBM, cascade or DBN behaviour) clicking on rankings, given relevance grades. "
+    "Live replay (--dataset/--split): each session searches the query service (in process, or a running "
+    "server with --through-api URL), clicks on the page it got and posts the impressions and clicks to "
+    "/events, so the whole behaviour loop runs. Offline (--qrels/--run): sessions over a run file's "
+    "rankings, written as an events JSONL. The two modes are exclusive."
+)
+
+
 def add_click_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `clicks fit` and `simulate` on the main CLI's subcommand set."""
-    clicks = subparsers.add_parser("clicks", help="fit and compare click models on a click log")
+    """Register `clicks fit` and `simulate` on a subcommand set."""
+    add_clicks_arguments(subparsers.add_parser("clicks", help="fit and compare click models on a click log"))
+    add_simulate_arguments(subparsers.add_parser(
+        "simulate", help="simulate users clicking: live against the query service, or offline over a TREC run file"))
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The flags of `clicks` or `simulate` (this module is imported only when one of them runs)."""
+    if command == "clicks":
+        add_clicks_arguments(parser)
+    else:
+        add_simulate_arguments(parser)
+
+
+def run(home: Path, args: argparse.Namespace) -> int:
+    return run_click_command(args)
+
+
+def add_clicks_arguments(clicks: argparse.ArgumentParser) -> None:
     click_commands = clicks.add_subparsers(dest="clicks_command", required=True)
     fit = click_commands.add_parser(
         "fit",
@@ -56,17 +82,9 @@ def add_click_commands(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(click_command="clicks-fit")
 
-    simulate = subparsers.add_parser(
-        "simulate",
-        help="simulate users clicking: live against the query service, or offline over a TREC run file",
-        description=(
-            "Simulate users (PBM, cascade or DBN behaviour) clicking on rankings, given relevance grades. "
-            "Live replay (--dataset/--split): each session searches the query service (in process, or a running "
-            "server with --through-api URL), clicks on the page it got and posts the impressions and clicks to "
-            "/events, so the whole behaviour loop runs. Offline (--qrels/--run): sessions over a run file's "
-            "rankings, written as an events JSONL. The two modes are exclusive."
-        ),
-    )
+
+def add_simulate_arguments(simulate: argparse.ArgumentParser) -> None:
+    simulate.description = SIMULATE_DESCRIPTION
     simulate.add_argument("--model", "--click-model", dest="model", required=True, choices=["pbm", "cascade", "dbn"],
                           help="user behaviour (--click-model is the same option)")
     live = simulate.add_argument_group("live replay against the query service")
@@ -608,24 +626,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser with just the click commands, until the main CLI wires them in."""
-    parser = argparse.ArgumentParser(prog="python -m search.app.cli.clicks", description="Click models and click simulation.")
-    parser.add_argument("--home", help="engine home, for in-process live simulation (env LTR_SEARCH_HOME)")
-    add_click_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run_click_command(args)
-    except ValueError as exc:
-        print(f"ltr-search: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from search.backend_factory import add_backend_arguments
-from eval.propensity import fit_propensities
+from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
 
 SAMPLE_ROWS = 64  # feature rows stored with a model and re-scored on every load
 GATE_METRIC = "nDCG@10"
@@ -30,15 +29,20 @@ class PromotionRefused(ValueError):
     """The candidate is significantly worse than the active model on held-out queries."""
 
 
-def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """The flags of `train` or of `models` (this module is imported only when one of them runs)."""
+    if command == "train":
+        add_train_arguments(parser)
+    else:
+        add_models_arguments(parser)
+
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES  # here for start-up time: loads xgboost
     from ltr.features import DEFAULT_FEATURE_SET
     from ltr.training import TrainingSettings
 
-    from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES
-
     defaults = TrainingSettings()
-    train = subparsers.add_parser("train", help="train a LambdaMART ranker on judged queries (--dataset) or on logged "
-                                                "clicks (--from-events) and store it in the registry")
     train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
     add_backend_arguments(train)
     train.add_argument("--split", default="train", help="judged split to learn from (default train)")
@@ -67,7 +71,8 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="service TOML (its fusion window is the candidate window trained on)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    models = subparsers.add_parser("models", help="list, inspect, promote and roll back ranking models")
+
+def add_models_arguments(models: argparse.ArgumentParser) -> None:
     commands = models.add_subparsers(dest="models_command", required=True)
     listing = commands.add_parser("list", help="every stored model, the active one marked")
     listing.add_argument("--json", action="store_true")
@@ -82,12 +87,14 @@ def add_ltr_commands(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--force", action="store_true", help="promote even without, or against, the gate")
     promote.add_argument("--quiet", action="store_true")
     commands.add_parser("rollback", help="re-activate the previously active model")
+    delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
+    delete.add_argument("version")
     from search.app.cli.compare import add_compare_parser
 
     add_compare_parser(commands)  # `models compare A B`: interleaving wins/losses and a binomial test
 
 
-def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
+def run(home: Path, args: argparse.Namespace) -> int:
     if args.command == "train":
         if args.from_events and args.dataset:
             raise ValueError("--from-events and --dataset are mutually exclusive: train either on logged clicks "
@@ -101,7 +108,8 @@ def run_ltr_command(home: Path, args: argparse.Namespace) -> int:
         from search.app.cli.compare import cmd_models_compare
 
         return cmd_models_compare(home, args)
-    handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback}
+    handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback,
+               "delete": cmd_delete}
     return handler[args.models_command](home, args)
 
 
@@ -122,7 +130,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     )
     features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     dataset = load_dataset(args.dataset, args.split)
-    index = open_index(home, args.name, dataset.name, args)
+    index = open_index(home, args.name, args, dataset.name)
     fusion = load_service_config(home, args.config).fusion_for(index.name)
     log(f"training on {dataset.name}/{dataset.split}: {len(dataset.queries)} judged queries, index "
         f"{index.name}/{index.generation_id}, feature set {features.name} v{features.version} ({len(features.names)} features), "
@@ -160,7 +168,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
         reference=drift_reference(trained, rows, page_rows=True),
     )
     valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no validation queries)"
-    print(f"model {manifest.version}: {trained.trees} trees (early stopping on {len(valid_ids)} held-out training queries), "
+    print(f"model {manifest.version}: {stopping_note(trained, settings.max_rounds, plural(len(valid_ids), 'held-out training query', 'held-out training queries'))}, "
           f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
     print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
     print(f"serve it with: ltr-search models promote {manifest.version}")
@@ -169,6 +177,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
 
 def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     """LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
+    from eval.propensity import fit_propensities  # here (and below) for start-up time
     from ltr.behaviour import BehaviourStore
     from indexing.home import behaviour_store_path
     from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks
@@ -184,7 +193,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     if not events_path.is_file():
         raise ValueError(f"no event store at {events_path}: serve the index with `ltr-search serve` to log requests "
                          "and clicks, or pass --events PATH")
-    index = open_index(home, name, name, args)
+    index = open_index(home, name, args, name)
     settings = ClickTrainingSettings(
         negatives=args.negatives, debias=args.debias, since=parse_time(args.since), until=parse_time(args.until),
         index_name=index.name,
@@ -227,7 +236,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     skipped = record["skipped"]
     valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no held-out requests)"
     debias = settings.debias + (f" (weights 1/p clipped at {settings.max_ips_weight:g})" if settings.debias == "ips" else "")
-    print(f"model {manifest.version}: {trained.trees} trees from clicks in {events_path} "
+    print(f"model {manifest.version}: {plural(trained.trees, 'tree')} from clicks in {events_path} "
           f"({span['first']} .. {span['last']}), debias {debias}, negatives {settings.negatives}, "
           f"feature set {features.name} v{features.version}")
     print(f"requests: {record['requests']['used']} used of {record['requests']['clicked']} clicked "
@@ -238,8 +247,8 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     print(f"rows: {record['rows']} in {record['groups']} groups, {record['clicks_used']} clicks used of "
           f"{record['clicks']}; {skipped['results_without_features']} results logged without features skipped; "
           f"fingerprint {record['fingerprint']}")
-    print(f"early stopping on click nDCG@10 of {len(result.valid_requests)} held-out requests (position-biased: a "
-          f"stopping rule only): {valid}; trained in {trained.seconds:.1f} s")
+    print(f"{stopping_note(trained, settings.ranker.max_rounds, plural(len(result.valid_requests), 'held-out request'))}"
+          f" (click nDCG@10, position-biased: a stopping rule only): {valid}; trained in {trained.seconds:.1f} s")
     print("top features by gain: " + ", ".join(f"{n} {gain:.0f}" for n, gain in list(trained.importance().items())[:8]))
     print(f"serve it with: ltr-search models promote {manifest.version}")
     return 0
@@ -355,7 +364,7 @@ def promotion_gate(home: Path, args: argparse.Namespace, candidate: Any, active:
         if trained.get("split") == dataset.split and trained.get("dataset") == str(dataset.path.resolve()):
             raise ValueError(f"model {manifest.version} was trained on {dataset.name}/{dataset.split}; "
                              "the gate needs queries neither model has seen (another split)")
-    index = open_index(home, args.name or candidate.index["name"], dataset.name, args)
+    index = open_index(home, args.name or candidate.index["name"], args, dataset.name)
     values = {}
     for manifest in (active, candidate):
         pipeline = registry_pipeline(index, home, manifest.version, name=manifest.version, warn=log)
@@ -383,11 +392,23 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def open_index(home: Path, name: str | None, dataset_name: str, args: argparse.Namespace) -> Any:
-    from search.backend_factory import backend_from_args, open_index_for_dataset
+def stopping_note(trained: Any, max_rounds: int, held_out: str) -> str:
+    """How many trees, and why: early stopping on the held-out queries, or the round cap."""
+    rounds = len(trained.history.get("train ndcg@10", [])) or trained.trees
+    trees = plural(trained.trees, "tree")
+    if rounds < max_rounds:
+        return f"{trees} (early stopping on {held_out} at round {rounds})"
+    best = f"; best on {held_out} at round {trained.trees}" if trained.valid_score is not None else ""
+    return f"{trees} (hit the cap of {max_rounds} rounds{best}: more --max-rounds may help)"
 
-    return open_index_for_dataset(home, name, dataset_name, backend_from_args(args))
 
+def cmd_delete(home: Path, args: argparse.Namespace) -> int:
+    from ltr.registry import ModelRegistry  # here for start-up time: loads xgboost
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr)
+    registry = ModelRegistry(home)
+    if registry.active() == args.version:
+        raise CliError(f"{args.version} is the active model; promote or roll back to another one before deleting it")
+    registry.manifest(args.version)  # an unknown version fails here, with the registry's message
+    registry.delete(args.version)
+    print(f"model {args.version} deleted")
+    return 0
