@@ -92,3 +92,15 @@ def test_retriever_statuses_are_pure():
     assert [(s.name, s.answers) for s in statuses] == [("bm25", False), ("dense", True)]
     assert all(s.answers for s in retriever_statuses(("bm25",), None))  # unknown (Elasticsearch): assumed to answer
     assert retriever_notes(retriever_statuses(("bm25",), 3)) == []
+
+
+def test_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert {url.rsplit("/", 1)[-1] for url in assets} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    assert "cdn" not in page.text.lower()
+    for url in assets:
+        assert url.startswith("/"), url  # no other host: nothing to fetch from the internet
+        assert client.get(url).status_code == 200, url
+    assert client.get("/openapi.json").status_code == 200

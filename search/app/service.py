@@ -12,7 +12,11 @@ import time
 from contextlib import asynccontextmanager
 from functools import partial
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.bundle import IndexBundleError
@@ -28,6 +32,7 @@ from search.app.state import JobRunner, ServingState, Snapshot  # noqa: F401 - S
 from search.event_store import EventStore
 
 logger = logging.getLogger("ltr_search.service")
+DOCS_ASSETS = "/docs-assets"  # Swagger UI from the swagger-ui-bundle package: /docs works offline
 
 
 class BodyLimitMiddleware:
@@ -95,8 +100,9 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
         if experiment_log is None and experiments_log is not None:
             experiments_log.close()
 
-    app = FastAPI(title="ltr-search", version="1", lifespan=lifespan,
+    app = FastAPI(title="ltr-search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Hybrid retrieval, learning-to-rank and behaviour events over one index.")
+    add_offline_docs(app)
     app.state.serving = state
     app.state.metrics = metrics
     app.state.jobs = JobRunner(state, refresh)
@@ -109,6 +115,18 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     for router in (search.router, events.router, documents.router, operations.router, admin.router):
         app.include_router(router)
     return app
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """GET /docs with Swagger UI's scripts and styles served by the app itself, not a CDN."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 async def count_requests(request: Request, call_next):
