@@ -16,7 +16,7 @@ import numpy as np
 from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Settings
 from indexing.bundle import IndexGeneration, IndexStore, utc_now
-from indexing.config import DEFAULT_KEEP_GENERATIONS
+from indexing.config import DEFAULT_KEEP_GENERATIONS, DEFAULT_LOCK_TIMEOUT_S
 from indexing.corpus import CorpusReadResult, CorpusSpec, Document, SkippedLine, read_corpus
 from indexing.docstore import write_docstore
 from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
@@ -132,11 +132,13 @@ def build_index(
     settings: BuildSettings,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> BuildSummary:
-    """Build a new generation of index `name` and activate it; see the module docstring."""
-    store = IndexStore(home)
+    """Build a new generation of index `name` and activate it; see the module docstring. Waits
+    up to `lock_timeout_s` for another writer of the index to finish."""
+    store = IndexStore(home, lock_timeout_s=lock_timeout_s)
     seconds: dict[str, float] = {}
-    with store.lock(name):
+    with store.lock(name, purpose="build"):
         started = time.perf_counter()
         corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
         seconds["read"] = time.perf_counter() - started

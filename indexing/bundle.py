@@ -2,7 +2,7 @@
 
     HOME/indexes/NAME/
         ACTIVE                      the active generation id, replaced atomically (os.replace)
-        .lock                       held (flock) by the one build/rollback allowed at a time
+        .lock                       held (indexing.durable.file_lock) by the one build/rollback at a time
         generations/g000007/        an immutable bundle: manifest.json + the files it lists
         generations/.staging-.../   a build in progress; never read, removed by the next build
 
@@ -14,8 +14,6 @@ file the manifest lists, so a corrupt or truncated bundle is refused with the fi
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
@@ -26,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from indexing.durable import file_record, fsync_dir, fsync_tree, sha256_file, write_json_durably
-from indexing.config import INDEX_SCHEMA_VERSION
+from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, sha256_file, write_json_durably
+from indexing.config import DEFAULT_LOCK_TIMEOUT_S, INDEX_SCHEMA_VERSION
 from indexing.home import indexes_dir
 
 MANIFEST_FILE = "manifest.json"
@@ -56,8 +54,8 @@ class IndexCorruptError(IndexBundleError):
         super().__init__(f"index generation {path} is corrupt: {reason}")
 
 
-class IndexBusyError(IndexBundleError):
-    pass
+class IndexBusyError(IndexBundleError, LockBusyError):
+    """Another build or rollback held the index's lock for longer than the store waits."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,10 @@ def generation_number(generation: str) -> int:
 class IndexStore:
     """All indexes of one engine home."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
         self.home = home
         self.root = indexes_dir(home)
+        self.lock_timeout_s = lock_timeout_s
 
     # ----- discovery ---------------------------------------------------------------------------
     def index_dir(self, name: str) -> Path:
@@ -141,21 +140,14 @@ class IndexStore:
 
     # ----- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """One writer (build, rebuild, rollback) per index at a time; readers never lock."""
+    def lock(self, name: str, purpose: str = "write") -> Iterator[None]:
+        """One writer (build, rebuild, rollback, delete) per index at a time, waiting up to
+        `lock_timeout_s` for another; readers never lock."""
         directory = self.index_dir(name)
         (directory / GENERATIONS_DIR).mkdir(parents=True, exist_ok=True)
-        handle = open(directory / LOCK_FILE, "a+")
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise IndexBusyError(f"another build or rollback of index '{name}' is running") from None
-                raise
+        with file_lock(directory / LOCK_FILE, self.lock_timeout_s, f"{purpose} of index '{name}'",
+                       f"another build or rollback of index '{name}' is running", IndexBusyError):
             yield
-        finally:
-            handle.close()
 
     def new_staging_dir(self, name: str) -> Path:
         """A fresh private directory for a build (call while holding the lock)."""

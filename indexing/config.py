@@ -9,6 +9,9 @@ DEFAULT_INDEX_NAME = "default"
 INDEX_SCHEMA_VERSION = 1
 # How many generations an index keeps besides the active one (for rollback).
 DEFAULT_KEEP_GENERATIONS = 3
+# How long a writer of a versioned store (index bundle, model registry) waits for another one to
+# finish before it gives up with an error naming the lock file and its holder.
+DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 # Lucene's BM25 defaults as Anserini uses them for BEIR.
 DEFAULT_BM25_K1 = 0.9

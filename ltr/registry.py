@@ -2,7 +2,8 @@
 
     HOME/models/
         active.json          {"active": "m0003", "history": ["m0001", "m0002"]}, replaced atomically
-        .lock                held (flock) by save, promote and rollback, so CLI processes never interleave
+        .lock                held (indexing.durable.file_lock) by save, promote, rollback and delete, so
+                             CLI processes never interleave; a second writer waits, then names the holder
         m0003/model.json     XGBoost's own JSON format (Booster.save_model); no pickle anywhere
         m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample,
                              optionally the training distributions for drift monitoring (ltr.drift)
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -33,8 +33,8 @@ import numpy as np
 import xgboost
 
 from indexing.home import registry_dir
-from indexing.config import settings_from_dict
-from indexing.durable import file_record, fsync_dir, fsync_tree, write_json_durably
+from indexing.config import DEFAULT_LOCK_TIMEOUT_S, settings_from_dict
+from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, write_json_durably
 from ltr.drift import FeatureReference
 
 MODEL_FILE = "model.json"
@@ -55,6 +55,10 @@ class RegistryError(Exception):
 
 class ModelNotFoundError(RegistryError):
     pass
+
+
+class RegistryBusyError(RegistryError, LockBusyError):
+    """Another save, promote or rollback held the registry's lock for longer than it waits."""
 
 
 class ModelCorruptError(RegistryError):
@@ -220,9 +224,10 @@ class LoadedModel:
 class ModelRegistry:
     """All model versions of one engine home, and which one is active."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S):
         self.home = Path(home)
         self.root = registry_dir(self.home)
+        self.lock_timeout_s = lock_timeout_s
 
     # ----- reading ---------------------------------------------------------------------------
     def version_ids(self) -> list[str]:
@@ -301,7 +306,7 @@ class ModelRegistry:
         trimmed = booster[:rounds]  # a copy: the caller's booster is left as it was
         trimmed.feature_names = names
 
-        with self._lock():
+        with self._lock("save"):
             self._remove_leftovers()
             ids = self.version_ids()
             version = f"m{(_version_number(ids[-1]) + 1 if ids else 1):04d}"
@@ -343,7 +348,7 @@ class ModelRegistry:
 
     def promote(self, version: str, expected_feature_set: dict[str, Any] | None = None) -> None:
         """Make a version active after it loads cleanly; the previous active goes onto the history."""
-        with self._lock():
+        with self._lock(f"promote {version}"):
             self.load(version, expected_feature_set)
             state = self._read_active()
             if state["active"] == version:
@@ -353,7 +358,7 @@ class ModelRegistry:
 
     def rollback(self) -> str:
         """Re-activate the previous active version (it must still load cleanly) and return it."""
-        with self._lock():
+        with self._lock("rollback"):
             state = self._read_active()
             if not state["history"]:
                 raise RegistryError(
@@ -398,11 +403,11 @@ class ModelRegistry:
                 shutil.rmtree(stale, ignore_errors=True)
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """One writer at a time across processes; waits for the other one. Readers never lock."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def _lock(self, purpose: str) -> Iterator[None]:
+        """One writer at a time across processes, waiting up to `lock_timeout_s` for another (the
+        index store's policy, the same helper). Readers never lock."""
+        with file_lock(self.root / LOCK_FILE, self.lock_timeout_s, f"{purpose} in the model registry",
+                       "another save, promote or rollback of the model registry is running", RegistryBusyError):
             yield
 
 

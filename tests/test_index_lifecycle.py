@@ -131,7 +131,7 @@ def test_second_writer_is_refused_while_a_build_holds_the_lock(home, small_corpu
     store = IndexStore(home)
     with store.lock("t"):
         with pytest.raises(IndexBusyError, match="another build or rollback of index 't' is running"):
-            build_index(home, "t", bm25_settings(small_corpus), progress=False, log=lambda m: None)
+            build_index(home, "t", bm25_settings(small_corpus), progress=False, log=lambda m: None, lock_timeout_s=0.1)
 
 
 def test_reader_keeps_serving_through_rebuild_and_prune(home, small_corpus):
