@@ -8,6 +8,7 @@ environment (or the file), never from a flag, so it does not show up in process 
     backend = "elasticsearch"   # default "embedded"; see search/backend_factory.py
     default_pipeline = "ltr"     # the active model; hybrid (then bm25) while none is promoted
     rerank_window = 200
+    access_log = true           # one line per request on stdout (default); false behind a proxy that logs
     [exploration]
     epsilon = 0.05
     [experiments]               # online comparison of ranking models (see search/interleaving.py)
@@ -113,6 +114,7 @@ class ServiceConfig:
     admin_token: str | None = None
     events_path: Path | None = None  # default HOME/events/INDEX.sqlite3
     threads: int | None = None  # ONNX Runtime intra-op threads per query (default: all cores); BLAS gets 1
+    access_log: bool = True  # uvicorn's access log (one line per request) on stdout; `serve --no-access-log`
     exploration: ExplorationSettings = field(default_factory=ExplorationSettings)
     experiments: OnlineExperimentSettings = field(default_factory=OnlineExperimentSettings)
     fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name

@@ -153,7 +153,8 @@ def limit_native_threads() -> None:
 
 
 def serve(config: ServiceConfig, host: str, port: int) -> None:
-    import uvicorn
+    """Run the app under uvicorn; its access log (one line per request) follows `config.access_log`."""
+    import uvicorn  # only `serve` needs the server: the CLI's other commands start faster without it
 
     limit_native_threads()
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=config.access_log)

@@ -1,0 +1,64 @@
+"""Service settings: the access log of `serve` (a real uvicorn on 127.0.0.1), and config errors
+that name the key and the expected type."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from search.app.config import load_service_config
+from tests.conftest import ROOT, free_port
+
+SERVE = ("import sys; from pathlib import Path; from search.app.config import load_service_config; "
+         "from search.app.service import serve; "
+         "config = load_service_config(Path(sys.argv[1]), Path(sys.argv[2]) if sys.argv[2] else None, "
+         "{'access_log': None if sys.argv[3] == 'default' else sys.argv[3] == 'on'}); "
+         "serve(config, '127.0.0.1', int(sys.argv[4]))")
+
+
+def _serve_output(home: Path, config: Path | None, access_log: str) -> str:
+    """Start `serve` (no index: /health still answers), send two requests, stop it, return its output."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SERVE, str(home), str(config or ""), access_log, str(port)],
+                               cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.stdout else ""
+                time.sleep(0.2)
+        httpx.get(f"http://127.0.0.1:{port}/documents/nope", timeout=5)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    return output
+
+
+def test_serve_writes_an_access_log_by_default_and_the_config_turns_it_off(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    output = _serve_output(home, None, "default")
+    assert '"GET /health HTTP/1.1" 200' in output and '"GET /documents/nope HTTP/1.1" 503' in output
+    off = tmp_path / "off.toml"
+    off.write_text("access_log = false\n")
+    quiet = _serve_output(home, off, "default")
+    assert "GET /health" not in quiet and "Uvicorn running" in quiet
+    assert '"GET /health HTTP/1.1" 200' in _serve_output(home, off, "on")  # the flag's override wins over the file
+
+
+def test_access_log_override_and_file(tmp_path):
+    path = tmp_path / "service.toml"
+    path.write_text("access_log = false\n")
+    assert load_service_config(tmp_path, path).access_log is False
+    assert load_service_config(tmp_path, path, {"access_log": None}).access_log is False  # flag not given
+    assert load_service_config(tmp_path, path, {"access_log": True}).access_log is True
+    assert load_service_config(tmp_path).access_log is True
