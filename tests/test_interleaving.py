@@ -91,8 +91,8 @@ def _config(tmp_path: Path, text: str):
     ("interleave_share = 0.2", "experiments.interleave_share = 0.2 needs experiments.interleave_model"),
     ("shadow = 'm2'", "experiments.shadow: unknown key"),
     ("shadow_model = ''", "experiments.shadow_model must be a model version"),
-    ("shadow_model = 3", "experiments.shadow_model must be a model version"),
-    ("seed = 1.5", "experiments.seed must be an integer"),
+    ("shadow_model = 3", 'experiments.shadow_model: expected a string, got 3'),
+    ("seed = 1.5", 'experiments.seed: expected an integer, got 1.5'),
 ])
 def test_experiment_settings_errors_name_the_key(tmp_path, section, message):
     with pytest.raises(ValueError, match="service.toml: " + re.escape(message)):
@@ -400,8 +400,7 @@ def test_other_feature_sets_score_the_served_window_through_the_one_feature_path
         window_features(basic, query, scored)
     window = candidate_window(index, query, WINDOW)
     order = np.argsort(-fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K), kind="stable")
-    in_order = Candidates([window.doc_ids[i] for i in order], window.bm25[order], window.dense[order],
-                          window.bm25_rank[order], window.dense_rank[order])
+    in_order = window.take(order)
     with_candidates = SimpleNamespace(hits=scored.hits, features=scored.features, feature_names=scored.feature_names,
                                       candidates=in_order)
     assert window_features(served, query, with_candidates) is scored.features  # same set: the matrix is reused

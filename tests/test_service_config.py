@@ -62,3 +62,27 @@ def test_access_log_override_and_file(tmp_path):
     assert load_service_config(tmp_path, path, {"access_log": None}).access_log is False  # flag not given
     assert load_service_config(tmp_path, path, {"access_log": True}).access_log is True
     assert load_service_config(tmp_path).access_log is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[exploration]\nepsilon = "lots"\n', 'exploration.epsilon: expected a number, got "lots"'),
+    ('[exploration]\nprotected_top = 1.5\n', "exploration.protected_top: expected an integer, got 1.5"),
+    ('[exploration]\nmode = 3\n', "exploration.mode: expected a string, got 3"),
+    ('[exploration]\nepsilom = 0.1\n', "exploration.epsilom: unknown key; known: epsilon"),
+    ('rerank_window = "x"\n', 'rerank_window: expected an integer, got "x"'),
+    ('access_log = "yes"\n', 'access_log: expected true or false, got "yes"'),
+    ('threads = true\n', "threads: expected an integer, got true"),
+    ('index = 3\n', "index: expected a string, got 3"),
+    ('exploration = 3\n', "[exploration] must be a table, got 3"),
+    ('[experiments]\ninterleave_share = "half"\n', 'experiments.interleave_share: expected a number, got "half"'),
+    ('[fusion.x]\nmethod = 1\n', "fusion.x.method: expected a string, got 1"),
+    ('[fusion.x]\nweight = 1\n', "fusion.x.weight: unknown key"),
+    ('fusion = 2\n', "[fusion] must hold one table per index, got 2"),
+])
+def test_config_errors_name_the_key_and_the_expected_type(tmp_path, text, message):
+    path = tmp_path / "service.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as raised:
+        load_service_config(tmp_path, path)
+    assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value)
+    assert "TypeError" not in str(raised.value) and "__init__" not in str(raised.value)

@@ -26,8 +26,11 @@ environment (or the file), never from a flag, so it does not show up in process 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -143,6 +146,45 @@ class ServiceConfig:
         return self.fusion.get(index, FusionSettings())
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (string)"}
+
+
+def _expected_types(hint: Any) -> tuple[type, ...]:
+    """The scalar types a field accepts (empty: not a scalar, checked by its own loader)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(t for t in options if t in _EXPECTED)
+
+
+def _matches(value: Any, expected: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in expected
+    if isinstance(value, int) and (int in expected or float in expected):
+        return True
+    return any(isinstance(value, str if t is Path else t) for t in expected if t is not bool)
+
+
+def check_section(prefix: str, cls: type, values: Any, unknown_keys: bool = True) -> None:
+    """Refuse a wrong type or an unknown key in one config section, naming the key and what it
+    expects (`exploration.epsilon: expected a number, got "lots"`), never a Python TypeError."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"[{prefix.rstrip('.')}] must be a table, got {_shown(values)}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in hints:
+            if unknown_keys:
+                raise ValueError(f"{prefix}{key}: unknown key; known: {', '.join(known)}")
+            continue
+        expected = _expected_types(hints[key])
+        if expected and value is not None and not _matches(value, expected):
+            wanted = " or ".join(dict.fromkeys(_EXPECTED[t] for t in expected))
+            raise ValueError(f"{prefix}{key}: expected {wanted}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (str, bool, int, float, list, dict)) else repr(value)
+
+
 def load_service_config(
     home: Path, config_file: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> ServiceConfig:
@@ -159,11 +201,19 @@ def load_service_config(
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{config_file}: invalid TOML ({exc})") from None
     try:
+        check_section("", ServiceConfig, {k: v for k, v in values.items() if k not in ("backend", "elasticsearch")},
+                      unknown_keys=False)  # unknown top-level keys: listed together below
         if "exploration" in values:
+            check_section("exploration.", ExplorationSettings, values["exploration"])
             values["exploration"] = settings_from_dict(ExplorationSettings, values["exploration"])
         if "experiments" in values:
+            check_section("experiments.", OnlineExperimentSettings, values["experiments"])
             values["experiments"] = OnlineExperimentSettings.from_dict(values["experiments"])
         if "fusion" in values:
+            if not isinstance(values["fusion"], Mapping):
+                raise ValueError(f"[fusion] must hold one table per index, got {_shown(values['fusion'])}")
+            for name, section in values["fusion"].items():
+                check_section(f"fusion.{name}.", FusionSettings, section)
             values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
         if "events_path" in values:
             values["events_path"] = Path(values["events_path"])
