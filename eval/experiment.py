@@ -205,7 +205,7 @@ def run_experiment(
         run_file = write_run(run, runs_dir / f"{name}.run", tag=name)
         results[name] = PipelineResult(name, spec.learned, trained_on, run, scores, latencies, run_file, fitted)
         if fitted:
-            log(f"{name}: fitted {fitted if len(fitted) > 1 else fitted[0]}")
+            log(f"{name}: fitted {describe_fitted(fitted)}")
         headline = ", ".join(f"{m} {scores.mean()[m]:.4f}" for m in HEADLINE_METRICS if m in scores.values)
         log(f"{name}: {headline}; p50 {np.percentile(latencies, 50):.1f} ms")
 
@@ -245,6 +245,24 @@ def _cross_validate(
         for query_id, latency in zip(held_out, fold_latencies):
             latencies[position[query_id]] = latency
     return {q: run[q] for q in dataset.queries}, latencies, fitted
+
+
+MAX_LOG_CHARS = 400  # one log line; the full record is in the results JSON
+
+
+def describe_fitted(fitted: list[dict[str, Any]], limit: int = MAX_LOG_CHARS) -> str:
+    """What the fits chose, short enough for one log line: scalars as they are, lists and
+    tables by their size, the whole cut at `limit` characters (the JSON keeps everything)."""
+    def brief(value: Any) -> Any:
+        if isinstance(value, (dict, list, tuple)) and len(value) > 4:
+            return f"<{len(value)} {'entries' if isinstance(value, dict) else 'items'}>"
+        return value
+
+    folds = [{key: brief(value) for key, value in record.items()} for record in fitted]
+    text = str(folds[0] if len(folds) == 1 else folds)
+    if len(text) > limit:
+        text = text[:limit] + f" ... ({len(text) - limit:,} more characters; see the results JSON)"
+    return text
 
 
 def _fitted_parameters(pipeline: Any) -> dict[str, Any]:

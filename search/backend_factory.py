@@ -99,16 +99,9 @@ def resolve_index_name(home: Path, name: str | None, choice: BackendChoice, data
 
 
 def open_index_for_dataset(home: Path, name: str | None, dataset_name: str | None, choice: BackendChoice) -> SearchBackend:
-    """The backend for a job: `--name`, else the index `resolve_index_name` picks."""
+    """The backend for a job: `--name`, else the index `resolve_index_name` picks (a missing
+    index is reported by the store, with the indexes it has)."""
     chosen = resolve_index_name(home, name, choice, dataset_name)
-    if not choice.is_elasticsearch:
-        from indexing.bundle import IndexStore
-
-        store = IndexStore(home)
-        if chosen not in store.names():
-            listed = ", ".join(store.names()) or "none"
-            raise ValueError(f"no index named '{chosen}' in {store.root} (indexes: {listed}); build it with "
-                             f"`ltr-search index build --dataset PATH --name {chosen}`, or choose one with --name")
     return open_backend(home, chosen, choice)
 
 

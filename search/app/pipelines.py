@@ -85,7 +85,7 @@ def check_pipelines(names: list[str], index: SearchBackend) -> None:
     if missing:
         what = "needs" if len(missing) == 1 else "need"
         raise ValueError(f"pipeline {', '.join(missing)} {what} dense vectors, but index '{index.name}' generation "
-                         f"{index.generation_id} was built with --no-dense; rebuild it without --no-dense, or use "
+                         f"{index.generation_id} was built without dense vectors (--no-dense); rebuild it without --no-dense, or use "
                          f"{', '.join(sorted(_DENSE_FREE))}")
 
 
