@@ -83,6 +83,7 @@ class BuildSummary:
     bytes_on_disk: int
     seconds: dict[str, float] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
+    pruned_corrupt: dict[str, str] = field(default_factory=dict)  # generation -> why it did not verify
 
     def lines(self) -> list[str]:
         """The one-screen summary every build ends with."""
@@ -94,7 +95,8 @@ class BuildSummary:
             f"  dense vectors  {self.dense}",
             f"  size on disk   {self.bytes_on_disk / 1e6:,.1f} MB",
         ]
-        return out + summary_tail(self.seconds, self.pruned, self.skipped)
+        corrupt = [f"  pruned corrupt {generation}: {reason}" for generation, reason in self.pruned_corrupt.items()]
+        return out + summary_tail(self.seconds, self.pruned, self.skipped) + corrupt
 
 
 def summary_tail(seconds: dict[str, float], pruned: list[str], skipped: list[SkippedLine]) -> list[str]:
@@ -137,53 +139,65 @@ def build_index(
     """Build a new generation of index `name` and activate it; see the module docstring. Waits
     up to `lock_timeout_s` for another writer of the index to finish."""
     store = IndexStore(home, lock_timeout_s=lock_timeout_s)
+    with store.lock(name, purpose="build", create=True):
+        first = not store.generations(name) and store.active_generation(name) is None
+        try:
+            return _build_locked(home, store, name, settings, progress, log)
+        except BaseException:
+            if first:  # a failed first build leaves no empty index behind to be listed
+                store.remove_index_files(name)
+            raise
+
+
+def _build_locked(home: Path, store: IndexStore, name: str, settings: BuildSettings, progress: bool,
+                  log: Callable[[str], None]) -> BuildSummary:
+    """The build itself, under the index's lock."""
     seconds: dict[str, float] = {}
-    with store.lock(name, purpose="build"):
+    started = time.perf_counter()
+    corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
+    seconds["read"] = time.perf_counter() - started
+    log(f"read {len(corpus.documents):,} documents from {corpus.file} ({len(corpus.skipped)} lines skipped)")
+
+    staging = store.new_staging_dir(name)
+    manifest: dict[str, Any] = {"created_at": utc_now(), "build": settings.to_dict()}
+
+    started = time.perf_counter()
+    analyzer = Analyzer(settings.analyzer)
+    builder = BM25Builder(SOURCE_FIELDS)
+    for doc in _progress(corpus.documents, progress, "analyse"):
+        builder.add({"title": analyzer.analyze(doc.title), "text": analyzer.analyze(doc.text)})
+    bm25 = builder.build(settings.bm25)
+    manifest["bm25"] = bm25.save(staging / BM25_DIR)
+    manifest["analyzer"] = settings.analyzer.to_dict()
+    seconds["bm25"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    write_docstore(corpus.documents, staging / DOCS_DIR)
+    manifest["corpus"] = _corpus_entry(corpus)
+    seconds["store"] = time.perf_counter() - started
+
+    dense_kind = "none"
+    manifest["dense"] = None
+    if settings.dense:
         started = time.perf_counter()
-        corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
-        seconds["read"] = time.perf_counter() - started
-        log(f"read {len(corpus.documents):,} documents from {corpus.file} ({len(corpus.skipped)} lines skipped)")
-
-        staging = store.new_staging_dir(name)
-        manifest: dict[str, Any] = {"created_at": utc_now(), "build": settings.to_dict()}
-
+        embeddings, encoder_entry = encode_documents(home, settings.encoder, corpus.documents, progress)
+        seconds["encode"] = time.perf_counter() - started
         started = time.perf_counter()
-        analyzer = Analyzer(settings.analyzer)
-        builder = BM25Builder(SOURCE_FIELDS)
-        for doc in _progress(corpus.documents, progress, "analyse"):
-            builder.add({"title": analyzer.analyze(doc.title), "text": analyzer.analyze(doc.text)})
-        bm25 = builder.build(settings.bm25)
-        manifest["bm25"] = bm25.save(staging / BM25_DIR)
-        manifest["analyzer"] = settings.analyzer.to_dict()
-        seconds["bm25"] = time.perf_counter() - started
+        vectors = build_vector_index(embeddings, settings.vectors, staging / VECTORS_DIR)
+        manifest["dense"] = {"encoder": encoder_entry, "vectors": vectors}
+        dense_kind = vectors["kind"]
+        seconds["vectors"] = time.perf_counter() - started
 
-        started = time.perf_counter()
-        write_docstore(corpus.documents, staging / DOCS_DIR)
-        manifest["corpus"] = _corpus_entry(corpus)
-        seconds["store"] = time.perf_counter() - started
-
-        dense_kind = "none"
-        manifest["dense"] = None
-        if settings.dense:
-            started = time.perf_counter()
-            embeddings, encoder_entry = encode_documents(home, settings.encoder, corpus.documents, progress)
-            seconds["encode"] = time.perf_counter() - started
-            started = time.perf_counter()
-            vectors = build_vector_index(embeddings, settings.vectors, staging / VECTORS_DIR)
-            manifest["dense"] = {"encoder": encoder_entry, "vectors": vectors}
-            dense_kind = vectors["kind"]
-            seconds["vectors"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        manifest["counts"] = {
-            "documents": len(corpus.documents),
-            "skipped_lines": len(corpus.skipped),
-            "vocabulary": len(bm25.vocabulary),
-        }
-        generation = store.commit(name, staging, manifest)
-        store.activate(name, generation.generation, verify=False)  # commit() verified it
-        pruned = store.prune(name, settings.keep)
-        seconds["commit"] = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest["counts"] = {
+        "documents": len(corpus.documents),
+        "skipped_lines": len(corpus.skipped),
+        "vocabulary": len(bm25.vocabulary),
+    }
+    generation = store.commit(name, staging, manifest)
+    store.activate(name, generation.generation, verify=False)  # commit() verified it
+    prune = store.prune(name, settings.keep)
+    seconds["commit"] = time.perf_counter() - started
 
     return BuildSummary(
         name=name,
@@ -196,7 +210,8 @@ def build_index(
         dense=dense_kind,
         bytes_on_disk=sum(f["bytes"] for f in generation.manifest["files"].values()),
         seconds=seconds,
-        pruned=pruned,
+        pruned=prune.deleted,
+        pruned_corrupt=prune.corrupt,
     )
 
 

@@ -1,10 +1,12 @@
 """Immutable index generations and the atomic `ACTIVE` pointer.
 
+    HOME/indexes/.NAME.lock         held (indexing.durable.file_lock) by the one writer of NAME at a time;
+                                    beside the index, so deleting or cleaning up NAME never deletes its lock
     HOME/indexes/NAME/
         ACTIVE                      the active generation id, replaced atomically (os.replace)
-        .lock                       held (indexing.durable.file_lock) by the one build/rollback at a time
         generations/g000007/        an immutable bundle: manifest.json + the files it lists
         generations/.staging-.../   a build in progress; never read, removed by the next build
+    HOME/indexes/.deleting-NAME-*   an index being deleted (renamed out of the namespace first)
 
 A build writes everything into a staging directory, fsyncs it, renames it to its generation id,
 verifies every checksum and only then replaces ACTIVE. A build killed at any point therefore
@@ -30,7 +32,7 @@ from indexing.home import indexes_dir
 
 MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "ACTIVE"
-LOCK_FILE = ".lock"
+LOCK_SUFFIX = ".lock"
 GENERATIONS_DIR = "generations"
 STAGING_PREFIX = ".staging-"
 GENERATION_PATTERN = re.compile(r"^g(\d{6,})$")
@@ -45,6 +47,10 @@ class IndexNotFoundError(IndexBundleError):
     pass
 
 
+class GenerationNotFoundError(IndexNotFoundError):
+    """A generation id that the index does not have (never built, or pruned): not a corrupt one."""
+
+
 class IndexCorruptError(IndexBundleError):
     """A generation whose manifest or files do not match: names the generation and the file."""
 
@@ -56,6 +62,26 @@ class IndexCorruptError(IndexBundleError):
 
 class IndexBusyError(IndexBundleError, LockBusyError):
     """Another build or rollback held the index's lock for longer than the store waits."""
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What `prune` removed: every deleted generation, and among them the corrupt ones with why."""
+
+    deleted: list[str]
+    corrupt: dict[str, str]
+
+
+@dataclass(frozen=True)
+class IndexListing:
+    """One index of a home, as `index list` shows it. `usable`: it has an active generation whose
+    manifest and file sizes check out (a full SHA-256 check is `index status --verify`)."""
+
+    name: str
+    active: str | None
+    generations: list[str]
+    usable: bool
+    problem: str | None = None  # why it is not usable
 
 
 @dataclass(frozen=True)
@@ -102,7 +128,8 @@ class IndexStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / GENERATIONS_DIR).is_dir())
+        return sorted(p.name for p in self.root.iterdir()
+                      if INDEX_NAME_PATTERN.match(p.name) and (p / GENERATIONS_DIR).is_dir())
 
     def generations(self, name: str) -> list[str]:
         """Committed generation ids, oldest first."""
@@ -133,21 +160,30 @@ class IndexStore:
                 )
         path = self.index_dir(name) / GENERATIONS_DIR / generation
         if not path.is_dir():
-            raise IndexCorruptError(path, "generation directory is missing")
+            raise GenerationNotFoundError(self._no_such_generation(name, generation))
         manifest = read_manifest(path)
         check_files(path, manifest, full=verify)
         return IndexGeneration(name, generation, path, manifest)
 
     # ----- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, name: str, purpose: str = "write") -> Iterator[None]:
+    def lock(self, name: str, purpose: str = "write", create: bool = False) -> Iterator[None]:
         """One writer (build, rebuild, rollback, delete) per index at a time, waiting up to
-        `lock_timeout_s` for another; readers never lock."""
+        `lock_timeout_s` for another; readers never lock. Only a build (`create`) may lock an
+        index that does not exist yet: a rollback of a typo must not leave an empty index behind."""
         directory = self.index_dir(name)
-        (directory / GENERATIONS_DIR).mkdir(parents=True, exist_ok=True)
-        with file_lock(directory / LOCK_FILE, self.lock_timeout_s, f"{purpose} of index '{name}'",
+        if not create and not (directory / GENERATIONS_DIR).is_dir():
+            raise IndexNotFoundError(self._no_such_index(name))
+        with file_lock(self.lock_path(name), self.lock_timeout_s, f"{purpose} of index '{name}'",
                        f"another build or rollback of index '{name}' is running", IndexBusyError):
+            if create:
+                (directory / GENERATIONS_DIR).mkdir(parents=True, exist_ok=True)
+            elif not (directory / GENERATIONS_DIR).is_dir():  # deleted while this one waited
+                raise IndexNotFoundError(self._no_such_index(name))
             yield
+
+    def lock_path(self, name: str) -> Path:
+        return self.root / f".{validate_index_name(name)}{LOCK_SUFFIX}"
 
     def new_staging_dir(self, name: str) -> Path:
         """A fresh private directory for a build (call while holding the lock)."""
@@ -192,20 +228,97 @@ class IndexStore:
         fsync_dir(directory)
 
     def previous_generation(self, name: str) -> str:
+        """The newest generation older than the active one that opens cleanly (corrupt ones are skipped)."""
         active = self.active_generation(name)
         older = [g for g in self.generations(name) if active is None or generation_number(g) < generation_number(active)]
-        if not older:
-            raise IndexNotFoundError(f"index '{name}' has no generation older than {active} to roll back to")
-        return older[-1]
+        problems = []
+        for generation in reversed(older):
+            try:
+                self.open(name, generation, verify=True)
+                return generation
+            except IndexCorruptError as exc:
+                problems.append(f"{generation} is corrupt ({exc.reason})")
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise IndexNotFoundError(f"index '{name}' has no valid generation older than {active} to roll back to{detail}")
 
-    def prune(self, name: str, keep: int) -> list[str]:
-        """Delete all but the active generation and the `keep` newest others; returns deleted ids."""
+    def rollback(self, name: str, to: str | None = None) -> tuple[str | None, str]:
+        """Activate `to` (default: the previous valid generation) under the index's lock; returns
+        (active before, active now). A generation that does not exist is named as such, with the
+        generations that do; one that exists but does not verify is refused as corrupt."""
+        with self.lock(name, purpose="rollback"):
+            before = self.active_generation(name)
+            target = to or self.previous_generation(name)
+            self.activate(name, target)
+        return before, target
+
+    def prune(self, name: str, keep: int) -> PruneReport:
+        """Keep the active generation and the `keep` newest VALID others (fully verified, so a
+        rollback to them works); delete the older ones. A corrupt generation never counts as
+        kept: it is deleted and reported with its reason. Call while holding the lock."""
         active = self.active_generation(name)
-        others = [g for g in self.generations(name) if g != active]
-        doomed = others[: max(len(others) - keep, 0)]
-        for generation in doomed:
+        kept: list[str] = []
+        deleted: list[str] = []
+        corrupt: dict[str, str] = {}
+        for generation in reversed([g for g in self.generations(name) if g != active]):
+            if len(kept) < keep:
+                try:
+                    self.open(name, generation, verify=True)
+                except IndexCorruptError as exc:
+                    corrupt[generation] = exc.reason
+                else:
+                    kept.append(generation)
+                    continue
             shutil.rmtree(self.index_dir(name) / GENERATIONS_DIR / generation)
-        return doomed
+            deleted.append(generation)
+        return PruneReport(sorted(deleted, key=generation_number), corrupt)
+
+    def list_indexes(self) -> list[IndexListing]:
+        """Every index of the home with its active generation, generations and whether it can serve."""
+        return [self._listing(name) for name in self.names()]
+
+    def _listing(self, name: str) -> IndexListing:
+        generations = self.generations(name)
+        try:
+            active = self.active_generation(name)
+        except ValueError as exc:  # an ACTIVE file that does not hold a generation id
+            return IndexListing(name, None, generations, False, f"ACTIVE is unreadable: {exc}")
+        if active is None:
+            problem = "no active generation (no build finished)" if not generations else "no active generation"
+            return IndexListing(name, None, generations, False, problem)
+        try:
+            self.open(name, active, verify=False)
+        except IndexBundleError as exc:
+            return IndexListing(name, active, generations, False, str(exc))
+        return IndexListing(name, active, generations, True)
+
+    def delete_index(self, name: str) -> None:
+        """Delete an index and all its generations, under its lock. The directory is first renamed
+        out of the index namespace (one atomic step), so no reader or listing sees half an index."""
+        with self.lock(name, purpose="delete"):
+            self.remove_index_files(name)
+
+    def remove_index_files(self, name: str) -> None:
+        """Remove an index's directory (call while holding its lock; the lock file stays, beside it)."""
+        directory = self.index_dir(name)
+        if not directory.exists():
+            return
+        trash = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(directory, trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash)
+
+    # ----- messages ----------------------------------------------------------------------------
+    def _no_such_index(self, name: str) -> str:
+        known = ", ".join(self.names()) or "none"
+        return f"no index named '{name}' in {self.root} (indexes here: {known})"
+
+    def _no_such_generation(self, name: str, generation: str) -> str:
+        existing = self.generations(name)
+        if not existing:
+            return self._no_such_index(name)
+        active = self.active_generation(name)
+        listed = ", ".join(f"{g} (active)" if g == active else g for g in existing)
+        return f"index '{name}' has no generation {generation}; its generations: {listed}"
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

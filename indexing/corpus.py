@@ -2,7 +2,9 @@
 
 Every bad line is reported with its file, line number and reason. Without `skip_invalid` the
 first bad line raises `CorpusError` before anything is written; with it, the rest of the corpus
-is read and every skipped line is returned so the build summary can list them.
+is read and every skipped line is returned so the build summary can list them. A title or text
+field that no record has is an error either way (a typo in `--title-field` must not build an
+index without titles): it names the field, the file and the fields the records do have.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 BEIR_ID_FIELD = "_id"
 BEIR_METADATA_FIELD = "metadata"
+DEFAULT_TITLE_FIELD = "title"  # optional: a corpus without titles is fine unless another field is named
 
 
 class CorpusError(ValueError):
@@ -50,7 +53,7 @@ class CorpusSpec:
 
     path: str
     id_field: str = BEIR_ID_FIELD
-    title_field: str | None = "title"
+    title_field: str | None = DEFAULT_TITLE_FIELD
     text_fields: tuple[str, ...] = ("text",)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +119,7 @@ def parse_record(record: Any, spec: CorpusSpec) -> Document:
     missing = [name for name in spec.text_fields if name not in record]
     if len(missing) == len(spec.text_fields):
         wanted = ", ".join(f"'{name}'" for name in spec.text_fields)
-        raise ValueError(f"missing text field {wanted}")
+        raise ValueError(f"missing text field {wanted} (the record has: {', '.join(record) or 'no fields'})")
     texts = [_string_field(record, name, allow_null=False) for name in spec.text_fields if name in record]
     text = "\n".join(part for part in texts if part)
 
@@ -137,6 +140,7 @@ def read_corpus(spec: CorpusSpec, skip_invalid: bool = False, progress: bool = F
     file = resolve_corpus_file(spec.path)
     documents: list[Document] = []
     skipped: list[SkippedLine] = []
+    fields_seen: set[str] = set()
     first_line_of: dict[str, int] = {}
     digest = hashlib.sha256()
     line_number = 0
@@ -164,6 +168,8 @@ def read_corpus(spec: CorpusSpec, skip_invalid: bool = False, progress: bool = F
             except json.JSONDecodeError as exc:
                 reject(line_number, f"invalid JSON: {exc.msg} (column {exc.colno})")
                 continue
+            if isinstance(record, dict):
+                fields_seen.update(record)
             try:
                 document = parse_record(record, spec)
             except ValueError as exc:
@@ -177,12 +183,26 @@ def read_corpus(spec: CorpusSpec, skip_invalid: bool = False, progress: bool = F
     if bar is not None:
         bar.close()
 
+    check_fields_exist(spec, fields_seen, file)
     if not documents:
         reason = "empty corpus: no valid documents"
         if skipped:
             reason += f" ({len(skipped)} invalid lines skipped)"
         raise CorpusError(file, None, reason)
     return CorpusReadResult(documents, skipped, file, digest.hexdigest(), line_number)
+
+
+def check_fields_exist(spec: CorpusSpec, fields_seen: set[str], file: Path) -> None:
+    """Refuse a named title field or a text field that no record of the corpus has (the default
+    title field may be absent: many corpora have no titles)."""
+    if not fields_seen:
+        return  # no record parsed at all: the per-line errors say why
+    wanted = [("title", spec.title_field)] if spec.title_field not in (None, DEFAULT_TITLE_FIELD) else []
+    wanted += [("text", name) for name in spec.text_fields]
+    absent = [f"{kind} field '{name}'" for kind, name in wanted if name not in fields_seen]
+    if absent:
+        raise CorpusError(file, None, f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} in no record; "
+                                      f"the records have: {', '.join(sorted(fields_seen))}")
 
 
 def _string_field(record: dict[str, Any], name: str, allow_null: bool) -> str:

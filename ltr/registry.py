@@ -8,6 +8,7 @@
         m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample,
                              optionally the training distributions for drift monitoring (ltr.drift)
         .m0004.tmp/          a save in progress; never listed, removed by the next save
+        .m0002-deleted.tmp/  a version being deleted (renamed first), removed by the next save
 
 A save writes both files into the temp directory, loads the model back from disk to score the
 sample, fsyncs and renames the directory to its version, so a crash leaves no half model visible.
@@ -59,6 +60,10 @@ class ModelNotFoundError(RegistryError):
 
 class RegistryBusyError(RegistryError, LockBusyError):
     """Another save, promote or rollback held the registry's lock for longer than it waits."""
+
+
+class ModelInUseError(RegistryError):
+    """The active model cannot be deleted: the service would have nothing to load."""
 
 
 class ModelCorruptError(RegistryError):
@@ -369,6 +374,25 @@ class ModelRegistry:
             self._write_active(previous, state["history"][:-1])
             return previous
 
+    def delete(self, version: str) -> None:
+        """Delete a model version for good, refusing the active one. It leaves the rollback
+        history too. Durable: the directory is renamed to a temp name (removed by the next save if
+        this is killed) and the registry directory fsynced before the files go."""
+        with self._lock(f"delete {version}"):
+            directory = self._version_dir(version)
+            state = self._read_active()
+            if state["active"] == version:
+                raise ModelInUseError(
+                    f"model {version} is the active model; promote another (`ltr-search models promote VERSION`) "
+                    f"or roll back (`ltr-search models rollback`) before deleting it"
+                )
+            if version in state["history"]:
+                self._write_active(state["active"], [v for v in state["history"] if v != version])
+            trash = self.root / f".{version}-deleted{TMP_SUFFIX}"
+            os.replace(directory, trash)
+            fsync_dir(self.root)
+            shutil.rmtree(trash)
+
     # ----- internals -------------------------------------------------------------------------
     def _version_dir(self, version: str) -> Path:
         if not isinstance(version, str) or not VERSION_PATTERN.match(version):
@@ -392,7 +416,7 @@ class ModelRegistry:
             raise ModelCorruptError(f"{path} must hold exactly 'active' and a 'history' list, got {state!r}")
         return state
 
-    def _write_active(self, version: str, history: list[str]) -> None:
+    def _write_active(self, version: str | None, history: list[str]) -> None:
         write_json_durably(self.root / ACTIVE_FILE, {"active": version, "history": history})
         fsync_dir(self.root)
 

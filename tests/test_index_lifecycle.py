@@ -129,7 +129,7 @@ def test_corrupt_generation_is_refused_with_the_file_named(home, small_corpus, d
 
 def test_second_writer_is_refused_while_a_build_holds_the_lock(home, small_corpus):
     store = IndexStore(home)
-    with store.lock("t"):
+    with store.lock("t", create=True):
         with pytest.raises(IndexBusyError, match="another build or rollback of index 't' is running"):
             build_index(home, "t", bm25_settings(small_corpus), progress=False, log=lambda m: None, lock_timeout_s=0.1)
 
