@@ -248,7 +248,7 @@ class IndexStore:
         with self.lock(name, purpose="rollback"):
             before = self.active_generation(name)
             target = to or self.previous_generation(name)
-            self.activate(name, target)
+            self.activate(name, target, verify=to is not None)  # previous_generation verified its pick
         return before, target
 
     def prune(self, name: str, keep: int) -> PruneReport:
