@@ -28,7 +28,6 @@ import numpy as np
 
 from indexing.bm25 import COMBINED_FIELD, CandidateStats
 from search.backend import SearchBackend
-from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
 from search.hybrid import Candidates
 
 FEATURE_GROUPS = ("text", "dense", "retrieval", "behaviour")
@@ -164,7 +163,7 @@ def extract_features(backend: SearchBackend, query: str, window: Candidates, fea
     """
     if not len(window):
         return np.empty((0, len(features.features)), dtype=np.float32)
-    stats = backend.candidate_stats(query, window.doc_ids)
+    stats = backend.candidate_stats(window.query or query, window.rows)  # the window's analysed query
     columns = _all_columns(stats, window)
     if uses_behaviour(features):
         columns.update(_behaviour_columns(behaviour, query, window.doc_ids, now))
@@ -252,6 +251,6 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         if np.isfinite(window.dense).any() else np.full(n, np.nan),
         "bm25_rank": lambda: window.bm25_rank,
         "dense_rank": lambda: window.dense_rank,
-        "rrf_score": lambda: fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K),
+        "rrf_score": lambda: window.rrf,  # fused once, when the window was made
         "bm25_ratio_to_best": lambda: ratio_to_best(stats.bm25[COMBINED_FIELD].astype(np.float64)),
     }

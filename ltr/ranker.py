@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -23,8 +23,7 @@ from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry, 
 from indexing.home import registry_dir
 from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
-from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
-from search.hybrid import FusionSettings, top_hits
+from search.hybrid import FusionSettings, top_order
 
 
 WINDOW_CACHE_SIZE = 2048  # scored windows kept per pipeline for repeated queries (behaviour-free sets only)
@@ -54,15 +53,52 @@ class InMemoryModel:
         return predict_contributions(self.trained.booster, list(self.trained.feature_names), features)
 
 
-@dataclass
 class ScoredWindow:
-    """A scored candidate window, in first-stage order (fused RRF score, best first)."""
+    """A scored candidate window, in first-stage order (fused RRF score, best first).
 
-    hits: list[Hit]  # first-stage score and rank
-    scores: np.ndarray  # the model's scores, aligned with hits
-    features: np.ndarray  # float32 [candidate, feature], aligned with hits
-    feature_names: tuple[str, ...]
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    The window is held as arrays (backend rows and fused scores); `hits` - one `Hit` per
+    candidate, with its string id - is made on first use only, for callers that walk the whole
+    window (filters and rules in `search.ranking`). `page(k)` makes `Hit`s for the top k only."""
+
+    def __init__(self, rows: np.ndarray, first_stage: np.ndarray, id_table: Sequence[str], scores: np.ndarray,
+                 features: np.ndarray, feature_names: tuple[str, ...], timings_ms: dict[str, float] | None = None):
+        self.rows = rows  # int64 backend rows, first-stage order
+        self.first_stage = first_stage  # fused RRF score, aligned with rows
+        self.id_table = id_table
+        self.scores = scores  # the model's scores, aligned with rows
+        self.features = features  # float32 [candidate, feature], aligned with rows
+        self.feature_names = feature_names
+        self.timings_ms = timings_ms if timings_ms is not None else {}
+        self._hits: list[Hit] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def hits(self) -> list[Hit]:
+        """First-stage score and rank of every candidate (made once, on first use)."""
+        if self._hits is None:
+            table = self.id_table
+            self._hits = [Hit(table[row], score, rank) for rank, (row, score)
+                          in enumerate(zip(self.rows.tolist(), self.first_stage.tolist()), start=1)]
+        return self._hits
+
+    @property
+    def doc_ids(self) -> list[str]:
+        table = self.id_table
+        return [table[row] for row in self.rows.tolist()]
+
+    def page(self, k: int) -> list[Hit]:
+        """The `k` best by model score, best first (ties keep first-stage order): ids only for them."""
+        order = top_order(self.scores, k)
+        table = self.id_table
+        return [Hit(table[row], float(self.scores[i]), rank)
+                for rank, (i, row) in enumerate(zip(order.tolist(), self.rows[order].tolist()), start=1)]
+
+    def replayed(self) -> "ScoredWindow":
+        """The same window answered from the cache (its own timings)."""
+        return ScoredWindow(self.rows, self.first_stage, self.id_table, self.scores, self.features,
+                            self.feature_names, {"cached": 0.0})
 
 
 class LtrPipeline:
@@ -102,7 +138,7 @@ class LtrPipeline:
 
     def behaviour_store(self) -> BehaviourStore | None:
         """The live aggregates this pipeline reads (opened on first use, next to the index)."""
-        if self._behaviour is None and self.uses_behaviour and hasattr(self.backend, "home"):
+        if self._behaviour is None and self.uses_behaviour:
             events_path, path = behaviour_sources(self.backend.home, self.backend.name, self._events_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             store = BehaviourStore(path)
@@ -113,7 +149,7 @@ class LtrPipeline:
         return self._behaviour
 
     def history(self) -> BehaviourHistory | None:
-        if self._history is None and self.uses_behaviour and hasattr(self.backend, "home"):
+        if self._history is None and self.uses_behaviour:
             self._history = BehaviourHistory.open(self.backend.home, self.backend.name, events_path=self._events_path)
         return self._history
 
@@ -148,21 +184,20 @@ class LtrPipeline:
                 cached = self._cache.get(query)
                 if cached is not None:
                     self._cache.move_to_end(query)
-                    return ScoredWindow(cached.hits, cached.scores, cached.features, cached.feature_names, {"cached": 0.0})
+                    return cached.replayed()
         timings: dict[str, float] = {}
         started = time.perf_counter()
         window = candidate_window(self.backend, query, self.fusion)
-        fused = fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K)
-        order = np.argsort(-fused, kind="stable")  # first-stage order: the hybrid (RRF) ranking
+        order = np.argsort(-window.rrf, kind="stable")  # first-stage order: the hybrid (RRF) ranking
+        window = window.take(order)
         timings["retrieve"] = _ms_since(started)
         started = time.perf_counter()
-        features = extract_features(self.backend, query, window, self.features, self.behaviour_store())[order]
+        features = extract_features(self.backend, query, window, self.features, self.behaviour_store())
         timings["features"] = _ms_since(started)
         started = time.perf_counter()
         scores = self.model.predict(features) if len(features) else np.empty(0)
         timings["score"] = _ms_since(started)
-        hits = [Hit(window.doc_ids[i], float(fused[i]), rank) for rank, i in enumerate(order.tolist(), start=1)]
-        scored = ScoredWindow(hits, scores, features, self.features.names, timings)
+        scored = ScoredWindow(window.rows, window.rrf, window.id_table, scores, features, self.features.names, timings)
         if not self.uses_behaviour:
             with self._cache_lock:
                 self._cache[query] = scored
@@ -175,8 +210,7 @@ class LtrPipeline:
         return self.model.contributions(features)
 
     def search(self, query: str, k: int) -> list[Hit]:
-        window = self.rank_window(query)
-        return top_hits([h.doc_id for h in window.hits], window.scores, k)
+        return self.rank_window(query).page(k)
 
 
 class ModelUnavailableError(ValueError):
@@ -231,14 +265,7 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
 
 def index_description(backend: SearchBackend) -> dict[str, object]:
     """What a model manifest records of the index it was trained against."""
-    analyzer = getattr(backend, "analyzer", None)
-    description: dict[str, object] = {
-        "name": backend.name, "generation": backend.generation_id, "backend": backend.kind,
-        "analyzer": analyzer.settings.to_dict() if analyzer is not None else getattr(backend, "meta", {}).get("analyzer", {}),
-    }
-    if backend.kind == "elasticsearch":  # the concrete generation index behind the alias
-        description["elasticsearch_index"] = backend.index
-    return description
+    return backend.describe()
 
 
 def _ms_since(started: float) -> float:

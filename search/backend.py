@@ -2,12 +2,15 @@
 backend-agnostic. Two implementations: the embedded index (`search/embedded.py`, files in the
 engine home) and Elasticsearch (`search/elastic_backend.py`); `search/backend_factory.py` opens one.
 
-Documents are named by their string ids at this boundary, and scores travel as numpy arrays
-aligned with those ids.
+The hot path is integer: documents travel as row indices (int64 numpy arrays) into the backend's
+document table, with scores as aligned numpy arrays. String ids are made only where they leave
+the engine (the returned page, training rows, logs), through `doc_ids(rows)`. A query is analysed
+once per request (`analyse`) and the analysed form is passed to every call that needs it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -25,23 +28,45 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class Retrieved:
-    """One retriever's top-k: ids best first, with their scores."""
+class AnalysedQuery:
+    """A query analysed once per request. `terms` are the backend's analysed tokens in query order
+    (empty where the backend analyses on its server, as Elasticsearch does)."""
 
-    doc_ids: list[str]
-    scores: np.ndarray  # float32, aligned with doc_ids
+    text: str
+    terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """One retriever's top-k: row indices best first, with their scores. `id_table` is the
+    backend's row -> id table, read only when string ids are asked for."""
+
+    rows: np.ndarray  # int64
+    scores: np.ndarray  # float32, aligned with rows
+    id_table: Sequence[str]
 
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return len(self.rows)
 
-    def hits(self) -> list[Hit]:
-        """As ranked `Hit`s (rank 1 first)."""
-        return [Hit(d, s, rank) for rank, (d, s) in enumerate(zip(self.doc_ids, self.scores.tolist()), start=1)]
+    @property
+    def doc_ids(self) -> list[str]:
+        table = self.id_table
+        return [table[i] for i in self.rows.tolist()]
+
+    def hits(self, k: int | None = None) -> list[Hit]:
+        """The first `k` (default all) as ranked `Hit`s (rank 1 first)."""
+        rows, scores = self.rows[:k], self.scores[:k]
+        table = self.id_table
+        return [Hit(table[r], s, rank) for rank, (r, s) in enumerate(zip(rows.tolist(), scores.tolist()), start=1)]
+
+
+QueryInput = str | AnalysedQuery  # a plain string is analysed by the call that receives it
 
 
 @runtime_checkable
 class SearchBackend(Protocol):
     kind: str  # "embedded" or "elasticsearch": recorded with trained models
+    home: Path  # the engine home (behaviour store and event store of the index live there)
 
     @property
     def name(self) -> str: ...
@@ -52,7 +77,25 @@ class SearchBackend(Protocol):
     @property
     def has_dense(self) -> bool: ...
 
-    def retrieve_bm25(self, query: str, k: int) -> Retrieved:
+    def describe(self) -> dict[str, object]:
+        """What a model manifest records of the index: name, generation, backend, analyzer (and
+        where the backend has one, its physical index)."""
+        ...
+
+    def analyse(self, query: str) -> AnalysedQuery:
+        """The query analysed once, for every call of one request."""
+        ...
+
+    def doc_ids(self, rows: np.ndarray) -> list[str]:
+        """String ids of rows (only for what leaves the engine: pages, training rows, logs)."""
+        ...
+
+    def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
+        """Rows of string ids (int64); an id the index does not hold is a KeyError (Elasticsearch:
+        when the rows are scored)."""
+        ...
+
+    def retrieve_bm25(self, query: QueryInput, k: int) -> Retrieved:
         """BM25 top-k over the combined field (only documents matching a query term)."""
         ...
 
@@ -64,23 +107,23 @@ class SearchBackend(Protocol):
         """Nearest documents by cosine similarity."""
         ...
 
-    def retrieve_hybrid(self, query: str, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
+    def retrieve_hybrid(self, query: QueryInput, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
         """BM25 top-k, the query embedding and dense top-k (one round trip where the backend can)."""
         ...
 
-    def exact_scores(self, query: str, query_vector: np.ndarray, doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def exact_scores(self, query: QueryInput, query_vector: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`bm25_scores` and `dense_scores` together (one round trip where the backend can)."""
         ...
 
-    def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
-        """Exact combined-field BM25 of the given documents (0 where no term matches)."""
+    def bm25_scores(self, query: QueryInput, rows: np.ndarray) -> np.ndarray:
+        """Exact combined-field BM25 of the given rows (0 where no term matches)."""
         ...
 
-    def dense_scores(self, query_vector: np.ndarray, doc_ids: Sequence[str]) -> np.ndarray:
-        """Exact cosine similarity of the given documents with the query."""
+    def dense_scores(self, query_vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact cosine similarity of the given rows with the query."""
         ...
 
-    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
+    def candidate_stats(self, query: QueryInput, rows: np.ndarray) -> CandidateStats:
         """Per-field BM25, term frequencies, IDF and lengths for ranking features."""
         ...
 

@@ -13,6 +13,7 @@ API reference (tests/test_elastic_backend.py).
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from indexing.elastic import (
     ElasticsearchSettings, IncompatibleIndexError, IndexMissingError, alias_name, check_meta, connect, explain_error,
 )
 from indexing.encoder import EncoderSettings
-from search.backend import Retrieved
+from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter
 
 MAX_RESULT_WINDOW = 10_000  # Elasticsearch's default index.max_result_window
@@ -282,6 +283,7 @@ class ElasticsearchBackend:
         self.encoder = encoder
         self.field_types = metadata_field_types(mapping)
         self._search_type = "dfs_query_then_fetch" if settings.shards > 1 else None
+        self._rows = RowTable()
 
     @classmethod
     def open(cls, home: Path, name: str, settings: ElasticsearchSettings, encoder_threads: int | None = None,
@@ -322,9 +324,23 @@ class ElasticsearchBackend:
     def __len__(self) -> int:
         return int(self.meta.get("counts", {}).get("documents", 0))
 
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "generation": self.generation_id, "backend": self.kind,
+                "analyzer": self.meta.get("analyzer", {}), "elasticsearch_index": self.index}
+
     # ----- the SearchBackend interface -----------------------------------------------------------
-    def retrieve_bm25(self, query: str, k: int) -> Retrieved:
-        return Retrieved(*hits_of(self._search(bm25_search_body(query, self._k(k)), "BM25 search")))
+    def analyse(self, query: str) -> AnalysedQuery:
+        """Elasticsearch analyses on the server: the text is what travels."""
+        return AnalysedQuery(query)
+
+    def doc_ids(self, rows: np.ndarray) -> list[str]:
+        return self._rows.ids_of(rows)
+
+    def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
+        return self._rows.rows_of(doc_ids)
+
+    def retrieve_bm25(self, query: QueryInput, k: int) -> Retrieved:
+        return self._retrieved(*hits_of(self._search(bm25_search_body(_text(query), self._k(k)), "BM25 search")))
 
     def encode_query(self, query: str) -> np.ndarray:
         self._require_dense()
@@ -333,45 +349,51 @@ class ElasticsearchBackend:
     def retrieve_dense(self, query_vector: np.ndarray, k: int) -> Retrieved:
         self._require_dense()
         ids, scores = hits_of(self._search(knn_search_body(query_vector, self._k(k)), "kNN search"))
-        return Retrieved(ids, 2.0 * scores - 1.0)
+        return self._retrieved(ids, 2.0 * scores - 1.0)
 
-    def retrieve_hybrid(self, query: str, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
+    def retrieve_hybrid(self, query: QueryInput, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
         """BM25 and kNN top-k in one `_msearch` round trip (and the query embedding)."""
         self._require_dense()
-        vector = self.encode_query(query)
-        lexical, semantic = self._msearch([bm25_search_body(query, self._k(bm25_k)),
+        text = _text(query)
+        vector = self.encode_query(text)
+        lexical, semantic = self._msearch([bm25_search_body(text, self._k(bm25_k)),
                                            knn_search_body(vector, self._k(dense_k))], "hybrid retrieval")
         ids, scores = hits_of(semantic)
-        return Retrieved(*hits_of(lexical)), vector, Retrieved(ids, 2.0 * scores - 1.0)
+        return self._retrieved(*hits_of(lexical)), vector, self._retrieved(ids, 2.0 * scores - 1.0)
 
-    def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
+    def bm25_scores(self, query: QueryInput, rows: np.ndarray) -> np.ndarray:
+        doc_ids = self.doc_ids(rows)
         if not doc_ids:
             return np.zeros(0, np.float32)
-        return aligned_scores(self._search(exact_bm25_body(query, doc_ids), "BM25 scoring"), doc_ids, self.index)
+        return aligned_scores(self._search(exact_bm25_body(_text(query), doc_ids), "BM25 scoring"), doc_ids, self.index)
 
-    def dense_scores(self, query_vector: np.ndarray, doc_ids: Sequence[str]) -> np.ndarray:
+    def dense_scores(self, query_vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
         self._require_dense()
+        doc_ids = self.doc_ids(rows)
         if not doc_ids:
             return np.zeros(0, np.float32)
         return aligned_scores(self._search(exact_cosine_body(query_vector, doc_ids), "cosine scoring"), doc_ids,
                               self.index) - 1.0
 
-    def exact_scores(self, query: str, query_vector: np.ndarray, doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def exact_scores(self, query: QueryInput, query_vector: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`bm25_scores` and `dense_scores` in one `_msearch` round trip."""
         self._require_dense()
+        doc_ids = self.doc_ids(rows)
         if not doc_ids:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        lexical, semantic = self._msearch([exact_bm25_body(query, doc_ids), exact_cosine_body(query_vector, doc_ids)],
-                                          "window scoring")
+        lexical, semantic = self._msearch([exact_bm25_body(_text(query), doc_ids),
+                                           exact_cosine_body(query_vector, doc_ids)], "window scoring")
         return (aligned_scores(lexical, doc_ids, self.index), aligned_scores(semantic, doc_ids, self.index) - 1.0)
 
-    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
+    def candidate_stats(self, query: QueryInput, rows: np.ndarray) -> CandidateStats:
+        text = _text(query)
+        doc_ids = self.doc_ids(rows)
         terms = parse_query_terms(self._call("analyse the query", lambda: self.client.termvectors(
-            index=self.index, **query_terms_request(query))))
+            index=self.index, **query_terms_request(text))))
         pairs = list(dict.fromkeys(zip(terms["sequence"], terms["sequence"][1:])))
         if not doc_ids:
             return candidate_stats_from({"hits": {"hits": []}}, terms, [], self.index)
-        response = self._search(feature_search_body(query, doc_ids, terms["terms"], pairs), "ranking features",
+        response = self._search(feature_search_body(text, doc_ids, terms["terms"], pairs), "ranking features",
                                 include_named_queries_score=True)
         return candidate_stats_from(response, terms, doc_ids, self.index)
 
@@ -393,6 +415,9 @@ class ElasticsearchBackend:
         return np.fromiter((d in passed for d in doc_ids), dtype=bool, count=len(doc_ids))
 
     # ----- plumbing ------------------------------------------------------------------------------
+    def _retrieved(self, doc_ids: list[str], scores: np.ndarray) -> Retrieved:
+        return Retrieved(self._rows.rows_of(doc_ids), scores, self._rows.ids)
+
     def _k(self, k: int) -> int:
         if k > MAX_RESULT_WINDOW:
             raise ValueError(f"Elasticsearch returns at most {MAX_RESULT_WINDOW} hits per search (index.max_result_window); "
@@ -429,6 +454,34 @@ class ElasticsearchBackend:
 
     def _call(self, what: str, request: Callable[[], Any]) -> Any:
         return _call(self.settings, what, request, index=self.index)
+
+
+class RowTable:
+    """Rows for a cluster's string ids: each id gets the next row the first time this backend
+    sees it (append-only, so rows stay valid for the backend's life; bounded by the corpus)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self._row_of: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
+        row_of = self._row_of
+        if any(d not in row_of for d in doc_ids):
+            with self._lock:
+                for doc_id in doc_ids:
+                    if doc_id not in row_of:
+                        row_of[doc_id] = len(self.ids)
+                        self.ids.append(doc_id)
+        return np.fromiter((row_of[d] for d in doc_ids), dtype=np.int64, count=len(doc_ids))
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        ids = self.ids
+        return [ids[r] for r in np.asarray(rows).tolist()]
+
+
+def _text(query: QueryInput) -> str:
+    return query.text if isinstance(query, AnalysedQuery) else query
 
 
 def _call(settings: ElasticsearchSettings, what: str, request: Callable[[], Any], alias: str | None = None,

@@ -18,7 +18,7 @@ from indexing.home import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.vectors import load_vector_index
-from search.backend import Hit, Retrieved
+from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter, filter_mask, filterable_fields
 
 class DenseUnavailableError(RuntimeError):
@@ -70,10 +70,28 @@ class EmbeddedIndex:
     def __len__(self) -> int:
         return self.bm25.n_docs
 
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "generation": self.generation_id, "backend": self.kind,
+                "analyzer": self.analyzer.settings.to_dict()}
+
     # ----- the SearchBackend interface -----------------------------------------------------------
-    def retrieve_bm25(self, query: str, k: int, field: str = COMBINED_FIELD) -> Retrieved:
-        indices, scores = self.bm25.top_k(self.analyzer.analyze(query), k, field)
-        return Retrieved(self._ids_of(indices), scores.astype(np.float32, copy=False))
+    def analyse(self, query: str) -> AnalysedQuery:
+        return AnalysedQuery(query, tuple(self.analyzer.analyze(query)))
+
+    def doc_ids(self, rows: np.ndarray) -> list[str]:
+        ids = self.docs.ids
+        return [ids[i] for i in np.asarray(rows).tolist()]
+
+    def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
+        index_of = self.docs.index_of
+        try:
+            return np.fromiter((index_of[doc_id] for doc_id in doc_ids), dtype=np.int64, count=len(doc_ids))
+        except KeyError as exc:
+            raise KeyError(f"unknown document id '{exc.args[0]}' in index '{self.name}'") from None
+
+    def retrieve_bm25(self, query: QueryInput, k: int, field: str = COMBINED_FIELD) -> Retrieved:
+        rows, scores = self.bm25.top_k(self._terms(query), k, field)
+        return Retrieved(rows, scores.astype(np.float32, copy=False), self.docs.ids)
 
     def encode_query(self, query: str) -> np.ndarray:
         self._require_dense()
@@ -83,32 +101,27 @@ class EmbeddedIndex:
         self._require_dense()
         scores, indices = self.vectors.search(query_vector, k)
         keep = indices[0] >= 0
-        return Retrieved(self._ids_of(indices[0][keep]), scores[0][keep].astype(np.float32, copy=False))
+        return Retrieved(indices[0][keep].astype(np.int64, copy=False), scores[0][keep].astype(np.float32, copy=False),
+                         self.docs.ids)
 
-    def retrieve_hybrid(self, query: str, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
-        vector = self.encode_query(query)
-        return self.retrieve_bm25(query, bm25_k), vector, self.retrieve_dense(vector, dense_k)
+    def retrieve_hybrid(self, query: QueryInput, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
+        analysed = self._analysed(query)
+        vector = self.encode_query(analysed.text)
+        return self.retrieve_bm25(analysed, bm25_k), vector, self.retrieve_dense(vector, dense_k)
 
-    def exact_scores(self, query: str, query_vector: np.ndarray, doc_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return self.bm25_scores(query, doc_ids), self.dense_scores(query_vector, doc_ids)
+    def exact_scores(self, query: QueryInput, query_vector: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.bm25_scores(query, rows), self.dense_scores(query_vector, rows)
 
-    def bm25_scores(self, query: str, doc_ids: Sequence[str]) -> np.ndarray:
-        indices = self._indices_of(doc_ids)
-        return self.bm25.scores_of(self.analyzer.analyze(query), indices, COMBINED_FIELD)
+    def bm25_scores(self, query: QueryInput, rows: np.ndarray) -> np.ndarray:
+        return self.bm25.scores_of(self._terms(query), self._checked(rows), COMBINED_FIELD)
 
-    def dense_scores(self, query_vector: np.ndarray, doc_ids: Sequence[str]) -> np.ndarray:
+    def dense_scores(self, query_vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
         self._require_dense()
-        return self.vectors.similarity(query_vector, self._indices_of(doc_ids))
+        return self.vectors.similarity(query_vector, self._checked(rows))
 
-    def search_bm25(self, query: str, k: int = 10, field: str = COMBINED_FIELD) -> list[Hit]:
-        return self.retrieve_bm25(query, k, field).hits()
-
-    def search_dense(self, query: str, k: int = 10) -> list[Hit]:
-        return self.retrieve_dense(self.encode_query(query), k).hits()
-
-    def candidate_stats(self, query: str, doc_ids: Sequence[str]) -> CandidateStats:
+    def candidate_stats(self, query: QueryInput, rows: np.ndarray) -> CandidateStats:
         """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
-        return self.bm25.candidate_stats(self.analyzer.analyze(query), self._indices_of(doc_ids))
+        return self.bm25.candidate_stats(self._terms(query), self._checked(rows))
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         return self.docs.get_by_id(doc_id)
@@ -119,23 +132,25 @@ class EmbeddedIndex:
     def filter_mask(self, filters: Sequence[FieldFilter], doc_ids: Sequence[str]) -> np.ndarray:
         return filter_mask(filters, [filterable_fields(d or {}) for d in self.documents(doc_ids)], doc_ids=doc_ids)
 
+    def _analysed(self, query: QueryInput) -> AnalysedQuery:
+        return query if isinstance(query, AnalysedQuery) else self.analyse(query)
+
+    def _terms(self, query: QueryInput) -> tuple[str, ...]:
+        return self._analysed(query).terms
+
+    def _checked(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as int64, refused when outside the index (a row is never silently wrapped)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range for index '{self.name}' of {len(self)} documents")
+        return rows
+
     def _require_dense(self) -> None:
         if self.vectors is None or self.encoder is None:
             raise DenseUnavailableError(
                 f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
                 "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
             )
-
-    def _indices_of(self, doc_ids: Sequence[str]) -> np.ndarray:
-        index_of = self.docs.index_of
-        try:
-            return np.array([index_of[doc_id] for doc_id in doc_ids], dtype=np.int64)
-        except KeyError as exc:
-            raise KeyError(f"unknown document id '{exc.args[0]}' in index '{self.name}'") from None
-
-    def _ids_of(self, indices: np.ndarray) -> list[str]:
-        ids = self.docs.ids
-        return [ids[i] for i in indices.tolist()]
 
 
 def open_query_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:

@@ -7,12 +7,12 @@ the ranks each retriever returned, so it skips that rescoring.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from indexing.config import settings_from_dict
-from search.backend import Hit, SearchBackend
+from search.backend import AnalysedQuery, Hit, SearchBackend
 from search.fusion import DEFAULT_RRF_K, NORMALISATIONS, fuse_convex, fuse_reciprocal_rank
 
 DEFAULT_CANDIDATES = 200  # per retriever; the union is the rerank window (a few hundred)
@@ -52,55 +52,93 @@ class FusionSettings:
 @dataclass
 class Candidates:
     """The rerank window of one query, aligned arrays indexed by candidate: BM25 hits in BM25
-    order first, then dense-only hits in dense order."""
+    order first, then dense-only hits in dense order. Candidates are backend rows; string ids
+    are made only on demand (`doc_ids`), for what leaves the engine."""
 
-    doc_ids: list[str]
+    rows: np.ndarray  # int64 backend rows
     bm25: np.ndarray  # combined-field BM25 (NaN outside the BM25 top-k unless generated exact)
     dense: np.ndarray  # cosine similarity (NaN outside the dense top-k unless generated exact)
     bm25_rank: np.ndarray  # 1-based rank in the BM25 top-k, NaN outside it
     dense_rank: np.ndarray  # 1-based rank in the dense top-k, NaN outside it
+    rrf: np.ndarray  # reciprocal-rank fusion (k=60) of the two ranks: computed once per window
+    id_table: Sequence[str]  # the backend's row -> id table
+    query: AnalysedQuery | None = None  # the request's analysed query, reused by feature extraction
 
     def __len__(self) -> int:
-        return len(self.doc_ids)
+        return len(self.rows)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        table = self.id_table
+        return [table[i] for i in self.rows.tolist()]
+
+    def take(self, order: np.ndarray) -> "Candidates":
+        """The window reordered (or cut) by candidate positions."""
+        return Candidates(self.rows[order], self.bm25[order], self.dense[order], self.bm25_rank[order],
+                          self.dense_rank[order], self.rrf[order], self.id_table, self.query)
 
 
-def generate_candidates(backend: SearchBackend, query: str, bm25_k: int, dense_k: int, exact: bool = True) -> Candidates:
+def union_rows(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`first` then the rows of `second` not in it (in `second`'s order), and where each row of
+    `second` sits in that union. Integer work only: no per-candidate Python objects."""
+    first = np.asarray(first, dtype=np.int64)
+    second = np.asarray(second, dtype=np.int64)
+    union = np.concatenate([first, second[~np.isin(second, first)]])
+    order = np.argsort(union, kind="stable")
+    return union, order[np.searchsorted(union[order], second)]
+
+
+def generate_candidates(backend: SearchBackend, query: str | AnalysedQuery, bm25_k: int, dense_k: int,
+                        exact: bool = True) -> Candidates:
     """The union of both top-k lists. With `exact`, each retriever scores every candidate (what
     convex fusion and ranking features need); without it a candidate outside a retriever's top-k
     gets NaN there, which is all RRF needs (bench_service: exact rescoring is 2 of 5 ms a query
-    on 1M documents)."""
-    lexical, query_vector, semantic = backend.retrieve_hybrid(query, bm25_k, dense_k)
-    doc_ids = list(lexical.doc_ids)
-    seen = set(doc_ids)
-    doc_ids += [d for d in semantic.doc_ids if d not in seen]
-    position = {d: i for i, d in enumerate(doc_ids)}
-    dense_rows = np.fromiter((position[d] for d in semantic.doc_ids), dtype=np.int64, count=len(semantic))
-    bm25_rank = np.full(len(doc_ids), np.nan)
+    on 1M documents). The query is analysed once here and reused by every call."""
+    analysed = query if isinstance(query, AnalysedQuery) else backend.analyse(query)
+    lexical, query_vector, semantic = backend.retrieve_hybrid(analysed, bm25_k, dense_k)
+    rows, dense_position = union_rows(lexical.rows, semantic.rows)
+    bm25_rank = np.full(len(rows), np.nan)
     bm25_rank[: len(lexical)] = np.arange(1, len(lexical) + 1)
-    dense_rank = np.full(len(doc_ids), np.nan)
-    dense_rank[dense_rows] = np.arange(1, len(semantic) + 1)
+    dense_rank = np.full(len(rows), np.nan)
+    dense_rank[dense_position] = np.arange(1, len(semantic) + 1)
     if exact:
-        bm25, dense = backend.exact_scores(query, query_vector, doc_ids)
+        bm25, dense = backend.exact_scores(analysed, query_vector, rows)
     else:
-        bm25 = np.full(len(doc_ids), np.nan, dtype=np.float32)
+        bm25 = np.full(len(rows), np.nan, dtype=np.float32)
         bm25[: len(lexical)] = lexical.scores
-        dense = np.full(len(doc_ids), np.nan, dtype=np.float32)
-        dense[dense_rows] = semantic.scores
-    return Candidates(doc_ids=doc_ids, bm25=bm25, dense=dense, bm25_rank=bm25_rank, dense_rank=dense_rank)
+        dense = np.full(len(rows), np.nan, dtype=np.float32)
+        dense[dense_position] = semantic.scores
+    rrf = fuse_reciprocal_rank([bm25_rank, dense_rank], DEFAULT_RRF_K)
+    return Candidates(rows, bm25, dense, bm25_rank, dense_rank, rrf, lexical.id_table, analysed)
 
 
 def fused_scores(candidates: Candidates, settings: FusionSettings) -> np.ndarray:
     if settings.method == "rrf":
+        if settings.rrf_k == DEFAULT_RRF_K:
+            return candidates.rrf  # fused once, when the window was made
         return fuse_reciprocal_rank([candidates.bm25_rank, candidates.dense_rank], settings.rrf_k)
     return fuse_convex(
         [candidates.bm25, candidates.dense], [1.0 - settings.dense_weight, settings.dense_weight], settings.normalisation
     )
 
 
-def top_hits(doc_ids: list[str], scores: np.ndarray, k: int) -> list[Hit]:
-    """Best first; equal scores keep candidate order (a stable sort), so results are deterministic."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
-    return [Hit(doc_ids[i], float(scores[i]), rank) for rank, i in enumerate(order.tolist(), start=1)]
+def top_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` best scores, best first; equal scores keep candidate order (a stable
+    sort), so results are deterministic."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+
+
+def top_hits(doc_ids: Sequence[str], scores: np.ndarray, k: int) -> list[Hit]:
+    """Best first, as `Hit`s; equal scores keep candidate order."""
+    return [Hit(doc_ids[i], float(scores[i]), rank) for rank, i in enumerate(top_order(scores, k).tolist(), start=1)]
+
+
+def page_hits(window: Candidates, scores: np.ndarray, k: int) -> list[Hit]:
+    """The page of a window: `Hit`s (and string ids) for the `k` best candidates only."""
+    order = top_order(scores, k)
+    table = window.id_table
+    return [Hit(table[row], float(scores[i]), rank)
+            for rank, (i, row) in enumerate(zip(order.tolist(), window.rows[order].tolist()), start=1)]
 
 
 class HybridPipeline:
@@ -119,4 +157,4 @@ class HybridPipeline:
 
     def search(self, query: str, k: int) -> list[Hit]:
         window = self.candidates(query)
-        return top_hits(window.doc_ids, fused_scores(window, self.settings), k)
+        return page_hits(window, fused_scores(window, self.settings), k)

@@ -43,6 +43,8 @@ from search.elastic_backend import (
     metadata_field_types, parse_query_terms, query_terms_request,
 )
 from search.embedded import DenseUnavailableError, EmbeddedIndex
+from search.backend import SearchBackend
+from search.fusion import fuse_reciprocal_rank
 from search.hybrid import Candidates
 from search.rules import FieldFilter, parse_filters
 from tests.conftest import SMALL_DOCS, write_jsonl
@@ -537,7 +539,7 @@ class FakeElasticsearch:
         elif "bool" in query and [list(c) for c in query["bool"]["should"]] == [["match"]]:
             ids = self.known(self.ids_of(query))
             text = query["bool"]["should"][0]["match"][COMBINED_FIELD]["query"]
-            hits = [self.hit(d, float(s)) for d, s in zip(ids, self.index.bm25_scores(text, ids).tolist())]
+            hits = [self.hit(d, float(s)) for d, s in zip(ids, self.index.bm25_scores(text, self.index.rows_of(ids)).tolist())]
         else:
             raise FakeError(400, "fake_request", f"the test double does not answer {json.dumps(body)[:200]}")
         hits.sort(key=lambda h: -(h["_score"] or 0.0))
@@ -688,14 +690,18 @@ def es(fake, embedded, tmp_path) -> ElasticsearchBackend:
     backend.client.close()
 
 
-def window_of(index: EmbeddedIndex, query: str) -> Candidates:
-    """The whole small corpus as the window: BM25 hits first in BM25 order, then the rest; no dense."""
+def window_of(index: SearchBackend, query: str) -> Candidates:
+    """The whole small corpus as the window, in `index`'s rows: BM25 hits first in BM25 order, then
+    the rest; no dense."""
     lexical = index.retrieve_bm25(query, len(IDS))
     ids = list(lexical.doc_ids) + [d for d in IDS if d not in lexical.doc_ids]
+    rows = index.rows_of(ids)
     rank = np.full(len(ids), np.nan)
     rank[: len(lexical)] = np.arange(1, len(lexical) + 1)
-    return Candidates(doc_ids=ids, bm25=index.bm25_scores(query, ids), dense=np.full(len(ids), np.nan, dtype=np.float32),
-                      bm25_rank=rank, dense_rank=np.full(len(ids), np.nan))
+    no_rank = np.full(len(ids), np.nan)
+    return Candidates(rows=rows, bm25=index.bm25_scores(query, rows), dense=np.full(len(ids), np.nan, dtype=np.float32),
+                      bm25_rank=rank, dense_rank=no_rank, rrf=fuse_reciprocal_rank([rank, no_rank]),
+                      id_table=lexical.id_table)
 
 
 ROUND_TRIP_QUERIES = [
@@ -721,8 +727,11 @@ def test_features_through_elasticsearch_equal_the_embedded_features(es, embedded
     (its analysis chain, Lucene's BM25 with one-byte length norms, stop-word position gaps for
     the bigram feature): only the integration suite against a real cluster (ES_URL) measures that."""
     window = window_of(embedded, query)
-    expected = embedded.candidate_stats(query, window.doc_ids)
-    got = es.candidate_stats(query, window.doc_ids)
+    es_window = window_of(es, query)
+    assert es_window.doc_ids == window.doc_ids
+    fake.requests.clear()  # count the feature requests only
+    expected = embedded.candidate_stats(query, window.rows)
+    got = es.candidate_stats(query, es_window.rows)
     assert got.terms == expected.terms
     assert got.query_length == expected.query_length
     np.testing.assert_array_equal(got.term_counts, expected.term_counts)
@@ -733,7 +742,7 @@ def test_features_through_elasticsearch_equal_the_embedded_features(es, embedded
             np.testing.assert_allclose(getattr(got, name)[field], values, rtol=1e-6, equal_nan=True, err_msg=f"{name}[{field}]")
 
     features = feature_set("text")
-    got_matrix = extract_features(es, query, window, features)
+    got_matrix = extract_features(es, query, es_window, features)
     expected_matrix = extract_features(embedded, query, window, features)
     text_columns = [i for i, name in enumerate(features.names) if FEATURES[name][0] == "text"]
     assert len(text_columns) == 18
@@ -747,10 +756,10 @@ def test_features_through_elasticsearch_equal_the_embedded_features(es, embedded
 
 def test_the_round_trip_is_not_vacuous(es, embedded):
     """The queries above exercise matches, term frequencies above one and bigrams found."""
-    stats = es.candidate_stats("dogs chase cats", IDS)
+    stats = es.candidate_stats("dogs chase cats", es.rows_of(IDS))
     assert stats.bm25["all"].max() > 0 and stats.term_freqs["text"].max() >= 2
     assert np.nanmax(stats.bigram_coverage["text"]) == 1.0  # d1: "Dogs chase cats"
-    assert np.isnan(es.candidate_stats("entanglement", IDS).bigram_coverage["title"]).all()
+    assert np.isnan(es.candidate_stats("entanglement", es.rows_of(IDS)).bigram_coverage["title"]).all()
 
 
 def test_retrieve_bm25_parses_the_hits(es, embedded, fake):
@@ -768,12 +777,24 @@ def test_retrieve_bm25_parses_the_hits(es, embedded, fake):
 
 def test_bm25_scores_align_with_the_ids_and_refuse_an_unknown_one(es, embedded):
     ids = ["d5", "d1", "d2"]
-    np.testing.assert_allclose(es.bm25_scores("dogs chase cats", ids), embedded.bm25_scores("dogs chase cats", ids), rtol=1e-6)
-    assert es.bm25_scores("cats", []).shape == (0,)
+    np.testing.assert_allclose(es.bm25_scores("dogs chase cats", es.rows_of(ids)),
+                               embedded.bm25_scores("dogs chase cats", embedded.rows_of(ids)), rtol=1e-6)
+    assert es.bm25_scores("cats", es.rows_of([])).shape == (0,)
     with pytest.raises(KeyError, match="unknown document id 'nope'"):
-        es.bm25_scores("cats", ["d1", "nope"])  # Elasticsearch simply returns no hit for it
+        es.bm25_scores("cats", es.rows_of(["d1", "nope"]))  # Elasticsearch simply returns no hit for it
     with pytest.raises(KeyError, match="unknown document id 'nope'"):
-        es.candidate_stats("cats", ["nope", "d1"])
+        es.candidate_stats("cats", es.rows_of(["nope", "d1"]))
+
+
+def test_rows_are_stable_per_backend_and_ids_only_made_on_demand(es):
+    """The Elasticsearch backend numbers ids as it meets them: the same id keeps its row, and
+    rows map back to the same ids, across requests."""
+    first = es.retrieve_bm25("dogs chase cats", 3)
+    assert first.rows.dtype == np.int64
+    again = es.rows_of(["d5", "d1", "d9-unknown"])
+    assert again[:2].tolist() == [first.rows[first.doc_ids.index("d5")], first.rows[first.doc_ids.index("d1")]]
+    assert es.doc_ids(again) == ["d5", "d1", "d9-unknown"]
+    assert es.describe()["elasticsearch_index"] == es.index and es.describe()["backend"] == "elasticsearch"
 
 
 def test_documents_via_mget(es, embedded, fake):
@@ -834,7 +855,7 @@ def test_a_failed_msearch_sub_search_raises_with_its_reason(fake, embedded, tmp_
     fake.handlers[("POST", "/_msearch")] = answer
     with pytest.raises(ElasticsearchError, match="window scoring: Elasticsearch answered 400: "
                                                  "script_exception: runtime error in cosineSimilarity"):
-        backend.exact_scores("cats", np.ones(3, np.float32), ["d1", "d2"])
+        backend.exact_scores("cats", np.ones(3, np.float32), backend.rows_of(["d1", "d2"]))
     client.close()
 
 
@@ -849,7 +870,7 @@ def test_a_server_older_than_8_8_is_refused_for_features(es, fake):
 
     fake.handlers[("POST", f"/{fake.concrete}/_search")] = old_server
     with pytest.raises(IncompatibleIndexError, match="8.8"):
-        es.candidate_stats("dogs chase cats", IDS)
+        es.candidate_stats("dogs chase cats", es.rows_of(IDS))
 
 
 def test_opening_an_alias_that_does_not_exist(fake, tmp_path):

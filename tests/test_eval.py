@@ -233,7 +233,7 @@ class _MemorisingPipeline:
         return self
 
     def search(self, query: str, k: int) -> list[Hit]:
-        hits = self.index.search_bm25(query, k)
+        hits = self.index.retrieve_bm25(query, k).hits()
         ordered = sorted(hits, key=lambda h: (h.doc_id not in self.boost, h.rank))
         return [Hit(h.doc_id, float(len(ordered) - i), i + 1) for i, h in enumerate(ordered)]
 

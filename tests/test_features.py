@@ -36,7 +36,7 @@ def _reference_bigrams(index: EmbeddedIndex, query: str, text: str) -> float:
 @pytest.mark.parametrize("query", ["dogs chase cats", "chase mice garden early", "quantum theory photons", "mint cats unknownword plants"])
 def test_bigram_coverage_matches_a_plain_reference(bm25_index, query):
     ids = [d["_id"] for d in SMALL_DOCS]
-    stats = bm25_index.candidate_stats(query, ids)
+    stats = bm25_index.candidate_stats(query, bm25_index.rows_of(ids))
     for field in ("title", "text"):
         expected = [_reference_bigrams(bm25_index, query, d[field]) for d in SMALL_DOCS]
         np.testing.assert_allclose(stats.bigram_coverage[field], expected, rtol=1e-6)
@@ -45,7 +45,7 @@ def test_bigram_coverage_matches_a_plain_reference(bm25_index, query):
 
 def test_bigram_coverage_is_nan_when_it_cannot_be_measured(bm25_index):
     ids = [d["_id"] for d in SMALL_DOCS]
-    assert np.isnan(bm25_index.candidate_stats("cats", ids).bigram_coverage["text"]).all()  # one term: no pair
+    assert np.isnan(bm25_index.candidate_stats("cats", bm25_index.rows_of(ids)).bigram_coverage["text"]).all()  # one term: no pair
     field = bm25_index.bm25.fields["text"]
     assert field.token_ids is not None  # new generations carry the forward index
     no_forward = bigram_coverage(np.array([[0, 1]]), None, None, np.arange(3))
@@ -68,7 +68,7 @@ def test_feature_values_against_their_definitions(dense_index):
     matrix = extract_features(dense_index, query, window, features)
     assert matrix.dtype == np.float32 and matrix.shape == (len(window), len(FEATURES))
     column = {name: matrix[:, i] for i, name in enumerate(features.names)}
-    stats = dense_index.candidate_stats(query, window.doc_ids)
+    stats = dense_index.candidate_stats(query, window.rows)
     np.testing.assert_array_equal(column["bm25_all"], stats.bm25["all"])
     np.testing.assert_array_equal(column["dense_cosine"], window.dense.astype(np.float32))
     np.testing.assert_array_equal(column["bm25_rank"], window.bm25_rank.astype(np.float32))  # NaN outside the top-k

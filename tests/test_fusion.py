@@ -14,7 +14,8 @@ from search.backend import SearchBackend
 from search.embedded import EmbeddedIndex
 from search.fusion import fuse_convex, fuse_reciprocal_rank, normalise_min_max, normalise_z_score
 from eval.fusion_tuning import TunedHybridPipeline
-from search.hybrid import FusionSettings, fused_scores, generate_candidates, top_hits
+from search.hybrid import FusionSettings, HybridPipeline, fused_scores, generate_candidates, top_hits, union_rows
+from search.pipelines import BM25Pipeline
 from search.app.pipelines import create_pipeline, pipeline_spec
 from tests.conftest import run_cli, write_jsonl
 
@@ -94,14 +95,17 @@ def test_embedded_index_implements_the_backend(hybrid_index: EmbeddedIndex):
     assert isinstance(hybrid_index, SearchBackend)
     lexical = hybrid_index.retrieve_bm25("wolf", 5)
     assert lexical.doc_ids == ["dog1"]  # only matching documents
-    exact = hybrid_index.bm25_scores("wolf", ["dog1", "cat1"])
+    exact = hybrid_index.bm25_scores("wolf", hybrid_index.rows_of(["dog1", "cat1"]))
     assert exact[0] == pytest.approx(lexical.scores[0], rel=1e-6) and exact[1] == 0
     vector = hybrid_index.encode_query("kittens")
     semantic = hybrid_index.retrieve_dense(vector, 3)
     assert semantic.doc_ids[0] == "cat2"
-    assert hybrid_index.dense_scores(vector, semantic.doc_ids) == pytest.approx(semantic.scores, abs=1e-6)
+    assert hybrid_index.dense_scores(vector, semantic.rows) == pytest.approx(semantic.scores, abs=1e-6)
+    assert hybrid_index.doc_ids(semantic.rows) == semantic.doc_ids
     with pytest.raises(KeyError, match="unknown document id 'nope'"):
-        hybrid_index.bm25_scores("x", ["nope"])
+        hybrid_index.rows_of(["nope"])
+    with pytest.raises(IndexError):
+        hybrid_index.bm25_scores("x", np.array([len(hybrid_index)]))
 
 
 def test_hybrid_candidates_are_the_union_scored_exactly(hybrid_index: EmbeddedIndex):
@@ -163,3 +167,58 @@ def test_cli_search_and_eval_with_hybrid(dense_home: Path, tmp_path: Path):
     ).stdout)
     assert folds["folds"]["k"] == 2 and len(folds["pipelines"]["hybrid-tuned"]["fitted"]) == 2
     assert Path(folds["folds"]["file"]).is_file()
+
+
+def test_union_rows_keeps_first_then_new_rows_of_second():
+    union, where = union_rows(np.array([7, 3, 9]), np.array([3, 5, 7, 1]))
+    assert union.tolist() == [7, 3, 9, 5, 1]
+    assert union[where].tolist() == [3, 5, 7, 1]
+
+
+def reference_bm25(index: EmbeddedIndex, query: str, k: int) -> list[tuple[str, float]]:
+    """BM25 top k of matching documents, ties by row, from the whole-corpus score array."""
+    scores = index.bm25.scores(index.analyzer.analyze(query))
+    matching = sorted((i for i in range(len(index)) if scores[i] > 0), key=lambda i: (-scores[i], i))
+    return [(index.docs.ids[i], float(scores[i])) for i in matching[:k]]
+
+
+def reference_search(index: EmbeddedIndex, query: str, k: int, settings: FusionSettings) -> list[tuple[str, float]]:
+    """The hybrid pipeline written the straightforward way: string ids, dicts, a fresh analysis
+    per call, scores from whole-corpus arrays, Python sorting."""
+    all_bm25 = index.bm25.scores(index.analyzer.analyze(query))
+    lexical = [d for d, _ in reference_bm25(index, query, settings.bm25_candidates)]
+    vector = index.encode_query(query)
+    cosine = index.vectors.similarity(vector, np.arange(len(index)))
+    semantic = [index.docs.ids[i] for i in sorted(range(len(index)), key=lambda i: -cosine[i])[:settings.dense_candidates]]
+    ids = lexical + [d for d in semantic if d not in lexical]
+    if settings.method == "rrf":
+        fused = {d: (1 / (settings.rrf_k + lexical.index(d) + 1) if d in lexical else 0.0)
+                 + (1 / (settings.rrf_k + semantic.index(d) + 1) if d in semantic else 0.0) for d in ids}
+    else:
+        rows = [index.docs.index_of[d] for d in ids]
+        bm25 = [float(all_bm25[r]) for r in rows]
+        dense = [float(cosine[r]) for r in rows]
+
+        def norm(values: list[float]) -> list[float]:
+            low, high = min(values), max(values)
+            return [0.0 if high == low else (v - low) / (high - low) for v in values]
+
+        w = settings.dense_weight
+        fused = {d: (1 - w) * b + w * c for d, b, c in zip(ids, norm(bm25), norm(dense))}
+    ranked = sorted(ids, key=lambda d: -fused[d])  # stable: ties keep candidate order
+    return [(d, fused[d]) for d in ranked[:k]]
+
+
+@pytest.mark.parametrize("settings", [FusionSettings(bm25_candidates=4, dense_candidates=4),
+                                      FusionSettings(method="convex", bm25_candidates=4, dense_candidates=4)])
+def test_integer_hot_path_ranks_as_the_reference(hybrid_index: EmbeddedIndex, settings: FusionSettings):
+    """Rows instead of ids, one analysis and one fusion per request change no ranking: same top-k
+    ids and scores as a straightforward implementation."""
+    pipeline = HybridPipeline(hybrid_index, settings)
+    for query in ("baby cats", "wolf howling at night", "kittens", "dog"):
+        got = [(h.doc_id, h.score) for h in pipeline.search(query, 5)]
+        expected = reference_search(hybrid_index, query, 5, settings)
+        assert [d for d, _ in got] == [d for d, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=1e-5, atol=1e-6)
+        bm25 = [(h.doc_id, h.score) for h in BM25Pipeline(hybrid_index).search(query, 3)]
+        assert bm25 == reference_bm25(hybrid_index, query, 3)

@@ -137,11 +137,11 @@ def test_second_writer_is_refused_while_a_build_holds_the_lock(home, small_corpu
 def test_reader_keeps_serving_through_rebuild_and_prune(home, small_corpus):
     build_index(home, "t", bm25_settings(small_corpus), progress=False, log=lambda m: None)
     reader = EmbeddedIndex.open(home, "t")
-    before = reader.search_bm25("dogs and cats", 5)
+    before = reader.retrieve_bm25("dogs and cats", 5).hits()
     for _ in range(2):  # with keep=0 the generation the reader holds is deleted from disk
         build_index(home, "t", bm25_settings(small_corpus, keep=0), progress=False, log=lambda m: None)
     assert not reader.generation.path.exists()
-    assert reader.search_bm25("dogs and cats", 5) == before
+    assert reader.retrieve_bm25("dogs and cats", 5).hits() == before
     assert reader.document("d1")["title"] == "Cats and dogs"
     assert EmbeddedIndex.open(home, "t").generation.generation == "g000003"
 

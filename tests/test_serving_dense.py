@@ -9,6 +9,7 @@ import sys
 from indexing.build import BuildSettings, build_index
 from indexing.corpus import CorpusSpec
 from search.embedded import EmbeddedIndex
+from search.pipelines import DensePipeline
 from tests.conftest import ROOT, run_cli
 
 
@@ -17,7 +18,7 @@ def test_dense_build_and_search(dense_home, small_corpus):
     assert summary.dense == "exact"
     index = EmbeddedIndex.open(dense_home, "t")
     assert index.has_dense
-    hits = index.search_dense("superposition of qubits in quantum computers", 3)
+    hits = DensePipeline(index).search("superposition of qubits in quantum computers", 3)
     assert hits[0].doc_id == "d2"
     assert [h.rank for h in hits] == [1, 2, 3]
     assert all(-1.0 <= h.score <= 1.0 + 1e-5 for h in hits)
@@ -32,9 +33,10 @@ def test_serving_path_does_not_import_torch(dense_home, small_corpus):
         "import sys, json\n"
         "from pathlib import Path\n"
         "from search.embedded import EmbeddedIndex\n"
+        "from search.pipelines import BM25Pipeline, DensePipeline\n"
         f"index = EmbeddedIndex.open(Path({str(dense_home)!r}), 't')\n"
-        "dense = index.search_dense('dog training with treats', 2)\n"
-        "bm25 = index.search_bm25('dog training with treats', 2)\n"
+        "dense = DensePipeline(index).search('dog training with treats', 2)\n"
+        "bm25 = BM25Pipeline(index).search('dog training with treats', 2)\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules,\n"
         "                  'dense': dense[0].doc_id, 'bm25': bm25[0].doc_id}))\n"
     )
@@ -57,7 +59,7 @@ def test_hnsw_is_used_above_the_threshold(dense_home, small_corpus):
     summary = build_index(dense_home, "t", settings, progress=False, log=lambda m: None)
     assert summary.dense == "hnsw"
     index = EmbeddedIndex.open(dense_home, "t")
-    assert index.search_dense("superposition of qubits in quantum computers", 1)[0].doc_id == "d2"
+    assert DensePipeline(index).search("superposition of qubits in quantum computers", 1)[0].doc_id == "d2"
 
 
 def test_missing_encoder_is_a_clear_error(dense_home, small_corpus):
