@@ -210,15 +210,13 @@ def _ranking_from_json(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def scoring_problem(served: "LtrPipeline", other: "LtrPipeline") -> str | None:
-    """Why `other` cannot score the windows `served` ranks, or None when it can."""
-    from ltr.ranker import ScoredWindow
-
+    """Why `other` cannot score the windows `served` ranks, or None when it can. A served window
+    carries no candidates, so a model reading another feature set is refused up front."""
     if getattr(other, "fusion", None) != getattr(served, "fusion", None):
         return "it would rank another candidate window (other fusion settings)"
     if tuple(other.feature_names) != tuple(served.feature_names):
-        if "candidates" not in {f.name for f in dataclasses.fields(ScoredWindow)}:
-            return (f"it reads feature set {other.features.name}, the active model {served.features.name}; computing "
-                    "its features for the served window needs the window's candidates on ScoredWindow")
+        return (f"it reads feature set {other.features.name}, the active model {served.features.name}; computing "
+                "its features for the served window needs the window's candidates on ScoredWindow")
     return None
 
 
