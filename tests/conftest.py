@@ -110,11 +110,16 @@ def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = N
 
     import httpx
 
+    import tempfile
+
     port = free_port()
+    # The server's output (access log included) goes to a file: a pipe nobody reads fills up and
+    # blocks the server after a few hundred requests.
+    output = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "search.app.cli", "--home", str(home), "serve", "--port", str(port), *serve_args],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=output, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -127,12 +132,15 @@ def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = N
                 pass
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
-                raise AssertionError(f"service did not become ready:\n{process.stdout.read()}")
+                process.wait(timeout=30)
+                output.seek(0)
+                raise AssertionError(f"service did not become ready:\n{output.read()}")
             time.sleep(0.2)
         yield url, process
     finally:
         process.terminate()
         process.wait(timeout=30)
+        output.close()
 
 
 @pytest.fixture

@@ -127,6 +127,8 @@ def run_search(body: SearchRequest, snapshot: Snapshot, config: ServiceConfig, m
         outcome = plan.pipeline.run(ranking_request) if answerable else plan.pipeline.nothing(ranking_request)
     except WindowTooSmallError as exc:
         raise ApiError(400, "invalid_request", str(exc), [{"field": "offset", "reason": str(exc)}]) from None
+    except RuleError as exc:  # a filter that can never match the index's values (search.rules.check_value_kinds)
+        raise ApiError(400, "invalid_request", str(exc), [{"field": str(exc).split(":")[0], "reason": str(exc)}]) from None
     if snapshot.drift is not None:
         snapshot.drift.observe_outcome(outcome)
     interleaved = finish_interleaving(plan, outcome, metrics)
