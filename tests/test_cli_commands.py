@@ -242,3 +242,18 @@ def test_every_command_and_flag_parses_in_the_full_parser():
                  ["train", "--dataset", "d"], ["models", "compare", "m1", "m2"], ["behaviour", "status"],
                  ["clicks", "fit", "--log", "x"], ["simulate", "--model", "pbm", "--qrels", "q", "--run", "r"]):
         parser.parse_args(argv)
+
+
+# D7: queries with no indexable term -------------------------------------------------------------
+
+@pytest.mark.parametrize("query", ["!!!", "the of and"])
+def test_a_query_with_no_indexable_term_says_which_retriever_could_not_answer(tmp_path, small_corpus, capsys, query):
+    home = tmp_path / "home"
+    build(home, small_corpus, "mine")
+    capsys.readouterr()
+    assert main(["--home", str(home), "search", query, "--pipeline", "bm25", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert page["hits"] == [] and page["retrievers"] == {"bm25": {"answered": False, "terms": 0}}
+    assert page["notes"][-1] == "no retriever can answer: no results"
+    assert main(["--home", str(home), "search", query, "--pipeline", "bm25"]) == 0
+    assert "no indexable term" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Any
 from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
 from search.app.pipelines import check_pipelines, create_pipeline, describe_pipelines, resolve_pipeline
 from search.limits import MAX_QUERY_CHARS
+from search.ranking import query_retrievers, retriever_notes
 
 FORMATS = ("trec", "jsonl")
 MAX_K = 10_000
@@ -46,7 +47,7 @@ def run(home: Path, args: argparse.Namespace) -> int:
     pipeline = create_pipeline(name, index)
     if batch:
         return run_batch(args, index, pipeline)
-    return run_one(args, index, pipeline)
+    return run_one(args, index, pipeline, name)
 
 
 def _check_args(args: argparse.Namespace) -> bool:
@@ -78,10 +79,12 @@ def _check_query(query: str, where: str = "query") -> None:
         raise CliError(f"{where} has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
 
 
-def run_one(args: argparse.Namespace, index: Any, pipeline: Any) -> int:
+def run_one(args: argparse.Namespace, index: Any, pipeline: Any, name: str) -> int:
     started = time.perf_counter()
-    hits = pipeline.search(args.query, args.k)
+    retrievers = query_retrievers(index, args.query, name)
+    hits = pipeline.search(args.query, args.k) if any(r.answers for r in retrievers) else []
     took_ms = (time.perf_counter() - started) * 1000
+    notes = retriever_notes(retrievers)
     rows = []
     for hit in hits:
         doc = index.document(hit.doc_id) or {}
@@ -90,9 +93,14 @@ def run_one(args: argparse.Namespace, index: Any, pipeline: Any) -> int:
         payload = {
             "query": args.query, "pipeline": args.pipeline, "index": index.name, "generation": index.generation_id,
             "backend": index.kind, "took_ms": round(took_ms, 3), "hits": rows,
+            "retrievers": {r.name: {"answered": r.answers, **({"terms": r.terms} if r.terms is not None else {})}
+                           for r in retrievers},
+            "notes": notes,
         }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
         return 0
+    for note in notes:
+        log(note)
     print(f"{args.pipeline} top {len(rows)} for {args.query!r} ({index.kind} {index.name}/{index.generation_id}, {took_ms:.1f} ms)")
     for row in rows:
         print(f"{row['rank']:>4}  {row['score']:8.3f}  {row['id']:<12}  {row['title'][:90]}")
