@@ -1,1 +1,3 @@
-"""Indexing pipeline: corpus readers, text analysis, BM25 and dense indexes, index bundles and rebuild jobs."""
+"""Layer 1 of 5 (indexing < search < ltr < eval < search.app): corpus readers, text analysis, BM25
+and dense indexes, immutable index generations and their build jobs, the Elasticsearch indexer,
+engine-home paths and the one SQLite helper. Imports nothing from the other packages."""

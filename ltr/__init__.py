@@ -1,1 +1,3 @@
-"""Learning to rank: feature sets, behaviour aggregates, training and the model registry (later issues)."""
+"""Layer 3 of 5 (indexing < search < ltr < eval < search.app): feature sets and extraction,
+LambdaMART training from judgments or clicks, the model registry, the ltr pipeline stage,
+behaviour aggregates, point-in-time rows, drift and online experiments."""
