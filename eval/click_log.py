@@ -1,4 +1,5 @@
-"""Click logs: the event schema the query service will ingest, and a columnar form for fitting.
+"""Click logs for fitting click models: one row per shown document (JSONL or the Yandex table), and
+a columnar form for fitting. Not the query service's `/events` schema, which names served requests.
 
 `ClickEvent` is one shown document on one result page (SERP). Click models need whole pages, so
 `ClickLog` groups events by session into fixed-width numpy matrices (sessions x positions) with
