@@ -76,7 +76,7 @@ def test_index_store_and_registry_share_the_policy(tmp_path):
     settings = BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False)
     home = tmp_path / "home"
     store = IndexStore(home)
-    child = hold_in_child(store.index_dir("t") / ".lock", 30)
+    child = hold_in_child(store.lock_path("t"), 30)
     try:
         with pytest.raises(IndexBusyError, match=rf"another build or rollback of index 't' is running: lock file "
                                                  rf".*\.lock is held by pid {child.pid} on "):
