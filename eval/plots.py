@@ -17,23 +17,41 @@ def plot_metrics_with_ci(
     metrics: Sequence[str],
     path: Path,
 ) -> Path:
-    """Grouped bars: one group per metric, one bar per pipeline, 95% CI whiskers."""
+    return _save(metrics_figure(means, intervals, metrics), path)
+
+
+def metrics_figure(
+    means: Mapping[str, Mapping[str, float]],
+    intervals: Mapping[str, Mapping[str, Sequence[float]]],
+    metrics: Sequence[str],
+) -> "plt.Figure":
+    """One panel per metric, each on its own scale (P@10 of 0.09 is unreadable on a 0-1 axis
+    shared with R@100 of 0.96): horizontal bars, one per pipeline, with 95% CI whiskers and the
+    value written beside each bar; pipelines are named on the axis, so no legend covers a bar."""
     pipelines = list(means)
-    width = 0.8 / max(1, len(pipelines))
-    x = np.arange(len(metrics))
-    figure, axes = plt.subplots(figsize=(max(6, 1.4 * len(metrics) * max(1, len(pipelines)) / 2), 4))
-    for i, name in enumerate(pipelines):
-        values = np.array([means[name][m] for m in metrics])
-        low = np.array([intervals[name][m][0] for m in metrics])
-        high = np.array([intervals[name][m][1] for m in metrics])
-        errors = np.vstack([values - low, high - values])
-        axes.bar(x + (i - (len(pipelines) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=name)
-    axes.set_xticks(x, metrics)
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("mean over queries (95% CI)")
-    axes.legend(loc="upper right", fontsize="small")
-    axes.grid(axis="y", alpha=0.3)
-    return _save(figure, path)
+    columns = min(3, max(1, len(metrics)))
+    rows = -(-len(metrics) // columns)
+    height = max(1.6, 0.42 * len(pipelines) + 0.9)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, height * rows), squeeze=False)
+    y = np.arange(len(pipelines))[::-1]  # the first pipeline on top
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for panel, metric in zip(grid.flat, metrics):
+        values = np.array([means[name][metric] for name in pipelines])
+        low = np.array([intervals[name][metric][0] for name in pipelines])
+        high = np.array([intervals[name][metric][1] for name in pipelines])
+        errors = np.clip(np.vstack([values - low, high - values]), 0, None)
+        panel.barh(y, values, xerr=errors, capsize=3, color=[colours[i % len(colours)] for i in range(len(pipelines))])
+        top = float(np.nanmax(high)) if len(high) else 1.0
+        panel.set_xlim(0, top * 1.3 if top > 0 else 1.0)
+        for row, value, whisker in zip(y, values, high):
+            panel.text(whisker + top * 0.02, row, f"{value:.3f}", va="center", fontsize="small")
+        panel.set_yticks(y, pipelines, fontsize="small")
+        panel.set_title(metric)
+        panel.grid(axis="x", alpha=0.3)
+    for panel in list(grid.flat)[len(metrics):]:
+        panel.set_visible(False)
+    figure.supxlabel("mean over queries, 95% CI", fontsize="small")
+    return figure
 
 
 def plot_per_query_differences(differences: Mapping[str, np.ndarray], metric: str, baseline: str, path: Path) -> Path:
