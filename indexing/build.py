@@ -21,6 +21,7 @@ from indexing.corpus import CorpusReadResult, CorpusSpec, Document, SkippedLine,
 from indexing.docstore import write_docstore
 from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
 from indexing.vectors import VectorIndexSettings, build_vector_index
+from indexing.text import plural
 
 BM25_DIR = "bm25"
 DOCS_DIR = "docs"
@@ -109,7 +110,7 @@ def summary_tail(seconds: dict[str, float], pruned: list[str], skipped: list[Ski
     for skip in skipped[:20]:
         out.append(f"  skipped {skip.path}:{skip.line}: {skip.reason}")
     if len(skipped) > 20:
-        out.append(f"  ... and {len(skipped) - 20} more skipped lines")
+        out.append(f"  ... and {plural(len(skipped) - 20, 'more skipped line')}")
     return out
 
 
@@ -156,7 +157,7 @@ def _build_locked(home: Path, store: IndexStore, name: str, settings: BuildSetti
     started = time.perf_counter()
     corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
     seconds["read"] = time.perf_counter() - started
-    log(f"read {len(corpus.documents):,} documents from {corpus.file} ({len(corpus.skipped)} lines skipped)")
+    log(f"read {len(corpus.documents):,} documents from {corpus.file} ({plural(len(corpus.skipped), 'line')} skipped)")
 
     staging = store.new_staging_dir(name)
     manifest: dict[str, Any] = {"created_at": utc_now(), "build": settings.to_dict()}

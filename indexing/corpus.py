@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexing.text import plural
+
 BEIR_ID_FIELD = "_id"
 BEIR_METADATA_FIELD = "metadata"
 DEFAULT_TITLE_FIELD = "title"  # optional: a corpus without titles is fine unless another field is named
@@ -187,7 +189,7 @@ def read_corpus(spec: CorpusSpec, skip_invalid: bool = False, progress: bool = F
     if not documents:
         reason = "empty corpus: no valid documents"
         if skipped:
-            reason += f" ({len(skipped)} invalid lines skipped)"
+            reason += f" ({plural(len(skipped), 'invalid line')} skipped)"
         raise CorpusError(file, None, reason)
     return CorpusReadResult(documents, skipped, file, digest.hexdigest(), line_number)
 

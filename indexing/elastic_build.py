@@ -44,6 +44,7 @@ from indexing.bm25 import COMBINED_FIELD
 from indexing.build import BuildSettings, _corpus_entry, encode_documents, summary_tail
 from indexing.bundle import utc_now
 from indexing.corpus import CorpusReadResult, Document, SkippedLine, read_corpus
+from indexing.text import plural
 from indexing.elastic import (
     VECTOR_FIELD,
     ElasticsearchError,
@@ -506,7 +507,7 @@ def build_elastic_index(
         started = time.perf_counter()
         corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
         seconds["read"] = time.perf_counter() - started
-        log(f"read {len(corpus.documents):,} documents from {corpus.file} ({len(corpus.skipped)} lines skipped)")
+        log(f"read {len(corpus.documents):,} documents from {corpus.file} ({plural(len(corpus.skipped), 'line')} skipped)")
 
         embeddings = None
         dense = None

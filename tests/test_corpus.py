@@ -56,7 +56,7 @@ def test_skip_invalid_reads_the_rest_and_reports_every_skipped_line(tmp_path):
 def test_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(CorpusError, match="empty corpus"):
         read(write_jsonl(tmp_path / "c.jsonl", []))
-    with pytest.raises(CorpusError, match=r"empty corpus: no valid documents \(1 invalid lines skipped\)"):
+    with pytest.raises(CorpusError, match=r"empty corpus: no valid documents \(1 invalid line skipped\)"):
         read(write_jsonl(tmp_path / "d.jsonl", ["{oops"]), skip_invalid=True)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+from indexing.text import plural  # noqa: F401  (re-exported for the command modules)
 
 BACKEND_CHOICES = ("embedded", "elasticsearch")  # search.backend_factory.BACKENDS (a test keeps them equal)
 BACKEND_ENV_VAR = "LTR_SEARCH_BACKEND"
@@ -19,11 +20,6 @@ class CliError(Exception):
 def log(message: str) -> None:
     """Progress and notes go to stderr; results to stdout."""
     print(message, file=sys.stderr)
-
-
-def plural(count: int, word: str, many: str | None = None) -> str:
-    """`1 line`, `2 lines`."""
-    return f"{count:,} {word if count == 1 else (many or word + 's')}"
 
 
 def short_list(items: Sequence[Any], limit: int = LOG_LIST_ITEMS) -> str:
