@@ -103,7 +103,7 @@ def _last_click(log: ClickLog) -> np.ndarray:
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars only on this path
 
     return tqdm(total=total, desc=desc, leave=False, unit="it")
 

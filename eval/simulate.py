@@ -227,7 +227,7 @@ def _one_session(
 def _post(client: HttpClient, path: str, body: dict[str, Any], settings: SimulationSettings, report: SimulationReport,
           what: str) -> dict[str, Any]:
     """POST with retries on connection errors and 5xx (back-off doubling); a 4xx stops the run."""
-    import httpx
+    import httpx  # only the HTTP client path needs it
 
     attempt = 0
     while True:
@@ -251,7 +251,7 @@ def _post(client: HttpClient, path: str, body: dict[str, Any], settings: Simulat
 def check_ready(client: HttpClient, where: str, retries: int = 4, backoff_s: float = 0.25) -> dict[str, Any]:
     """GET /ready (retrying while unreachable or not ready), so a service without an index fails
     the run before the first session, with the service's own reason."""
-    import httpx
+    import httpx  # only the HTTP client path needs it
 
     attempt = 0
     while True:
@@ -294,7 +294,7 @@ class _NoBar:
 def _progress_bar(enabled: bool, total: int) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars only on this path
 
     return tqdm(total=total, desc="sessions", unit="session", file=sys.stderr, mininterval=0.5)
 

@@ -237,6 +237,6 @@ def _corpus_entry(corpus: CorpusReadResult) -> dict[str, Any]:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars only on this path
 
     return tqdm(items, desc=desc, unit="doc", leave=False)

@@ -236,6 +236,6 @@ def json_type_name(value: Any) -> str:
 def _progress_bar(file: Path, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars only on this path
 
     return tqdm(total=file.stat().st_size, unit="B", unit_scale=True, desc=f"read {file.name}", leave=False)

@@ -172,7 +172,7 @@ def _from_env(key: str, raw: str, default: Any) -> Any:
 def connect(settings: ElasticsearchSettings) -> Any:
     """An `elasticsearch.Elasticsearch` client; retries whole requests on 429/502/503/504 and
     timeouts with the client's own back-off."""
-    from elasticsearch import Elasticsearch
+    from elasticsearch import Elasticsearch  # the Elasticsearch client loads only on that backend
 
     options: dict[str, Any] = {
         "request_timeout": settings.timeout,
@@ -193,8 +193,8 @@ def connect(settings: ElasticsearchSettings) -> Any:
 
 def explain_error(exc: Exception, settings: ElasticsearchSettings, what: str) -> ElasticsearchError:
     """Turn a client exception into an error that says what failed and what to do about it."""
-    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, NotFoundError
-    from elastic_transport import ConnectionError as TransportConnectionError, ConnectionTimeout, TlsError
+    from elasticsearch import ApiError, AuthenticationException, AuthorizationException, NotFoundError  # the Elasticsearch client loads only on that backend
+    from elastic_transport import ConnectionError as TransportConnectionError, ConnectionTimeout, TlsError  # the Elasticsearch client loads only on that backend
 
     url = settings.url
     if isinstance(exc, TlsError):

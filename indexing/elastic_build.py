@@ -328,7 +328,7 @@ def load_documents(client: Any, es: ElasticsearchSettings, index: str, documents
     """Bulk-load every document into `index` (`create` operations, `es.bulk_batch` a request,
     items retried on 429/502/503/504 with back-off). Returns every document Elasticsearch did
     not index; a lost connection raises the explained error."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # progress bars only on this path
 
     failures: list[BulkFailure] = []
     bar = tqdm(total=len(documents), desc=f"bulk {index}", unit="doc", disable=not progress, leave=False)

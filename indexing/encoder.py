@@ -269,19 +269,19 @@ _VERIFY_TEXTS = (
 
 def _export(out_dir: Path, settings: EncoderSettings, version: str, progress: bool) -> None:
     """Export the package's BERT to out_dir/{model.onnx,tokenizer.json,encoder.json}. Needs torch."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # progress bars only on this path
 
     with tqdm(total=4, desc=f"export {settings.model}", unit="step", disable=not progress) as steps:
         _export_steps(out_dir, settings, version, steps)
 
 
 def _export_steps(out_dir: Path, settings: EncoderSettings, version: str, steps: Any) -> None:
-    import warnings
+    import warnings  # export only
 
     try:
-        import torch
-        import transformers
-        from transformers import AutoModel
+        import torch  # export only: torch stays off the serving path
+        import transformers  # export only: torch stays off the serving path
+        from transformers import AutoModel  # export only: torch stays off the serving path
     except ImportError as exc:
         raise EncoderError("exporting the encoder needs torch and transformers installed") from exc
 
@@ -392,7 +392,7 @@ def _check_pooling_config(model_path: Path) -> None:
 
 def _fuse_for_onnxruntime(src: Path, dst: Path, num_heads: int, hidden_size: int) -> None:
     """Fuse BERT subgraphs into ONNX Runtime's CPU kernels (ORT's session optimiser does not)."""
-    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers import optimizer  # heavy native library: loaded when an encoder is opened
 
     fused = optimizer.optimize_model(
         str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
@@ -434,7 +434,7 @@ def _usable_cpus() -> int:
 
 
 def _make_session(model_bytes: bytes, threads: int | None) -> Any:
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy native library: loaded when an encoder is opened
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -446,7 +446,7 @@ def _make_session(model_bytes: bytes, threads: int | None) -> Any:
 
 
 def _load_tokenizer(path: Path, max_tokens: int) -> Any:
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # loaded when an encoder is opened
 
     tokenizer = Tokenizer.from_file(str(path))
     # tokenizer.json ships with fixed padding to 128; we truncate to max_tokens and pad per batch.
@@ -515,7 +515,7 @@ class OnnxEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # progress bars only on this path
 
         with tqdm(total=len(texts), desc="encode", unit="doc", disable=not progress) as bar:
             window = batch_size * _WINDOW_BATCHES

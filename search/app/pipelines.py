@@ -120,13 +120,13 @@ def describe_pipelines(context: Context) -> str:
 
 
 def _bm25(index: SearchBackend) -> Pipeline:
-    from search.pipelines import BM25Pipeline
+    from search.pipelines import BM25Pipeline  # lazy: CLI and service start-up load this only on the path that uses it
 
     return BM25Pipeline(index)
 
 
 def _dense(index: SearchBackend) -> Pipeline:
-    from search.pipelines import DensePipeline
+    from search.pipelines import DensePipeline  # lazy: CLI and service start-up load this only on the path that uses it
 
     return DensePipeline(index)
 

@@ -147,7 +147,7 @@ def limit_native_threads() -> None:
     """BLAS gets one thread per call: the service's parallelism is its request threads, and the
     matrix-vector products of exact dense search are memory-bound, so a BLAS pool per request
     only oversubscribes the cores. ONNX Runtime's pool is sized by `ServiceConfig.threads`."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # only when serving
 
     threadpool_limits(limits=1, user_api="blas")
 
