@@ -7,6 +7,7 @@ the ranks each retriever returned, so it skips that rescoring.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -60,7 +61,6 @@ class Candidates:
     dense: np.ndarray  # cosine similarity (NaN outside the dense top-k unless generated exact)
     bm25_rank: np.ndarray  # 1-based rank in the BM25 top-k, NaN outside it
     dense_rank: np.ndarray  # 1-based rank in the dense top-k, NaN outside it
-    rrf: np.ndarray  # reciprocal-rank fusion (k=60) of the two ranks: computed once per window
     id_table: Sequence[str]  # the backend's row -> id table
     query: AnalysedQuery | None = None  # the request's analysed query, reused by feature extraction
 
@@ -72,19 +72,34 @@ class Candidates:
         table = self.id_table
         return [table[i] for i in self.rows.tolist()]
 
+    @cached_property
+    def rrf(self) -> np.ndarray:
+        """Reciprocal-rank fusion (k=60) of the two ranks: computed at most once per window, shared
+        by the hybrid pipeline, the `rrf_score` feature and the ranker's first-stage order."""
+        return fuse_reciprocal_rank([self.bm25_rank, self.dense_rank], DEFAULT_RRF_K)
+
     def take(self, order: np.ndarray) -> "Candidates":
         """The window reordered (or cut) by candidate positions."""
-        return Candidates(self.rows[order], self.bm25[order], self.dense[order], self.bm25_rank[order],
-                          self.dense_rank[order], self.rrf[order], self.id_table, self.query)
+        taken = Candidates(self.rows[order], self.bm25[order], self.dense[order], self.bm25_rank[order],
+                           self.dense_rank[order], self.id_table, self.query)
+        if "rrf" in self.__dict__:  # already fused: carry it, do not fuse again
+            taken.__dict__["rrf"] = self.rrf[order]
+        return taken
 
 
 def union_rows(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`first` then the rows of `second` not in it (in `second`'s order), and where each row of
-    `second` sits in that union. Integer work only: no per-candidate Python objects."""
+    `second` sits in that union. Integer work only (two small sorts and binary searches): no
+    per-candidate Python objects. Rows within each list are distinct (top-k lists)."""
     first = np.asarray(first, dtype=np.int64)
     second = np.asarray(second, dtype=np.int64)
-    union = np.concatenate([first, second[~np.isin(second, first)]])
-    order = np.argsort(union, kind="stable")
+    if len(first) and len(second):
+        sorted_first = np.sort(first)
+        at = np.minimum(np.searchsorted(sorted_first, second), len(first) - 1)
+        union = np.concatenate([first, second[sorted_first[at] != second]])
+    else:
+        union = np.concatenate([first, second])
+    order = np.argsort(union)
     return union, order[np.searchsorted(union[order], second)]
 
 
@@ -108,8 +123,7 @@ def generate_candidates(backend: SearchBackend, query: str | AnalysedQuery, bm25
         bm25[: len(lexical)] = lexical.scores
         dense = np.full(len(rows), np.nan, dtype=np.float32)
         dense[dense_position] = semantic.scores
-    rrf = fuse_reciprocal_rank([bm25_rank, dense_rank], DEFAULT_RRF_K)
-    return Candidates(rows, bm25, dense, bm25_rank, dense_rank, rrf, lexical.id_table, analysed)
+    return Candidates(rows, bm25, dense, bm25_rank, dense_rank, lexical.id_table, analysed)
 
 
 def fused_scores(candidates: Candidates, settings: FusionSettings) -> np.ndarray:

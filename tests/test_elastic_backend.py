@@ -44,7 +44,6 @@ from search.elastic_backend import (
 )
 from search.embedded import DenseUnavailableError, EmbeddedIndex
 from search.backend import SearchBackend
-from search.fusion import fuse_reciprocal_rank
 from search.hybrid import Candidates
 from search.rules import FieldFilter, parse_filters
 from tests.conftest import SMALL_DOCS, write_jsonl
@@ -700,8 +699,7 @@ def window_of(index: SearchBackend, query: str) -> Candidates:
     rank[: len(lexical)] = np.arange(1, len(lexical) + 1)
     no_rank = np.full(len(ids), np.nan)
     return Candidates(rows=rows, bm25=index.bm25_scores(query, rows), dense=np.full(len(ids), np.nan, dtype=np.float32),
-                      bm25_rank=rank, dense_rank=no_rank, rrf=fuse_reciprocal_rank([rank, no_rank]),
-                      id_table=lexical.id_table)
+                      bm25_rank=rank, dense_rank=no_rank, id_table=lexical.id_table)
 
 
 ROUND_TRIP_QUERIES = [

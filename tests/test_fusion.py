@@ -173,6 +173,9 @@ def test_union_rows_keeps_first_then_new_rows_of_second():
     union, where = union_rows(np.array([7, 3, 9]), np.array([3, 5, 7, 1]))
     assert union.tolist() == [7, 3, 9, 5, 1]
     assert union[where].tolist() == [3, 5, 7, 1]
+    empty = np.empty(0, dtype=np.int64)
+    assert union_rows(empty, np.array([4, 2]))[0].tolist() == [4, 2]
+    assert union_rows(np.array([4, 2]), empty)[1].tolist() == []
 
 
 def reference_bm25(index: EmbeddedIndex, query: str, k: int) -> list[tuple[str, float]]:
@@ -222,3 +225,18 @@ def test_integer_hot_path_ranks_as_the_reference(hybrid_index: EmbeddedIndex, se
         np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=1e-5, atol=1e-6)
         bm25 = [(h.doc_id, h.score) for h in BM25Pipeline(hybrid_index).search(query, 3)]
         assert bm25 == reference_bm25(hybrid_index, query, 3)
+
+
+def test_rrf_is_fused_once_per_window(hybrid_index: EmbeddedIndex):
+    """The window fuses RRF on first use only; the pipeline, the ranker's reordering and the
+    rrf_score feature share that one array (convex fusion never computes it)."""
+    window = generate_candidates(hybrid_index, "baby cats", bm25_k=2, dense_k=3, exact=True)
+    fused_scores(window, FusionSettings(method="convex"))
+    assert "rrf" not in window.__dict__
+    rrf = fused_scores(window, FusionSettings())
+    assert rrf is window.rrf
+    np.testing.assert_array_equal(rrf, fuse_reciprocal_rank([window.bm25_rank, window.dense_rank]))
+    order = np.argsort(-rrf, kind="stable")
+    taken = window.take(order)
+    assert "rrf" in taken.__dict__ and taken.doc_ids == [window.doc_ids[i] for i in order]
+    np.testing.assert_array_equal(taken.rrf, rrf[order])

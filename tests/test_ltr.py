@@ -16,7 +16,7 @@ from ltr.ranker import LtrPipeline, index_description, registry_pipeline
 from ltr.registry import FeatureSetMismatchError, ModelRegistry
 from ltr.training import TrainingSettings, build_rows, split_queries, train_ranker
 from search.embedded import EmbeddedIndex
-from search.hybrid import FusionSettings
+from search.hybrid import FusionSettings, top_hits
 from tests.conftest import home_sharing_encoder, run_cli, running_service, write_jsonl
 
 TOPICS = {
@@ -163,6 +163,24 @@ def test_registry_model_scores_like_the_in_memory_one(trained):
     np.testing.assert_allclose(served.model.predict(window.features), window.scores, atol=0)
     assert [h.rank for h in window.hits] == list(range(1, len(window.hits) + 1))
     assert served.search("comet dust tail", 3)[0].doc_id.startswith("comet")
+
+
+
+def test_scored_window_is_arrays_with_hits_only_on_demand(trained):
+    """rank_window keeps rows and scores; the page's Hits equal the straightforward ranking of the
+    whole window's Hits, which are made lazily (and the cached replay ranks the same)."""
+    home = trained["home"]
+    index = EmbeddedIndex.open(home, "topics")
+    served = registry_pipeline(index, home, "active")
+    window = served.rank_window("volcano lava eruption")
+    assert window.rows.dtype == np.int64 and window._hits is None  # no per-candidate objects yet
+    assert window.doc_ids == index.doc_ids(window.rows)
+    np.testing.assert_array_equal(np.diff(window.first_stage) <= 0, True)  # first-stage (RRF) order
+    reference = top_hits([h.doc_id for h in window.hits], window.scores, 10)
+    assert window.page(10) == reference == served.search("volcano lava eruption", 10)
+    replay = served.rank_window("volcano lava eruption")
+    assert replay.timings_ms == {"cached": 0.0} and replay.page(10) == reference
+    assert index_description(index) == index.describe() and index.describe()["backend"] == "embedded"
 
 
 def test_feature_set_mismatch_is_refused(trained):
