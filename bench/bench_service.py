@@ -524,7 +524,7 @@ def bench_scifact(args, home: Path, workdir: Path) -> dict[str, Any]:
             ("ours BM25 top-200 (retrieve_bm25)", lambda q: index.retrieve_bm25(q, DEPTH)),
             ("ours dense top-200 (retrieve_dense, exact)", lambda q: index.retrieve_dense(vectors[q], DEPTH)),
             ("ours exact rescoring (bm25_scores+dense_scores)",
-             lambda q: (index.bm25_scores(q, ids := index.retrieve_bm25(q, DEPTH).doc_ids), index.dense_scores(vectors[q], ids))),
+             lambda q: (index.bm25_scores(q, rows := index.retrieve_bm25(q, DEPTH).rows), index.dense_scores(vectors[q], rows))),
             ("peer bm25s tokenize + top-200", lambda q: peer.retriever.retrieve(
                 peer.tokenize([q], return_ids=False), k=peer.k, show_progress=False, backend_selection="numpy", n_threads=0)),
             ("peer numpy exact top-200", lambda q: peer.dense_top(vectors[q], DEPTH)),
@@ -737,33 +737,28 @@ class SyntheticBackend:
 
         scores, rows = self.vectors.search(query_vector, k)
         keep = rows[0] >= 0
-        return Retrieved([self.ids[i] for i in rows[0][keep].tolist()], scores[0][keep].astype(np.float32, copy=False))
+        return Retrieved(rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32, copy=False), self.ids)
 
-    def bm25_scores(self, query: str, doc_ids):
-        return self.index.bm25_scores(query, doc_ids)
+    def bm25_scores(self, query: str, rows):
+        return self.index.bm25_scores(query, rows)
 
-    def dense_scores(self, query_vector: np.ndarray, doc_ids) -> np.ndarray:
-        rows = np.array([self.index_of[d] for d in doc_ids], dtype=np.int64)
+    def dense_scores(self, query_vector: np.ndarray, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
         out = np.full(len(rows), np.nan, dtype=np.float32)
         covered = rows < self.count
         out[covered] = self.vectors.similarity(query_vector, rows[covered])
         return out
 
-    def candidate_stats(self, query: str, doc_ids):
-        return self.index.candidate_stats(query, doc_ids)
+    def candidate_stats(self, query: str, rows):
+        return self.index.candidate_stats(query, rows)
 
     def document(self, doc_id: str):
         return self.index.document(doc_id)
 
-    # what ServingState._build's other pipelines (bm25, dense) call; unused by this benchmark
-    def search_bm25(self, query: str, k: int = 10, field: str = "all"):
-        return self.index.search_bm25(query, k, field)
-
-    def search_dense(self, query: str, k: int = 10):
-        from search.backend import Hit
-
-        retrieved = self.retrieve_dense(self.encode_query(query), k)
-        return [Hit(d, float(s), r) for r, (d, s) in enumerate(zip(retrieved.doc_ids, retrieved.scores.tolist()), start=1)]
+    def __getattr__(self, name: str):  # the rest of SearchBackend (analyse, rows_of, doc_ids, home, ...): the index's
+        if name == "index":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.index, name)
 
 
 def open_synthetic_backend(paths: dict[str, Any], threads: int | None = None):
@@ -862,8 +857,8 @@ def bench_synthetic(args, paths: dict[str, Any], workdir: Path) -> dict[str, Any
             ("ours BM25 top-200 (retrieve_bm25)", lambda q: backend.retrieve_bm25(q, DEPTH)),
             ("ours HNSW top-200 (retrieve_dense)", lambda q: backend.retrieve_dense(backend.encode_query(q), DEPTH)),
             ("ours exact rescoring (bm25_scores+dense_scores)",
-             lambda q: (backend.bm25_scores(q, ids := backend.retrieve_bm25(q, DEPTH).doc_ids),
-                        backend.dense_scores(backend.encode_query(q), ids))),
+             lambda q: (backend.bm25_scores(q, rows := backend.retrieve_bm25(q, DEPTH).rows),
+                        backend.dense_scores(backend.encode_query(q), rows))),
             ("peer bm25s tokenize + top-200", lambda q: retriever.retrieve(
                 peer.tokenize([q], return_ids=False), k=peer.k, show_progress=False, backend_selection="numpy", n_threads=0)),
             ("peer hnswlib top-200", lambda q: hnsw_top(backend.encode_query(q), DEPTH)),
