@@ -32,6 +32,7 @@ import numpy as np
 
 from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
 from search.backend import Hit
+from search.ranking import WindowView
 from search.event_store import Event
 from search.interleaving import team_draft
 from search.rules import request_rng
@@ -312,35 +313,33 @@ class TeamDraftRanker:
 
     def __init__(self, capture: WindowCapture, challenger: "LtrPipeline", rng: np.random.Generator):
         self.capture, self.challenger, self.rng = capture, challenger, rng
-        self.a_scores: dict[str, float] = {}
-        self.teams: dict[str, str] | None = None  # doc id -> "A" | "B"; None when not interleaved
+        self.a_scores: dict[int, float] = {}  # first-stage window position -> A's score
+        self.teams: dict[int, str] | None = None  # window position -> "A" | "B"; None when not interleaved
         self.error: str | None = None
         self.version = f"team-draft({capture.version},{challenger.version})"
 
-    def score(self, query: str, hits: Sequence[Hit]) -> np.ndarray:
+    def score(self, query: str, view: WindowView) -> np.ndarray:
         window = self.capture.window
         assert window is not None
-        row_of = {hit.doc_id: i for i, hit in enumerate(window.hits)}
-        rows = np.fromiter((row_of[hit.doc_id] for hit in hits), dtype=np.intp, count=len(hits))
-        doc_ids = [hit.doc_id for hit in hits]
-        a = np.asarray(window.scores, dtype=np.float64)[rows]
-        self.a_scores = dict(zip(doc_ids, a.tolist()))
+        positions = view.positions  # the captured window is the first stage's window: same positions
+        a = np.asarray(window.scores, dtype=np.float64)[positions]
+        self.a_scores = dict(zip(positions.tolist(), a.tolist()))
         try:
-            b = window_scores(self.challenger, query, window)[rows]
+            b = window_scores(self.challenger, query, window)[positions]
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             return a
-        ranking_a = [doc_ids[i] for i in np.argsort(-a, kind="stable").tolist()]  # as A alone would rank them
-        ranking_b = [doc_ids[i] for i in np.argsort(-b, kind="stable").tolist()]
-        docs, teams = team_draft(ranking_a, ranking_b, len(doc_ids), self.rng)
-        self.teams = dict(zip(docs, teams))
-        place = {doc_id: p for p, doc_id in enumerate(docs)}
-        return np.array([len(docs) - place[doc_id] for doc_id in doc_ids], dtype=np.float64)
+        ranking_a = positions[np.argsort(-a, kind="stable")].tolist()  # as A alone would rank them
+        ranking_b = positions[np.argsort(-b, kind="stable")].tolist()
+        picked, teams = team_draft(ranking_a, ranking_b, len(positions), self.rng)
+        self.teams = dict(zip(picked, teams))
+        place = {position: p for p, position in enumerate(picked)}
+        return np.array([len(picked) - place[position] for position in positions.tolist()], dtype=np.float64)
 
-    def picks(self, shown: Iterable[tuple[int, str]]) -> tuple[TeamPick, ...]:
-        """The team of each shown (position, doc_id), for the experiment log."""
+    def picks(self, shown: Iterable[tuple[int, str, int]]) -> tuple[TeamPick, ...]:
+        """The team of each shown (page position, doc_id, window position), for the experiment log."""
         assert self.teams is not None
-        return tuple(TeamPick(position, doc_id, self.teams[doc_id]) for position, doc_id in shown)
+        return tuple(TeamPick(position, doc_id, self.teams[window_position]) for position, doc_id, window_position in shown)
 
 
 def interleaving_rng(request_id: str, settings: InterleavingSettings) -> np.random.Generator | None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from indexing.config import settings_from_dict
-from search.backend import AnalysedQuery, Hit, SearchBackend
+from search.backend import AnalysedQuery, Hit, Retrieved, SearchBackend
 from search.fusion import DEFAULT_RRF_K, NORMALISATIONS, fuse_convex, fuse_reciprocal_rank
 
 DEFAULT_CANDIDATES = 200  # per retriever; the union is the rerank window (a few hundred)
@@ -168,6 +168,13 @@ class HybridPipeline:
             self.backend, query, self.settings.bm25_candidates, self.settings.dense_candidates,
             exact=self.settings.method == "convex",
         )
+
+    def retrieve(self, query: str, k: int) -> Retrieved:
+        """The `k` best of the window by fused score, as rows (ties keep candidate order)."""
+        window = self.candidates(query)
+        scores = fused_scores(window, self.settings)
+        order = top_order(scores, k)
+        return Retrieved(window.rows[order], scores[order], window.id_table)
 
     def search(self, query: str, k: int) -> list[Hit]:
         window = self.candidates(query)

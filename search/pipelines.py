@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, runtime_checkable
 
-from search.backend import Hit, SearchBackend
+from search.backend import Hit, Retrieved, SearchBackend
 
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -23,6 +23,14 @@ class Pipeline(Protocol):
     def search(self, query: str, k: int) -> list[Hit]:
         """The top `k` documents for `query`, best first."""
         ...
+
+
+@runtime_checkable
+class WindowRetriever(Pipeline, Protocol):
+    """A first stage that hands over its ranking as arrays (backend rows best first, with their
+    scores): the ranking pipeline cuts pages from it without a Python object per candidate."""
+
+    def retrieve(self, query: str, k: int) -> Retrieved: ...
 
 
 @runtime_checkable
@@ -51,8 +59,11 @@ class BM25Pipeline:
     def __init__(self, index: SearchBackend):
         self.index = index
 
+    def retrieve(self, query: str, k: int) -> Retrieved:
+        return self.index.retrieve_bm25(query, k)
+
     def search(self, query: str, k: int) -> list[Hit]:
-        return self.index.retrieve_bm25(query, k).hits()
+        return self.retrieve(query, k).hits()
 
 
 class DensePipeline:
@@ -63,5 +74,8 @@ class DensePipeline:
     def __init__(self, index: SearchBackend):
         self.index = index
 
+    def retrieve(self, query: str, k: int) -> Retrieved:
+        return self.index.retrieve_dense(self.index.encode_query(query), k)
+
     def search(self, query: str, k: int) -> list[Hit]:
-        return self.index.retrieve_dense(self.index.encode_query(query), k).hits()
+        return self.retrieve(query, k).hits()

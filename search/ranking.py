@@ -13,19 +13,36 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from search.event_store import ServedRequest, ServedResult
-from search.backend import Hit, SearchBackend
-from search.pipelines import Pipeline
+from search.backend import SearchBackend
+from search.pipelines import Pipeline, WindowRetriever
 from search.rules import (
     FieldFilter, diversify, diversity_values, exclude_mask, explore, filterable_fields, request_rng, shuffle_page,
 )
 
 
+@dataclass(frozen=True)
+class WindowView:
+    """What a `Ranker` sees: the window after filters and exclusions, as positions into the first
+    stage's window (0-based, first-stage order) and backend rows; string ids only on demand."""
+
+    positions: np.ndarray  # int64
+    rows: np.ndarray  # int64, aligned with positions
+    first_stage_scores: np.ndarray  # aligned with positions
+    backend: SearchBackend
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def doc_ids(self) -> list[str]:
+        return self.backend.doc_ids(self.rows)
+
+
 class Ranker(Protocol):
-    """A reranker of the filtered window (a hand-written rule, a test double)."""
+    """A reranker of the filtered window (team-draft interleaving, a hand-written rule, a test double)."""
 
     version: str
 
-    def score(self, query: str, window: Sequence[Hit]) -> np.ndarray: ...
+    def score(self, query: str, window: WindowView) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -169,6 +186,9 @@ class RankingPipeline:
                               model_version=self.first_stage.version if learned else None)
 
     def run(self, request: RankingRequest) -> RankingOutcome:
+        """The page of one request. The window travels as arrays (backend rows, first-stage
+        scores, model scores and features); string ids and stored fields are fetched for the page
+        only, and for the whole window only when a rule needs them (filters, exclusions, diversity)."""
         self.check_page(request)
         timings: dict[str, float] = {}
         features: np.ndarray | None = None
@@ -176,33 +196,37 @@ class RankingPipeline:
         learned = isinstance(self.first_stage, WindowRanker)
         if learned:
             scored = self.first_stage.rank_window(request.query)
-            hits, features, model_scores = scored.hits, scored.features, scored.scores
+            rows, first_scores = scored.rows, scored.first_stage
+            features, model_scores = scored.features, scored.scores
             timings.update(scored.timings_ms)
         else:
             with _timed(timings, "retrieve"):
-                hits = self.first_stage.search(request.query, self.window)
-        window_size = len(hits)
+                rows, first_scores = self._first_stage_rows(request.query)
+        window_size = len(rows)
+        positions = np.arange(window_size, dtype=np.int64)  # into the first-stage window; rank = position + 1
         documents: list[dict[str, Any]] | None = None  # fetched once, when a rule needs metadata
         metadata: list[Mapping[str, Any]] | None = None
         if request.diversity_field:
             with _timed(timings, "fetch_metadata"):
-                documents = [d or {} for d in self.backend.documents([hit.doc_id for hit in hits])]
+                documents = [d or {} for d in self.backend.documents(self.backend.doc_ids(rows))]
                 metadata = [filterable_fields(document) for document in documents]
         with _timed(timings, "filter"):
-            keep = exclude_mask([h.doc_id for h in hits], request.exclude)
-            if request.filters:  # evaluated by the backend: Elasticsearch runs them as a filter query
-                keep &= self.backend.filter_mask(request.filters, [h.doc_id for h in hits])
-            kept = np.flatnonzero(keep)
-            hits = [hits[i] for i in kept]
-            if features is not None and model_scores is not None:
-                features, model_scores = features[kept], model_scores[kept]
-            if documents is not None and metadata is not None:
-                documents = [documents[i] for i in kept]
-                metadata = [metadata[i] for i in kept]
-        scores = model_scores if model_scores is not None else np.array([h.score for h in hits], dtype=np.float64)
-        if self.ranker is not None and hits:
+            if request.exclude or request.filters:
+                doc_ids = self.backend.doc_ids(rows)
+                keep = exclude_mask(doc_ids, request.exclude)
+                if request.filters:  # evaluated by the backend: Elasticsearch runs them as a filter query
+                    keep &= self.backend.filter_mask(request.filters, doc_ids)
+                kept = np.flatnonzero(keep)
+                positions = positions[kept]
+                if documents is not None and metadata is not None:
+                    documents = [documents[i] for i in kept.tolist()]
+                    metadata = [metadata[i] for i in kept.tolist()]
+        eligible_rows = rows[positions]
+        scores = (model_scores if model_scores is not None else first_scores)[positions].astype(np.float64)
+        if self.ranker is not None and len(positions):
             with _timed(timings, "rank"):
-                scores = np.asarray(self.ranker.score(request.query, hits), dtype=np.float64)
+                view = WindowView(positions, eligible_rows, first_scores[positions], self.backend)
+                scores = np.asarray(self.ranker.score(request.query, view), dtype=np.float64)
         with _timed(timings, "rules"):
             order = np.argsort(-scores, kind="stable")
             if request.diversity_field and request.diversity_cap:
@@ -217,36 +241,48 @@ class RankingPipeline:
                     page_start=request.offset, page_size=request.size, protected_top=self.protected_top,
                 )
         page = range(request.offset, min(request.offset + request.size, len(exploration.order)))
-        page_rows = [int(exploration.order[position]) for position in page]
+        page_rows = [int(exploration.order[position]) for position in page]  # indexes into the eligible window
+        page_positions = positions[page_rows] if page_rows else positions[:0]
         contributions = None
         if learned and request.explain and features is not None and page_rows:
             with _timed(timings, "explain"):
-                contributions = self.first_stage.contributions(features[page_rows])
+                contributions = self.first_stage.contributions(features[page_positions])
         with _timed(timings, "fetch_fields"):
+            page_ids = self.backend.doc_ids(rows[page_positions])
             if documents is None:  # one batch for the page (one `_mget` on Elasticsearch)
-                fetched = self.backend.documents([hits[i].doc_id for i in page_rows])
-                page_fields = {i: d or {} for i, d in zip(page_rows, fetched)}
+                page_fields = [d or {} for d in self.backend.documents(page_ids)]
             else:
-                page_fields = {i: documents[i] for i in page_rows}
-            results = []
-            for row, (position, i) in enumerate(zip(page, page_rows)):
-                hit = hits[i]
-                results.append(RankedResult(
-                    doc_id=hit.doc_id,
+                page_fields = [documents[i] for i in page_rows]
+            results = [
+                RankedResult(
+                    doc_id=doc_id,
                     score=float(scores[i]),
                     position=position + 1,
                     propensity=float(exploration.propensities[position]),
-                    first_stage_rank=hit.rank,
-                    first_stage_score=hit.score,
-                    fields=page_fields[i],
-                    features=features[i] if features is not None else None,
+                    first_stage_rank=int(window_position) + 1,
+                    first_stage_score=float(first_scores[window_position]),
+                    fields=fields,
+                    features=features[window_position] if features is not None else None,
                     contributions=contributions[row] if contributions is not None else None,
-                ))
+                )
+                for row, (position, i, window_position, doc_id, fields)
+                in enumerate(zip(page, page_rows, page_positions.tolist(), page_ids, page_fields))
+            ]
         return RankingOutcome(
-            results, window_size, len(hits), exploration.explored, timings,
+            results, window_size, len(positions), exploration.explored, timings,
             feature_names=self.first_stage.feature_names if learned else None,
             model_version=self.first_stage.version if learned else None,
         )
+
+    def _first_stage_rows(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of a plain first stage, best first: as arrays where it can hand them
+        over (`WindowRetriever`), else from its `Hit`s."""
+        if isinstance(self.first_stage, WindowRetriever):
+            retrieved = self.first_stage.retrieve(query, self.window)
+            return retrieved.rows, np.asarray(retrieved.scores, dtype=np.float64)
+        hits = self.first_stage.search(query, self.window)
+        rows = self.backend.rows_of([hit.doc_id for hit in hits])
+        return np.asarray(rows, dtype=np.int64), np.array([hit.score for hit in hits], dtype=np.float64)
 
 
 def served_request(outcome: RankingOutcome, request: RankingRequest, pipeline: str, backend: SearchBackend,

@@ -47,7 +47,7 @@ def test_filters_apply_before_the_ranker(bm25_index):
         version = "test"
 
         def score(self, query, window):
-            seen.append([h.doc_id for h in window])
+            seen.append(window.doc_ids())
             return -np.arange(len(window), dtype=float)[::-1]  # reverses the first-stage order
 
     pipeline = _pipeline(bm25_index, ranker=ReverseRanker())

@@ -199,7 +199,7 @@ def finish_interleaving(plan: ExperimentPlan, outcome: RankingOutcome, metrics: 
     if interleaver.teams is None:
         return False
     for result in outcome.results:
-        result.score = interleaver.a_scores[result.doc_id]
+        result.score = interleaver.a_scores[result.first_stage_rank - 1]
     return True
 
 
@@ -230,7 +230,7 @@ def log_search(store: EventStore, experiment_log: ExperimentLog | None, metrics:
         metrics.interleaved.labels(interleaver.capture.version, interleaver.challenger.version).inc()
         record = InterleavedRequest(ranking_request.request_id, now, interleaver.capture.version,
                                     interleaver.challenger.version, body.offset,
-                                    interleaver.picks((r.position, r.doc_id) for r in outcome.results))
+                                    interleaver.picks((r.position, r.doc_id, r.first_stage_rank - 1) for r in outcome.results))
         _log_experiment(metrics, "interleave", lambda: experiment_log.log_interleaved(record))
     if shadow is not None and experiment_log is not None:
         stamped = dataclasses.replace(shadow, timestamp=now)
