@@ -83,9 +83,8 @@ def test_search_eval_gate_and_service_rank_on_the_trained_window(narrow_model, t
     # the gate scores the active model on the same window: the same nDCG@10 as eval model:active
     run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(narrow_model["training"]),
             "--valid-fraction", "0.25", "--quiet")
-    gate = run_cli(home, "models", "promote", "m0002", "--dataset", str(dataset), "--split", "test", "--quiet")
-    line = next(line for line in gate.stderr.splitlines() if line.startswith("gate on"))
-    assert f"vs active m0001 {evaluated:.4f}" in line
+    gate = run_cli(home, "models", "promote", "m0002", "--dataset", str(dataset), "--split", "test", "--quiet", "--json")
+    assert json.loads(gate.stdout)["gate"]["means"]["m0001"] == pytest.approx(evaluated, abs=1e-9)
 
     with running_service(home, "--name", "topics", "--config", str(narrow_model["serving"]), "--threads", "1") as (url, _):
         page = httpx.post(f"{url}/search", json={"query": QUERY, "size": 6, "pipeline": "ltr"}, timeout=30).json()

@@ -22,7 +22,6 @@ import numpy as np
 from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
 
 SAMPLE_ROWS = 64  # feature rows stored with a model and re-scored on every load
-GATE_METRIC = "nDCG@10"
 
 
 class PromotionRefused(ValueError):
@@ -78,7 +77,8 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true")
     show = commands.add_parser("show", help="one model's manifest")
     show.add_argument("version")
-    promote = commands.add_parser("promote", help="make a model active, if it is not significantly worse than the active one")
+    promote = commands.add_parser("promote", help="make a model active, unless it is significantly worse than the fusion "
+                                                  "baseline or the active model on held-out queries")
     promote.add_argument("version", help="a model version, or 'latest'")
     add_backend_arguments(promote)
     promote.add_argument("--dataset", help="BEIR directory with the held-out judged queries of the gate")
@@ -86,6 +86,7 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     promote.add_argument("--name", help="index to evaluate on (default: the model's)")
     promote.add_argument("--force", action="store_true", help="promote even without, or against, the gate")
     promote.add_argument("--quiet", action="store_true")
+    promote.add_argument("--json", action="store_true", help="print the outcome and the gate's comparisons as JSON")
     commands.add_parser("rollback", help="re-activate the previously active model")
     delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
     delete.add_argument("version")
@@ -315,7 +316,12 @@ def cmd_show(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_promote(home: Path, args: argparse.Namespace) -> int:
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
+    """Make a model active if the gate lets it: on held-out queries it must not be significantly
+    worse than the fusion baseline nor than the active model (`eval.gate`); without held-out
+    queries, its inner-CV evidence from training decides, and replacing an active model needs a
+    split or --force."""
+    from eval.gate import training_evidence  # lazy: start-up time (eval and xgboost)
+    from ltr.registry import ModelRegistry  # lazy: start-up time
 
     registry = ModelRegistry(home)
     if args.version == "latest":
@@ -327,59 +333,53 @@ def cmd_promote(home: Path, args: argparse.Namespace) -> int:
     if active == args.version:
         print(f"{args.version} is already active")
         return 0
-    if active is None:
-        log(f"no active model: {args.version} becomes active without a comparison")
-    elif args.dataset and args.split:
-        outcome = promotion_gate(home, args, candidate, registry.manifest(active))
-        if outcome["significantly_worse"] and not args.force:
+    gate: dict[str, Any] | None = None
+    if args.dataset and args.split:
+        result = promotion_gate(home, args, candidate, registry.manifest(active) if active else None)
+        gate = result.to_dict()
+        for line in result.describe():
+            log(f"gate: {line}")
+        worse = result.worse_than()
+        if worse and not args.force:
             raise PromotionRefused(
-                f"{args.version} is significantly worse than the active {active} on {outcome['queries']} held-out "
-                f"queries: {GATE_METRIC} {outcome['candidate']:.4f} vs {outcome['active']:.4f} (Holm p: t-test "
-                f"{outcome['p_t']:.3g}, randomisation {outcome['p_rand']:.3g}); use --force to promote anyway"
-            )
-        if outcome["significantly_worse"]:
-            log(f"--force: promoting {args.version} although it is significantly worse")
+                f"{args.version} is significantly worse than {' and '.join(_reference(n, active) for n in worse)} on "
+                f"{result.queries} held-out queries ({args.split}); use --force to promote anyway")
+        if worse:
+            log(f"--force: promoting {args.version} although it is significantly worse than {', '.join(worse)}")
+    elif active is None:
+        refuse, why = training_evidence(candidate)
+        if refuse and not args.force:
+            raise PromotionRefused(f"{why}; use --force to promote anyway, or gate it on held-out queries "
+                                   "(--dataset PATH --split SPLIT)")
+        log(f"no active model and no held-out split: {why}")
     elif not args.force:
         raise PromotionRefused(
             f"promoting {args.version} over the active {active} needs the held-out judged queries of the gate "
             "(--dataset PATH --split SPLIT), or --force"
         )
     registry.promote(args.version)
+    if args.json:
+        print(json.dumps({"active": args.version, "previous": active, "gate": gate}, indent=2))
+        return 0
     print(f"active model: {args.version} (previous: {active or 'none'}); a running service picks it up on "
           "POST /admin/reload or restart")
     return 0
 
 
-def promotion_gate(home: Path, args: argparse.Namespace, candidate: Any, active: Any) -> dict[str, Any]:
-    """Both models on held-out queries, paired tests from the harness (baseline: the active one)."""
-    from eval.datasets import load_dataset  # lazy: CLI and service start-up load this only on the path that uses it
-    from eval.experiment import run_queries  # lazy: CLI and service start-up load this only on the path that uses it
-    from eval.metrics import evaluate_run  # lazy: CLI and service start-up load this only on the path that uses it
-    from eval.significance import DEFAULT_SEED, compare_to_baseline  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.ranker import registry_pipeline  # lazy: CLI and service start-up load this only on the path that uses it
+def _reference(name: str, active: str | None) -> str:
+    from eval.gate import FUSION_BASELINE  # lazy: start-up time
+
+    return "the fusion baseline" if name == FUSION_BASELINE else f"the active {active}" if name == active else name
+
+
+def promotion_gate(home: Path, args: argparse.Namespace, candidate: Any, active: Any | None) -> Any:
+    """`eval.gate.run_gate` on the split the user named, over the candidate's index."""
+    from eval.datasets import load_dataset  # lazy: start-up time
+    from eval.gate import run_gate  # lazy: start-up time
 
     dataset = load_dataset(args.dataset, args.split)
-    for manifest in (candidate, active):
-        trained = manifest.training
-        if trained.get("split") == dataset.split and trained.get("dataset") == str(dataset.path.resolve()):
-            raise ValueError(f"model {manifest.version} was trained on {dataset.name}/{dataset.split}; "
-                             "the gate needs queries neither model has seen (another split)")
     index = open_index(home, args.name or candidate.index["name"], args, dataset.name)
-    values = {}
-    for manifest in (active, candidate):
-        pipeline = registry_pipeline(index, home, manifest.version, name=manifest.version, warn=log)
-        run, _ = run_queries(pipeline.search, dataset.queries, 100, label=manifest.version, progress=not args.quiet)
-        values[manifest.version] = evaluate_run(run, dataset.qrels, [GATE_METRIC]).values
-    result = compare_to_baseline(values, active.version, [GATE_METRIC], seed=DEFAULT_SEED)[candidate.version][GATE_METRIC]
-    means = {v: float(np.mean(vals[GATE_METRIC])) for v, vals in values.items()}
-    log(f"gate on {dataset.name}/{dataset.split} ({len(dataset.queries)} queries): {GATE_METRIC} "
-        f"{candidate.version} {means[candidate.version]:.4f} vs active {active.version} {means[active.version]:.4f}, "
-        f"difference {result.mean_difference:+.4f}")
-    return {
-        "queries": len(dataset.queries), "candidate": means[candidate.version], "active": means[active.version],
-        "significantly_worse": bool(result.significant() and result.mean_difference < 0),
-        "p_t": result.t_test_p_holm, "p_rand": result.randomisation_p_holm,
-    }
+    return run_gate(index, home, dataset, candidate, active, progress=not args.quiet, warn=log)
 
 
 def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
