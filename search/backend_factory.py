@@ -82,7 +82,7 @@ def resolve_index_name(home: Path, name: str | None, choice: BackendChoice, data
         return name
     if choice.is_elasticsearch:
         return dataset_name or DEFAULT_INDEX_NAME
-    from indexing.bundle import IndexStore  # lazy: CLI and service start-up load this only on the path that uses it
+    from indexing.bundle import IndexStore  # lazy: start-up time
 
     store = IndexStore(home)
     names = store.names()
@@ -135,7 +135,7 @@ class EmbeddedAdmin:
 
     @property
     def where(self) -> str:
-        from indexing.bundle import IndexStore  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.bundle import IndexStore  # lazy: start-up time
 
         return str(IndexStore(self.home).root)
 
@@ -143,19 +143,19 @@ class EmbeddedAdmin:
         return DEFAULT_KEEP_GENERATIONS if requested is None else requested
 
     def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any:
-        from indexing.build import build_index  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.build import build_index  # lazy: start-up time
 
         return build_index(self.home, name, settings, progress=progress, log=log)
 
     def rebuild(self, name: str, progress: bool, log: Log) -> Any:
-        from indexing.build import rebuild_index  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.build import rebuild_index  # lazy: start-up time
 
         return rebuild_index(self.home, name, progress=progress, log=log)
 
     def status(self, name: str | None, verify: bool) -> dict[str, Any]:
         """Every generation of `name` (or of every index) with its manifest's counts; a
         generation that does not open is reported 'corrupt' with the reason."""
-        from indexing.bundle import IndexBundleError, IndexStore  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.bundle import IndexBundleError, IndexStore  # lazy: start-up time
 
         store = IndexStore(self.home)
         report: dict[str, Any] = {"home": str(self.home), "indexes": {}}
@@ -185,7 +185,7 @@ class EmbeddedAdmin:
         return report
 
     def rollback(self, name: str, to: str | None, log: Log) -> tuple[str | None, str]:
-        from indexing.bundle import IndexStore  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.bundle import IndexStore  # lazy: start-up time
 
         store = IndexStore(self.home)
         with store.lock(name):
@@ -195,7 +195,7 @@ class EmbeddedAdmin:
         return before, target
 
     def delete(self, name: str) -> None:
-        from indexing.bundle import IndexStore  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.bundle import IndexStore  # lazy: start-up time
 
         store = IndexStore(self.home)
         if name not in store.names():
@@ -221,23 +221,23 @@ class ElasticAdmin:
     def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any:
         import dataclasses
 
-        from indexing.elastic_build import build_elastic_index  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.elastic_build import build_elastic_index  # lazy: start-up time
 
         es = dataclasses.replace(self.es, keep=settings.keep)
         return build_elastic_index(self.home, name, settings, es, progress=progress, log=log)
 
     def rebuild(self, name: str, progress: bool, log: Log) -> Any:
-        from indexing.elastic_build import rebuild_elastic_index  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.elastic_build import rebuild_elastic_index  # lazy: start-up time
 
         return rebuild_elastic_index(self.home, name, self.es, progress=progress, log=log)
 
     def status(self, name: str | None, verify: bool) -> dict[str, Any]:
-        from indexing.elastic_build import elastic_index_status  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.elastic_build import elastic_index_status  # lazy: start-up time
 
         return elastic_index_status(name, self.es)
 
     def rollback(self, name: str, to: str | None, log: Log) -> tuple[str | None, str]:
-        from indexing.elastic_build import rollback_elastic_index  # lazy: CLI and service start-up load this only on the path that uses it
+        from indexing.elastic_build import rollback_elastic_index  # lazy: start-up time
 
         return rollback_elastic_index(name, self.es, to=to, log=log)
 

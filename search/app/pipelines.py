@@ -120,13 +120,13 @@ def describe_pipelines(context: Context) -> str:
 
 
 def _bm25(index: SearchBackend) -> Pipeline:
-    from search.pipelines import BM25Pipeline  # lazy: CLI and service start-up load this only on the path that uses it
+    from search.pipelines import BM25Pipeline  # lazy: start-up time
 
     return BM25Pipeline(index)
 
 
 def _dense(index: SearchBackend) -> Pipeline:
-    from search.pipelines import DensePipeline  # lazy: CLI and service start-up load this only on the path that uses it
+    from search.pipelines import DensePipeline  # lazy: start-up time
 
     return DensePipeline(index)
 

@@ -183,7 +183,7 @@ class JobRunner:
                 summary = rebuild_elastic_index(config.home, config.index, config.backend.elasticsearch, progress=False,
                                                 log=job.log.append)
             else:
-                from indexing.build import rebuild_index  # lazy: CLI and service start-up load this only on the path that uses it
+                from indexing.build import rebuild_index  # lazy: start-up time
 
                 summary = rebuild_index(config.home, config.index, progress=False, log=job.log.append)
             job.generation = summary.generation

@@ -47,10 +47,10 @@ def run(home: Path, args: argparse.Namespace) -> int:
 
 
 def _open(home: Path, name: str | None):
-    from ltr.behaviour import BehaviourStore  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.event_store import EventStore  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.point_in_time import behaviour_sources  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.app.config import load_service_config  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.behaviour import BehaviourStore  # lazy: start-up time
+    from search.event_store import EventStore  # lazy: start-up time
+    from ltr.point_in_time import behaviour_sources  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
 
     index = name or load_service_config(home).index
     events_path, store_path = behaviour_sources(home, index)
@@ -124,8 +124,8 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
 
 def _drift(home: Path, index: str, events, since: float | None) -> dict[str, Any]:
     """The active model's served feature rows against its training reference."""
-    from ltr.drift import FeatureReference, drift_report, format_drift, served_rows  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.drift import FeatureReference, drift_report, format_drift, served_rows  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
 
     registry = ModelRegistry(home)
     version = registry.active()

@@ -457,8 +457,8 @@ def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int
     """Live replay: sessions against the service in process (the FastAPI app through a
     TestClient, no socket) or through a running server; then check the event store holds
     every event the service acknowledged."""
-    from eval.datasets import load_dataset  # lazy: CLI and service start-up load this only on the path that uses it
-    from eval.simulate import SimulationError, SimulationSettings  # lazy: CLI and service start-up load this only on the path that uses it
+    from eval.datasets import load_dataset  # lazy: start-up time
+    from eval.simulate import SimulationError, SimulationSettings  # lazy: start-up time
 
     if args.dataset is None:
         _usage_error(args, "live replay needs --dataset PATH (and --split, default test)")
@@ -532,8 +532,8 @@ def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int
 
 
 def _in_process_config(args: argparse.Namespace) -> Any:
-    from indexing.home import resolve_home  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.app.config import load_service_config  # lazy: CLI and service start-up load this only on the path that uses it
+    from indexing.home import resolve_home  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
 
     home = resolve_home(getattr(args, "home", None))
     config = load_service_config(home, Path(args.config) if args.config else None, {"index": args.index_name})
@@ -547,8 +547,8 @@ def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, setting
     """The real app, handlers and event store, driven without a socket."""
     from fastapi.testclient import TestClient  # in-process service only on this path
 
-    from eval.simulate import check_ready, run_sessions  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.app.service import create_app, limit_native_threads  # lazy: CLI and service start-up load this only on the path that uses it
+    from eval.simulate import check_ready, run_sessions  # lazy: start-up time
+    from search.app.service import create_app, limit_native_threads  # lazy: start-up time
 
     limit_native_threads()  # as `serve` does: BLAS single-threaded per call
     with TestClient(create_app(config)) as client:
@@ -559,7 +559,7 @@ def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, setting
 def _run_through_api(args: argparse.Namespace, dataset: Any, behaviour: UserBehaviour, settings: Any, progress: bool) -> Any:
     import httpx  # only the HTTP client path needs it
 
-    from eval.simulate import check_ready, run_sessions  # lazy: CLI and service start-up load this only on the path that uses it
+    from eval.simulate import check_ready, run_sessions  # lazy: start-up time
 
     with httpx.Client(base_url=args.through_api, timeout=args.timeout or 30.0) as client:
         check_ready(client, args.through_api)
@@ -568,7 +568,7 @@ def _run_through_api(args: argparse.Namespace, dataset: Any, behaviour: UserBeha
 
 def _stored_events(path: Path) -> int:
     """Rows in an event store, all types (opened and closed here: a reader independent of the service)."""
-    from search.event_store import EventStore  # lazy: CLI and service start-up load this only on the path that uses it
+    from search.event_store import EventStore  # lazy: start-up time
 
     with EventStore(path) as store:
         return sum(store.count_events().values())

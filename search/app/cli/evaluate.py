@@ -38,9 +38,9 @@ def add_arguments(command: str, evaluate: argparse.ArgumentParser) -> None:
 def run(home: Path, args: argparse.Namespace) -> int:
     from eval.datasets import available_splits, load_dataset, read_run  # here (and below) for start-up time
     from eval.experiment import ExperimentSettings, run_experiment
-    from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, parse_metric_list  # lazy: CLI and service start-up load this only on the path that uses it
-    from eval.significance import DEFAULT_SEED  # lazy: CLI and service start-up load this only on the path that uses it
-    from indexing.home import runs_dir  # lazy: CLI and service start-up load this only on the path that uses it
+    from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, parse_metric_list  # lazy: start-up time
+    from eval.significance import DEFAULT_SEED  # lazy: start-up time
+    from indexing.home import runs_dir  # lazy: start-up time
 
     dataset = load_dataset(args.dataset, args.split)
     external = {}

@@ -89,9 +89,9 @@ def build_settings(args: argparse.Namespace, keep: int) -> Any:
     """The `BuildSettings` of `index build`'s flags (both backends)."""
     from indexing.analysis import AnalyzerSettings  # here (and below) for start-up time
     from indexing.bm25 import BM25Settings
-    from indexing.build import BuildSettings  # lazy: CLI and service start-up load this only on the path that uses it
-    from indexing.corpus import CorpusSpec  # lazy: CLI and service start-up load this only on the path that uses it
-    from indexing.vectors import VectorIndexSettings  # lazy: CLI and service start-up load this only on the path that uses it
+    from indexing.build import BuildSettings  # lazy: start-up time
+    from indexing.corpus import CorpusSpec  # lazy: start-up time
+    from indexing.vectors import VectorIndexSettings  # lazy: start-up time
 
     vector_options: dict[str, Any] = {"kind": args.vector_index}
     if args.hnsw_threshold is not None:

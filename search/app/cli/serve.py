@@ -21,10 +21,10 @@ def add_arguments(command: str, serve: argparse.ArgumentParser) -> None:
 
 
 def run(home: Path, args: argparse.Namespace) -> int:
-    from indexing.config import DEFAULT_INDEX_NAME  # lazy: CLI and service start-up load this only on the path that uses it
+    from indexing.config import DEFAULT_INDEX_NAME  # lazy: start-up time
     from search.app.config import load_service_config  # here (and below) for start-up time
     from search.app.service import serve
-    from search.backend_factory import resolve_index_name  # lazy: CLI and service start-up load this only on the path that uses it
+    from search.backend_factory import resolve_index_name  # lazy: start-up time
 
     if not 0 < args.port < 65536:
         raise CliError(f"--port must be between 1 and 65535, got {args.port}")
