@@ -244,7 +244,12 @@ def window_scores(other: "LtrPipeline", query: str, window: "ScoredWindow") -> n
         raise ExperimentScoringError(f"pipeline '{other.name}' has no model")
     if not window.hits:
         return np.empty(0)
-    return np.asarray(other.model.predict(window_features(other, query, window)), dtype=np.float64)
+    stage = other.model.stage
+    if stage is not None and stage != window.stage:
+        raise ExperimentScoringError(f"model {other.version} is staged on {stage.name}, which the served window "
+                                     "does not carry; serve it on a model with the same base stage")
+    base = window.base if stage is not None else None
+    return np.asarray(other.model.predict(window_features(other, query, window), base), dtype=np.float64)
 
 
 def top_ranking(doc_ids: Sequence[str], scores: np.ndarray, k: int = SHADOW_TOP) -> tuple[tuple[str, float], ...]:
@@ -298,8 +303,8 @@ class WindowCapture:
         self.window = self.inner.rank_window(query)
         return self.window
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
-        return self.inner.contributions(features)
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        return self.inner.contributions(features, base)
 
     def search(self, query: str, k: int) -> list[Hit]:
         return self.inner.search(query, k)

@@ -33,9 +33,9 @@ from indexing.home import behaviour_store_path, event_store_path
 from ltr.behaviour import BehaviourStore, normalise_query
 from search.event_store import EventStore
 from ltr.features import FeatureSet, extract_features
-from ltr.training import RankingRows, window_labels
+from ltr.training import RankingRows, concat_first_stage, first_stage_columns, window_labels
 from search.backend import SearchBackend
-from search.hybrid import Candidates
+from search.hybrid import Candidates, FusionSettings
 
 Qrels = Mapping[str, Mapping[str, int]]
 DEFAULT_MOMENTS_PER_QUERY = 3
@@ -92,13 +92,14 @@ def point_in_time_rows(
     backend: SearchBackend, queries: Mapping[str, str], qrels: Qrels, features: FeatureSet,
     window_of: Callable[[str], Candidates], event_store: EventStore, propensities: Sequence[float] | None,
     moments_per_query: int = DEFAULT_MOMENTS_PER_QUERY, seed: int = 0,
-    progress: Callable[[Iterable], Iterable] = lambda items: items,
+    progress: Callable[[Iterable], Iterable] = lambda items: items, fusion: FusionSettings = FusionSettings(),
 ) -> RankingRows:
     """Row groups per (query, moment), labelled from qrels; a query's groups share its query id,
-    so a query-level hold-out keeps all of a query's moments on one side."""
+    so a query-level hold-out keeps all of a query's moments on one side. Each row carries the
+    first-stage scores a staged model may learn on (`fusion`: the window's settings)."""
     moments = training_moments(event_store, queries, moments_per_query, seed)
-    windows: dict[str, tuple[Candidates, np.ndarray]] = {}
-    query_ids, doc_ids, blocks, labels, sizes = [], [], [], [], []
+    windows: dict[str, tuple[Candidates, np.ndarray, dict[str, np.ndarray]]] = {}
+    query_ids, doc_ids, blocks, labels, sizes, first = [], [], [], [], [], []
     missed = 0
     with tempfile.TemporaryDirectory(prefix="ltr-pit-") as scratch_dir:
         scratch = BehaviourStore(Path(scratch_dir) / "behaviour.sqlite3")
@@ -111,8 +112,8 @@ def point_in_time_rows(
                     window = window_of(queries[query_id])
                     grades, outside = window_labels(window, qrels.get(query_id, {}))
                     missed += outside
-                    windows[query_id] = (window, grades)
-                window, grades = windows[query_id]
+                    windows[query_id] = (window, grades, first_stage_columns(window, fusion))
+                window, grades, first_stage = windows[query_id]
                 if moment.timestamp is not None:
                     scratch.update(event_store, received_before=moment.timestamp)
                 behaviour = scratch if moment.timestamp is not None else None
@@ -121,6 +122,7 @@ def point_in_time_rows(
                 doc_ids += window.doc_ids
                 labels.append(grades)
                 sizes.append(len(window))
+                first.append(first_stage)
         finally:
             scratch.close()
     width = len(features.features)
@@ -129,6 +131,7 @@ def point_in_time_rows(
         features=np.concatenate(blocks) if blocks else np.empty((0, width), np.float32),
         labels=np.concatenate(labels) if labels else np.empty(0, np.float32),
         group_sizes=np.array(sizes, dtype=np.int64), relevant_outside_window=missed,
+        first_stage=concat_first_stage(first),
     )
 
 

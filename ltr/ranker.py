@@ -19,11 +19,12 @@ from ltr.behaviour import BehaviourStore
 from search.event_store import EventStore
 from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set, uses_behaviour
 from ltr.point_in_time import BehaviourHistory, behaviour_sources
-from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry, predict_contributions, predict_scores
+from ltr.registry import (BaseStage, FeatureSetMismatchError, ModelManifest, ModelRegistry, predict_contributions,
+                          predict_scores, staged_base)
 from indexing.home import registry_dir
 from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
-from search.hybrid import FusionSettings, top_order
+from search.hybrid import Candidates, FusionSettings, top_order
 
 
 WINDOW_CACHE_SIZE = 2048  # scored windows kept per pipeline for repeated queries (behaviour-free sets only)
@@ -34,9 +35,12 @@ class ScoringModel(Protocol):
 
     version: str
 
-    def predict(self, features: np.ndarray) -> np.ndarray: ...
+    @property
+    def stage(self) -> BaseStage | None: ...  # the base the trees add to (None: a plain model)
 
-    def contributions(self, features: np.ndarray) -> np.ndarray: ...
+    def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
+
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
 
 
 @dataclass
@@ -46,11 +50,24 @@ class InMemoryModel:
     trained: TrainedRanker
     version: str = "unsaved"
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return predict_scores(self.trained.booster, list(self.trained.feature_names), features)
+    @property
+    def stage(self) -> BaseStage | None:
+        return self.trained.stage
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
-        return predict_contributions(self.trained.booster, list(self.trained.feature_names), features)
+    def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        return predict_scores(self.trained.booster, list(self.trained.feature_names), features,
+                              staged_base(self.stage, base, self.version))
+
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        return predict_contributions(self.trained.booster, list(self.trained.feature_names), features,
+                                     staged_base(self.stage, base, self.version))
+
+
+def window_base(model: ScoringModel, window: Candidates) -> np.ndarray | None:
+    """The base margin a staged model adds to its trees for this window (`BaseStage.margin`, the
+    function training used); None for a plain model."""
+    stage = model.stage
+    return stage.margin(window) if stage is not None else None
 
 
 class ScoredWindow:
@@ -61,7 +78,8 @@ class ScoredWindow:
     window (filters and rules in `search.ranking`). `page(k)` makes `Hit`s for the top k only."""
 
     def __init__(self, rows: np.ndarray, first_stage: np.ndarray, id_table: Sequence[str], scores: np.ndarray,
-                 features: np.ndarray, feature_names: tuple[str, ...], timings_ms: dict[str, float] | None = None):
+                 features: np.ndarray, feature_names: tuple[str, ...], timings_ms: dict[str, float] | None = None,
+                 base: np.ndarray | None = None, stage: BaseStage | None = None):
         self.rows = rows  # int64 backend rows, first-stage order
         self.first_stage = first_stage  # fused RRF score, aligned with rows
         self.id_table = id_table
@@ -69,6 +87,8 @@ class ScoredWindow:
         self.features = features  # float32 [candidate, feature], aligned with rows
         self.feature_names = feature_names
         self.timings_ms = timings_ms if timings_ms is not None else {}
+        self.base = base  # a staged model's base margin, aligned with rows (None: a plain model)
+        self.stage = stage  # the stage `base` is the margin of
         self._hits: list[Hit] | None = None
 
     def __len__(self) -> int:
@@ -98,7 +118,7 @@ class ScoredWindow:
     def replayed(self) -> "ScoredWindow":
         """The same window answered from the cache (its own timings)."""
         return ScoredWindow(self.rows, self.first_stage, self.id_table, self.scores, self.features,
-                            self.feature_names, {"cached": 0.0})
+                            self.feature_names, {"cached": 0.0}, self.base, self.stage)
 
 
 class LtrPipeline:
@@ -172,8 +192,13 @@ class LtrPipeline:
         if self.trained is None:
             return {"model": self.version, "feature_set": self.features.name}
         top = list(self.trained.importance())[:5]
-        return {"feature_set": self.features.name, "trees": self.trained.trees,
-                "valid nDCG@10": self.trained.valid_score, "top features by gain": top}
+        fitted: dict[str, object] = {"feature_set": self.features.name, "trees": self.trained.trees,
+                                     "valid nDCG@10": self.trained.valid_score, "top features by gain": top}
+        if self.trained.inner_cv is not None:
+            cv = self.trained.inner_cv
+            fitted.update({"base": cv.stage.name, "inner-CV gain": round(cv.gain, 4),
+                           "inner-CV 95% CI": [round(x, 4) for x in cv.ci], "inner-CV folds": cv.folds})
+        return fitted
 
     def rank_window(self, query: str) -> ScoredWindow:
         if self.model is None:
@@ -195,9 +220,11 @@ class LtrPipeline:
         features = extract_features(self.backend, query, window, self.features, self.behaviour_store())
         timings["features"] = _ms_since(started)
         started = time.perf_counter()
-        scores = self.model.predict(features) if len(features) else np.empty(0)
+        base = window_base(self.model, window)
+        scores = self.model.predict(features, base) if len(features) else np.empty(0)
         timings["score"] = _ms_since(started)
-        scored = ScoredWindow(window.rows, window.rrf, window.id_table, scores, features, self.features.names, timings)
+        scored = ScoredWindow(window.rows, window.rrf, window.id_table, scores, features, self.features.names, timings, base,
+                              self.model.stage)
         if not self.uses_behaviour:
             with self._cache_lock:
                 self._cache[query] = scored
@@ -205,9 +232,11 @@ class LtrPipeline:
                     self._cache.popitem(last=False)
         return scored
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        """Per-feature contributions, the bias, and for a staged model its base (`base`: the
+        rows' `ScoredWindow.base`) as one more column; each row sums to the score."""
         assert self.model is not None
-        return self.model.contributions(features)
+        return self.model.contributions(features, base)
 
     def search(self, query: str, k: int) -> list[Hit]:
         return self.rank_window(query).page(k)

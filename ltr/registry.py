@@ -6,7 +6,8 @@
                              CLI processes never interleave; a second writer waits, then names the holder
         m0003/model.json     XGBoost's own JSON format (Booster.save_model); no pickle anywhere
         m0003/manifest.json  what the model was trained on, how well it did, checksums, a scored sample,
-                             optionally the training distributions for drift monitoring (ltr.drift)
+                             optionally the training distributions for drift monitoring (ltr.drift),
+                             and the first stage it is staged on ("stage", see `BaseStage`)
         .m0004.tmp/          a save in progress; never listed, removed by the next save
         .m0002-deleted.tmp/  a version being deleted (renamed first), removed by the next save
 
@@ -15,6 +16,12 @@ sample, fsyncs and renames the directory to its version, so a crash leaves no ha
 Loading verifies the checksum, that the model reads the features the caller computes, and
 re-scores the sample: a model that would rank differently from the one that was validated (an
 edited file, another xgboost) is refused instead of silently serving other rankings.
+
+A staged model learns on top of a base: its score is the trees' sum plus a base margin computed
+from the candidate window (`BaseStage.margin`, e.g. 4 x the convex min-max fusion). The manifest
+records the stage; the sample stores each row's base, and parity is checked on trees + base. A
+manifest with a stage this engine does not know, or a staged sample without its base, is refused.
+Manifests without a stage are plain models (base 0), as before.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from indexing.home import registry_dir
 from indexing.config import DEFAULT_LOCK_TIMEOUT_S, settings_from_dict
 from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, write_json_durably
 from ltr.drift import FeatureReference
+from search.hybrid import Candidates, FusionSettings, fused_scores
 
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
@@ -78,6 +86,63 @@ class FeatureSetMismatchError(RegistryError):
     """The model reads other features than the caller computes: its scores would be meaningless."""
 
 
+class MissingBaseError(ValueError):
+    """A staged model scored without its base margin: its scores would rank as the trees alone."""
+
+
+BASE_KINDS = ("fusion",)
+
+
+@dataclass(frozen=True)
+class BaseStage:
+    """The first stage a model is staged on: base margin = `scale` x the window's fused score.
+
+    Convex fusion scores lie in [0, 1] per window (min-max); RRF scores are multiplied by
+    (k + 1) / 2 so that theirs do too, so one scale grid fits both. With zero trees a staged
+    model ranks exactly as its fusion."""
+
+    fusion: FusionSettings
+    scale: float
+    kind: str = "fusion"
+
+    def __post_init__(self) -> None:
+        if self.kind not in BASE_KINDS:
+            raise ValueError(f"unknown base kind {self.kind!r} (this engine knows {', '.join(BASE_KINDS)})")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"base scale must be finite and > 0, got {self.scale}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.fusion.method} x {self.scale:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        fusion = {k: v for k, v in self.fusion.to_dict().items() if k not in ("bm25_candidates", "dense_candidates")}
+        return {"kind": self.kind, "scale": float(self.scale), "fusion": fusion}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseStage":
+        """Refuses a stage this engine cannot compute (unknown kind or fusion settings)."""
+        if not isinstance(data, dict) or set(data) != {"kind", "scale", "fusion"}:
+            raise ValueError(f"stage must hold exactly kind, scale and fusion, got {data!r}")
+        if data["kind"] not in BASE_KINDS:
+            raise ValueError(f"the model is staged on an unknown base {data['kind']!r} (this engine knows "
+                             f"{', '.join(BASE_KINDS)}): it cannot compute the base the trees were trained on")
+        return cls(FusionSettings.from_dict(data["fusion"]), float(data["scale"]), data["kind"])
+
+    def margin(self, window: Candidates) -> np.ndarray:
+        """The base margin of every candidate of a window: what training and serving both add."""
+        return self.scaled(first_stage_score(window, self.fusion))
+
+    def scaled(self, unscaled: np.ndarray) -> np.ndarray:
+        return self.scale * np.asarray(unscaled, dtype=np.float64)
+
+
+def first_stage_score(window: Candidates, fusion: FusionSettings) -> np.ndarray:
+    """A fusion's score of every candidate, on a [0, 1]-like scale (see `BaseStage`)."""
+    scores = np.asarray(fused_scores(window, fusion), dtype=np.float64)
+    return scores * ((fusion.rrf_k + 1) / 2) if fusion.method == "rrf" else scores
+
+
 def describe_feature_set(feature_set: dict[str, Any]) -> str:
     return f"{feature_set['name']} v{feature_set['version']} ({len(feature_set['features'])} features)"
 
@@ -102,6 +167,13 @@ class ModelManifest:
     # Training distributions for drift monitoring (ltr.drift.FeatureReference.to_dict()); None for
     # models saved without one, and in manifests written before the field existed.
     reference: dict[str, Any] | None = None
+    # The first stage the trees were trained on top of (`BaseStage.to_dict()`); None: a plain
+    # model (base 0), as every manifest written before stages existed.
+    stage: dict[str, Any] | None = None
+
+    @property
+    def base_stage(self) -> BaseStage | None:
+        return BaseStage.from_dict(self.stage) if self.stage is not None else None
 
     @property
     def feature_names(self) -> list[str]:
@@ -129,11 +201,17 @@ class ModelManifest:
         names = self.feature_set["features"]
         if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             raise ValueError("feature_set.features must be a non-empty list of distinct names")
-        if not isinstance(self.sample, dict) or set(self.sample) != {"features", "predictions"}:
-            raise ValueError("sample must have exactly the keys 'features' and 'predictions'")
+        sample_keys = {"features", "predictions"} | ({"base"} if self.stage is not None else set())
+        if not isinstance(self.sample, dict) or set(self.sample) != sample_keys:
+            raise ValueError(f"sample must have exactly the keys {sorted(sample_keys)}"
+                             + (" (a staged model's sample stores its base)" if self.stage is not None else ""))
         rows, predictions = self.sample["features"], self.sample["predictions"]
         if not rows or len(rows) != len(predictions):
             raise ValueError(f"sample has {len(rows)} rows but {len(predictions)} predictions")
+        if self.stage is not None:
+            self.base_stage  # raises on an unknown base
+            if len(self.sample["base"]) != len(rows):
+                raise ValueError(f"sample has {len(rows)} rows but {len(self.sample['base'])} base values")
         for i, row in enumerate(rows):
             if len(row) != len(names):
                 raise ValueError(f"sample row {i} has {len(row)} values for {len(names)} features")
@@ -171,6 +249,10 @@ class ModelManifest:
         rows = [[np.nan if x is None else x for x in row] for row in self.sample["features"]]
         return np.asarray(rows, dtype=np.float32)
 
+    def sample_base(self) -> np.ndarray | None:
+        """The stored base margin of each sample row (None for a plain model)."""
+        return np.asarray(self.sample["base"], dtype=np.float64) if self.stage is not None else None
+
 
 SCORING_THREADS = 1
 
@@ -184,17 +266,37 @@ def single_threaded(booster: xgboost.Booster) -> xgboost.Booster:
     return booster
 
 
-def predict_scores(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
+def predict_scores(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray,
+                   base: np.ndarray | None = None) -> np.ndarray:
     """The one scoring path (serving, evaluation, the registry's parity check): float64 scores
-    of float32 feature rows, NaN = missing, using every tree of the booster. In-place prediction
-    skips building a DMatrix, which cost more than the trees for a 400-row window (profiled)."""
+    of float32 feature rows, NaN = missing, using every tree of the booster, plus the base
+    margin of a staged model (`base`, one per row). In-place prediction skips building a
+    DMatrix, which cost more than the trees for a 400-row window (profiled)."""
     array = _checked(feature_names, features)
-    return np.asarray(booster.inplace_predict(array, missing=np.nan, validate_features=False), dtype=np.float64)
+    margin = None if base is None else _checked_base(base, len(array))
+    return np.asarray(booster.inplace_predict(array, missing=np.nan, validate_features=False, base_margin=margin),
+                      dtype=np.float64)
 
 
-def predict_contributions(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray) -> np.ndarray:
-    """Per-feature contributions [n, n_features + 1] (last column the bias); rows sum to scores."""
-    return booster.predict(_matrix(feature_names, features), pred_contribs=True).astype(np.float64)
+def predict_contributions(booster: xgboost.Booster, feature_names: list[str], features: np.ndarray,
+                          base: np.ndarray | None = None) -> np.ndarray:
+    """Per-feature contributions [n, n_features + 1] (last column the bias); rows sum to scores.
+    With a `base` (a staged model) one more column, the base margin itself, follows the bias."""
+    matrix = _matrix(feature_names, features)
+    if base is None:
+        return booster.predict(matrix, pred_contribs=True).astype(np.float64)
+    margin = _checked_base(base, matrix.num_row())
+    matrix.set_base_margin(margin)
+    contributions = booster.predict(matrix, pred_contribs=True).astype(np.float64)
+    contributions[:, -1] -= margin  # XGBoost folds the margin into the bias: give it its own column
+    return np.column_stack([contributions, margin.astype(np.float64)])
+
+
+def _checked_base(base: np.ndarray, rows: int) -> np.ndarray:
+    margin = np.asarray(base, dtype=np.float32)
+    if margin.shape != (rows,):
+        raise ValueError(f"the base margin must hold one value per row ({rows}), got shape {margin.shape}")
+    return margin
 
 
 def _checked(names: list[str], features: np.ndarray) -> np.ndarray:
@@ -219,11 +321,28 @@ class LoadedModel:
     def version(self) -> str:
         return self.manifest.version
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return predict_scores(self.booster, self.manifest.feature_names, features)
+    @property
+    def stage(self) -> BaseStage | None:
+        return self.manifest.base_stage
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
-        return predict_contributions(self.booster, self.manifest.feature_names, features)
+    def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        return predict_scores(self.booster, self.manifest.feature_names, features, staged_base(self.stage, base, self.version))
+
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        return predict_contributions(self.booster, self.manifest.feature_names, features,
+                                     staged_base(self.stage, base, self.version))
+
+
+def staged_base(stage: BaseStage | None, base: np.ndarray | None, version: str) -> np.ndarray | None:
+    """The base to add: required for a staged model, refused for a plain one (never a silent 0)."""
+    if stage is None:
+        if base is not None:
+            raise ValueError(f"model {version} has no base stage but was given a base margin")
+        return None
+    if base is None:
+        raise MissingBaseError(f"model {version} is staged on {stage.name}: score it with its base margin "
+                               "(BaseStage.margin of the candidate window)")
+    return base
 
 
 class ModelRegistry:
@@ -280,12 +399,16 @@ class ModelRegistry:
         sample_features: np.ndarray,
         best_iteration: int | None,
         reference: Any = None,
+        stage: BaseStage | None = None,
+        sample_base: np.ndarray | None = None,
     ) -> ModelManifest:
         """Store a trained booster (trimmed to best_iteration + 1 rounds) as the next version.
         Does not activate it; `promote` does. best_iteration has no default on purpose: forgetting
         it would silently store the overfitted last rounds of an early-stopped booster.
         `reference` (optional): the training distributions for drift monitoring, a
-        ltr.drift.FeatureReference or its to_dict(); it must describe the feature set's columns."""
+        ltr.drift.FeatureReference or its to_dict(); it must describe the feature set's columns.
+        `stage` (optional): the base the trees were trained on, with `sample_base` the base margin
+        of each sample row; a staged model may have zero trees (it then ranks as its base)."""
         _require_keys("feature_set", feature_set, FEATURE_SET_KEYS)
         names = list(feature_set["features"])
         rounds = booster.num_boosted_rounds()
@@ -293,10 +416,11 @@ class ModelRegistry:
             if not 0 <= best_iteration < rounds:
                 raise ValueError(f"best_iteration {best_iteration} is outside the booster's {rounds} rounds")
             rounds = best_iteration + 1
-        if rounds < 1 or booster.num_features() != len(names):
+        min_rounds = 0 if stage is not None else 1
+        if rounds < min_rounds or booster.num_features() != len(names):
             raise ValueError(
                 f"booster has {rounds} rounds and {booster.num_features()} features; feature set "
-                f"{describe_feature_set(feature_set)} needs at least 1 round and as many features"
+                f"{describe_feature_set(feature_set)} needs at least {min_rounds} round(s) and as many features"
             )
         if booster.feature_names is not None and list(booster.feature_names) != names:
             raise FeatureSetMismatchError(
@@ -308,7 +432,15 @@ class ModelRegistry:
         if np.isinf(sample).any():
             raise ValueError("sample_features must be finite or NaN (JSON has no infinity)")
         reference_data = _checked_reference(reference, names)
-        trimmed = booster[:rounds]  # a copy: the caller's booster is left as it was
+        base = None
+        if stage is not None:
+            base = _checked_base(np.asarray(sample_base if sample_base is not None else [], dtype=np.float64), len(sample))
+            base = base.astype(np.float64)  # the float32 XGBoost reads, stored exactly
+            if not np.isfinite(base).all():
+                raise ValueError("sample_base must be finite")
+        elif sample_base is not None:
+            raise ValueError("sample_base given without a stage")
+        trimmed = booster[:rounds] if rounds else booster.copy()  # a copy: the caller's booster is left as it was
         trimmed.feature_names = names
 
         with self._lock("save"):
@@ -329,14 +461,16 @@ class ModelRegistry:
                     params=_jsonable(params),
                     metrics=_jsonable(metrics),
                     importance={str(k): float(v) for k, v in importance.items()},
-                    sample={"features": _rows_to_json(sample), "predictions": []},
+                    sample={"features": _rows_to_json(sample), "predictions": [],
+                            **({"base": base.tolist()} if base is not None else {})},
                     best_iteration=None if best_iteration is None else int(best_iteration),
                     trees=rounds,
                     files={MODEL_FILE: file_record(staging / MODEL_FILE)},
                     reference=reference_data,
+                    stage=stage.to_dict() if stage is not None else None,
                 )
                 # Score the sample with the model as read back from disk: what a later load gives.
-                scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version)).predict(sample)
+                scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version)).predict(sample, base)
                 if not np.isfinite(scores).all():
                     raise ValueError(f"model {version} scores its sample as non-finite: {scores.tolist()}")
                 manifest.sample["predictions"] = scores.tolist()
@@ -463,7 +597,7 @@ def _open_verified(directory: Path, manifest: ModelManifest) -> LoadedModel:
 def _check_parity(loaded: LoadedModel) -> None:
     manifest = loaded.manifest
     expected = np.asarray(manifest.sample["predictions"], dtype=np.float64)
-    actual = loaded.predict(manifest.sample_array())
+    actual = loaded.predict(manifest.sample_array(), manifest.sample_base())
     diff = np.abs(actual - expected)
     bad = np.flatnonzero(~(diff <= PARITY_TOLERANCE))  # NaN counts as a difference
     if bad.size:

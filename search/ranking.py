@@ -56,7 +56,7 @@ class WindowRanker(Protocol):
 
     def rank_window(self, query: str) -> Any: ...  # ltr.ranker.ScoredWindow
 
-    def contributions(self, features: np.ndarray) -> np.ndarray: ...
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
 
 
 BM25, DENSE = "bm25", "dense"
@@ -201,11 +201,12 @@ class RankingPipeline:
         timings: dict[str, float] = {}
         features: np.ndarray | None = None
         model_scores: np.ndarray | None = None
+        base: np.ndarray | None = None  # a staged model's base margin (explain shows it)
         learned = self._learned
         if learned:
             scored = self.first_stage.rank_window(request.query)
             rows, first_scores = scored.rows, scored.first_stage
-            features, model_scores = scored.features, scored.scores
+            features, model_scores, base = scored.features, scored.scores, scored.base
             timings.update(scored.timings_ms)
         else:
             with _timed(timings, "retrieve"):
@@ -254,7 +255,8 @@ class RankingPipeline:
         contributions = None
         if learned and request.explain and features is not None and page_rows:
             with _timed(timings, "explain"):
-                contributions = self.first_stage.contributions(features[page_positions])
+                contributions = self.first_stage.contributions(
+                    features[page_positions], None if base is None else base[page_positions])
         with _timed(timings, "fetch_fields"):
             page_ids = self.backend.doc_ids(rows[page_positions])
             if documents is None:  # one batch for the page (one `_mget` on Elasticsearch)

@@ -70,7 +70,7 @@ def trained(tmp_path_factory, shared_encoder_home: Path):
     config = root / "service.toml"
     config.write_text("rerank_window = 20\n[exploration]\nepsilon = 0.0\n[fusion.topics]\nbm25_candidates = 8\ndense_candidates = 8\n")
     result = run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(config),
-                     "--valid-fraction", "0.25", "--quiet")
+                     "--selection", "holdout", "--valid-fraction", "0.25", "--quiet")  # a plain model (tests/test_staged_*: staged)
     assert "model m0001" in result.stdout and "top features by gain" in result.stdout
     run_cli(home, "models", "promote", "m0001")
     return {"home": home, "dataset": dataset, "config": config}

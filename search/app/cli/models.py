@@ -39,7 +39,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES  # here for start-up time: loads xgboost
     from ltr.features import DEFAULT_FEATURE_SET
-    from ltr.training import TrainingSettings  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.training import SELECTIONS, TrainingSettings  # lazy: CLI and service start-up load this only on the path that uses it
 
     defaults = TrainingSettings()
     train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
@@ -62,7 +62,15 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     clicks.add_argument("--since", help="only requests served at or after this time (epoch seconds or ISO 8601, UTC)")
     clicks.add_argument("--until", help="only requests served before this time")
     train.add_argument("--valid-fraction", type=float, default=defaults.valid_fraction,
-                       help=f"training queries held out for early stopping (default {defaults.valid_fraction})")
+                       help=f"--selection holdout (and --from-events): training queries held out for early stopping "
+                            f"(default {defaults.valid_fraction})")
+    train.add_argument("--selection", choices=SELECTIONS, default=defaults.selection,
+                       help="inner-cv (default): the model is staged on the fusion, its base scale and trees chosen by "
+                            "k-fold CV inside the training queries; holdout: a plain model, early stopping on a hold-out")
+    train.add_argument("--base-scales", type=float, nargs="+", default=list(defaults.base_scales),
+                       help=f"inner-cv: base = scale x fused score, scales tried (default {' '.join(f'{x:g}' for x in defaults.base_scales)})")
+    train.add_argument("--cv-folds", type=int, default=defaults.cv_folds,
+                       help="inner-cv folds (default 0: 5 under 1,000 training queries, else 3)")
     train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     train.add_argument("--max-depth", type=int, default=defaults.max_depth)
     train.add_argument("--max-rounds", type=int, default=defaults.max_rounds)
@@ -127,7 +135,8 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
 
     settings = TrainingSettings(
         learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
-        valid_fraction=args.valid_fraction, seed=args.seed,
+        valid_fraction=args.valid_fraction, seed=args.seed, selection=args.selection,
+        base_scales=tuple(args.base_scales), cv_folds=args.cv_folds,
     )
     features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     dataset = load_dataset(args.dataset, args.split)
@@ -150,7 +159,10 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     rows, trained, train_ids, valid_ids = fitted.rows, fitted.trained, fitted.train_ids, fitted.valid_ids
     extract_seconds = fitted.feature_seconds
     pairs_per_second = len(rows.labels) / extract_seconds if extract_seconds else float("nan")
-    sample = rows.features[np.random.default_rng(settings.seed).choice(len(rows.labels), min(SAMPLE_ROWS, len(rows.labels)), replace=False)]
+    picked = np.random.default_rng(settings.seed).choice(len(rows.labels), min(SAMPLE_ROWS, len(rows.labels)), replace=False)
+    base = rows.base(trained.stage)
+    cv = trained.inner_cv
+    train_history = trained.history.get("train ndcg@10")
     manifest = ModelRegistry(home).save(
         trained.booster, feature_set=features.describe(), index=index_description(index),
         training={
@@ -161,19 +173,47 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
             "relevant_outside_window": rows.relevant_outside_window, "window": fusion.to_dict(),
             "settings": settings.to_dict(), "feature_seconds": round(extract_seconds, 2),
             "train_seconds": round(trained.seconds, 2), "pairs_per_second": round(pairs_per_second),
+            **({"inner_cv": cv.to_dict()} if cv is not None else {}),
         },
         params=settings.xgboost_params(),
         metrics={"valid nDCG@10": trained.valid_score,
-                 "train nDCG@10": float(trained.history["train ndcg@10"][trained.best_iteration])},
-        importance=trained.importance(), sample_features=sample, best_iteration=trained.best_iteration,
-        reference=drift_reference(trained, rows, page_rows=True),
+                 "train nDCG@10": float(train_history[trained.best_iteration]) if train_history and trained.trees else None,
+                 **({"inner-CV gain nDCG@10": cv.gain} if cv is not None else {})},
+        importance=trained.importance(), sample_features=rows.features[picked],
+        best_iteration=trained.best_iteration if trained.trees else None,
+        reference=drift_reference(trained, rows, page_rows=True, base=base),
+        stage=trained.stage, sample_base=None if base is None else base[picked],
     )
-    valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no validation queries)"
-    print(f"model {manifest.version}: {stopping_note(trained, settings.max_rounds, plural(len(valid_ids), 'held-out training query', 'held-out training queries'))}, "
-          f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
-    print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
+    if cv is not None:
+        print(inner_cv_report(cv, settings))
+        print(f"model {manifest.version}: {plural(trained.trees, 'tree')} on base {cv.stage.name}, "
+              f"trained in {trained.seconds:.1f} s")
+    else:
+        valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no validation queries)"
+        print(f"model {manifest.version}: {stopping_note(trained, settings.max_rounds, plural(len(valid_ids), 'held-out training query', 'held-out training queries'))}, "
+              f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
+    if trained.trees:
+        print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
     print(f"serve it with: ltr-search models promote {manifest.version}")
     return 0
+
+
+def inner_cv_report(cv: Any, settings: Any) -> str:
+    """What `train` says the inner cross-validation chose, and the evidence (gain over the base)."""
+    fusions = ", ".join(f"{name} {value:.4f}" for name, value in cv.fusions.items())
+    scales = ", ".join(f"x{scale} {v['held_out_ndcg@10']:.4f} at {int(v['rounds'])} trees" for scale, v in cv.scales.items())
+    lines = [
+        f"base fusion by nDCG@10 on the training queries: {fusions} -> {cv.stage.fusion.method}",
+        f"inner CV ({cv.folds} folds over {cv.queries} training queries, seed {settings.seed}; learning rate "
+        f"{settings.learning_rate}, depth {settings.max_depth}): held-out nDCG@10 per base scale: {scales}",
+        f"chosen: base {cv.stage.name}, {plural(cv.best_rounds, 'tree')}; held-out nDCG@10 {cv.model_ndcg:.4f} vs base "
+        f"{cv.base_ndcg:.4f}: gain {cv.gain:+.4f} (95% CI {cv.ci[0]:+.4f} .. {cv.ci[1]:+.4f} over queries)",
+    ]
+    if not cv.positive:
+        lines.append("the trees do not beat the base stage on held-out training queries (the gain's 95% CI is not "
+                     "above 0): saving the base stage only "
+                     "(zero trees: the model ranks exactly as the fusion)")
+    return "\n".join(lines)
 
 
 def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
@@ -262,7 +302,7 @@ def trained_on(training: dict[str, Any]) -> str:
     return f"{training.get('dataset_name')}/{training.get('split')}"
 
 
-def drift_reference(trained, rows, page_rows: bool) -> dict[str, Any]:
+def drift_reference(trained, rows, page_rows: bool, base: Any = None) -> dict[str, Any]:
     """The distribution of the model's training features and scores that drift monitoring compares
     served requests with. Served pages show a query's best-scored documents, so a model trained
     on whole candidate windows is referenced on each query's top 10 (`page_rows`); one trained on
@@ -271,7 +311,7 @@ def drift_reference(trained, rows, page_rows: bool) -> dict[str, Any]:
     from ltr.registry import predict_scores  # lazy: CLI and service start-up load this only on the path that uses it
 
     names = list(trained.feature_names)
-    scores = predict_scores(trained.booster, names, rows.features)
+    scores = predict_scores(trained.booster, names, rows.features, base)  # base: a staged model's margin
     if page_rows:
         return feature_reference(rows.features, names, scores, group_sizes=rows.group_sizes, top_k=10).to_dict()
     return feature_reference(rows.features, names, scores).to_dict()

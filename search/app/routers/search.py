@@ -277,7 +277,7 @@ def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Sn
 
 
 def _with_bias(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    return None if names is None else (*names, "bias")
+    return None if names is None else (*names, "bias", "base")  # "base": a staged model's (zip drops it otherwise)
 
 
 def _json_safe(values: dict[str, float] | None) -> dict[str, float | None] | None:
