@@ -27,6 +27,11 @@ Folders without text (MSLR feature vectors, the Yandex click log) are listed as 
 The cold-start / tail behaviour figures (the issue's second table) are not measured here: see
 bench/bench_behaviour_loop.py and bench/bench_cold_start.py.
 
+    .venv/bin/python bench/bench_generalisation.py --merge a.json b.json --out all.json
+           combines the summaries of earlier runs (one dataset each, e.g. run side by side) into one
+           table and recomputes the mean across datasets; each dataset keeps the commit it was
+           measured on.
+
 The JSON (--out) is a small summary (commit, tree state, per-dataset table, wall times); the full
 eval JSONs stay in the home. The 2 cores may be shared with other jobs: wall times are indicative.
 """
@@ -222,8 +227,24 @@ def table_lines(result: DatasetResult) -> list[str]:
     return lines
 
 
+def dataset_entry(result: DatasetResult, git: dict[str, Any]) -> dict[str, Any]:
+    """One dataset in the summary JSON, with the tree state it was measured on."""
+    return {**{k: v for k, v in asdict(result).items() if k not in ("name", "rows")}, "git": git,
+            "pipelines": {row.pipeline: {"ndcg10": row.ndcg10, "ci95": row.ci95, "mark": row.mark,
+                                         "vs_baseline": row.vs_baseline} for row in result.rows}}
+
+
+def result_from_entry(name: str, entry: dict[str, Any]) -> DatasetResult:
+    """The inverse of `dataset_entry`: a dataset read back from a summary JSON."""
+    fields = {k: v for k, v in entry.items() if k not in ("pipelines", "git")}
+    rows = [PipelineRow(pipeline, p["ndcg10"], p["ci95"], p["vs_baseline"]) for pipeline, p in entry["pipelines"].items()]
+    return DatasetResult(name=name, rows=rows, **fields)
+
+
 def summary_payload(results: list[DatasetResult], skipped: list[DatasetFolder], args: argparse.Namespace,
-                    git: dict[str, Any], wall_s: float) -> dict[str, Any]:
+                    git: dict[str, Any], wall_s: float, per_dataset_git: dict[str, dict[str, Any]] | None = None
+                    ) -> dict[str, Any]:
+    per_dataset_git = per_dataset_git or {}
     return {
         "benchmark": "bench_generalisation",
         "git": git,
@@ -237,10 +258,7 @@ def summary_payload(results: list[DatasetResult], skipped: list[DatasetFolder], 
         "significance": "both Holm-corrected p-values (paired t-test, paired randomisation test) below 0.05, "
                         "as `ltr-search eval` reports it",
         "wall_s": round(wall_s, 1),
-        "datasets": {r.name: {**{k: v for k, v in asdict(r).items() if k not in ("name", "rows")},
-                              "pipelines": {row.pipeline: {"ndcg10": row.ndcg10, "ci95": row.ci95, "mark": row.mark,
-                                                           "vs_baseline": row.vs_baseline} for row in r.rows}}
-                     for r in results},
+        "datasets": {r.name: dataset_entry(r, per_dataset_git.get(r.name, git)) for r in results},
         "across_datasets": across_datasets(results),
         "not_applicable": {f.name: f.reason for f in skipped},
         "behaviour": {"todo": "cold-start and tail behaviour figures (issue 15, second table) are not measured here; "
@@ -251,15 +269,19 @@ def summary_payload(results: list[DatasetResult], skipped: list[DatasetFolder], 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", required=True, help="engine home holding (or receiving) one index per dataset")
+    parser.add_argument("--home", help="engine home holding (or receiving) one index per dataset")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "datasets"), help="folder of the shared datasets")
     parser.add_argument("--datasets", help="comma-separated folder names (default: every one with text)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--split", default="test")
     parser.add_argument("--pipelines", default=DEFAULT_PIPELINES, help=f"must include {BASELINE}")
     parser.add_argument("--metrics", default="nDCG@10,R@100", help="metrics asked of eval (nDCG@10 is reported)")
+    parser.add_argument("--merge", nargs="+", metavar="SUMMARY",
+                        help="measure nothing: combine these summary JSONs of earlier runs (same split, folds, pipelines)")
     parser.add_argument("--out", help="summary JSON path (e.g. bench/results/bench_generalisation.json)")
     args = parser.parse_args(argv)
+    if not args.merge and not args.home:
+        parser.error("--home is required unless --merge is given")
     if BASELINE not in args.pipelines.split(","):
         parser.error(f"--pipelines must include the baseline {BASELINE}")
     if METRIC not in args.metrics.split(","):
@@ -267,20 +289,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    home = Path(args.home).expanduser().resolve()
-    git = git_state()
-    folders = discover(Path(args.root), args.split)
-    wanted = set(args.datasets.split(",")) if args.datasets else None
+def select(folders: list[DatasetFolder], datasets: str | None, root: str) -> tuple[list[DatasetFolder], list[DatasetFolder]]:
+    """(folders to measure, folders not applicable), restricted to --datasets when given."""
+    wanted = set(datasets.split(",")) if datasets else None
     if wanted:
         unknown = wanted - {f.name for f in folders}
         if unknown:
-            raise SystemExit(f"unknown datasets under {args.root}: {', '.join(sorted(unknown))}")
-    selected = [f for f in folders if f.corpus is not None and (wanted is None or f.name in wanted)]
-    skipped = [f for f in folders if f.corpus is None and (wanted is None or f.name in wanted)]
-    print(f"commit {git['commit']}{' (dirty tree)' if git['dirty'] else ''}; home {home}", flush=True)
-    start = time.perf_counter()
+            raise SystemExit(f"unknown datasets under {root}: {', '.join(sorted(unknown))}")
+    chosen = [f for f in folders if wanted is None or f.name in wanted]
+    return [f for f in chosen if f.corpus is not None], [f for f in chosen if f.corpus is None]
+
+
+def measure(args: argparse.Namespace, selected: list[DatasetFolder]) -> list[DatasetResult]:
+    home = Path(args.home).expanduser().resolve()
     results = []
     for folder in selected:
         status, built, index_wall = ensure_index(home, folder)
@@ -294,7 +315,49 @@ def main(argv: list[str] | None = None) -> int:
             folds=payload.get("folds"), rows=rows_from_eval(payload),
         ))
         print("\n".join(table_lines(results[-1])) + "\n", flush=True)
-    wall = time.perf_counter() - start
+    return results
+
+
+def merge(paths: list[str], args: argparse.Namespace) -> tuple[list[DatasetResult], dict[str, dict[str, Any]], float]:
+    """Datasets of earlier summaries (each with the commit it was measured on) and their summed wall time;
+    the run settings come from the summaries, which must agree."""
+    results: list[DatasetResult] = []
+    gits: dict[str, dict[str, Any]] = {}
+    wall = 0.0
+    settings = None
+    for path in paths:
+        summary = json.loads(Path(path).read_text())
+        these = (summary["split"], summary["folds"], summary["pipelines"])
+        if settings not in (None, these):
+            raise SystemExit(f"{path}: split/folds/pipelines {these} differ from the other summaries' {settings}")
+        settings = these
+        wall += summary["wall_s"]
+        for name, entry in summary["datasets"].items():
+            if name in gits:
+                raise SystemExit(f"{path}: dataset {name} appears in two summaries")
+            results.append(result_from_entry(name, entry))
+            gits[name] = entry.get("git", summary["git"])
+    args.split, args.folds, pipelines = settings
+    args.pipelines = ",".join(pipelines)
+    return results, gits, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    git = git_state()
+    if args.merge:
+        results, per_dataset_git, wall = merge(args.merge, args)
+        git = {"merged": True, "commits": sorted({g["commit"] for g in per_dataset_git.values()}),
+               "any_dirty": any(g["dirty"] for g in per_dataset_git.values()), "distinct_states": len({json.dumps(g, sort_keys=True) for g in per_dataset_git.values()})}
+        folders = discover(Path(args.root), args.split)
+        skipped = [f for f in folders if f.corpus is None]
+    else:
+        per_dataset_git = {}
+        selected, skipped = select(discover(Path(args.root), args.split), args.datasets, args.root)
+        print(f"commit {git['commit']}{' (dirty tree)' if git['dirty'] else ''}; home {args.home}", flush=True)
+        start = time.perf_counter()
+        results = measure(args, selected)
+        wall = time.perf_counter() - start
 
     print(f"=== {METRIC}, {args.folds}-fold CV over the {args.split} queries; vs {BASELINE}: "
           "'+'/'-' significantly better/worse (both Holm-corrected tests p < 0.05), '=' not significant")
@@ -313,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     print(BEHAVIOUR_NOTE)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary_payload(results, skipped, args, git, wall), indent=2) + "\n")
+        payload = summary_payload(results, skipped, args, git, wall, per_dataset_git)
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"summary: {args.out}")
     return 0
 
