@@ -39,7 +39,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES  # here for start-up time: loads xgboost
     from ltr.features import DEFAULT_FEATURE_SET
-    from ltr.training import SELECTIONS, TrainingSettings  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.training import SELECTIONS, TrainingSettings  # lazy: start-up time
 
     defaults = TrainingSettings()
     train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
@@ -98,7 +98,7 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     commands.add_parser("rollback", help="re-activate the previously active model")
     delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
     delete.add_argument("version")
-    from search.app.cli.compare import add_compare_parser  # lazy: CLI and service start-up load this only on the path that uses it
+    from search.app.cli.compare import add_compare_parser  # lazy: start-up time
 
     add_compare_parser(commands)  # `models compare A B`: interleaving wins/losses and a binomial test
 
@@ -114,7 +114,7 @@ def run(home: Path, args: argparse.Namespace) -> int:
             raise ValueError("train needs --dataset PATH (judged queries) or --from-events (logged clicks)")
         return cmd_train(home, args)
     if args.models_command == "compare":
-        from search.app.cli.compare import cmd_models_compare  # lazy: CLI and service start-up load this only on the path that uses it
+        from search.app.cli.compare import cmd_models_compare  # lazy: start-up time
 
         return cmd_models_compare(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback,
@@ -125,13 +125,13 @@ def run(home: Path, args: argparse.Namespace) -> int:
 def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from tqdm import tqdm  # progress bars only on this path
 
-    from eval.datasets import load_dataset  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.point_in_time import BehaviourHistory  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.ranker import index_description  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.training import TrainingSettings, fit_ranker  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.app.config import load_service_config  # lazy: CLI and service start-up load this only on the path that uses it
+    from eval.datasets import load_dataset  # lazy: start-up time
+    from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: start-up time
+    from ltr.point_in_time import BehaviourHistory  # lazy: start-up time
+    from ltr.ranker import index_description  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+    from ltr.training import TrainingSettings, fit_ranker  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
 
     settings = TrainingSettings(
         learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
@@ -220,14 +220,14 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
     """LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
     from eval.propensity import fit_propensities  # here (and below) for start-up time
     from ltr.behaviour import BehaviourStore
-    from indexing.home import behaviour_store_path  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.event_store import EventStore  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.features import feature_set  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.ranker import index_description  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.training import TrainingSettings  # lazy: CLI and service start-up load this only on the path that uses it
-    from search.app.config import load_service_config  # lazy: CLI and service start-up load this only on the path that uses it
+    from indexing.home import behaviour_store_path  # lazy: start-up time
+    from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks  # lazy: start-up time
+    from search.event_store import EventStore  # lazy: start-up time
+    from ltr.features import feature_set  # lazy: start-up time
+    from ltr.ranker import index_description  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+    from ltr.training import TrainingSettings  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
 
     name = args.name or load_service_config(home, args.config).index
     events_path = Path(args.events) if args.events else load_service_config(home, args.config, {"index": name}).event_store_path
@@ -307,8 +307,8 @@ def drift_reference(trained, rows, page_rows: bool, base: Any = None) -> dict[st
     served requests with. Served pages show a query's best-scored documents, so a model trained
     on whole candidate windows is referenced on each query's top 10 (`page_rows`); one trained on
     logged pages already is."""
-    from ltr.drift import feature_reference  # lazy: CLI and service start-up load this only on the path that uses it
-    from ltr.registry import predict_scores  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.drift import feature_reference  # lazy: start-up time
+    from ltr.registry import predict_scores  # lazy: start-up time
 
     names = list(trained.feature_names)
     scores = predict_scores(trained.booster, names, rows.features, base)  # base: a staged model's margin
@@ -318,7 +318,7 @@ def drift_reference(trained, rows, page_rows: bool, base: Any = None) -> dict[st
 
 
 def cmd_list(home: Path, args: argparse.Namespace) -> int:
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.registry import ModelRegistry  # lazy: start-up time
 
     registry = ModelRegistry(home)
     active = registry.active()
@@ -346,7 +346,7 @@ def summary(manifest: Any) -> dict[str, Any]:
 
 
 def cmd_show(home: Path, args: argparse.Namespace) -> int:
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.registry import ModelRegistry  # lazy: start-up time
 
     registry = ModelRegistry(home)
     data = summary(registry.manifest(args.version))
@@ -423,7 +423,7 @@ def promotion_gate(home: Path, args: argparse.Namespace, candidate: Any, active:
 
 
 def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
-    from ltr.registry import ModelRegistry  # lazy: CLI and service start-up load this only on the path that uses it
+    from ltr.registry import ModelRegistry  # lazy: start-up time
 
     registry = ModelRegistry(home)
     previous = registry.active()
