@@ -17,8 +17,8 @@ from ltr.registry import ModelRegistry
 from ltr.training import TrainingSettings, build_rows, train_ranker
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings
-from tests.conftest import home_sharing_encoder, run_cli
-from tests.test_ltr import WINDOW, _collection
+from tests.conftest import run_cli
+from tests.test_ltr import WINDOW, indexed_topics
 
 
 def _save(home: Path, dataset: Path, inverted: bool, training: dict | None = None) -> str:
@@ -39,10 +39,7 @@ def _save(home: Path, dataset: Path, inverted: bool, training: dict | None = Non
 
 @pytest.fixture(scope="module")
 def topics(tmp_path_factory, shared_encoder_home: Path):
-    root = tmp_path_factory.mktemp("gate")
-    home = home_sharing_encoder(root / "home", shared_encoder_home)
-    dataset = _collection(root / "topics")
-    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    home, dataset = indexed_topics(tmp_path_factory.mktemp("gate"), shared_encoder_home)
     return {"home": home, "dataset": dataset}
 
 

@@ -60,13 +60,19 @@ def _collection(root: Path) -> Path:
     return root
 
 
+def indexed_topics(root: Path, shared_encoder_home: Path) -> tuple[Path, Path]:
+    """(home, dataset): the topics collection written under `root` and indexed as 'topics'."""
+    home = home_sharing_encoder(root / "home", shared_encoder_home)
+    dataset = _collection(root / "topics")
+    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    return home, dataset
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_encoder_home: Path):
     """A home with the collection indexed, a window config, and one trained, promoted model."""
     root = tmp_path_factory.mktemp("ltr")
-    home = home_sharing_encoder(root / "home", shared_encoder_home)
-    dataset = _collection(root / "topics")
-    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    home, dataset = indexed_topics(root, shared_encoder_home)
     config = root / "service.toml"
     config.write_text("rerank_window = 20\n[exploration]\nepsilon = 0.0\n[fusion.topics]\nbm25_candidates = 8\ndense_candidates = 8\n")
     result = run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(config),

@@ -13,8 +13,8 @@ from ltr.ranker import LtrPipeline, registry_pipeline
 from ltr.registry import ModelRegistry
 from search.embedded import EmbeddedIndex
 from search.hybrid import FusionSettings
-from tests.conftest import home_sharing_encoder, run_cli, running_service
-from tests.test_ltr import _collection
+from tests.conftest import run_cli, running_service
+from tests.test_ltr import indexed_topics
 
 TRAINED_WINDOW = FusionSettings(bm25_candidates=3, dense_candidates=3)
 QUERY = "volcano lava eruption"
@@ -23,9 +23,7 @@ QUERY = "volcano lava eruption"
 @pytest.fixture(scope="module")
 def narrow_model(tmp_path_factory, shared_encoder_home: Path):
     root = tmp_path_factory.mktemp("one-window")
-    home = home_sharing_encoder(root / "home", shared_encoder_home)
-    dataset = _collection(root / "topics")
-    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    home, dataset = indexed_topics(root, shared_encoder_home)
     training = root / "training.toml"
     training.write_text("[fusion.topics]\nbm25_candidates = 3\ndense_candidates = 3\n")
     run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(training),
