@@ -242,7 +242,7 @@ def window_scores(other: "LtrPipeline", query: str, window: "ScoredWindow") -> n
     one scoring path of shadow and challenger models."""
     if other.model is None:
         raise ExperimentScoringError(f"pipeline '{other.name}' has no model")
-    if not window.hits:
+    if not len(window):
         return np.empty(0)
     stage = other.model.stage
     if stage is not None and stage != window.stage:
@@ -362,7 +362,7 @@ def shadow_ranking(shadow: "LtrPipeline", query: str, window: "ScoredWindow", re
     """The shadow model's top of the served window next to the served model's top of it, or
     None (logged) when the shadow fails: it never affects the response."""
     try:
-        doc_ids = [hit.doc_id for hit in window.hits]
+        doc_ids = window.doc_ids
         scores = window_scores(shadow, query, window)
         return ShadowRanking(request_id, 0.0, shadow.version, top_ranking(doc_ids, scores), served_model,
                              top_ranking(doc_ids, np.asarray(window.scores, dtype=np.float64)))

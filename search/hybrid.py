@@ -177,5 +177,4 @@ class HybridPipeline:
         return Retrieved(window.rows[order], scores[order], window.id_table)
 
     def search(self, query: str, k: int) -> list[Hit]:
-        window = self.candidates(query)
-        return page_hits(window, fused_scores(window, self.settings), k)
+        return self.retrieve(query, k).hits()
