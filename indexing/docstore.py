@@ -55,9 +55,19 @@ class DocStore:
         index = self.index_of.get(doc_id)
         return None if index is None else self._read(index)
 
+    def all_documents(self) -> list[Document]:
+        """Every stored document in index order (compaction reads a generation back this way)."""
+        with open(self._path, "rb") as handle:
+            return [document_of(json.loads(line)) for line in handle]
+
     def close(self) -> None:
         os.close(self._fd)
 
     def _read(self, index: int) -> dict[str, Any]:
         start, end = int(self._offsets[index]), int(self._offsets[index + 1])
         return json.loads(os.pread(self._fd, end - start, start))  # pread: safe across threads
+
+
+def document_of(record: dict[str, Any]) -> Document:
+    """A stored record back as the `Document` it was written from."""
+    return Document(id=record["id"], title=record["title"], text=record["text"], metadata=record.get("metadata") or {})
