@@ -266,12 +266,18 @@ class DriftReport:
     model_version: str | None = None
     time_range: tuple[float, float] | None = None  # unix seconds of the first and last served row
     worst: list[str] = field(default_factory=list)  # up to WORST_FEATURES names at >= PSI_MODERATE, worst first
+    min_rows: int = 0  # below this many served rows nothing is flagged: PSI of a small sample is noise
+
+    @property
+    def enough_rows(self) -> bool:
+        return self.rows >= self.min_rows
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": self.rows, "reference_rows": self.reference_rows, "population": self.population,
             "model_version": self.model_version, "time_range": list(self.time_range) if self.time_range else None,
-            "score_psi": self.score_psi, "worst": list(self.worst),
+            "score_psi": self.score_psi, "worst": list(self.worst), "min_rows": self.min_rows,
+            "enough_rows": self.enough_rows,
             "features": [
                 {"name": f.name, "psi": f.psi, "level": f.level, "training_missing_share": f.training_missing_share,
                  "served_missing_share": f.served_missing_share, "served_rows": f.served_rows}
@@ -282,9 +288,11 @@ class DriftReport:
 
 def drift_report(reference: FeatureReference, rows: np.ndarray, names: Sequence[str], scores: np.ndarray | None = None,
                  *, model_version: str | None = None, time_range: tuple[float, float] | None = None,
-                 epsilon: float = PSI_EPSILON) -> DriftReport:
+                 epsilon: float = PSI_EPSILON, min_rows: int = DEFAULT_MIN_ROWS) -> DriftReport:
     """Compare served rows (float [n, len(names)], NaN = missing) and their scores with the
-    reference. Columns are matched by name; every reference feature must be among `names`."""
+    reference. Columns are matched by name; every reference feature must be among `names`.
+    Under `min_rows` served rows the PSIs are reported but no feature is flagged (`worst` is
+    empty): 5 rows spread over 10 bins give a PSI above 0.25 for every feature by chance alone."""
     x = np.asarray(rows, dtype=np.float64)
     names = list(names)
     if x.ndim != 2 or x.shape[1] != len(names):
@@ -308,8 +316,9 @@ def drift_report(reference: FeatureReference, rows: np.ndarray, names: Sequence[
             raise ValueError(f"{s.size} scores for {n} rows")
         score_psi = population_stability_index(reference.score.expected(), reference.score.shares(s), epsilon) if n else 0.0
     ranked = sorted(drifts, key=lambda f: -f.psi)
-    worst = [f.name for f in ranked if f.psi >= PSI_MODERATE][:WORST_FEATURES]
-    return DriftReport(drifts, score_psi, n, reference.rows, reference.population, model_version, time_range, worst)
+    worst = [f.name for f in ranked if f.psi >= PSI_MODERATE][:WORST_FEATURES] if n >= min_rows else []
+    return DriftReport(drifts, score_psi, n, reference.rows, reference.population, model_version, time_range, worst,
+                       min_rows)
 
 
 def format_drift(report: DriftReport | None) -> list[str]:
@@ -324,13 +333,17 @@ def format_drift(report: DriftReport | None) -> list[str]:
         f"drift of model {report.model_version or '?'}: {report.rows} served rows{span} vs {report.reference_rows} "
         f"training rows ({report.population}); PSI < {PSI_MODERATE:g} stable, >= {PSI_SIGNIFICANT:g} significant",
     ]
+    flag = _flag if report.enough_rows else (lambda psi: "")
+    if not report.enough_rows:
+        lines.append(f"  too few served rows to flag drift ({report.rows} < {report.min_rows}): PSI shown for "
+                     "information only")
     if report.score_psi is not None:
-        lines.append(f"  {'(model score)':<28} PSI {report.score_psi:7.3f}  {_flag(report.score_psi)}".rstrip())
+        lines.append(f"  {'(model score)':<28} PSI {report.score_psi:7.3f}  {flag(report.score_psi)}".rstrip())
     width = max([28, *(len(f.name) for f in report.features)])
     for f in sorted(report.features, key=lambda f: -f.psi):
         lines.append(
             f"  {f.name:<{width}} PSI {f.psi:7.3f}  missing {f.training_missing_share:6.1%} -> "
-            f"{f.served_missing_share:6.1%}  {_flag(f.psi)}".rstrip()
+            f"{f.served_missing_share:6.1%}  {flag(f.psi)}".rstrip()
         )
     return lines
 
@@ -345,6 +358,8 @@ def prometheus_samples(report: DriftReport | None) -> list[tuple[str, dict[str, 
     if report is None:
         return []
     samples: list[tuple[str, dict[str, str], float]] = []
+    if not report.enough_rows:  # no PSI series an alert rule could fire on; the row count says why
+        return [("ltr_search_drift_rows", {}, float(report.rows))]
     for f in report.features:
         samples.append(("ltr_search_feature_psi", {"feature": f.name}, f.psi))
         samples.append(("ltr_search_feature_missing_share", {"feature": f.name, "source": "training"},
@@ -517,6 +532,6 @@ class DriftMonitor:
                 report = None
             else:
                 report = drift_report(self.reference, rows, self.names, scores,
-                                      model_version=self.model_version, time_range=span)
+                                      model_version=self.model_version, time_range=span, min_rows=self.min_rows)
             self._cached, self._cached_at, self._cached_observed = report, now, observed
             return report

@@ -12,6 +12,12 @@ Validation happens before anything is written: a bad event batch raises `EventVa
 listing every problem as `events[i].field: reason`, and nothing of that batch is stored. A valid
 batch is written in one transaction (all or nothing). Events may carry a client `event_id`;
 re-sending one is counted as a duplicate, not stored twice.
+
+Schema versions: 1 had no per-request flags; 2 adds `explored` (exploration moved a result on the
+page) and `interleaved` (the page mixed two rankers: an online experiment). A version-1 file is
+migrated in place when opened (`migrate`): one transaction adds the columns and infers `explored`
+from the logged propensities; `interleaved` stays NULL (unknown) for old `ltr` pages and 0 for the
+others (experiments only run on `ltr` requests).
 """
 from __future__ import annotations
 
@@ -23,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence, get_args
 
-from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
+from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError, connect, path_lock, transaction
 from search.limits import (
     MAX_BATCH_EVENTS, MAX_DOC_ID_LENGTH, MAX_FEATURES_PER_RESULT, MAX_FIELD_NAME_LENGTH, MAX_ID_LENGTH, MAX_QUERY_CHARS,
     MAX_RESULTS_PER_REQUEST,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C545245  # "LTRE" in PRAGMA application_id: marks the file as an event store
 
 EventType = Literal["impression", "click", "dwell"]
@@ -100,6 +106,19 @@ class ServedRequest:
     session_id: str | None
     page_offset: int
     results: list[ServedResult]
+    # Whether exploration moved a result onto this page; None when the logger did not say
+    # (readers then infer it from the propensities: `ServedRequest.was_explored`).
+    explored: bool | None = None
+    # Whether the page was a team-draft interleaving of two rankers (None: unknown, rows logged
+    # before schema version 2 on the `ltr` pipeline).
+    interleaved: bool | None = None
+
+    @property
+    def was_explored(self) -> bool:
+        """The logged flag, else what the propensities say (`explored_from_propensities`)."""
+        if self.explored is not None:
+            return self.explored
+        return explored_from_propensities([r.propensity for r in self.results])
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +156,9 @@ _SCHEMA: tuple[str, ...] = (
         user_id          TEXT,
         session_id       TEXT,
         page_offset      INTEGER NOT NULL CHECK (page_offset >= 0),
-        n_results        INTEGER NOT NULL CHECK (n_results >= 0)
+        n_results        INTEGER NOT NULL CHECK (n_results >= 0),
+        explored         INTEGER CHECK (explored IN (0, 1)),
+        interleaved      INTEGER CHECK (interleaved IN (0, 1))  -- NULL: unknown (logged before version 2)
     )
     """,
     """
@@ -181,7 +202,7 @@ _FILE = SqliteSchema("event store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, err
 
 _REQUEST_COLUMNS = (
     "seq, request_id, timestamp, query, pipeline, index_name, index_generation, "
-    "model_version, user_id, session_id, page_offset"
+    "model_version, user_id, session_id, page_offset, explored, interleaved"
 )
 _EVENT_SELECT = (
     "SELECT e.seq, r.request_id, e.type, e.doc_id, e.position, e.timestamp, e.dwell_ms, e.event_id "
@@ -194,6 +215,7 @@ class EventStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        migrate(self.path)
         self._db = SqliteDatabase(self.path, _FILE, reader_pool=True)
         self._write = self._db.write
         self._read = self._db.read
@@ -229,7 +251,8 @@ class EventStore:
             request_row = (
                 record.request_id, float(record.timestamp), record.query, record.pipeline, record.index_name,
                 record.index_generation, record.model_version, record.user_id, record.session_id,
-                record.page_offset, len(record.results),
+                record.page_offset, len(record.results), None if record.explored is None else int(bool(record.explored)),
+                None if record.interleaved is None else int(bool(record.interleaved)),
             )
             result_rows = [
                 (r.position, r.doc_id, float(r.score), float(r.propensity), _features_to_json(r.features))
@@ -241,7 +264,8 @@ class EventStore:
                 try:
                     cursor = connection.execute(
                         "INSERT INTO requests (request_id, timestamp, query, pipeline, index_name, index_generation, "
-                        "model_version, user_id, session_id, page_offset, n_results) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        "model_version, user_id, session_id, page_offset, n_results, explored, interleaved) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         request_row,
                     )
                 except sqlite3.IntegrityError as exc:
@@ -416,6 +440,9 @@ def _request_problems(record: ServedRequest) -> list[str]:
     for name in ("model_version", "user_id", "session_id"):
         if getattr(record, name) is not None:
             _check_id(problems, name, getattr(record, name), MAX_ID_LENGTH)
+    for name in ("explored", "interleaved"):
+        if getattr(record, name) is not None and not isinstance(getattr(record, name), bool):
+            problems.append(f"{name}: must be true, false or None, got {getattr(record, name)!r}")
     offset = record.page_offset
     if not _is_int(offset) or offset < 0:
         problems.append(f"page_offset: must be an integer >= 0, got {offset!r}")
@@ -692,7 +719,11 @@ def _requests_with_results(connection: sqlite3.Connection, rows: list[tuple[Any,
         seqs,
     ):
         results[seq].append(ServedResult(doc_id, position, score, propensity, _features_from_json(features)))
-    return [ServedRequest(*row[1:], results=results[row[0]]) for row in rows]
+    return [
+        ServedRequest(*row[1:11], results=results[row[0]], explored=None if row[11] is None else bool(row[11]),
+                      interleaved=None if row[12] is None else bool(row[12]))
+        for row in rows
+    ]
 
 
 def _time_range(column: str, since: float | None, until: float | None) -> tuple[list[str], list[Any]]:
@@ -705,3 +736,60 @@ def _time_range(column: str, since: float | None, until: float | None) -> tuple[
         clauses.append(f"{column} < ?")
         params.append(float(until))
     return clauses, params
+
+
+# ---- schema migration ------------------------------------------------------------------------
+
+
+def explored_from_propensities(propensities: Sequence[float]) -> bool:
+    """Whether exploration moved a result onto a page, from its logged propensities.
+
+    Both exploration modes (`search.rules.explore` / `shuffle_page`) log 1 or the "stay"
+    probability (>= 1 - epsilon) for a result left in place and a small "moved" probability
+    (epsilon / n or less) for one they moved, so an explored page holds two distinct values below
+    1, or a value below 1/2 (every result moved). Exact for epsilon < 1/2, the useful range."""
+    below = {round(float(p), 12) for p in propensities if p < 1.0}
+    return len(below) >= 2 or any(p < 0.5 for p in below)
+
+
+def migrate(path: Path) -> bool:
+    """Bring a version-1 event store to the current schema in place, in one transaction (a crash
+    or `kill -9` leaves it at version 1, untouched); True when it migrated. Files that are not
+    version-1 event stores are left to `SqliteDatabase` to accept or refuse."""
+    if not path.is_file():
+        return False
+    connection = connect(path, _FILE)
+    try:
+        with path_lock(path):
+            marks = connection.execute("PRAGMA application_id").fetchone()[0], connection.execute("PRAGMA user_version").fetchone()[0]
+            if marks != (APPLICATION_ID, 1):
+                return False
+            with transaction(connection):
+                if connection.execute("PRAGMA user_version").fetchone()[0] != 1:  # another process migrated it
+                    return False
+                _migrate_1_to_2(connection)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return True
+    except sqlite3.DatabaseError as exc:
+        raise EventStoreError(f"{path}: cannot migrate the event store to schema version {SCHEMA_VERSION}: {exc}") from exc
+    finally:
+        connection.close()
+
+
+def _migrate_1_to_2(connection: sqlite3.Connection) -> None:
+    """Add the request flags; `explored` inferred from propensities, `interleaved` 0 off `ltr`."""
+    connection.execute("ALTER TABLE requests ADD COLUMN explored INTEGER CHECK (explored IN (0, 1))")
+    connection.execute("ALTER TABLE requests ADD COLUMN interleaved INTEGER CHECK (interleaved IN (0, 1))")
+    connection.execute("UPDATE requests SET interleaved = 0 WHERE pipeline != 'ltr'")
+    moved: list[tuple[int]] = []
+    current, values = None, []
+    for seq, propensity in connection.execute("SELECT request_seq, propensity FROM request_results ORDER BY request_seq"):
+        if seq != current:
+            if current is not None and explored_from_propensities(values):
+                moved.append((current,))
+            current, values = seq, []
+        values.append(propensity)
+    if current is not None and explored_from_propensities(values):
+        moved.append((current,))
+    connection.execute("UPDATE requests SET explored = 0")
+    connection.executemany("UPDATE requests SET explored = 1 WHERE seq = ?", moved)

@@ -296,7 +296,8 @@ class RankingPipeline:
 
 
 def served_request(outcome: RankingOutcome, request: RankingRequest, pipeline: str, backend: SearchBackend,
-                   timestamp: float, user_id: str | None = None, session_id: str | None = None) -> ServedRequest:
+                   timestamp: float, user_id: str | None = None, session_id: str | None = None,
+                   interleaved: bool = False) -> ServedRequest:
     """What the request log stores of one answered request: every shown result with its position,
     exploration propensity and the feature row the model scored. The query service and the
     in-process simulator both log through here, so their logs are the same shape."""
@@ -306,6 +307,7 @@ def served_request(outcome: RankingOutcome, request: RankingRequest, pipeline: s
         user_id=user_id, session_id=session_id, page_offset=request.offset,
         results=[ServedResult(r.doc_id, r.position, r.score, r.propensity, named_row(outcome.feature_names, r.features))
                  for r in outcome.results],
+        explored=outcome.explored, interleaved=interleaved,
     )
 
 

@@ -224,7 +224,8 @@ def log_search(store: EventStore, experiment_log: ExperimentLog | None, metrics:
     """The request log (clicks are validated against it), then the experiment rows."""
     started = time.perf_counter()
     now = time.time()
-    store.log_request(served_request(outcome, ranking_request, name, snapshot.index, now, body.user_id, body.session_id))
+    store.log_request(served_request(outcome, ranking_request, name, snapshot.index, now, body.user_id, body.session_id,
+                                     interleaved=interleaved))
     interleaver = plan.interleaver
     if interleaved and interleaver is not None and experiment_log is not None:
         metrics.interleaved.labels(interleaver.capture.version, interleaver.challenger.version).inc()
