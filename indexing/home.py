@@ -6,6 +6,7 @@
     HOME/events/INDEX.sqlite3          the request log and behaviour events (search.event_store)
     HOME/behaviour/INDEX.sqlite3       behaviour aggregates derived from the events (ltr.behaviour)
     HOME/experiments/INDEX.sqlite3     interleaved and shadow rankings (ltr.experiments)
+    HOME/judgments/INDEX.sqlite3       relevance judgments from the workbench (eval.judgments)
     HOME/runs/DATASET-SPLIT/           TREC runs written by `ltr-search eval`
     HOME/reports/                      reports written by jobs
 
@@ -54,6 +55,10 @@ def behaviour_store_path(home: Path, index: str) -> Path:
 
 def experiment_log_path(home: Path, index: str) -> Path:
     return Path(home) / "experiments" / f"{index}.sqlite3"
+
+
+def judgments_path(home: Path, index: str) -> Path:
+    return Path(home) / "judgments" / f"{index}.sqlite3"
 
 
 def runs_dir(home: Path, dataset: str, split: str) -> Path:

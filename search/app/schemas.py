@@ -11,6 +11,9 @@ from search.limits import (
 )
 
 
+RESULT_FIELDS = ("id", "title", "text", "metadata")  # what a stored document holds (indexing/docstore.py)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +36,11 @@ class SearchRequest(Strict):
     explain: bool = False
     user_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
     session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+    fields: list[str] | None = Field(
+        None, max_length=len(RESULT_FIELDS),
+        description=f"stored fields returned per result, of {', '.join(RESULT_FIELDS)} (default: all; [] for none)",
+    )
+    highlight: bool = Field(False, description="matched-term snippets of title and text, HTML-escaped with <mark>")
 
 
 class ResultExplanation(Strict):
@@ -51,6 +59,9 @@ class SearchResult(Strict):
     propensity: float
     fields: dict[str, Any]
     explain: ResultExplanation | None = None
+    highlights: dict[str, str] | None = Field(
+        None, description="highlight=true: field -> snippet, HTML-escaped, matched terms in <mark>"
+    )
 
 
 class IndexInfo(Strict):
@@ -73,7 +84,7 @@ class SearchResponse(Strict):
     offset: int
     size: int
     window: int = Field(description="candidates the first stage returned (the rerank window)")
-    eligible: int = Field(description="candidates left after filters and exclusions")
+    eligible: int = Field(description="candidates left after filters and exclusions: the total a page can reach")
     explored: bool
     results: list[SearchResult]
     took_ms: float

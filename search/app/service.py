@@ -27,6 +27,7 @@ from ltr.experiments import ExperimentLog
 from search.app.config import ServiceConfig
 from search.app.errors import ApiError, add_error_handlers, error_response
 from search.app.metrics import ServiceMetrics, refresh_generation_metrics
+from search.app import pages
 from search.app.routers import admin, documents, events, operations, search
 from search.app.state import JobRunner, ServingState, Snapshot  # noqa: F401 - ServingState: used by tests and benches
 from search.event_store import EventStore
@@ -114,6 +115,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     add_error_handlers(app)
     for router in (search.router, events.router, documents.router, operations.router, admin.router):
         app.include_router(router)
+    pages.install(app)  # the server-rendered pages (search/app/pages)
     return app
 
 

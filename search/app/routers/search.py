@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +22,9 @@ from search.app.config import OnlineExperimentSettings, ServiceConfig
 from search.app.deps import ConfigDep, EventStoreDep, ExperimentLogDep, MetricsDep, StateDep
 from search.app.errors import ApiError
 from search.app.metrics import ServiceMetrics
+from search.app.pages.highlight import highlighter, to_html
 from search.app.schemas import (
-    IndexInfo, ResultExplanation, RetrieverInfo, SearchRequest, SearchResponse, SearchResult,
+    RESULT_FIELDS, IndexInfo, ResultExplanation, RetrieverInfo, SearchRequest, SearchResponse, SearchResult,
 )
 from search.app.state import DENSE_PIPELINES, Snapshot
 from search.event_store import EventStore
@@ -38,7 +39,7 @@ logger = logging.getLogger("ltr_search.service")
 router = APIRouter(tags=["search"])
 
 GET_SEARCH_PARAMS = frozenset({"q", "size", "offset", "pipeline", "filters", "exclude", "diversity_field",
-                               "diversity_cap", "explain", "user_id", "session_id"})
+                               "diversity_cap", "explain", "user_id", "session_id", "fields", "highlight"})
 
 
 @router.post("/search", response_model=SearchResponse, response_model_exclude_none=True)
@@ -62,6 +63,9 @@ def search_get(
     explain: bool = False,
     user_id: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH),
     session_id: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH),
+    fields: str | None = Query(None, max_length=200, description="comma-separated: " + ", ".join(RESULT_FIELDS)
+                               + " (default: all; empty for none)"),
+    highlight: bool = False,
 ) -> SearchResponse:
     check_get_limits(config, q, size, offset, diversity_cap)
     unknown = sorted(set(request.query_params) - GET_SEARCH_PARAMS)
@@ -86,7 +90,8 @@ def search_get(
             query=q, size=size, offset=offset, pipeline=pipeline, filters=parsed_filters,
             exclude=[e for e in (exclude or "").split(",") if e],
             diversity={"field": diversity_field, "max_per_value": diversity_cap} if diversity_field else None,
-            explain=explain, user_id=user_id, session_id=session_id,
+            explain=explain, user_id=user_id, session_id=session_id, highlight=highlight,
+            fields=None if fields is None else [f.strip() for f in fields.split(",") if f.strip()],
         )
     except ValueError as exc:  # pydantic's ValidationError
         raise RequestValidationError(getattr(exc, "errors", lambda: [])()) from None
@@ -142,6 +147,10 @@ def validate_search(body: SearchRequest, snapshot: Snapshot) -> tuple[str, Ranki
     """The pipeline to run and the parsed filters, or a 400 naming the field."""
     if not body.query.strip():
         raise ApiError(400, "invalid_request", "query is blank", [{"field": "query", "reason": "blank"}])
+    unknown_fields = sorted(set(body.fields or ()) - set(RESULT_FIELDS))
+    if unknown_fields:
+        reason = f"unknown field(s) {', '.join(unknown_fields)}; known: {', '.join(RESULT_FIELDS)}"
+        raise ApiError(400, "invalid_request", f"fields: {reason}", [{"field": "fields", "reason": reason}])
     name = body.pipeline or snapshot.default_pipeline
     pipeline = snapshot.pipelines.get(name)
     if pipeline is None:
@@ -254,9 +263,12 @@ def record_stage_metrics(metrics: ServiceMetrics, timings_ms: dict[str, float]) 
 
 def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Snapshot, outcome: RankingOutcome,
                    interleaved: bool, retrievers: tuple[RetrieverStatus, ...], started: float) -> SearchResponse:
+    marker = highlighter(snapshot.index.describe(), body.query) if body.highlight else None
     results = [
         SearchResult(
-            id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity, fields=r.fields or {},
+            id=r.doc_id, score=r.score, position=r.position, propensity=r.propensity,
+            fields=select_fields(r.fields or {}, body.fields),
+            highlights={field: to_html(s) for field, s in marker.document(r.fields or {}).items()} if marker else None,
             explain=ResultExplanation(
                 first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score,
                 features=_json_safe(named_row(outcome.feature_names, r.features)),
@@ -275,6 +287,11 @@ def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Sn
         retrievers={r.name: RetrieverInfo(answered=r.answers, terms=r.terms) for r in retrievers},
         notes=retriever_notes(retrievers) or None,
     )
+
+
+def select_fields(fields: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+    """The stored fields a request asked for (`fields=`); all of them by default."""
+    return fields if wanted is None else {name: fields[name] for name in wanted if name in fields}
 
 
 def _with_bias(names: tuple[str, ...] | None) -> tuple[str, ...] | None:

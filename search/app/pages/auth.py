@@ -1,0 +1,189 @@
+"""Who may open the workbench pages: a login form takes the admin token ($LTR_SEARCH_ADMIN_TOKEN,
+every page) or the judge token ($LTR_SEARCH_JUDGE_TOKEN, the judging workbench only) and sets a
+signed, HttpOnly, SameSite=Strict session cookie. Every form that changes something carries a
+CSRF token derived from the session (and the login form a double-submit cookie), checked on POST.
+
+The signing key is drawn at start-up: restarting the service logs everybody out, and no secret
+is ever written to disk.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from search.app.errors import ApiError
+
+logger = logging.getLogger("ltr_search.service")
+router = APIRouter(include_in_schema=False)
+
+JUDGE_TOKEN_ENV_VAR = "LTR_SEARCH_JUDGE_TOKEN"
+SESSION_COOKIE = "ltr_session"
+LOGIN_CSRF_COOKIE = "ltr_login_csrf"
+SESSION_SECONDS = 12 * 3600
+MIN_TOKEN_CHARS = 16  # as the admin token (search/app/config.py)
+JUDGE_NAME = re.compile(r"[A-Za-z0-9 _.@-]{1,64}")
+ROLES = {"admin": ("judge", "compare", "dashboard"), "judge": ("judge",)}  # role -> pages it opens
+
+
+@dataclass(frozen=True)
+class Session:
+    role: str  # "admin" or "judge"
+    name: str  # the judge's name, stored with every judgment
+    expires: float
+    sid: str  # random per login: the CSRF token is derived from it
+
+    def may(self, page: str) -> bool:
+        return page in ROLES.get(self.role, ())
+
+
+class PageAuth:
+    """The tokens and the signing key of one app (on `app.state.page_auth`)."""
+
+    def __init__(self, admin_token: str | None, judge_token: str | None = None):
+        self.admin_token = admin_token
+        if judge_token is not None and len(judge_token) < MIN_TOKEN_CHARS:
+            logger.error("$%s is shorter than %d characters: the judge token is disabled", JUDGE_TOKEN_ENV_VAR, MIN_TOKEN_CHARS)
+            judge_token = None
+        self.judge_token = judge_token
+        self.key = secrets.token_bytes(32)
+
+    @classmethod
+    def from_environment(cls, admin_token: str | None) -> "PageAuth":
+        return cls(admin_token, os.environ.get(JUDGE_TOKEN_ENV_VAR) or None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.admin_token or self.judge_token)
+
+    def role_of(self, token: str) -> str | None:
+        given = token.strip().encode()
+        for role, expected in (("admin", self.admin_token), ("judge", self.judge_token)):
+            if expected and hmac.compare_digest(given, expected.encode()):
+                return role
+        return None
+
+    def sign(self, payload: bytes) -> str:
+        return base64.urlsafe_b64encode(hmac.new(self.key, payload, hashlib.sha256).digest()).decode().rstrip("=")
+
+    def cookie(self, session: Session) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps(
+            {"r": session.role, "n": session.name, "e": session.expires, "s": session.sid}).encode()).decode()
+        return f"{payload}.{self.sign(payload.encode())}"
+
+    def read(self, value: str | None) -> Session | None:
+        """The session of a cookie, None when absent, forged, malformed or expired."""
+        if not value or "." not in value or len(value) > 4096:
+            return None
+        payload, signature = value.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self.sign(payload.encode())):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+            session = Session(str(data["r"]), str(data["n"]), float(data["e"]), str(data["s"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return session if session.expires > time.time() and session.role in ROLES else None
+
+    def csrf(self, session: Session) -> str:
+        return self.sign(f"csrf:{session.sid}".encode())
+
+
+def page_auth(request: Request) -> PageAuth:
+    return request.app.state.page_auth
+
+
+def current_session(request: Request) -> Session | None:
+    return page_auth(request).read(request.cookies.get(SESSION_COOKIE))
+
+
+def csrf_token(request: Request, session: Session | None) -> str:
+    return page_auth(request).csrf(session) if session is not None else ""
+
+
+def require_page(request: Request, page: str) -> Session | Response:
+    """The session allowed to open `page`, or the response to send instead: the login form
+    (redirect) without a session, 403 with one that may not open it."""
+    session = current_session(request)
+    if session is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    if not session.may(page):
+        from search.app.pages.common import render  # the two modules use each other
+
+        return render(request, "message.html", status=403, title="Not allowed",
+                      message=f"The {session.role} token does not open the {page} page; log in with the admin token.")
+    return session
+
+
+def check_csrf(request: Request, session: Session, token: str | None) -> None:
+    """Refuse a state-changing request whose CSRF token is missing or not this session's, and
+    one sent from another origin."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+        raise ApiError(403, "csrf", f"cross-origin request from {origin[:100]} refused")
+    if not token or not hmac.compare_digest(token, page_auth(request).csrf(session)):
+        raise ApiError(403, "csrf", "missing or invalid CSRF token: reload the page and try again")
+
+
+def safe_next(target: str | None) -> str:
+    """Only a path on this site (no scheme, no host, no //): no open redirect after login."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/judge"
+    return target
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str | None = None, error: str | None = None) -> Response:
+    from search.app.pages.common import render
+
+    nonce = secrets.token_urlsafe(24)
+    response = render(request, "login.html", status=400 if error else 200, title="Log in",
+                      next=safe_next(next), error=error, login_csrf=nonce, enabled=page_auth(request).enabled)
+    response.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict", path="/login",
+                        secure=request.url.scheme == "https", max_age=3600)
+    return response
+
+
+@router.post("/login")
+def login(request: Request, token: str = Form("", max_length=4096), name: str = Form("", max_length=200),
+          next: str = Form("/judge", max_length=2048), login_csrf: str = Form("", max_length=200)) -> Response:
+    auth = page_auth(request)
+    cookie_nonce = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not login_csrf or not hmac.compare_digest(login_csrf, cookie_nonce):
+        return login_form(request, next, "The form expired (CSRF check failed); try again.")
+    if not auth.enabled:
+        return login_form(request, next, "Log-in is disabled: set LTR_SEARCH_ADMIN_TOKEN (or LTR_SEARCH_JUDGE_TOKEN).")
+    role = auth.role_of(token)
+    if role is None:
+        return login_form(request, next, "Unknown token.")
+    name = name.strip() or ("admin" if role == "admin" else "")
+    if not JUDGE_NAME.fullmatch(name):
+        return login_form(request, next, "Your name: 1-64 letters, digits, spaces or _ . @ - (it is stored with your judgments).")
+    session = Session(role, name, time.time() + SESSION_SECONDS, secrets.token_urlsafe(16))
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(SESSION_COOKIE, auth.cookie(session), httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https", max_age=SESSION_SECONDS)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: str = Form("", max_length=200)) -> Response:
+    session = current_session(request)
+    if session is not None:
+        check_csrf(request, session, csrf)
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response

@@ -1,0 +1,140 @@
+"""A small BM25-only index for the page tests (HTTP in-process and in a real browser): metadata
+fields for the filters, and a document whose title is a script tag."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_cli, write_jsonl
+
+PAGE_DOCS = [
+    {"_id": "d1", "title": "Cats and dogs", "text": "Cats chase mice. Dogs chase cats around the garden.", "author": "ann", "year": 2001},
+    {"_id": "d2", "title": "Quantum computing", "text": "Qubits use superposition and entanglement for computing.", "author": "bob", "year": 2015},
+    {"_id": "d3", "title": "Gardening tips", "text": "Water the garden early; mice avoid mint plants and cats.", "author": "ann", "year": 2010},
+    {"_id": "d4", "title": "<script>alert(1)</script>", "text": "Entanglement with <b>photons</b> & <img src=x onerror=alert(2)> cats.",
+     "author": "cy", "year": 2020},
+    {"_id": "d5", "title": "Dog training", "text": "Training dogs requires patience, treats and practice with cats nearby.", "author": "bob", "year": 2018},
+    {"_id": "d6", "title": "Café culture", "text": "The café serves crème brûlée; cafés are popular in Paris.", "author": "dee", "year": 2012},
+    {"_id": "d7", "title": "Cat nutrition", "text": "Cats need protein; a cat's diet differs from a dog's diet.", "author": "ann", "year": 2021},
+    {"_id": "d8", "title": "Wild cats", "text": "Lions and tigers are big cats that hunt in the wild.", "author": "eve", "year": 2019},
+]
+ADMIN_TOKEN = "admin-token-0123456789"
+JUDGE_TOKEN = "judge-token-0123456789"
+
+
+def build_page_index(root: Path, name: str = "pages") -> Path:
+    """The engine home holding PAGE_DOCS as index `name` (BM25 only: seconds, no encoder)."""
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    write_jsonl(corpus / "corpus.jsonl", PAGE_DOCS)
+    home = root / "home"
+    run_cli(home, "index", "build", "--dataset", str(corpus), "--name", name, "--no-dense", "--quiet")
+    return home
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from search.app.pages.highlight import Highlighter, best_window, to_html  # noqa: E402
+from indexing.analysis import Analyzer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def page_home(tmp_path_factory) -> Path:
+    return build_page_index(tmp_path_factory.mktemp("pages"))
+
+
+@pytest.fixture
+def client(page_home: Path, tmp_path: Path, monkeypatch):
+    from search.app.config import load_service_config
+    from search.app.service import create_app
+
+    monkeypatch.setenv("LTR_SEARCH_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("LTR_SEARCH_JUDGE_TOKEN", JUDGE_TOKEN)
+    config = load_service_config(page_home, None, {"index": "pages", "events_path": tmp_path / "events.sqlite3"})
+    with TestClient(create_app(config)) as test_client:
+        yield test_client
+
+
+def test_highlight_marks_analysed_matches_and_escapes():
+    marker = Highlighter(Analyzer(), frozenset(Analyzer().analyze("dog chasing")))
+    segments = marker.field("Dogs <b>chase</b> the cat & a DOG.")
+    assert [t for t, hit in segments if hit] == ["Dogs", "chase", "DOG"]  # stems match: dog/dogs, chasing/chase
+    assert to_html(segments) == "<mark>Dogs</mark> &lt;b&gt;<mark>chase</mark>&lt;/b&gt; the cat &amp; a <mark>DOG</mark>."
+
+
+def test_snippet_window_is_the_densest_stretch():
+    assert best_window([False] * 10, 5) == 0
+    matched = [True] + [False] * 50 + [True, False, True, True] + [False] * 20
+    assert best_window(matched, 10) == 51 - 6  # the three-match cluster, six tokens of context before it
+    text = " ".join(f"w{i}" for i in range(100)) + " cat cats " + " ".join(f"v{i}" for i in range(100))
+    segments = Highlighter(Analyzer(), frozenset({"cat"})).field(text, 20)
+    assert segments[0][0].startswith("…w94 ") and segments[-1][0].endswith(" v11…")  # 6 + 2 + 12 = 20 tokens
+    assert [t for t, hit in segments if hit] == ["cat", "cats"]
+
+
+def test_search_api_fields_highlight_and_eligible(client):
+    body = client.get("/search", params={"q": "cats", "fields": "title,metadata", "highlight": "true"}).json()
+    assert body["eligible"] == len(body["results"]) == 6
+    first = body["results"][0]
+    assert set(first["fields"]) == {"title", "metadata"}
+    assert "<mark>" in first["highlights"]["text"]
+    script = next(r for r in body["results"] if r["id"] == "d4")
+    assert script["highlights"]["title"] == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "&lt;img src=x onerror=alert(2)&gt;" in script["highlights"]["text"]
+    none = client.post("/search", json={"query": "cats", "fields": [], "size": 2}).json()
+    assert [r["fields"] for r in none["results"]] == [{}, {}] and "highlights" not in none["results"][0]
+    full = client.post("/search", json={"query": "cats", "size": 1}).json()
+    assert set(full["results"][0]["fields"]) == {"id", "title", "text", "metadata"}  # default: everything
+
+
+def test_search_api_refuses_unknown_fields(client):
+    for response in (client.get("/search", params={"q": "cats", "fields": "title,body"}),
+                     client.post("/search", json={"query": "cats", "fields": ["body"]})):
+        assert response.status_code == 400
+        assert response.json()["error"]["details"] == [
+            {"field": "fields", "reason": "unknown field(s) body; known: id, title, text, metadata"}]
+
+
+def test_search_page_renders_escaped_highlighted_results(client):
+    response = client.get("/", params={"q": "cats"})
+    assert response.status_code == 200
+    html = response.text
+    assert "<script>alert(1)</script>" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<mark>Cats</mark>" in html
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert re.findall(r'<script[^>]*>', html) == ['<script src="/static/pages.js" defer>']
+    positions = re.findall(r'<a class="title"[^>]*data-position="(\d+)"', html)
+    assert positions == [str(i) for i in range(1, 7)]
+    assert 'name="f.author"' in html and 'name="f.year.gte"' in html  # filters from the metadata fields
+
+
+def test_search_page_filters_and_pages(client):
+    html = client.get("/", params={"q": "cats", "f.author": '"ann"', "f.year.gte": "2005"}).text
+    ids = re.findall(r'data-doc-id="([^"]+)"', html)
+    assert sorted(set(ids)) == ["d3", "d7"]
+    bad = client.get("/", params={"q": "cats", "f.year.gte": "soon"})
+    assert bad.status_code == 400 and "year: &#39;soon&#39; is not a number" in bad.text
+
+
+def test_search_page_click_is_a_valid_event(client):
+    html = client.get("/", params={"q": "cats"}).text
+    request_id = re.search(r'data-request-id="([0-9a-f]+)"', html).group(1)
+    doc_id, position = re.findall(r'data-doc-id="([^"]+)" data-position="(\d+)"', html)[2]
+    event = {"request_id": request_id, "type": "click", "doc_id": doc_id, "position": int(position)}
+    assert client.post("/events", json={"events": [event]}).json() == {"stored": 1, "duplicates": 0}
+    wrong = client.post("/events", json={"events": [{**event, "position": int(position) + 1}]})
+    assert wrong.status_code == 422  # the position must be the one the page was served with
+
+
+def test_static_files_and_document_page(client):
+    assert client.get("/static/pages.js").status_code == 200
+    assert "sendBeacon" in client.get("/static/pages.js").text
+    page = client.get("/doc/d4", params={"q": "photons"})
+    assert page.status_code == 200 and "&lt;script&gt;" in page.text and "<mark>photons</mark>" in page.text
+    assert client.get("/doc/nope").status_code == 404
