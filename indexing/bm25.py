@@ -154,8 +154,9 @@ class BM25Index:
             weights, freqs = gather_postings(field.weights, field.term_freqs, term_ids, doc_indices)
             bm25[name] = (weights * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(doc_indices), np.float32)
             tfs[name] = freqs
-            df = np.where(known, field.document_frequencies[np.maximum(term_ids, 0)], 0)
-            idfs[name] = lucene_idf(df, field.doc_count).astype(np.float32)
+            # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
+            # is the base generation's, so its features agree with its scores).
+            idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], 0).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
         bigrams = {
             name: bigram_coverage(self.query_bigram_ids(tokens), field.token_ids, field.token_offsets, doc_indices)
@@ -275,25 +276,51 @@ class BM25Builder:
     def n_docs(self) -> int:
         return len(self._lengths[self.field_names[0]])
 
-    def build(self, settings: BM25Settings = BM25Settings()) -> BM25Index:
+    def build(self, settings: BM25Settings = BM25Settings(), frozen: BM25Index | None = None) -> BM25Index:
+        """The index of the documents added so far (the builder can go on adding and build again).
+        `frozen`: score with that index's collection statistics (idf per term, document count and
+        average length per field) instead of these documents' own: a delta segment's documents are
+        scored on the base generation's scale. A term the frozen index never saw gets the idf of
+        its document frequency here over the frozen document count."""
         n_terms, n_docs = len(self.term_to_id), self.n_docs
         counts, sequences = {}, {}
         for name in self.field_names:
             ids = np.frombuffer(self._term_ids[name], dtype=np.int32)
             lengths = np.frombuffer(self._lengths[name], dtype=np.int32)
+            if frozen is not None:  # a delta segment goes on adding: the index must not pin the builder's buffers
+                ids, lengths = ids.copy(), lengths.copy()
             counts[name] = term_document_counts(ids, lengths, n_terms, n_docs)
             sequences[name] = (ids, token_offsets(lengths))
         counts[COMBINED_FIELD] = sum((counts[name] for name in self.field_names[1:]), counts[self.field_names[0]]).tocsr()
         counts[COMBINED_FIELD].sort_indices()
         fields = {}
-        for name in list(counts):  # pop: each count matrix is freed once its field is built
-            fields[name] = field_from_counts(name, counts.pop(name), settings)
-            if name in sequences:
-                fields[name].token_ids, fields[name].token_offsets = sequences[name]
         vocabulary = [""] * n_terms
         for term, i in self.term_to_id.items():
             vocabulary[i] = term
+        for name in list(counts):  # pop: each count matrix is freed once its field is built
+            stats = frozen_stats(frozen, name, vocabulary, counts[name]) if frozen is not None else None
+            fields[name] = field_from_counts(name, counts.pop(name), settings, stats)
+            if name in sequences:
+                fields[name].token_ids, fields[name].token_offsets = sequences[name]
         return BM25Index(vocabulary, fields, settings)
+
+
+@dataclass(frozen=True)
+class FieldStats:
+    """Collection statistics a field is scored with: idf per term, documents with the field, mean length."""
+
+    idf: np.ndarray
+    doc_count: int
+    avg_length: float
+
+
+def frozen_stats(frozen: BM25Index, name: str, vocabulary: list[str], counts: sp.csr_matrix) -> FieldStats:
+    """The frozen index's statistics of field `name`, over another vocabulary (see BM25Builder.build)."""
+    field = frozen.fields[name]
+    base_ids = np.fromiter((frozen.term_to_id.get(t, -1) for t in vocabulary), dtype=np.int64, count=len(vocabulary))
+    own = lucene_idf(np.diff(counts.indptr), field.doc_count).astype(np.float32)
+    idf = np.where(base_ids >= 0, field.idf[np.maximum(base_ids, 0)], own).astype(np.float32)
+    return FieldStats(idf, field.doc_count, field.avg_length)
 
 
 def token_offsets(doc_lengths: np.ndarray) -> np.ndarray:
@@ -346,7 +373,7 @@ def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int
     return matrix
 
 
-def field_from_counts(name: str, counts: sp.csr_matrix, settings: BM25Settings) -> FieldIndex:
+def field_from_counts(name: str, counts: sp.csr_matrix, settings: BM25Settings, stats: FieldStats | None = None) -> FieldIndex:
     """Turn raw term frequencies into precomputed Lucene BM25 weights.
 
     The weights matrix shares `counts`' index arrays. The length normalisation is computed once
@@ -355,10 +382,13 @@ def field_from_counts(name: str, counts: sp.csr_matrix, settings: BM25Settings) 
     rounded to float32) is the same as one whole-array expression, so are the weights.
     """
     lengths = np.asarray(counts.sum(axis=0)).ravel().astype(np.int32)
-    doc_count = int(np.count_nonzero(lengths))
-    avg_length = float(lengths.sum() / doc_count) if doc_count else 0.0
     df = np.diff(counts.indptr)
-    idf = lucene_idf(df, doc_count).astype(np.float32)
+    if stats is None:
+        doc_count = int(np.count_nonzero(lengths))
+        avg_length = float(lengths.sum() / doc_count) if doc_count else 0.0
+        idf = lucene_idf(df, doc_count).astype(np.float32)
+    else:
+        doc_count, avg_length, idf = stats.doc_count, stats.avg_length, stats.idf
     tf = counts.data.astype(np.float32, copy=False)
     indices = counts.indices.astype(np.int32, copy=False)
     row_idf = np.repeat(idf, df)

@@ -11,13 +11,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from indexing.analysis import Analyzer, AnalyzerSettings
-from indexing.bm25 import COMBINED_FIELD, BM25Index, CandidateStats
+from indexing.bm25 import COMBINED_FIELD, BM25Index, BM25Settings, CandidateStats, top_k_positive
 from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR
 from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
 from indexing.home import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
-from indexing.vectors import load_vector_index
+from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
+from indexing.vectors import load_vector_index, top_k_rows
 from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter, filter_mask, filterable_fields
 
@@ -26,8 +27,13 @@ class DenseUnavailableError(RuntimeError):
 
 
 class EmbeddedIndex:
-    """Retrieval over one index generation (the embedded `SearchBackend`). Thread-safe for
-    concurrent reads."""
+    """Retrieval over one index generation plus the update journal's delta segment (the embedded
+    `SearchBackend`; see `indexing.live`). Thread-safe for concurrent reads.
+
+    Every call reads the current delta view (one `os.stat` of the journal to notice new batches,
+    so an update written by another process is searchable on the next query). With an empty
+    delta the generation is searched exactly as before; otherwise dead rows (deleted or
+    superseded) are masked out and the delta rows are scored beside the generation's."""
 
     kind = "embedded"
 
@@ -48,6 +54,10 @@ class EmbeddedIndex:
             self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
             encoder_settings = EncoderSettings.from_dict(manifest["build"]["encoder"])
             self.encoder = open_query_encoder(home, dense["encoder"], encoder_settings, encoder_threads)
+        through = int((manifest.get("updates") or {}).get("through", 0))
+        self.segment = DeltaSegment(generation.path.parent.parent, through, self.docs.ids, self.docs.index_of, self.analyzer,
+                                    self.bm25, BM25Settings.from_dict(manifest["bm25"]["settings"]),
+                                    self.vectors.dim if self.vectors is not None else None)
 
     @classmethod
     def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True,
@@ -68,7 +78,19 @@ class EmbeddedIndex:
         return self.generation.generation
 
     def __len__(self) -> int:
-        return self.bm25.n_docs
+        """Rows of the live index (dead delta and deleted rows included: rows are never reused)."""
+        return self._live().n_rows
+
+    @property
+    def revision(self) -> int:
+        """Changes whenever the live documents do (the journal position read): caches key on it."""
+        return self._live().offset
+
+    def live_status(self) -> dict[str, object]:
+        return self._live().describe()
+
+    def _live(self) -> LiveView:
+        return self.segment.refresh()
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "generation": self.generation_id, "backend": self.kind,
@@ -79,19 +101,31 @@ class EmbeddedIndex:
         return AnalysedQuery(query, tuple(self.analyzer.analyze(query)))
 
     def doc_ids(self, rows: np.ndarray) -> list[str]:
-        ids = self.docs.ids
+        ids = self._live().ids
         return [ids[i] for i in np.asarray(rows).tolist()]
 
     def rows_of(self, doc_ids: Sequence[str]) -> np.ndarray:
-        index_of = self.docs.index_of
-        try:
-            return np.fromiter((index_of[doc_id] for doc_id in doc_ids), dtype=np.int64, count=len(doc_ids))
-        except KeyError as exc:
-            raise KeyError(f"unknown document id '{exc.args[0]}' in index '{self.name}'") from None
+        view = self._live()
+        out = np.empty(len(doc_ids), dtype=np.int64)
+        for i, doc_id in enumerate(doc_ids):
+            row = view.row_of(doc_id)
+            if row is None:
+                raise KeyError(f"unknown document id '{doc_id}' in index '{self.name}'")
+            out[i] = row
+        return out
 
     def retrieve_bm25(self, query: QueryInput, k: int, field: str = COMBINED_FIELD) -> Retrieved:
-        rows, scores = self.bm25.top_k(self._terms(query), k, field)
-        return Retrieved(rows, scores.astype(np.float32, copy=False), self.docs.ids)
+        view = self._live()
+        terms = self._terms(query)
+        if not view.n_delta and not len(view.dead_base_rows):
+            rows, scores = self.bm25.top_k(terms, k, field)
+            return Retrieved(rows, scores.astype(np.float32, copy=False), view.ids)
+        scores = self.bm25.scores(terms, field)
+        if view.bm25 is not None:
+            scores = np.concatenate([scores, view.bm25.scores(terms, field)])
+        scores[view.dead] = 0.0  # top_k_positive keeps only positive scores
+        rows, top = top_k_positive(scores, k)
+        return Retrieved(rows, top.astype(np.float32, copy=False), view.ids)
 
     def encode_query(self, query: str) -> np.ndarray:
         self._require_dense()
@@ -99,10 +133,22 @@ class EmbeddedIndex:
 
     def retrieve_dense(self, query_vector: np.ndarray, k: int) -> Retrieved:
         self._require_dense()
-        scores, indices = self.vectors.search(query_vector, k)
-        keep = indices[0] >= 0
-        return Retrieved(indices[0][keep].astype(np.int64, copy=False), scores[0][keep].astype(np.float32, copy=False),
-                         self.docs.ids)
+        view = self._live()
+        dead = len(view.dead_base_rows)
+        scores, indices = self.vectors.search(query_vector, k + dead)  # over-fetch what deletions may take
+        rows, top = indices[0], scores[0]
+        keep = rows >= 0
+        if dead:
+            keep &= ~view.dead[np.maximum(rows, 0)]
+        rows, top = rows[keep].astype(np.int64, copy=False), top[keep].astype(np.float32, copy=False)
+        if view.n_delta:
+            delta_scores = view.vectors @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
+            alive = np.flatnonzero(~view.dead[view.n_base:])
+            rows = np.concatenate([rows, alive + view.n_base])
+            top = np.concatenate([top, delta_scores[alive]])
+            best, best_rows = top_k_rows(top[None, :], rows, k)
+            return Retrieved(best_rows[0], best[0], view.ids)
+        return Retrieved(rows[:k], top[:k], view.ids)
 
     def retrieve_hybrid(self, query: QueryInput, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
         analysed = self._analysed(query)
@@ -113,21 +159,38 @@ class EmbeddedIndex:
         return self.bm25_scores(query, rows), self.dense_scores(query_vector, rows)
 
     def bm25_scores(self, query: QueryInput, rows: np.ndarray) -> np.ndarray:
-        return self.bm25.scores_of(self._terms(query), self._checked(rows), COMBINED_FIELD)
+        terms = self._terms(query)
+        view, rows = self._live(), self._checked(rows)
+        if not view.n_delta:
+            return self.bm25.scores_of(terms, rows, COMBINED_FIELD)
+        return _by_segment(rows, view.n_base, lambda r: self.bm25.scores_of(terms, r, COMBINED_FIELD),
+                           lambda r: view.bm25.scores_of(terms, r, COMBINED_FIELD))
 
     def dense_scores(self, query_vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
         self._require_dense()
-        return self.vectors.similarity(query_vector, self._checked(rows))
+        view, rows = self._live(), self._checked(rows)
+        if not view.n_delta:
+            return self.vectors.similarity(query_vector, rows)
+        vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        return _by_segment(rows, view.n_base, lambda r: self.vectors.similarity(query_vector, r),
+                           lambda r: view.vectors[r] @ vector)
 
     def candidate_stats(self, query: QueryInput, rows: np.ndarray) -> CandidateStats:
         """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
-        return self.bm25.candidate_stats(self._terms(query), self._checked(rows))
+        terms = self._terms(query)
+        view, rows = self._live(), self._checked(rows)
+        base = rows < view.n_base
+        if base.all():
+            return self.bm25.candidate_stats(terms, rows)
+        return merge_candidate_stats(rows, base, self.bm25.candidate_stats(terms, rows[base]),
+                                     view.bm25.candidate_stats(terms, rows[~base] - view.n_base))
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
-        return self.docs.get_by_id(doc_id)
+        found = self._live().document(doc_id)
+        return self.docs.get_by_id(doc_id) if found is False else found
 
     def documents(self, doc_ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        return [self.docs.get_by_id(doc_id) for doc_id in doc_ids]
+        return [self.document(doc_id) for doc_id in doc_ids]
 
     def filter_mask(self, filters: Sequence[FieldFilter], doc_ids: Sequence[str]) -> np.ndarray:
         return filter_mask(filters, [filterable_fields(d or {}) for d in self.documents(doc_ids)], doc_ids=doc_ids)
@@ -151,6 +214,17 @@ class EmbeddedIndex:
                 f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
                 "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
             )
+
+
+def _by_segment(rows: np.ndarray, n_base: int, base_fn: Any, delta_fn: Any) -> np.ndarray:
+    """Scores of live rows, the generation's from `base_fn(rows)`, the delta's from `delta_fn(rows - n_base)`."""
+    out = np.zeros(len(rows), dtype=np.float32)
+    base = rows < n_base
+    if base.any():
+        out[base] = base_fn(rows[base])
+    if not base.all():
+        out[~base] = delta_fn(rows[~base] - n_base)
+    return out
 
 
 def open_query_encoder(home: Path, description: dict[str, Any], settings: EncoderSettings, threads: int | None) -> OnnxEncoder:

@@ -1,0 +1,195 @@
+"""The delta segment: what a served generation adds from the update journal, as immutable views.
+
+Rows of the live index are the generation's rows [0, n_base) followed by one row per upsert
+read from the journal [n_base, n_base + n_delta), in journal order. Rows are append-only for
+the life of a segment: an upsert of a live id marks that id's old row dead and appends a new
+one, a delete marks it dead. So a row read from one view means the same document version in
+every later view, and a request that straddles a refresh stays consistent.
+
+BM25 statistics are frozen at the base generation until compaction (as Lucene's lag until
+segments merge): delta documents are scored with the base's idf, document count and average
+length (a term the base never saw: its delta document frequency over the base count), and
+deleted documents still count in the base's statistics. Compaction rebuilds them exactly.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from indexing.analysis import Analyzer
+from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Index, BM25Settings, CandidateStats
+from indexing.delta import DELETE, Update, journal_path, read_updates
+
+DEAD = -1  # an id's row in `LiveView.rows` when it is deleted
+
+
+class LiveIds(Sequence[str]):
+    """The row -> id table of a live view: the base generation's ids, then the delta's."""
+
+    def __init__(self, base: Sequence[str], delta: Sequence[str]):
+        self._base, self._delta, self._n = base, delta, len(base)
+
+    def __len__(self) -> int:
+        return self._n + len(self._delta)
+
+    def __getitem__(self, row: int) -> str:  # type: ignore[override]
+        return self._base[row] if row < self._n else self._delta[row - self._n]
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """One consistent state of the delta segment; never mutated, replaced on refresh."""
+
+    n_base: int
+    offset: int  # journal position read up to
+    dead: np.ndarray  # bool per live row: deleted, or superseded by a later upsert
+    dead_base_rows: np.ndarray  # int64, the base rows in `dead`
+    ids: LiveIds
+    rows: dict[str, int]  # ids the journal touched -> their live row (DEAD when deleted)
+    docs: list[dict[str, Any]]  # stored fields of the delta rows
+    bm25: BM25Index | None  # the delta rows' postings, frozen statistics; None when no row
+    vectors: np.ndarray | None  # (n_delta, dim) float32 on a dense index
+    upserts: int = 0
+    deletes: int = 0
+    live_delta: int = 0  # delta rows still alive
+    base_row_of: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_delta(self) -> int:
+        return len(self.docs)
+
+    def row_of(self, doc_id: str) -> int | None:
+        """The live row of an id, None when it is unknown or deleted."""
+        row = self.rows.get(doc_id)
+        if row is None:
+            row = self.base_row_of.get(doc_id)
+        return None if row is None or row == DEAD else row
+
+    def document(self, doc_id: str) -> dict[str, Any] | None | bool:
+        """The delta's stored fields of an id; None when deleted; False when the delta never touched it."""
+        row = self.rows.get(doc_id)
+        if row is None:
+            return False
+        return None if row == DEAD else self.docs[row - self.n_base]
+
+    def describe(self) -> dict[str, Any]:
+        return {"journal_offset": self.offset, "upserts": self.upserts, "deletes": self.deletes,
+                "delta_rows": self.n_delta, "live_delta_rows": self.live_delta,
+                "dead_base_rows": int(len(self.dead_base_rows))}
+
+
+class DeltaSegment:
+    """Follows an index's journal from a generation's `through` offset and publishes `LiveView`s.
+    `refresh` is cheap when nothing changed (one stat); threads share one segment."""
+
+    def __init__(self, index_dir: Path, through: int, base_ids: Sequence[str], base_row_of: dict[str, int],
+                 analyzer: Analyzer, base_bm25: BM25Index, bm25_settings: BM25Settings, dim: int | None):
+        self.index_dir = Path(index_dir)
+        self._path = journal_path(self.index_dir)
+        self._base_ids, self._base_row_of = base_ids, base_row_of
+        self._analyzer, self._frozen, self._settings, self._dim = analyzer, base_bm25, bm25_settings, dim
+        self._lock = threading.Lock()
+        self._offset = through
+        self._builder = BM25Builder(SOURCE_FIELDS)
+        self._docs: list[dict[str, Any]] = []
+        self._ids: list[str] = []
+        self._vectors: list[np.ndarray] = []
+        self._rows: dict[str, int] = {}
+        self._dead_base: set[int] = set()
+        self._dead_delta: list[bool] = []
+        self._upserts = self._deletes = 0
+        self.view = self._publish()
+        self.refresh()
+
+    def refresh(self) -> LiveView:
+        """Read the journal's new batches (if any) and return the current view."""
+        try:
+            size = os.stat(self._path).st_size
+        except FileNotFoundError:
+            return self.view
+        if size <= self._offset:
+            return self.view
+        with self._lock:
+            updates, offset = read_updates(self.index_dir, self._offset)
+            if offset != self._offset:
+                for update in updates:
+                    self._apply(update)
+                self._offset = offset
+                self.view = self._publish()
+        return self.view
+
+    def _apply(self, update: Update) -> None:
+        row = self._rows.get(update.doc_id, self._base_row_of.get(update.doc_id))
+        if row is not None and row != DEAD:
+            self._kill(row)
+        if update.op == DELETE:
+            self._deletes += 1
+            if row is not None:
+                self._rows[update.doc_id] = DEAD
+            return
+        self._upserts += 1
+        doc = update.doc
+        analyze = self._analyzer.analyze
+        self._builder.add({"title": analyze(doc.title), "text": analyze(doc.text)})
+        self._docs.append({"id": doc.id, "title": doc.title, "text": doc.text, "metadata": doc.metadata})
+        self._ids.append(doc.id)
+        self._dead_delta.append(False)
+        if self._dim is not None:
+            if update.vector is None or update.vector.shape != (self._dim,):
+                raise ValueError(f"{self._path}: upsert of '{doc.id}' has no {self._dim}-d vector; the index is dense")
+            self._vectors.append(update.vector)
+        self._rows[doc.id] = len(self._base_ids) + len(self._docs) - 1
+
+    def _kill(self, row: int) -> None:
+        n_base = len(self._base_ids)
+        if row < n_base:
+            self._dead_base.add(row)
+        else:
+            self._dead_delta[row - n_base] = True
+
+    def _publish(self) -> LiveView:
+        n_base = len(self._base_ids)
+        dead = np.zeros(n_base + len(self._docs), dtype=bool)
+        dead_base = np.fromiter(sorted(self._dead_base), dtype=np.int64, count=len(self._dead_base))
+        dead[dead_base] = True
+        dead[n_base:] = self._dead_delta
+        bm25 = self._builder.build(self._settings, frozen=self._frozen) if self._docs else None
+        vectors = None
+        if self._dim is not None:
+            vectors = np.stack(self._vectors).astype(np.float32) if self._vectors else np.empty((0, self._dim), np.float32)
+        return LiveView(n_base=n_base, offset=self._offset, dead=dead, dead_base_rows=dead_base,
+                        ids=LiveIds(self._base_ids, list(self._ids)), rows=dict(self._rows), docs=list(self._docs),
+                        bm25=bm25, vectors=vectors, upserts=self._upserts, deletes=self._deletes,
+                        live_delta=len(self._docs) - int(sum(self._dead_delta)), base_row_of=self._base_row_of)
+
+
+def merge_candidate_stats(rows: np.ndarray, base: np.ndarray, of_base: CandidateStats, of_delta: CandidateStats) -> CandidateStats:
+    """One `CandidateStats` for live rows from the generation's (rows where `base`) and the delta's
+    (the others); both were computed for the same analysed query, so terms and counts agree."""
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *a.shape[1:]), dtype=np.result_type(a, b))
+        out[base], out[~base] = a, b
+        return out
+
+    return CandidateStats(
+        doc_indices=np.asarray(rows, dtype=np.int64),
+        terms=of_base.terms,
+        term_counts=of_base.term_counts,
+        known=of_base.known | of_delta.known,
+        query_length=of_base.query_length,
+        bm25={k: merged(v, of_delta.bm25[k]) for k, v in of_base.bm25.items()},
+        term_freqs={k: merged(v, of_delta.term_freqs[k]) for k, v in of_base.term_freqs.items()},
+        # per term, not per row: the delta's idf is the base's wherever the base knows the term
+        idf={k: np.where(of_base.known, v, of_delta.idf[k]).astype(np.float32) for k, v in of_base.idf.items()},
+        field_lengths={k: merged(v, of_delta.field_lengths[k]) for k, v in of_base.field_lengths.items()},
+        bigram_coverage={k: merged(v, of_delta.bigram_coverage[k]) for k, v in of_base.bigram_coverage.items()},
+    )
