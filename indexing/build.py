@@ -207,7 +207,8 @@ def _build_locked(home: Path, store: IndexStore, name: str, settings: BuildSetti
     seconds: dict[str, float] = {}
     if read_seconds is not None:
         seconds["read"] = read_seconds
-    log(f"read {len(corpus.documents):,} documents from {corpus.file} ({plural(len(corpus.skipped), 'line')} skipped)")
+    if compacted is None:
+        log(f"read {len(corpus.documents):,} documents from {corpus.file} ({plural(len(corpus.skipped), 'line')} skipped)")
 
     staging = store.new_staging_dir(name)
     manifest: dict[str, Any] = {"created_at": utc_now(), "build": settings.to_dict(), "updates": updates}

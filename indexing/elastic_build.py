@@ -579,9 +579,10 @@ def build_elastic_index(
 
 
 def rebuild_elastic_index(home: Path, name: str, es: ElasticsearchSettings, progress: bool = True,
-                          log: Callable[[str], None] = print, client: Any = None) -> ElasticBuildSummary:
+                          log: Callable[[str], None] = print, client: Any = None,
+                          dataset: str | Path | None = None) -> ElasticBuildSummary:
     """Replay the build settings recorded in the `_meta` of the generation the alias points at
-    (re-reading its corpus path) as a new generation."""
+    (re-reading its corpus path, or `dataset` instead) as a new generation."""
     alias = alias_name(es, name)
     with _client_for(client, es) as client:
         current = alias_targets(client, es, alias)
@@ -591,6 +592,8 @@ def rebuild_elastic_index(home: Path, name: str, es: ElasticsearchSettings, prog
                                     f"point it at one with `ltr-search index rollback --name {name} --to GEN`")
         meta = check_meta(current[0], _read_meta(client, es, current[0]))
         settings = BuildSettings.from_dict(meta["build"])
+        if dataset is not None:
+            settings = replace(settings, corpus=replace(settings.corpus, path=str(Path(dataset).resolve())))
         log(f"rebuilding '{name}' from {settings.corpus.path} (active generation {current[0]})")
         return build_elastic_index(home, name, settings, es, progress=progress, log=log, client=client)
 

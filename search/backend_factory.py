@@ -118,7 +118,7 @@ class IndexAdmin(Protocol):
 
     def build(self, name: str, settings: Any, progress: bool, log: Log) -> Any: ...
 
-    def rebuild(self, name: str, progress: bool, log: Log) -> Any: ...
+    def rebuild(self, name: str, progress: bool, log: Log, dataset: str | None = None) -> Any: ...
 
     def status(self, name: str | None, verify: bool) -> dict[str, Any]: ...
 
@@ -147,10 +147,10 @@ class EmbeddedAdmin:
 
         return build_index(self.home, name, settings, progress=progress, log=log)
 
-    def rebuild(self, name: str, progress: bool, log: Log) -> Any:
+    def rebuild(self, name: str, progress: bool, log: Log, dataset: str | None = None) -> Any:
         from indexing.build import rebuild_index  # lazy: start-up time
 
-        return rebuild_index(self.home, name, progress=progress, log=log)
+        return rebuild_index(self.home, name, progress=progress, log=log, dataset=dataset)
 
     def status(self, name: str | None, verify: bool) -> dict[str, Any]:
         """Every generation of `name` (or of every index) with its manifest's counts; a
@@ -226,10 +226,10 @@ class ElasticAdmin:
         es = dataclasses.replace(self.es, keep=settings.keep)
         return build_elastic_index(self.home, name, settings, es, progress=progress, log=log)
 
-    def rebuild(self, name: str, progress: bool, log: Log) -> Any:
+    def rebuild(self, name: str, progress: bool, log: Log, dataset: str | None = None) -> Any:
         from indexing.elastic_build import rebuild_elastic_index  # lazy: start-up time
 
-        return rebuild_elastic_index(self.home, name, self.es, progress=progress, log=log)
+        return rebuild_elastic_index(self.home, name, self.es, progress=progress, log=log, dataset=dataset)
 
     def status(self, name: str | None, verify: bool) -> dict[str, Any]:
         from indexing.elastic_build import elastic_index_status  # lazy: start-up time

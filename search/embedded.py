@@ -5,19 +5,21 @@ and must never import torch (a test checks `sys.modules`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import COMBINED_FIELD, BM25Index, BM25Settings, CandidateStats, top_k_positive
-from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR
+from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR, BuildSettings, compact_index
 from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
 from indexing.home import encoders_dir
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
+from indexing.updates import MAX_BATCH, UpdateReceipt, pending_updates, read_upsert_file, write_updates
 from indexing.vectors import load_vector_index, top_k_rows
 from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter, filter_mask, filterable_fields
@@ -243,3 +245,36 @@ def open_query_encoder(home: Path, description: dict[str, Any], settings: Encode
             f"{description['sha256'][:12]}...; rebuild the index"
         )
     return encoder
+
+
+@dataclass(frozen=True)
+class EmbeddedLiveAdmin:
+    """`index upsert|delete-docs|compact` and the live part of `index status` on the embedded backend."""
+
+    home: Path
+
+    def upsert_file(self, name: str, path: Path) -> dict[str, Any]:
+        settings = BuildSettings.from_dict(IndexStore(self.home).open(name, verify=False).manifest["build"])
+        documents = read_upsert_file(path, settings)
+        receipts = [write_updates(self.home, name, documents[start:start + MAX_BATCH])
+                    for start in range(0, len(documents), MAX_BATCH)]
+        return _receipts(receipts)
+
+    def delete_ids(self, name: str, ids: Sequence[str]) -> dict[str, Any]:
+        return _receipts([write_updates(self.home, name, deletes=list(ids[start:start + MAX_BATCH]))
+                          for start in range(0, len(ids), MAX_BATCH)])
+
+    def compact(self, name: str, log: Callable[[str], None]) -> Any:
+        return compact_index(self.home, name, progress=False, log=log)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        active = IndexStore(self.home).open(name, verify=False)
+        return {"delta": pending_updates(self.home, name), "last_compaction": active.manifest.get("compacted")}
+
+
+def _receipts(receipts: list[UpdateReceipt]) -> dict[str, Any]:
+    """One acknowledgement for the batches of one command."""
+    last = receipts[-1]
+    return {"index": last.index, "upserted": sum(r.upserted for r in receipts), "deleted": sum(r.deleted for r in receipts),
+            "encoded": sum(r.encoded for r in receipts), "batches": len(receipts), "journal_end": last.journal_end,
+            "durable": True}

@@ -1,5 +1,6 @@
 """`ltr-search index build|rebuild|status|rollback|list|delete`: the generations of an index, on
-either backend (`search.backend_factory.index_admin` chooses; nothing here branches on it)."""
+either backend (`search.backend_factory.index_admin` chooses; nothing here branches on it), and
+`index upsert|delete-docs|compact`: documents changed between rebuilds (`_live_admin` chooses)."""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,25 @@ def add_arguments(command: str, index: argparse.ArgumentParser) -> None:
 
     rebuild = index_commands.add_parser("rebuild", help="rebuild from the active generation's recorded corpus and settings")
     rebuild.add_argument("--name", help="index (default: the home's only index, or 'default')")
+    rebuild.add_argument("--dataset", help="build from this corpus path instead of the recorded one (a new source: "
+                                           "updates written before it are not applied)")
     rebuild.add_argument("--quiet", action="store_true")
     add_backend_arguments(rebuild)
+
+    upsert = index_commands.add_parser("upsert", help="add or replace documents (JSONL in the index's corpus format); "
+                                                      "searchable once acknowledged")
+    upsert.add_argument("--file", required=True, help="JSONL file: one document a line, fields as in the corpus")
+    upsert.add_argument("--name", help="index (default: the home's only index, or 'default')")
+    add_backend_arguments(upsert)
+
+    delete_docs = index_commands.add_parser("delete-docs", help="delete documents by id (unknown ids are an error)")
+    delete_docs.add_argument("--ids", required=True, help="comma-separated document ids")
+    delete_docs.add_argument("--name", help="index (default: the home's only index, or 'default')")
+    add_backend_arguments(delete_docs)
+
+    compact = index_commands.add_parser("compact", help="fold the pending upserts and deletes into a new generation")
+    compact.add_argument("--name", help="index (default: the home's only index, or 'default')")
+    add_backend_arguments(compact)
 
     status = index_commands.add_parser("status", help="generations, sizes and the active pointer")
     status.add_argument("--name")
@@ -62,7 +80,8 @@ def add_arguments(command: str, index: argparse.ArgumentParser) -> None:
 
 def run(home: Path, args: argparse.Namespace) -> int:
     handler = {"build": cmd_build, "rebuild": cmd_rebuild, "status": cmd_status, "rollback": cmd_rollback,
-               "list": cmd_list, "delete": cmd_delete}
+               "list": cmd_list, "delete": cmd_delete, "upsert": cmd_upsert, "delete-docs": cmd_delete_docs,
+               "compact": cmd_compact}
     return handler[args.index_command](home, args)
 
 
@@ -113,7 +132,7 @@ def build_settings(args: argparse.Namespace, keep: int) -> Any:
 
 
 def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
-    summary = _admin(home, args).rebuild(_name(home, args), progress=not args.quiet, log=log)
+    summary = _admin(home, args).rebuild(_name(home, args), progress=not args.quiet, log=log, dataset=args.dataset)
     print("\n".join(summary.lines()))
     return 0
 
@@ -121,6 +140,10 @@ def cmd_rebuild(home: Path, args: argparse.Namespace) -> int:
 def cmd_status(home: Path, args: argparse.Namespace) -> int:
     admin = _admin(home, args)
     report = admin.status(args.name, args.verify)
+    live = _live_admin(home, args)
+    for name, info in report["indexes"].items():
+        if info.get("active"):
+            info["live"] = live.describe(name)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -130,8 +153,59 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
         print(f"{admin.heading(name, info)}: active generation {info['active'] or '(none)'}")
         for g in info["generations"]:
             print(f" {'*' if g['active'] else ' '} {g['generation']}  {generation_row(g)}")
+        if info.get("live"):
+            print(live_row(info["live"]))
     if args.verify:
         print(verify_summary(report))
+    return 0
+
+
+def live_row(live: dict[str, Any]) -> str:
+    """The delta and compaction line of `index status`."""
+    delta = live.get("delta") or {}
+    row = (f"   delta: {delta.get('upserts', 0):,} upserts, {delta.get('deletes', 0):,} deletes pending "
+           f"({delta.get('bytes', 0) / 1e6:.2f} MB of journal)")
+    last = live.get("last_compaction")
+    row += f"; last compaction {last['at']} (from {last['from']}, {last['operations']:,} operations)" if last else \
+        "; never compacted"
+    return row
+
+
+def _live_admin(home: Path, args: argparse.Namespace) -> Any:
+    """Document updates on the chosen backend."""
+    choice = backend_from_args(args)
+    if choice.is_elasticsearch:
+        from search.elastic_backend import ElasticLiveAdmin  # lazy: start-up time
+
+        return ElasticLiveAdmin(home, choice.elasticsearch)
+    from search.embedded import EmbeddedLiveAdmin  # lazy: start-up time
+
+    return EmbeddedLiveAdmin(home)
+
+
+def cmd_upsert(home: Path, args: argparse.Namespace) -> int:
+    receipt = _live_admin(home, args).upsert_file(_name(home, args), Path(args.file))
+    print(json.dumps(receipt, indent=2))
+    return 0
+
+
+def cmd_delete_docs(home: Path, args: argparse.Namespace) -> int:
+    ids = [i.strip() for i in args.ids.split(",")]
+    if not all(ids):
+        raise CliError(f"--ids has an empty id: {args.ids!r} (comma-separated ids, no empty ones)")
+    if len(set(ids)) != len(ids):
+        raise CliError("--ids names an id twice")
+    try:
+        receipt = _live_admin(home, args).delete_ids(_name(home, args), ids)
+    except KeyError as exc:  # an id the live index does not hold
+        raise CliError(str(exc)) from None
+    print(json.dumps(receipt, indent=2))
+    return 0
+
+
+def cmd_compact(home: Path, args: argparse.Namespace) -> int:
+    summary = _live_admin(home, args).compact(_name(home, args), log=log)
+    print("\n".join(summary.lines()) if hasattr(summary, "lines") else json.dumps(summary, indent=2))
     return 0
 
 
