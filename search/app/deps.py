@@ -14,13 +14,17 @@ from ltr.behaviour import BehaviourStore
 from ltr.experiments import ExperimentLog
 from search.app.config import ServiceConfig
 from search.app.errors import ApiError
-from search.app.metrics import ServiceMetrics
+from search.app.metrics import ServiceMetrics, refresh_generation_metrics
 from search.app.state import JobRunner, ServingState
 from search.event_store import EventStore
 
 
 def get_state(request: Request) -> ServingState:
-    return request.app.state.serving
+    """The serving state, first catching up with a reload another worker made (`serve --workers N`)."""
+    state: ServingState = request.app.state.serving
+    if state.follow_reloads():
+        refresh_generation_metrics(request.app.state.metrics, state)
+    return state
 
 
 def get_config(request: Request) -> ServiceConfig:

@@ -1,27 +1,36 @@
 """The one error shape of the HTTP API: `{"error": {"code", "message", "details": [{field, reason}]}}`.
 
-Every malformed input gets a 4xx in this shape naming the field; a 5xx means a bug.
+Every malformed input gets a 4xx in this shape naming the field; a 5xx means a bug or an
+unavailable dependency, and is answered in this shape too (`InternalErrorMiddleware`).
 """
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexing.elastic import ElasticsearchError
+from indexing.sqlite import SqliteStoreError
 
 logger = logging.getLogger("ltr_search.service")
+# A store that cannot take a write (read-only, disk full, locked past its retries): the store's
+# trouble, not the request's. Searches log around it; POST /events answers 503.
+STORE_ERRORS = (sqlite3.OperationalError, SqliteStoreError, OSError)
 
 
 class ApiError(Exception):
-    """A client error with an HTTP status, a code and the offending field(s)."""
+    """An error answer: an HTTP status, a code, the offending field(s), optional headers."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None):
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details or []
+        self.headers = headers
 
 
 def error_response(status: int, code: str, message: str, details: list[dict[str, str]] | None = None,
@@ -35,7 +44,7 @@ def validation_details(errors: list[dict]) -> list[dict[str, str]]:
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
 async def _backend_error(request: Request, exc: ElasticsearchError) -> JSONResponse:
@@ -58,3 +67,38 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ElasticsearchError, _backend_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+class InternalErrorMiddleware:
+    """Any exception no handler claimed becomes a JSON 500 here, inside the request metrics.
+
+    Starlette's own catch-all answers plain text and then re-raises, so uvicorn logs it as a
+    crash, the metrics middleware never sees a response, and the keep-alive connection is
+    closed under the client's next request. Answering here returns normally: the 500 is counted
+    and the connection stays usable. An exception after the response started cannot be answered
+    and is re-raised (uvicorn then closes that connection, the only honest thing left)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(500, "internal_error",
+                                      f"internal error ({type(exc).__name__}); it is logged with its traceback")
+            await response(scope, receive, send)

@@ -145,3 +145,4 @@ class ReadyResponse(Strict):
     ready: bool
     index: IndexInfo | None = None
     reason: str | None = None
+    degraded: dict[str, str] | None = None  # store -> last write error: searches serve, writes there fail

@@ -7,10 +7,17 @@ the field (search/app/errors.py); a 5xx means a bug.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import swagger_ui_bundle
 from fastapi import FastAPI, Request
@@ -19,25 +26,29 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from indexing.bundle import IndexBundleError
-from indexing.elastic import ElasticsearchError
 from indexing.home import behaviour_store_path
 from ltr.behaviour import BehaviourStore
 from ltr.experiments import ExperimentLog
-from search.app.config import ServiceConfig
-from search.app.errors import ApiError, add_error_handlers, error_response
-from search.app.metrics import ServiceMetrics, refresh_generation_metrics
+from search.app.config import ServiceConfig, load_service_config
+from search.app.errors import InternalErrorMiddleware, add_error_handlers, error_response
+from search.app.metrics import ServiceMetrics, multiprocess_dir, refresh_generation_metrics
 from search.app import pages
 from search.app.routers import admin, documents, events, operations, search
-from search.app.state import JobRunner, ServingState, Snapshot  # noqa: F401 - ServingState: used by tests and benches
+from search.app.state import RELOAD_ERRORS, JobRunner, ServingState, Snapshot  # noqa: F401 - ServingState: used by tests and benches
 from search.event_store import EventStore
 
 logger = logging.getLogger("ltr_search.service")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI from the swagger-ui-bundle package: /docs works offline
+WORKER_PID = str(os.getpid())  # each worker imports this module afresh (uvicorn spawns them)
+SERVE_SPEC_ENV = "LTR_SEARCH_SERVE_SPEC"  # how `serve --workers N` tells its workers what to serve
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent."""
+    """Refuse request bodies over the limit with 413, whether or not Content-Length is sent.
+
+    A body without Content-Length (chunked) is read here, up to the limit, before the app sees it:
+    raising from inside the app's `receive` would reach FastAPI's body parser, which turns any
+    error into 400. The 413 closes the connection, since the rest of the body is left unread."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -47,28 +58,49 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = error_response(413, "body_too_large", f"request body over {self.max_bytes} bytes")
-            await response(scope, receive, send)
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server stops the body at Content-Length
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        seen, first = 0, None
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise ApiError(413, "body_too_large", f"request body over {self.max_bytes} bytes")
-            return message
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, "body_too_large", f"request body over {self.max_bytes} bytes",
+                                  headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 def create_app(config: ServiceConfig, event_store: EventStore | None = None,
-               experiment_log: ExperimentLog | None = None) -> FastAPI:
-    """The app over `config`; a given `event_store` or `experiment_log` is the caller's to close."""
-    state = ServingState(config)
+               experiment_log: ExperimentLog | None = None, reload_stamp: Path | None = None) -> FastAPI:
+    """The app over `config`; a given `event_store` or `experiment_log` is the caller's to close.
+    `reload_stamp`: the file the workers of one `serve --workers N` share to follow each other's reloads."""
+    state = ServingState(config, reload_stamp)
     metrics = ServiceMetrics()
     metrics.model_info.labels("none").set(1)
     if event_store is None:
@@ -89,12 +121,16 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            state.reload()
+            state.reload(announce=False)  # a worker starting is no news to the others
             refresh()
-        except (IndexBundleError, ElasticsearchError, OSError, ValueError) as exc:
+        except RELOAD_ERRORS as exc:
             state.load_error = str(exc)
             logger.error("index not loaded: %s", exc)
         yield
+        if multiprocess_dir():  # this worker's live gauges leave the sums
+            from prometheus_client import multiprocess  # lazy: multi-worker serving only
+
+            multiprocess.mark_process_dead(os.getpid())
         aggregates.close()
         if event_store is None:
             store.close()
@@ -110,6 +146,9 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     app.state.event_store = store
     app.state.aggregates = aggregates
     app.state.experiment_log = experiments_log
+    # Innermost first: an unhandled error becomes a JSON 500 inside the request metrics, and the
+    # body limit answers before any of it runs.
+    app.add_middleware(InternalErrorMiddleware)
     app.middleware("http")(count_requests)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     add_error_handlers(app)
@@ -132,16 +171,15 @@ def add_offline_docs(app: FastAPI) -> None:
 
 
 async def count_requests(request: Request, call_next):
-    """Requests and latency per route template (not per URL: ids would explode the labels)."""
+    """Requests and latency per route template (not per URL: ids would explode the labels); the
+    answering worker's pid in `X-Worker` (which of `serve --workers N` served it)."""
     started = time.perf_counter()
-    try:
-        response = await call_next(request)
-    except ApiError as exc:  # raised while reading the body (size limit)
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response = await call_next(request)
     metrics: ServiceMetrics = request.app.state.metrics
     label = getattr(request.scope.get("route"), "path", "unmatched")
     metrics.requests.labels(request.method, label, str(response.status_code)).inc()
     metrics.latency.labels(label).observe(time.perf_counter() - started)
+    response.headers["X-Worker"] = WORKER_PID
     return response
 
 
@@ -154,9 +192,48 @@ def limit_native_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def serve(config: ServiceConfig, host: str, port: int) -> None:
-    """Run the app under uvicorn; its access log (one line per request) follows `config.access_log`."""
+@dataclass(frozen=True)
+class ServeSpec:
+    """What each worker of `serve --workers N` rebuilds its config from (the same call as the CLI's),
+    and the run folder the workers share: the reload stamp and the Prometheus samples."""
+
+    home: str
+    config_file: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None
+
+    def config(self) -> ServiceConfig:
+        return load_service_config(Path(self.home), Path(self.config_file) if self.config_file else None, self.overrides)
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory each `serve --workers N` worker calls (uvicorn imports it by name)."""
+    spec = ServeSpec(**json.loads(os.environ[SERVE_SPEC_ENV]))
+    limit_native_threads()
+    return create_app(spec.config(), reload_stamp=Path(spec.run_dir) / "reload.stamp" if spec.run_dir else None)
+
+
+def serve(config: ServiceConfig, host: str, port: int, workers: int = 1, spec: ServeSpec | None = None) -> None:
+    """Run the app under uvicorn; its access log (one line per request) follows `config.access_log`.
+
+    With `workers` > 1, uvicorn forks that many processes on one socket, each calling
+    `app_from_environment` with `spec`: each maps the same index files (the page cache holds
+    them once), writes the same SQLite stores (WAL, busy timeout, retries), follows the others'
+    reloads through a stamp file and writes its metrics where every worker's /metrics sums them."""
     import uvicorn  # only `serve` needs the server: the CLI's other commands start faster without it
 
-    limit_native_threads()
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=config.access_log)
+    if workers <= 1:
+        limit_native_threads()
+        uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=config.access_log)
+        return
+    if spec is None:
+        raise ValueError("serving with several workers needs the ServeSpec each worker loads its config from")
+    run_dir = Path(tempfile.mkdtemp(prefix="ltr-search-serve-"))
+    try:
+        (run_dir / "metrics").mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")  # before any worker imports prometheus_client
+        os.environ[SERVE_SPEC_ENV] = json.dumps({**spec.__dict__, "run_dir": str(run_dir)})
+        uvicorn.run("search.app.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                    log_level="info", access_log=config.access_log)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,17 +2,22 @@
 swapped atomically on reload, and the background rebuild jobs that produce new generations.
 
 A request that started on the old generation finishes on it while new requests use the new one.
+Under `serve --workers N` a reload in one worker rewrites a stamp file; every other worker sees it
+change (one `os.stat` per request) and reloads before answering its next request.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from indexing.bundle import IndexBusyError
+from indexing.bundle import IndexBundleError, IndexBusyError
+from indexing.elastic import ElasticsearchError
 from ltr.drift import DriftMonitor
 from ltr.experiments import ServedExperiments, scoring_problem
 from ltr.ranker import LtrPipeline, ModelUnavailableError, registry_pipeline
@@ -45,12 +50,44 @@ class Snapshot:
     drift: DriftMonitor | None = None  # the active model's served features against its training data
 
 
+RELOAD_ERRORS = (IndexBundleError, ElasticsearchError, OSError, ValueError)  # the old generation keeps serving
+
+
+class ReloadStamp:
+    """A file shared by the workers of one service: whoever reloads replaces it (a new inode),
+    the others compare its (inode, mtime) with the one they last acted on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen = self.read()
+
+    def read(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    def changed(self) -> bool:
+        return self.read() != self.seen
+
+    def announce(self) -> None:
+        """Replace the stamp atomically; the announcer has already seen its own news."""
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()} {time.time()}\n")
+            stat = os.fstat(handle.fileno())
+        os.replace(temporary, self.path)  # rename keeps the inode and mtime fstat saw
+        self.seen = stat.st_ino, stat.st_mtime_ns
+
+
 class ServingState:
-    def __init__(self, config: ServiceConfig):
+    def __init__(self, config: ServiceConfig, reload_stamp: Path | None = None):
         self.config = config
         self._snapshot: Snapshot | None = None
         self._reload_lock = threading.Lock()
         self.load_error: str | None = None
+        self._stamp = ReloadStamp(reload_stamp) if reload_stamp is not None else None
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -62,14 +99,42 @@ class ServingState:
             raise ApiError(503, "not_ready", f"no index loaded: {self.load_error or 'still loading'}")
         return snapshot
 
-    def reload(self) -> tuple[str | None, Snapshot]:
-        """Open the active generation and swap it in; the old one keeps serving until then."""
+    def reload(self, announce: bool = True) -> tuple[str | None, Snapshot]:
+        """Open the active generation and swap it in; the old one keeps serving until then.
+        `announce`: tell the other workers to follow (not for a worker's first load)."""
         with self._reload_lock:
-            previous = self._snapshot.index.generation_id if self._snapshot else None
-            index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
-            self._snapshot = self._build(index)
-            self.load_error = None
-            return previous, self._snapshot
+            previous, snapshot = self._load()
+            if announce and self._stamp is not None:
+                self._stamp.announce()
+            return previous, snapshot
+
+    def follow_reloads(self) -> bool:
+        """Per request: reload when another worker has (one `os.stat`); True when this call did.
+        Threads of this worker that find a reload under way serve the old snapshot meanwhile."""
+        stamp = self._stamp
+        if stamp is None or not stamp.changed() or not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
+            news = stamp.read()
+            if news == stamp.seen:  # another thread of this worker followed it already
+                return False
+            stamp.seen = news  # a reload that fails is not retried per request: the next announcement retries
+            try:
+                self._load()
+            except RELOAD_ERRORS as exc:
+                logger.error("following another worker's reload failed; still serving %s: %s",
+                             self._snapshot.index.generation_id if self._snapshot else "nothing", exc)
+                return False
+            return True
+        finally:
+            self._reload_lock.release()
+
+    def _load(self) -> tuple[str | None, Snapshot]:
+        previous = self._snapshot.index.generation_id if self._snapshot else None
+        index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
+        self._snapshot = self._build(index)
+        self.load_error = None
+        return previous, self._snapshot
 
     def _serve(self, index: SearchBackend, first_stage: Pipeline) -> RankingPipeline:
         """A first stage wrapped with the service's window and exploration settings."""

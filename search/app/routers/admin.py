@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from indexing.bundle import IndexBundleError
-from indexing.elastic import ElasticsearchError
 from search.app.deps import JobsDep, MetricsDep, StateDep, require_admin
 from search.app.errors import ApiError
 from search.app.metrics import refresh_generation_metrics
 from search.app.schemas import IndexInfo, JobStatus, RebuildRequest, ReloadResponse
+from search.app.state import RELOAD_ERRORS
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -31,7 +30,7 @@ def admin_job(job_id: str, jobs: JobsDep) -> JobStatus:
 def admin_reload(state: StateDep, metrics: MetricsDep) -> ReloadResponse:
     try:
         previous, snapshot = state.reload()
-    except (IndexBundleError, ElasticsearchError, OSError, ValueError) as exc:
+    except RELOAD_ERRORS as exc:
         raise ApiError(409, "reload_failed", f"the active generation could not be loaded; still serving the old one: {exc}") from None
     refresh_generation_metrics(metrics, state)
     return ReloadResponse(index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id),

@@ -1,4 +1,8 @@
-"""POST /events: impressions, clicks and dwell, validated against the request log and stored."""
+"""POST /events: impressions, clicks and dwell, validated against the request log and stored.
+
+A store that refuses writes (read-only, disk full, locked past every retry) answers 503 with the
+reason and Retry-After: nothing was stored, the client may resend the batch (event ids dedupe it).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,7 +11,7 @@ import time
 from fastapi import APIRouter
 
 from search.app.deps import AggregatesDep, EventStoreDep, MetricsDep
-from search.app.errors import ApiError
+from search.app.errors import STORE_ERRORS, ApiError
 from search.app.schemas import EventBatch, EventsAccepted
 from search.event_store import Event, ValidationError
 
@@ -28,6 +32,12 @@ def post_events(batch: EventBatch, store: EventStoreDep, aggregates: AggregatesD
     except ValidationError as exc:
         details = [{"field": p.split(": ", 1)[0], "reason": p.split(": ", 1)[-1]} for p in exc.problems]
         raise ApiError(422, "invalid_events", f"{len(exc.problems)} problem(s); nothing was stored", details) from None
+    except STORE_ERRORS as exc:
+        logger.error("event store refused a batch of %d events: %s", len(events), exc)
+        metrics.store_failed("events", exc)
+        raise ApiError(503, "store_unavailable", f"the event store cannot take writes ({exc}); nothing was stored, "
+                       "retry later", headers={"Retry-After": "5"}) from None
+    metrics.store_ok("events")
     for event in events:
         metrics.events.labels(event.type).inc()
     try:  # the events are stored (the source of truth); aggregates follow them, never the reverse

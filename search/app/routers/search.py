@@ -20,7 +20,7 @@ from ltr.experiments import (
 )
 from search.app.config import OnlineExperimentSettings, ServiceConfig
 from search.app.deps import ConfigDep, EventStoreDep, ExperimentLogDep, MetricsDep, StateDep
-from search.app.errors import ApiError
+from search.app.errors import STORE_ERRORS, ApiError
 from search.app.metrics import ServiceMetrics
 from search.app.pages.highlight import highlighter, to_html
 from search.app.schemas import (
@@ -79,6 +79,9 @@ def search_get(
         except json.JSONDecodeError as exc:
             raise ApiError(400, "invalid_request", f"filters: invalid JSON ({exc.msg})",
                            [{"field": "query.filters", "reason": "invalid JSON"}]) from None
+        except RecursionError:  # the decoder's nesting guard, as for a POST body
+            raise ApiError(400, "invalid_request", "filters: JSON nested too deeply",
+                           [{"field": "query.filters", "reason": "nested too deeply"}]) from None
         if not isinstance(parsed_filters, dict):
             raise ApiError(400, "invalid_request", "filters: expected a JSON object",
                            [{"field": "query.filters", "reason": "not an object"}])
@@ -233,8 +236,13 @@ def log_search(store: EventStore, experiment_log: ExperimentLog | None, metrics:
     """The request log (clicks are validated against it), then the experiment rows."""
     started = time.perf_counter()
     now = time.time()
-    store.log_request(served_request(outcome, ranking_request, name, snapshot.index, now, body.user_id, body.session_id,
-                                     interleaved=interleaved))
+    try:  # an unwritable store degrades the log (counted, /ready says so), never the search
+        store.log_request(served_request(outcome, ranking_request, name, snapshot.index, now, body.user_id,
+                                         body.session_id, interleaved=interleaved))
+        metrics.store_ok("request_log")
+    except STORE_ERRORS as exc:
+        logger.error("request %s served but not logged: %s", ranking_request.request_id, exc)
+        metrics.store_failed("request_log", exc)
     interleaver = plan.interleaver
     if interleaved and interleaver is not None and experiment_log is not None:
         metrics.interleaved.labels(interleaver.capture.version, interleaver.challenger.version).inc()
