@@ -204,11 +204,12 @@ class LtrPipeline:
         if self.model is None:
             raise ValueError(f"pipeline '{self.name}' has no model: train one (`ltr-search train`) and promote it, "
                              "or evaluate it with `ltr-search eval --train-split`")
+        key = (query, getattr(self.backend, "revision", None))  # a live index's updates (issue 18) retire its windows
         if not self.uses_behaviour:
             with self._cache_lock:
-                cached = self._cache.get(query)
+                cached = self._cache.get(key)
                 if cached is not None:
-                    self._cache.move_to_end(query)
+                    self._cache.move_to_end(key)
                     return cached.replayed()
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -227,7 +228,7 @@ class LtrPipeline:
                               self.model.stage)
         if not self.uses_behaviour:
             with self._cache_lock:
-                self._cache[query] = scored
+                self._cache[key] = scored
                 if len(self._cache) > WINDOW_CACHE_SIZE:
                     self._cache.popitem(last=False)
         return scored
