@@ -53,6 +53,9 @@ def client(page_home: Path, tmp_path: Path, monkeypatch):
     from search.app.config import load_service_config
     from search.app.service import create_app
 
+    import shutil
+
+    shutil.rmtree(page_home / "judgments", ignore_errors=True)  # each test judges from scratch
     monkeypatch.setenv("LTR_SEARCH_ADMIN_TOKEN", ADMIN_TOKEN)
     monkeypatch.setenv("LTR_SEARCH_JUDGE_TOKEN", JUDGE_TOKEN)
     config = load_service_config(page_home, None, {"index": "pages", "events_path": tmp_path / "events.sqlite3"})
@@ -138,3 +141,78 @@ def test_static_files_and_document_page(client):
     page = client.get("/doc/d4", params={"q": "photons"})
     assert page.status_code == 200 and "&lt;script&gt;" in page.text and "<mark>photons</mark>" in page.text
     assert client.get("/doc/nope").status_code == 404
+
+
+# --------------------------------------------------------------------------- login, CSRF, judging
+
+
+def login(client, token: str = ADMIN_TOKEN, name: str = "alice", next_: str = "/judge"):
+    form = client.get("/login", params={"next": next_}).text
+    nonce = re.search(r'name="login_csrf" value="([^"]+)"', form).group(1)
+    return client.post("/login", data={"token": token, "name": name, "next": next_, "login_csrf": nonce},
+                       follow_redirects=False)
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def test_pages_need_a_login_and_the_right_token(client):
+    for path in ("/judge", "/compare", "/dashboard"):
+        response = client.get(path, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"].startswith("/login?next=")
+    assert login(client, token="wrong-token-0123456789").status_code == 400
+    response = login(client, token=JUDGE_TOKEN, name="jo")
+    assert response.status_code == 303 and response.headers["location"] == "/judge"
+    cookie = response.headers["set-cookie"]
+    assert "ltr_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert client.get("/judge").status_code == 200
+    assert client.get("/dashboard", follow_redirects=False).status_code == 403  # the judge token opens /judge only
+    value = cookie.split("ltr_session=")[1].split(";")[0]
+    client.cookies.clear()
+    client.cookies.set("ltr_session", value[:-3] + ("abc" if not value.endswith("abc") else "abd"))  # forged signature
+    assert client.get("/judge", follow_redirects=False).status_code == 303
+
+
+def test_login_refuses_a_missing_csrf_nonce_and_an_open_redirect(client):
+    refused = client.post("/login", data={"token": ADMIN_TOKEN, "name": "a", "login_csrf": "x"}, follow_redirects=False)
+    assert refused.status_code == 400 and "CSRF" in refused.text
+    assert login(client, next_="https://evil.example/").headers["location"] == "/judge"
+    assert login(client, next_="//evil.example/").headers["location"] == "/judge"
+
+
+def test_judging_forms_need_the_csrf_token(client):
+    login(client)
+    page = client.get("/judge").text
+    missing = client.post("/judge/queries", data={"source": "text", "queries": "cats", "pipelines": "bm25"})
+    assert missing.status_code == 403 and "CSRF" in missing.text
+    cross = client.post("/judge/queries", data={"csrf": csrf_of(page), "source": "text", "queries": "cats",
+                                                "pipelines": "bm25"}, headers={"origin": "https://evil.example"})
+    assert cross.status_code == 403
+
+
+def test_judge_pool_grade_skip_export(client, page_home):
+    login(client, name="alice")
+    token = csrf_of(client.get("/judge").text)
+    added = client.post("/judge/queries", data={"csrf": token, "source": "text", "queries": "cats\ngarden mice\n",
+                                                "pipelines": ["bm25"], "depth": "3"}, follow_redirects=False)
+    assert added.status_code == 303
+    overview = client.get(added.headers["location"]).text
+    assert "2 queries added and pooled." in overview and "cats" in overview
+    query_link = re.search(r'href="/judge/q/([^"]+)">cats<', overview).group(1)
+    seen = []
+    for grade in ("3", "skip", "1"):
+        page = client.get(f"/judge/q/{query_link}").text
+        doc_id = re.search(r'name="doc_id" value="([^"]+)"', page).group(1)
+        seen.append(doc_id)
+        response = client.post(f"/judge/q/{query_link}", data={"csrf": token, "doc_id": doc_id, "grade": grade},
+                               follow_redirects=False)
+        assert response.status_code == 303
+    assert len(set(seen)) == 3 and 'id="query-done"' in client.get(f"/judge/q/{query_link}").text
+    bad = client.post(f"/judge/q/{query_link}", data={"csrf": token, "doc_id": "d404", "grade": "2"})
+    assert bad.status_code == 400 and "not in the pool" in bad.text
+    trec = client.get("/judge/export", params={"format": "trec"}).text.splitlines()
+    assert sorted(trec) == sorted([f"{query_link} 0 {seen[0]} 3", f"{query_link} 0 {seen[2]} 1"])  # the skip is not exported
+    beir = client.get("/judge/export").text.splitlines()
+    assert beir[0] == "query-id\tcorpus-id\tscore" and len(beir) == 3
+    assert json.loads(client.get("/judge/queries.jsonl").text) == {"_id": query_link, "text": "cats"}

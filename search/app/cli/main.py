@@ -56,6 +56,7 @@ COMMANDS: dict[str, Command] = {
     "models": Command("search.app.cli.models", "list, inspect, promote, roll back, delete and compare ranking models"),
     "behaviour": Command("search.app.cli.behaviour", "behaviour aggregates, position propensities and drift"),
     "clicks": Command("search.app.cli.clicks", "fit and compare click models on a click log"),
+    "judgments": Command("search.app.cli.judgments", "export workbench judgments as qrels (BEIR or TREC), agreement"),
     "simulate": Command("search.app.cli.clicks", "simulate users clicking: live against the query service, "
                                                  "or offline over a TREC run file"),
 }
