@@ -12,7 +12,10 @@ open on that file), so threads of a process queue on the lock instead of on SQLi
 Measured for the event store on the 2-core dev machine with 8 writer threads, 40 commits each: one
 connection per thread relying on `busy_timeout` gave 150-270 commits/s with p99 0.5-1.3 s (the busy
 handler sleeps and backs off, so some threads starve); one locked connection gave 310-570 commits/s
-with p99 under 80 ms. Separate processes still contend through `busy_timeout`, the fallback.
+with p99 under 80 ms. Separate processes (`serve --workers N`, a CLI job beside the service) still
+contend through `busy_timeout`; a BEGIN that is still busy after it (SQLite's busy handler backs
+off and can starve one process, and some busy states skip the handler altogether) is retried a few
+times after a short random pause (`begin_immediate`): nothing was written yet, so a retry is safe.
 
 Reads either share the writer connection under the same lock (small stores), or take a read-only
 connection from a pool (`reader_pool=True`: WAL lets them run while a write commits). Connections
@@ -23,14 +26,17 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 BUSY_TIMEOUT_MS = 10_000  # only other processes wait on this; threads of one process queue on a lock
+BEGIN_RETRIES = 5  # further BEGIN IMMEDIATE attempts once busy_timeout has run out (other processes)
 SYNCHRONOUS_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -93,7 +99,7 @@ def connect(path: Path | str, schema: SqliteSchema, read_only: bool = False) -> 
 @contextmanager
 def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception; the caller holds the file's lock."""
-    connection.execute("BEGIN IMMEDIATE")
+    begin_immediate(connection)
     try:
         yield connection
         connection.execute("COMMIT")  # with synchronous=FULL, returns once the WAL is fsynced
@@ -101,6 +107,26 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         if connection.in_transaction:  # a failed COMMIT (disk full, I/O error) may leave it open
             connection.execute("ROLLBACK")
         raise
+
+
+def begin_immediate(connection: sqlite3.Connection, retries: int = BEGIN_RETRIES) -> None:
+    """Take the write lock, retrying when another process holds it past `busy_timeout`."""
+    for attempt in range(retries + 1):
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if attempt == retries or not is_busy(exc):
+                raise
+            time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))  # jitter: the waiters do not retry in step
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock (worth retrying)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def prepare(connection: sqlite3.Connection, path: Path | str, schema: SqliteSchema) -> None:

@@ -1,0 +1,148 @@
+"""`ltr-search serve --workers 2` as real processes: events posted concurrently by several client
+processes through both workers are all stored (none lost, none twice), a reload made by one
+worker reaches the other, and /metrics on any worker sums both. Plus the SQLite write lock's
+retry across processes (indexing/sqlite.py) on a real file."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import httpx
+import pytest
+
+from indexing.home import event_store_path
+from indexing.sqlite import begin_immediate
+from search.event_store import EventStore
+from tests.conftest import SMALL_DOCS, run_cli, running_service, write_jsonl
+
+INDEX = "mw"
+ADMIN_TOKEN = "multi-worker-admin-token-0123"
+CLIENTS, ROUNDS = 4, 12
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiworker")
+    home = root / "home"
+    corpus = write_jsonl(root / "corpus.jsonl", SMALL_DOCS)
+    run_cli(home, "index", "build", "--dataset", str(corpus), "--name", INDEX, "--no-dense", "--quiet")
+    config = root / "service.toml"
+    config.write_text('access_log = false\n[exploration]\nepsilon = 0.0\n')
+    with running_service(home, "--name", INDEX, "--config", str(config), "--workers", "2",
+                         env={"LTR_SEARCH_ADMIN_TOKEN": ADMIN_TOKEN}) as (url, _):
+        pids, health_calls = set(), 0
+        deadline = time.time() + 90
+        while len(pids) < 2:  # each fresh connection lands on whichever worker accepts it
+            assert time.time() < deadline, f"only workers {pids} answered"
+            answer = httpx.get(f"{url}/health", timeout=10)
+            health_calls += 1
+            pids.add(answer.headers["X-Worker"])
+        yield {"url": url, "home": home, "pids": pids, "health_calls": health_calls}
+
+
+def client_process(url: str, client: int) -> tuple[int, int, list[str]]:
+    """One client: search, then post that page's impressions and a click, each on a fresh
+    connection (so requests spread over the workers). Returns (acknowledged, duplicates, pids)."""
+    acknowledged, duplicates, pids = 0, 0, []
+    for round_ in range(ROUNDS):
+        page = httpx.get(f"{url}/search", params={"q": "cats mice garden", "size": 3}, timeout=60)
+        page.raise_for_status()
+        results = page.json()["results"]
+        request_id = page.json()["request_id"]
+        events = [{"request_id": request_id, "type": "impression", "doc_id": r["id"], "position": r["position"],
+                   "event_id": f"c{client}-r{round_}-i{r['position']}"} for r in results]
+        events.append({"request_id": request_id, "type": "click", "doc_id": results[0]["id"], "position": 1,
+                       "event_id": f"c{client}-r{round_}-click"})
+        posted = httpx.post(f"{url}/events", json={"events": events}, timeout=60)
+        posted.raise_for_status()
+        acknowledged += posted.json()["stored"]
+        duplicates += posted.json()["duplicates"]
+        pids += [page.headers["X-Worker"], posted.headers["X-Worker"]]
+    return acknowledged, duplicates, pids
+
+
+def test_clients_posting_events_through_two_workers_lose_none(two_workers):
+    url = two_workers["url"]
+    store_path = event_store_path(two_workers["home"], INDEX)
+    with EventStore(store_path) as store:
+        before = sum(store.count_events().values())
+    with ProcessPoolExecutor(CLIENTS, mp_context=get_context("spawn")) as pool:
+        outcomes = list(pool.map(client_process, [url] * CLIENTS, range(CLIENTS)))
+    acknowledged = sum(a for a, _, _ in outcomes)
+    assert sum(d for _, d, _ in outcomes) == 0
+    with EventStore(store_path) as store:
+        stored = sum(store.count_events().values()) - before
+    assert acknowledged == stored > 0, (acknowledged, stored)
+    assert set().union(*(p for _, _, p in outcomes)) == two_workers["pids"]  # both workers wrote
+
+
+def metric_lines(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_a_reload_in_one_worker_reaches_every_worker(two_workers):
+    url, home = two_workers["url"], two_workers["home"]
+    before = httpx.get(f"{url}/ready", timeout=10).json()["index"]["generation"]
+    run_cli(home, "index", "rebuild", "--name", INDEX, "--quiet")  # a new active generation on disk
+    served = {httpx.get(f"{url}/ready", timeout=10).json()["index"]["generation"] for _ in range(10)}
+    assert served == {before}  # the workers serve what they loaded until told to reload
+    reloaded = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
+    assert reloaded.status_code == 200, reloaded.text
+    after = reloaded.json()["index"]["generation"]
+    assert after != before
+    seen: dict[str, set[str]] = {}
+    for _ in range(40):  # fresh connections: both workers answer, and each has followed the reload
+        answer = httpx.get(f"{url}/search", params={"q": "cats", "size": 1}, timeout=60)
+        seen.setdefault(answer.headers["X-Worker"], set()).add(answer.json()["index"]["generation"])
+        if len(seen) == 2 and sum(len(v) for v in seen.values()) >= 2:
+            break
+    assert set(seen) == two_workers["pids"] and all(v == {after} for v in seen.values()), seen
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    generations = metric_lines(metrics, "ltr_search_index_generation_info")
+    for pid in two_workers["pids"]:  # one series per worker, each at the new generation
+        assert f'ltr_search_index_generation_info{{generation="{after}",index="{INDEX}",pid="{pid}"}} 1.0' in generations
+        assert f'ltr_search_index_generation_info{{generation="{before}",index="{INDEX}",pid="{pid}"}} 0.0' in generations
+
+
+def test_metrics_sum_over_both_workers(two_workers):
+    url = two_workers["url"]
+
+    def health_count() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next((x for x in metric_lines(text, "ltr_search_requests_total") if 'route="/health"' in x), None)
+        return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
+
+    start = health_count()
+    pids = {httpx.get(f"{url}/health", timeout=10).headers["X-Worker"] for _ in range(30)}
+    assert pids == two_workers["pids"]  # the 30 requests went to both workers ...
+    assert health_count() == start + 30  # ... and either worker's /metrics counts all of them
+
+
+def test_a_busy_write_lock_held_by_another_process_is_retried(tmp_path: Path):
+    """Another connection (as another process would) holds the write lock past busy_timeout:
+    BEGIN IMMEDIATE retries and gets it once released; without retries it fails busy."""
+    path = tmp_path / "busy.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("CREATE TABLE t (x)")
+    waiter = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    waiter.execute("PRAGMA busy_timeout = 50")
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(waiter, retries=0)
+    release = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    release.start()
+    started = time.perf_counter()
+    begin_immediate(waiter, retries=20)
+    waited = time.perf_counter() - started
+    waiter.execute("INSERT INTO t VALUES (?)", (uuid.uuid4().hex,))
+    waiter.execute("COMMIT")
+    release.join()
+    assert waited >= 0.15 and holder.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+    holder.close()
+    waiter.close()
