@@ -16,6 +16,7 @@ from indexing.bm25 import COMBINED_FIELD, BM25Index, BM25Settings, CandidateStat
 from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR, BuildSettings, compact_index
 from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
 from indexing.home import encoders_dir
+from indexing.corpus import Document
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
@@ -193,6 +194,14 @@ class EmbeddedIndex:
 
     def documents(self, doc_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         return [self.document(doc_id) for doc_id in doc_ids]
+
+    def write_documents(self, upserts: Sequence[Document] = (), deletes: Sequence[str] = ()) -> dict[str, Any]:
+        """Upsert and delete documents in one durable batch (the journal); searchable on return.
+        A delete of an id this index does not serve raises `UnknownDocumentError`."""
+        receipt = write_updates(self.home, self.name, upserts, deletes,
+                                is_live=lambda doc_id: self._live().row_of(doc_id) is not None, encoder=self.encoder)
+        self._live()  # this process sees its own write at once (others on their next query)
+        return {**receipt.to_dict(), "durable": True}
 
     def filter_mask(self, filters: Sequence[FieldFilter], doc_ids: Sequence[str]) -> np.ndarray:
         return filter_mask(filters, [filterable_fields(d or {}) for d in self.documents(doc_ids)], doc_ids=doc_ids)
