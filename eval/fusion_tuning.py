@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
-
 from eval.metrics import evaluate_run
 from search.backend import Hit, SearchBackend
-from search.fusion import NORMALISATIONS
+from search.fusion import CONVEX_WEIGHT_GRID, NORMALISATIONS
 from search.hybrid import FusionSettings, HybridPipeline, fused_scores
 
 TUNING_METRIC = "nDCG@10"
-TUNING_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2).tolist())
+TUNING_WEIGHTS = CONVEX_WEIGHT_GRID
 
 
 class TunedHybridPipeline(HybridPipeline):

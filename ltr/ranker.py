@@ -19,10 +19,9 @@ from ltr.behaviour import BehaviourStore
 from search.event_store import EventStore
 from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set, uses_behaviour
 from ltr.point_in_time import BehaviourHistory, behaviour_sources
-from ltr.registry import (BaseStage, FeatureSetMismatchError, ModelManifest, ModelRegistry, predict_contributions,
-                          predict_scores, staged_base)
+from ltr.registry import BaseStage, FeatureSetMismatchError, ModelManifest, ModelRegistry
 from indexing.home import registry_dir
-from ltr.training import Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
+from ltr.training import InMemoryModel, Qrels, TrainedRanker, TrainingSettings, candidate_window, fit_ranker
 from search.backend import Hit, SearchBackend
 from search.hybrid import Candidates, FusionSettings, top_order
 
@@ -41,26 +40,6 @@ class ScoringModel(Protocol):
     def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
 
     def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
-
-
-@dataclass
-class InMemoryModel:
-    """A model fitted in this process (e.g. by `ltr-search eval`), not stored in the registry."""
-
-    trained: TrainedRanker
-    version: str = "unsaved"
-
-    @property
-    def stage(self) -> BaseStage | None:
-        return self.trained.stage
-
-    def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-        return predict_scores(self.trained.booster, list(self.trained.feature_names), features,
-                              staged_base(self.stage, base, self.version))
-
-    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-        return predict_contributions(self.trained.booster, list(self.trained.feature_names), features,
-                                     staged_base(self.stage, base, self.version))
 
 
 def window_base(model: ScoringModel, window: Candidates) -> np.ndarray | None:
@@ -272,6 +251,11 @@ def registry_pipeline(backend: SearchBackend, home: Path, version: str = "active
                 "`ltr-search models promote VERSION`"
             )
         version = active
+    elif version == "latest":  # the newest stored model, e.g. the one `train` just wrote
+        stored = registry.version_ids()
+        if not stored:
+            raise ModelUnavailableError(f"no models in {registry_dir(home)}: train one with `ltr-search train`")
+        version = stored[-1]
     manifest = registry.manifest(version)
     try:
         features = feature_set(manifest.feature_set["name"])

@@ -22,6 +22,12 @@ from the candidate window (`BaseStage.margin`, e.g. 4 x the convex min-max fusio
 records the stage; the sample stores each row's base, and parity is checked on trees + base. A
 manifest with a stage this engine does not know, or a staged sample without its base, is refused.
 Manifests without a stage are plain models (base 0), as before.
+
+A model may also be staged on another stored model ("base_model", see `ModelBase`): a behaviour
+model's trees read only the behaviour columns and add to a frozen text model's score, exactly 0
+for a document with no history. Loading it loads and verifies its base first, and refuses it
+when the base is gone; its sample's predictions are the whole chain's, so parity covers every
+stage. The active model's base cannot be deleted.
 """
 from __future__ import annotations
 
@@ -90,6 +96,10 @@ class MissingBaseError(ValueError):
     """A staged model scored without its base margin: its scores would rank as the trees alone."""
 
 
+class MissingBaseModelError(RegistryError):
+    """A model staged on a frozen model (a behaviour stage on a text model) whose base is gone."""
+
+
 BASE_KINDS = ("fusion",)
 
 
@@ -114,6 +124,12 @@ class BaseStage:
     @property
     def name(self) -> str:
         return f"{self.fusion.method} x {self.scale:g}"
+
+    def describe(self) -> str:
+        """The fusion with its settings: 'convex z-score dense=0.45 x 4', 'rrf k=60 x 4'."""
+        f = self.fusion
+        settings = f"k={f.rrf_k:g}" if f.method == "rrf" else f"{f.normalisation} dense={f.dense_weight:g}"
+        return f"{f.method} {settings} x {self.scale:g}"
 
     def to_dict(self) -> dict[str, Any]:
         fusion = {k: v for k, v in self.fusion.to_dict().items() if k not in ("bm25_candidates", "dense_candidates")}
@@ -143,6 +159,51 @@ def first_stage_score(window: Candidates, fusion: FusionSettings) -> np.ndarray:
     return scores * ((fusion.rrf_k + 1) / 2) if fusion.method == "rrf" else scores
 
 
+@dataclass(frozen=True)
+class ModelBase:
+    """A frozen registry model another model is staged on: a behaviour stage's trees read only
+    the behaviour `columns` and add to the base model's score (computed from the base model's
+    own feature columns and first stage). Their output is taken relative to `cold_row` - the
+    behaviour values of a document with no history - and is exactly 0 for such rows, so a query
+    with no history ranks exactly, bit for bit, as the base model ranks it."""
+
+    version: str  # the base model's registry version
+    feature_set: dict[str, Any]  # the base model's feature set (its columns are read from this model's rows)
+    columns: tuple[str, ...]  # the columns the trees read
+    cold_row: tuple[float, ...]  # `columns` with no history (NaN where a rate is unknown)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "feature_set": _jsonable(self.feature_set), "columns": list(self.columns),
+                "cold_row": [None if math.isnan(x) else float(x) for x in self.cold_row]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelBase":
+        if not isinstance(data, dict) or set(data) != {"version", "feature_set", "columns", "cold_row"}:
+            raise ValueError(f"base_model must hold exactly version, feature_set, columns and cold_row, got {data!r}")
+        _require_keys("base_model.feature_set", data["feature_set"], FEATURE_SET_KEYS)
+        if len(data["columns"]) != len(data["cold_row"]) or not data["columns"]:
+            raise ValueError("base_model.columns and base_model.cold_row must be non-empty and of one length")
+        return cls(str(data["version"]), data["feature_set"], tuple(data["columns"]),
+                   tuple(float("nan") if x is None else float(x) for x in data["cold_row"]))
+
+    def delta(self, booster: xgboost.Booster, features: np.ndarray) -> np.ndarray:
+        """What the trees add to the base model's score for rows of `columns`: their output minus
+        their output on the cold row, and exactly 0 on rows equal to the cold row."""
+        cold = np.asarray(self.cold_row, dtype=np.float32)
+        rows = np.ascontiguousarray(features, dtype=np.float32)
+        if not len(rows):
+            return np.empty(0)
+        raw = predict_scores(booster, list(self.columns), np.vstack([rows, cold[None, :]]), np.zeros(len(rows) + 1))
+        delta = raw[:-1] - raw[-1]
+        delta[self.cold_mask(rows)] = 0.0
+        return delta
+
+    def cold_mask(self, rows: np.ndarray) -> np.ndarray:
+        """Rows whose behaviour values are all the cold row's (NaN matching NaN)."""
+        cold = np.asarray(self.cold_row, dtype=np.float32)[None, :]
+        return np.all((rows == cold) | (np.isnan(rows) & np.isnan(cold)), axis=1)
+
+
 def describe_feature_set(feature_set: dict[str, Any]) -> str:
     return f"{feature_set['name']} v{feature_set['version']} ({len(feature_set['features'])} features)"
 
@@ -170,10 +231,22 @@ class ModelManifest:
     # The first stage the trees were trained on top of (`BaseStage.to_dict()`); None: a plain
     # model (base 0), as every manifest written before stages existed.
     stage: dict[str, Any] | None = None
+    # The frozen model the trees add to (`ModelBase.to_dict()`): a behaviour stage on a text
+    # model. None: the trees add to `stage` (or to nothing) directly.
+    base_model: dict[str, Any] | None = None
 
     @property
     def base_stage(self) -> BaseStage | None:
         return BaseStage.from_dict(self.stage) if self.stage is not None else None
+
+    @property
+    def model_base(self) -> ModelBase | None:
+        return ModelBase.from_dict(self.base_model) if self.base_model is not None else None
+
+    @property
+    def tree_columns(self) -> list[str]:
+        """The columns the trees read: the feature set's, or a model stage's own columns."""
+        return list(self.base_model["columns"]) if self.base_model is not None else self.feature_names
 
     @property
     def feature_names(self) -> list[str]:
@@ -210,6 +283,12 @@ class ModelManifest:
             raise ValueError(f"sample has {len(rows)} rows but {len(predictions)} predictions")
         if self.stage is not None:
             self.base_stage  # raises on an unknown base
+        if self.base_model is not None:
+            link = self.model_base
+            assert link is not None
+            missing = [c for c in list(link.columns) + list(link.feature_set["features"]) if c not in names]
+            if missing:
+                raise ValueError(f"base_model reads columns the feature set does not have: {missing}")
             if len(self.sample["base"]) != len(rows):
                 raise ValueError(f"sample has {len(rows)} rows but {len(self.sample['base'])} base values")
         for i, row in enumerate(rows):
@@ -316,6 +395,7 @@ class LoadedModel:
 
     manifest: ModelManifest
     booster: xgboost.Booster
+    base_model: "LoadedModel | None" = None  # the frozen model a behaviour stage adds to
 
     @property
     def version(self) -> str:
@@ -323,14 +403,69 @@ class LoadedModel:
 
     @property
     def stage(self) -> BaseStage | None:
-        return self.manifest.base_stage
+        """The first stage whose margin the caller computes (a model stage's: its base model's)."""
+        return self.base_model.stage if self.base_model is not None else self.manifest.base_stage
 
     def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-        return predict_scores(self.booster, self.manifest.feature_names, features, staged_base(self.stage, base, self.version))
+        link = self.manifest.model_base
+        if link is None:
+            return predict_scores(self.booster, self.manifest.feature_names, features,
+                                  staged_base(self.stage, base, self.version))
+        return model_stage_predict(link, self.booster, self.base_model, self.manifest.feature_names, features, base)
 
     def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-        return predict_contributions(self.booster, self.manifest.feature_names, features,
-                                     staged_base(self.stage, base, self.version))
+        link = self.manifest.model_base
+        if link is None:
+            return predict_contributions(self.booster, self.manifest.feature_names, features,
+                                         staged_base(self.stage, base, self.version))
+        return model_stage_contributions(link, self.booster, self.base_model, self.manifest.feature_names, features, base)
+
+
+def model_stage_predict(link: ModelBase, booster: xgboost.Booster, base_model: Any, names: list[str] | tuple[str, ...],
+                        features: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """A model stage's scores: the frozen base model's score of its own columns (with the first
+    stage's margin `base`) plus the trees' `ModelBase.delta` on theirs."""
+    if base_model is None:
+        raise MissingBaseModelError(f"a model stage on {link.version} was scored without its base model")
+    names = list(names)
+    array = _checked(names, features)
+    text = base_model.predict(array[:, column_indices(names, link.feature_set["features"])], base)
+    return text + link.delta(booster, array[:, column_indices(names, link.columns)])
+
+
+def model_stage_contributions(link: ModelBase, booster: xgboost.Booster, base_model: Any,
+                              names: list[str] | tuple[str, ...], features: np.ndarray,
+                              base: np.ndarray | None) -> np.ndarray:
+    """Per-feature contributions of a model stage: the base model's (its columns, bias and first
+    stage margin) plus the trees' on their own columns, 0 on cold rows, the cold row's output
+    taken off the bias. Rows sum to `model_stage_predict`."""
+    if base_model is None:
+        raise MissingBaseModelError(f"a model stage on {link.version} was explained without its base model")
+    names = list(names)
+    array = _checked(names, features)
+    text_at, tree_at = column_indices(names, link.feature_set["features"]), column_indices(names, link.columns)
+    inner = base_model.contributions(array[:, text_at], base)  # [n, base columns + bias (+ first stage)]
+    out = np.zeros((len(array), len(names) + inner.shape[1] - len(text_at)))
+    out[:, text_at] = inner[:, : len(text_at)]
+    out[:, len(names):] = inner[:, len(text_at):]
+    rows = array[:, tree_at]
+    cold = np.asarray(link.cold_row, dtype=np.float32)[None, :]
+    trees = predict_contributions(booster, list(link.columns), np.vstack([rows, cold]), np.zeros(len(rows) + 1))
+    warm = np.flatnonzero(~link.cold_mask(rows))
+    if len(warm):
+        out[np.ix_(warm, tree_at)] = trees[warm, : len(tree_at)]
+        out[warm, len(names)] += trees[warm, len(tree_at)] - trees[-1, : len(tree_at) + 1].sum()
+    return out
+
+
+def _stage_dict(stage: BaseStage | None) -> dict[str, Any] | None:
+    return stage.to_dict() if stage is not None else None
+
+
+def column_indices(names: list[str], wanted: Any) -> np.ndarray:
+    """Where each of `wanted` sits among `names` (a model stage reads its base's columns by name)."""
+    at = {name: i for i, name in enumerate(names)}
+    return np.array([at[name] for name in wanted], dtype=np.int64)
 
 
 def staged_base(stage: BaseStage | None, base: np.ndarray | None, version: str) -> np.ndarray | None:
@@ -380,7 +515,19 @@ class ModelRegistry:
         manifest = self.manifest(version)
         if expected_feature_set is not None:
             manifest.check_feature_set(expected_feature_set)
-        return _open_verified(self._version_dir(version), manifest)
+        return _open_verified(self._version_dir(version), manifest, self._load_base(manifest))
+
+    def _load_base(self, manifest: ModelManifest) -> "LoadedModel | None":
+        """The verified base model of a model stage (None for other models); refused when missing."""
+        link = manifest.model_base
+        if link is None:
+            return None
+        if link.version not in self.version_ids():
+            raise MissingBaseModelError(
+                f"model {manifest.version} is staged on model {link.version}, which is not in {self.root}: it "
+                f"cannot rank without it (its trees only add to {link.version}'s scores); retrain it on a "
+                "text model that is here")
+        return self.load(link.version, expected_feature_set=link.feature_set)
 
     def active(self) -> str | None:
         return self._read_active()["active"]
@@ -401,6 +548,7 @@ class ModelRegistry:
         reference: Any = None,
         stage: BaseStage | None = None,
         sample_base: np.ndarray | None = None,
+        base_model: ModelBase | None = None,
     ) -> ModelManifest:
         """Store a trained booster (trimmed to best_iteration + 1 rounds) as the next version.
         Does not activate it; `promote` does. best_iteration has no default on purpose: forgetting
@@ -408,23 +556,31 @@ class ModelRegistry:
         `reference` (optional): the training distributions for drift monitoring, a
         ltr.drift.FeatureReference or its to_dict(); it must describe the feature set's columns.
         `stage` (optional): the base the trees were trained on, with `sample_base` the base margin
-        of each sample row; a staged model may have zero trees (it then ranks as its base)."""
+        of each sample row; a staged model may have zero trees (it then ranks as its base).
+        `base_model` (optional): the stored model the trees add to (a behaviour stage on a text
+        model); the trees then read `base_model.columns`, `stage` is the base model's first stage,
+        and `sample_base` its margin."""
         _require_keys("feature_set", feature_set, FEATURE_SET_KEYS)
         names = list(feature_set["features"])
+        tree_names = list(base_model.columns) if base_model is not None else names
+        base_loaded = self.load(base_model.version, base_model.feature_set) if base_model is not None else None
+        if base_loaded is not None and _stage_dict(base_loaded.stage) != _stage_dict(stage):
+            raise ValueError(f"a model stage's first stage must be its base model's ({_stage_dict(base_loaded.stage)}), "
+                             f"got {_stage_dict(stage)}")
         rounds = booster.num_boosted_rounds()
         if best_iteration is not None:
             if not 0 <= best_iteration < rounds:
                 raise ValueError(f"best_iteration {best_iteration} is outside the booster's {rounds} rounds")
             rounds = best_iteration + 1
-        min_rounds = 0 if stage is not None else 1
-        if rounds < min_rounds or booster.num_features() != len(names):
+        min_rounds = 0 if stage is not None or base_model is not None else 1
+        if rounds < min_rounds or booster.num_features() != len(tree_names):
             raise ValueError(
                 f"booster has {rounds} rounds and {booster.num_features()} features; feature set "
-                f"{describe_feature_set(feature_set)} needs at least {min_rounds} round(s) and as many features"
+                f"{describe_feature_set(feature_set)} needs at least {min_rounds} round(s) and {len(tree_names)} features"
             )
-        if booster.feature_names is not None and list(booster.feature_names) != names:
+        if booster.feature_names is not None and list(booster.feature_names) != tree_names:
             raise FeatureSetMismatchError(
-                f"booster was trained on columns {booster.feature_names} but the feature set lists {names}"
+                f"booster was trained on columns {booster.feature_names} but the model's trees read {tree_names}"
             )
         sample = np.asarray(sample_features, dtype=np.float32)
         if sample.ndim != 2 or sample.shape[0] < 1 or sample.shape[1] != len(names):
@@ -441,7 +597,7 @@ class ModelRegistry:
         elif sample_base is not None:
             raise ValueError("sample_base given without a stage")
         trimmed = booster[:rounds] if rounds else booster.copy()  # a copy: the caller's booster is left as it was
-        trimmed.feature_names = names
+        trimmed.feature_names = tree_names
 
         with self._lock("save"):
             self._remove_leftovers()
@@ -468,15 +624,16 @@ class ModelRegistry:
                     files={MODEL_FILE: file_record(staging / MODEL_FILE)},
                     reference=reference_data,
                     stage=stage.to_dict() if stage is not None else None,
+                    base_model=base_model.to_dict() if base_model is not None else None,
                 )
                 # Score the sample with the model as read back from disk: what a later load gives.
-                scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version)).predict(sample, base)
+                scores = LoadedModel(manifest, _read_booster(staging / MODEL_FILE, version), base_loaded).predict(sample, base)
                 if not np.isfinite(scores).all():
                     raise ValueError(f"model {version} scores its sample as non-finite: {scores.tolist()}")
                 manifest.sample["predictions"] = scores.tolist()
                 manifest.validate()
                 write_json_durably(staging / MANIFEST_FILE, manifest.to_dict())
-                _open_verified(staging, manifest)
+                _open_verified(staging, manifest, base_loaded)
                 fsync_tree(staging)
                 os.replace(staging, self.root / version)
                 fsync_dir(self.root)
@@ -520,6 +677,11 @@ class ModelRegistry:
                     f"model {version} is the active model; promote another (`ltr-search models promote VERSION`) "
                     f"or roll back (`ltr-search models rollback`) before deleting it"
                 )
+            active = self.manifest(state["active"]) if state["active"] is not None else None
+            if active is not None and active.base_model is not None and active.base_model["version"] == version:
+                raise ModelInUseError(
+                    f"model {version} is the base of the active model {active.version} (a behaviour stage adds to "
+                    f"its scores); promote another model before deleting it")
             if version in state["history"]:
                 self._write_active(state["active"], [v for v in state["history"] if v != version])
             trash = self.root / f".{version}-deleted{TMP_SUFFIX}"
@@ -569,7 +731,7 @@ class ModelRegistry:
             yield
 
 
-def _open_verified(directory: Path, manifest: ModelManifest) -> LoadedModel:
+def _open_verified(directory: Path, manifest: ModelManifest, base: "LoadedModel | None" = None) -> LoadedModel:
     version = manifest.version
     for name, record in manifest.files.items():
         path = directory / name
@@ -583,13 +745,13 @@ def _open_verified(directory: Path, manifest: ModelManifest) -> LoadedModel:
                     f"{record.get(key)} (the file was changed or is corrupt)"
                 )
     booster = _read_booster(directory / MODEL_FILE, version)
-    if (booster.num_boosted_rounds(), booster.num_features()) != (manifest.trees, len(manifest.feature_names)):
+    if (booster.num_boosted_rounds(), booster.num_features()) != (manifest.trees, len(manifest.tree_columns)):
         raise ModelCorruptError(
             f"model {version}: {MODEL_FILE} has {booster.num_boosted_rounds()} rounds and "
             f"{booster.num_features()} features but the manifest records {manifest.trees} and "
-            f"{len(manifest.feature_names)}"
+            f"{len(manifest.tree_columns)}"
         )
-    loaded = LoadedModel(manifest, booster)
+    loaded = LoadedModel(manifest, booster, base)
     _check_parity(loaded)
     return loaded
 

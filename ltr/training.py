@@ -16,15 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import xgboost as xgb
 
-from ltr.features import FeatureSet, extract_features
-from ltr.registry import BaseStage, first_stage_score, single_threaded
+from ltr.features import FEATURE_SETS, FeatureSet, extract_features
+from ltr.registry import (BaseStage, ModelBase, column_indices, first_stage_score, model_stage_contributions,
+                          model_stage_predict, predict_contributions, predict_scores, single_threaded, staged_base)
 from search.backend import SearchBackend
+from search.fusion import CONVEX_WEIGHT_GRID, NORMALISATIONS
 from search.hybrid import Candidates, FusionSettings, generate_candidates
 
 if TYPE_CHECKING:
@@ -35,6 +37,13 @@ EARLY_STOPPING_METRIC = "ndcg@10"
 SELECTIONS = ("inner-cv", "holdout")
 CI_Z = 1.96  # normal 95% interval of a mean over queries
 SMALL_TRAINING_ROWS = 100_000  # below this, training runs on one thread (`TrainingSettings.params_for`)
+# Regularisation presets the inner CV chooses between (XGBoost parameters over the settings').
+# "default" is the setting cross-validated on SciFact train; "strong" holds small data to
+# shallower trees with more evidence per leaf, for datasets of a few hundred queries or fewer.
+REGULARISATIONS: dict[str, dict[str, float]] = {
+    "default": {},
+    "strong": {"max_depth": 4, "min_child_weight": 10.0, "reg_lambda": 10.0},
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,14 @@ class TrainingSettings:
     # training queries (`inner_cross_validation`); "holdout": the former plain model with early
     # stopping on `valid_fraction` of them.
     selection: str = "inner-cv"
-    base_scales: tuple[float, ...] = (1.0, 4.0, 16.0)  # base = scale x fused score, chosen by the inner CV
+    # base = scale x fused score. Scales 1, 4 and 16 were within 0.004 held-out nDCG@10 of each
+    # other on SciFact train (noise) at 3x the training time, so one scale is the default.
+    base_scales: tuple[float, ...] = (4.0,)
+    regularisations: tuple[str, ...] = ("default", "strong")  # `REGULARISATIONS` the inner CV tries
     cv_folds: int = 0  # 0: the rule of `inner_cv_folds`
+    # Inner-CV folds stop this many rounds after their held-out fold's best; the curve averaged
+    # over the folds is cut at the shortest fold, so the peak must lie within it.
+    cv_patience: int = 100
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.valid_fraction < 1.0:
@@ -78,6 +93,11 @@ class TrainingSettings:
             raise ValueError(f"base scales must be > 0, got {self.base_scales}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"cv folds must be 0 (automatic) or >= 2, got {self.cv_folds}")
+        unknown = [name for name in self.regularisations if name not in REGULARISATIONS]
+        if not self.regularisations or unknown:
+            raise ValueError(f"regularisations must be among {', '.join(REGULARISATIONS)}, got {list(self.regularisations)}")
+        if self.cv_patience < 1:
+            raise ValueError(f"cv patience must be >= 1, got {self.cv_patience}")
 
     def xgboost_params(self) -> dict[str, Any]:
         params = {
@@ -100,6 +120,10 @@ class TrainingSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def regularised(self, name: str) -> "TrainingSettings":
+        """These settings with a `REGULARISATIONS` preset applied."""
+        return replace(self, **{key: type(getattr(self, key))(value) for key, value in REGULARISATIONS[name].items()})
 
     def params_for(self, rows: int) -> dict[str, Any]:
         """XGBoost parameters for training on `rows` rows: one thread under SMALL_TRAINING_ROWS
@@ -136,6 +160,10 @@ class RankingRows:
             raise ValueError(f"these rows carry no first-stage score for {key}; they have {sorted(self.first_stage)}")
         return stage.scaled(self.first_stage[key])
 
+    def columns(self, indices: np.ndarray) -> "RankingRows":
+        """The same rows with only these feature columns (a model stage's trees read a subset)."""
+        return replace(self, features=np.ascontiguousarray(self.features[:, indices]))
+
     def select(self, query_ids: Iterable[str]) -> "RankingRows":
         wanted = set(query_ids)
         starts = np.concatenate(([0], np.cumsum(self.group_sizes)))
@@ -149,11 +177,16 @@ class RankingRows:
             first_stage={key: values[rows] for key, values in self.first_stage.items()},
         )
 
-    def dmatrix(self, feature_names: Iterable[str], stage: BaseStage | None = None) -> xgb.DMatrix:
+    def dmatrix(self, feature_names: Iterable[str], stage: BaseStage | None = None,
+                margin: np.ndarray | None = None) -> xgb.DMatrix:
+        """XGBoost's matrix of these rows, with a staged model's base margin: `stage`'s, or an
+        explicit `margin` (one per row, e.g. a frozen model's scores)."""
         matrix = xgb.DMatrix(self.features, label=self.labels, missing=np.nan, feature_names=list(feature_names))
         matrix.set_group(self.group_sizes)
-        if stage is not None:
-            matrix.set_base_margin(np.asarray(self.base(stage), dtype=np.float32))
+        if margin is None and stage is not None:
+            margin = self.base(stage)
+        if margin is not None:
+            matrix.set_base_margin(np.asarray(margin, dtype=np.float32))
         if self.group_weights is not None:
             matrix.set_weight(np.asarray(self.group_weights, dtype=np.float32))
         return matrix
@@ -177,11 +210,17 @@ def candidate_window(backend: SearchBackend, query: str, fusion: FusionSettings)
 
 
 def base_fusions(fusion: FusionSettings) -> list[FusionSettings]:
-    """The fusions a model may be staged on: convex min-max 0.5/0.5 and RRF (k=60), plus the
-    configured fusion when it is another. Which one is chosen by its nDCG@10 on the training
-    queries (`choose_base_fusion`)."""
+    """The fusions a model may be staged on: convex fusion at every weight and normalisation of
+    the `hybrid-tuned` grid (min-max 0.5/0.5 first), RRF (k=60), and the configured fusion when it
+    is another. Which one is chosen by its nDCG@10 on the training queries
+    (`choose_base_fusion`), as `hybrid-tuned` chooses its own: with zero trees a model is at least
+    the tuned fusion, never a fixed one that a dataset does not suit."""
     window = {"bm25_candidates": fusion.bm25_candidates, "dense_candidates": fusion.dense_candidates}
-    candidates = [FusionSettings(method="convex", **window), FusionSettings(method="rrf", **window)]
+    candidates = [FusionSettings(method="convex", **window)]
+    candidates += [FusionSettings(method="convex", dense_weight=weight, normalisation=normalisation, **window)
+                   for normalisation in NORMALISATIONS for weight in CONVEX_WEIGHT_GRID
+                   if (normalisation, weight) != ("min-max", 0.5)]
+    candidates.append(FusionSettings(method="rrf", **window))
     return candidates + ([fusion] if fusion_key(fusion) not in {fusion_key(c) for c in candidates} else [])
 
 
@@ -193,8 +232,10 @@ def fusion_key(fusion: FusionSettings) -> str:
 
 
 def first_stage_columns(window: Candidates, fusion: FusionSettings) -> dict[str, np.ndarray]:
-    """Every candidate base fusion's unscaled score of a window's rows (`BaseStage.margin` scales it)."""
-    return {fusion_key(f): first_stage_score(window, f) for f in base_fusions(fusion)}
+    """Every candidate base fusion's unscaled score of a window's rows (`BaseStage.margin` scales
+    it), as float32: the base margin XGBoost trains on is float32 anyway, and a training set
+    carries one column per candidate fusion."""
+    return {fusion_key(f): first_stage_score(window, f).astype(np.float32) for f in base_fusions(fusion)}
 
 
 def concat_first_stage(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -254,6 +295,12 @@ class TrainedRanker:
     seconds: float = 0.0
     stage: BaseStage | None = None  # the base the trees add to (None: a plain model)
     inner_cv: "InnerCv | None" = None  # the evidence the trees and the base were chosen on
+    params: dict[str, Any] = field(default_factory=dict)  # the XGBoost parameters the trees were trained with
+    # A model stage (a behaviour model on a frozen text model): the trees read `link.columns` of
+    # rows laid out as `row_names` and add to `base_model`'s score (`ltr.registry.ModelBase`).
+    link: ModelBase | None = None
+    base_model: Any = None  # the frozen base's scoring model (`predict(features, margin)`, `stage`)
+    row_names: tuple[str, ...] = ()  # the model's whole feature set (trees and base read from it)
 
     @property
     def trees(self) -> int:
@@ -272,22 +319,55 @@ class TrainedRanker:
         return dict(sorted(scores.items(), key=lambda item: -item[1]))
 
 
+@dataclass
+class InMemoryModel:
+    """A model fitted in this process (e.g. by `ltr-search eval`), not stored in the registry."""
+
+    trained: TrainedRanker
+    version: str = "unsaved"
+
+    @property
+    def stage(self) -> BaseStage | None:
+        if self.trained.link is not None:  # a model stage: its frozen base model's first stage
+            return self.trained.base_model.stage
+        return self.trained.stage
+
+    def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        trained = self.trained
+        if trained.link is not None:
+            return model_stage_predict(trained.link, trained.booster, trained.base_model, trained.row_names,
+                                       features, base)
+        return predict_scores(trained.booster, list(trained.feature_names), features,
+                              staged_base(self.stage, base, self.version))
+
+    def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        trained = self.trained
+        if trained.link is not None:
+            return model_stage_contributions(trained.link, trained.booster, trained.base_model, trained.row_names,
+                                             features, base)
+        return predict_contributions(trained.booster, list(trained.feature_names), features,
+                                     staged_base(self.stage, base, self.version))
+
+
 def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: TrainingSettings,
                  valid: RankingRows | None = None, log: Callable[[str], None] | None = None,
                  extra_params: Mapping[str, Any] | None = None, stage: BaseStage | None = None,
-                 rounds: int | None = None) -> TrainedRanker:
+                 rounds: int | None = None, margin_column: str | None = None) -> TrainedRanker:
     """LambdaMART (`rank:ndcg`) with early stopping on `valid` when given. `rows.group_weights`
     (one per group) weigh the groups; `extra_params` are added to (and override) the settings'
     XGBoost parameters, e.g. position debiasing (`lambdarank_unbiased`). With a `stage` the
     trees learn on top of its base margin; `rounds` fixes the number of trees (0 allowed with a
-    stage: the model is its base) instead of early stopping."""
+    stage: the model is its base) instead of early stopping. `margin_column` (a key of
+    `rows.first_stage`) is an explicit base margin per row instead of the stage's (a model stage)."""
     started = time.perf_counter()
     learnable = _with_relevant(rows)
     if not len(learnable.query_ids):
         raise ValueError("no training query has a relevant document among its candidates; nothing to learn")
-    if rounds is not None and (rounds < (0 if stage is not None else 1)):
-        raise ValueError(f"rounds must be >= {0 if stage is not None else 1}, got {rounds}")
-    train_matrix = learnable.dmatrix(feature_names, stage)
+    staged = stage is not None or margin_column is not None
+    if rounds is not None and (rounds < (0 if staged else 1)):
+        raise ValueError(f"rounds must be >= {0 if staged else 1}, got {rounds}")
+    train_matrix = learnable.dmatrix(feature_names, stage,
+                                     margin=learnable.first_stage[margin_column] if margin_column else None)
     evals = [(train_matrix, "train")]
     valid_learnable = _with_relevant(valid) if valid is not None and rounds is None else None
     if valid_learnable is not None and len(valid_learnable.query_ids):
@@ -296,8 +376,9 @@ def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: Tr
     callbacks = []
     if log is not None:
         callbacks.append(_LogEvery(100, log))
+    params = {**settings.params_for(len(learnable.labels)), **(extra_params or {})}
     booster = xgb.train(
-        {**settings.params_for(len(learnable.labels)), **(extra_params or {})}, train_matrix,
+        params, train_matrix,
         num_boost_round=settings.max_rounds if rounds is None else rounds, evals=evals,
         early_stopping_rounds=settings.early_stopping_rounds if len(evals) > 1 else None,
         evals_result=history, verbose_eval=False, callbacks=callbacks,
@@ -308,7 +389,8 @@ def train_ranker(rows: RankingRows, feature_names: tuple[str, ...], settings: Tr
         best = int(booster.best_iteration) if len(evals) > 1 else settings.max_rounds - 1
     trimmed = single_threaded(booster[: best + 1] if best >= 0 else booster)
     flat = {f"{data} {metric}": values for data, metrics in history.items() for metric, values in metrics.items()}
-    return TrainedRanker(trimmed, tuple(feature_names), best, flat, time.perf_counter() - started, stage)
+    return TrainedRanker(trimmed, tuple(feature_names), best, flat, time.perf_counter() - started, stage,
+                         params={k: v for k, v in params.items() if k != "nthread"})
 
 
 def inner_cv_folds(queries: int) -> int:
@@ -327,7 +409,7 @@ class InnerCv:
     """What the inner cross-validation chose and the evidence for it (held-out nDCG@10 over the
     training queries' folds, per query against the base stage)."""
 
-    stage: BaseStage
+    stage: BaseStage | None  # the first stage (None: a model stage on a plain text model)
     rounds: int  # trees of the final model (0: the base alone)
     best_rounds: int  # where the mean held-out curve peaked (kept only when its gain is positive)
     gain: float  # mean per-query held-out nDCG@10 of base + trees minus the base's
@@ -337,8 +419,10 @@ class InnerCv:
     base_ndcg: float
     model_ndcg: float
     fusions: dict[str, float]  # base fusion -> nDCG@10 on the training queries (the choice of base)
-    scales: dict[str, dict[str, float]]  # scale -> best mean held-out curve value and its rounds
+    grid: dict[str, dict[str, float]]  # "x4 default" (scale, regularisation) -> best mean held-out value, its rounds
+    regularisation: str = "default"  # the chosen `REGULARISATIONS` preset
     seconds: float = 0.0
+    base: str = "fusion"  # what the gain is measured against: the fusion, or a model stage's frozen text model
 
     @property
     def positive(self) -> bool:
@@ -348,8 +432,9 @@ class InnerCv:
         """The manifest's `training.inner_cv` (the promotion gate reads gain, ci, folds, rounds)."""
         return {"gain": self.gain, "ci": list(self.ci), "folds": self.folds, "rounds": self.rounds,
                 "best_rounds": self.best_rounds, "queries": self.queries, "base_ndcg@10": self.base_ndcg,
-                "model_ndcg@10": self.model_ndcg, "stage": self.stage.to_dict(), "fusions": self.fusions,
-                "scales": self.scales, "metric": "nDCG@10 (within the window, gain 2^rel - 1)",
+                "model_ndcg@10": self.model_ndcg, "stage": self.stage.to_dict() if self.stage is not None else None,
+                "base": self.base, "fusions": self.fusions,
+                "grid": self.grid, "regularisation": self.regularisation, "metric": "nDCG@10 (within the window, gain 2^rel - 1)",
                 "seconds": round(self.seconds, 2)}
 
 
@@ -373,10 +458,14 @@ def group_ndcg(rows: RankingRows, scores: np.ndarray) -> np.ndarray:
 
 
 def choose_base_fusion(rows: RankingRows, fusion: FusionSettings) -> tuple[FusionSettings, dict[str, float]]:
-    """The candidate base fusion with the best mean nDCG@10 on these (training) rows; no
-    training involved, so no fold is needed. Ties keep the first candidate (convex)."""
-    scores = {fusion_key(f): float(group_ndcg(rows, rows.first_stage[fusion_key(f)]).mean()) for f in base_fusions(fusion)}
-    best = max(base_fusions(fusion), key=lambda f: scores[fusion_key(f)])
+    """The candidate base fusion (`base_fusions`, those the rows carry a score of) with the best
+    mean nDCG@10 on these (training) rows; no training involved, so no fold is needed. Ties keep
+    the first candidate (convex min-max 0.5)."""
+    candidates = [f for f in base_fusions(fusion) if fusion_key(f) in rows.first_stage]
+    if not candidates:
+        raise ValueError(f"these rows carry no first-stage score of a candidate base fusion; they have {sorted(rows.first_stage)}")
+    scores = {fusion_key(f): float(group_ndcg(rows, rows.first_stage[fusion_key(f)]).mean()) for f in candidates}
+    best = max(candidates, key=lambda f: scores[fusion_key(f)])
     return best, scores
 
 
@@ -395,18 +484,20 @@ def _eval_value(booster: xgb.Booster, matrix: xgb.DMatrix) -> float:
 
 def inner_cross_validation(rows: RankingRows, feature_names: tuple[str, ...], settings: TrainingSettings,
                            fusion: FusionSettings, log: Callable[[str], None] | None = None) -> InnerCv:
-    """Choose the base fusion (its nDCG@10 on the training rows), the base scale and the number
-    of trees by k-fold cross-validation grouped by query, inside these training rows.
+    """Choose the base fusion (its nDCG@10 on the training rows), then the base scale, the
+    regularisation and the number of trees by k-fold cross-validation grouped by query, inside
+    these training rows.
 
-    Per scale, each fold trains on the other folds with its held-out fold as the early-stopping
-    watch (patience `early_stopping_rounds`, at most `max_rounds`); the folds' held-out curves
-    (XGBoost nDCG@10, round 0 = the base alone) are averaged, weighted by queries, and the peak
-    gives the scale and the trees. The gain is then measured per held-out query at that number
-    of trees against the base (mean and 95% CI over queries). Unless the whole CI is above 0 the
-    model keeps zero trees: it is its base. (The CI, not the mean: the peak of a noisy curve is
-    above its start by chance; with noise-only features the mean gain at the peak was +0.02.) Seeded (`settings.seed`): the same rows give the same choice.
-    The trees are picked on the same folds the gain is measured on, so the gain is slightly
-    optimistic; the promotion gate's held-out split is the unbiased check."""
+    Per (scale, regularisation), each fold trains on the other folds with its held-out fold as
+    the early-stopping watch (patience `cv_patience`, at most `max_rounds`); the folds' held-out
+    curves (XGBoost nDCG@10, round 0 = the base alone) are averaged, weighted by queries, and the
+    highest peak gives the configuration and the trees. The gain is then measured per held-out
+    query at that number of trees against the base (mean and 95% CI over queries). Unless the
+    whole CI is above 0 the model keeps zero trees: it is its base. (The CI, not the mean: the
+    peak of a noisy curve is above its start by chance; with noise-only features the mean gain at
+    the peak was +0.02.) Seeded (`settings.seed`): the same rows give the same choice. The trees
+    are picked on the same folds the gain is measured on, so the gain is slightly optimistic;
+    the promotion gate's held-out split is the unbiased check."""
     started = time.perf_counter()
     learnable = _with_relevant(rows)
     query_ids = list(dict.fromkeys(learnable.query_ids))
@@ -416,46 +507,119 @@ def inner_cross_validation(rows: RankingRows, feature_names: tuple[str, ...], se
     base_fusion, fusions = choose_base_fusion(learnable, fusion)
     held_out = _fold_ids(query_ids, folds, settings.seed)
     parts = [(learnable.select(set(query_ids) - set(ids)), learnable.select(ids)) for ids in held_out]
-    params = settings.params_for(len(learnable.labels))
-    best: tuple[float, float, int, list[xgb.Booster]] | None = None  # (value, scale, rounds, fold boosters)
-    scales: dict[str, dict[str, float]] = {}
-    for scale in settings.base_scales:
-        stage = BaseStage(base_fusion, scale)
-        curves, boosters, weights = [], [], []
-        for train, valid in parts:
-            train_matrix, valid_matrix = train.dmatrix(feature_names, stage), valid.dmatrix(feature_names, stage)
-            history: dict[str, dict[str, list[float]]] = {}
-            booster = xgb.train(params, train_matrix, num_boost_round=settings.max_rounds,
-                                evals=[(valid_matrix, "valid")], early_stopping_rounds=settings.early_stopping_rounds,
-                                evals_result=history, verbose_eval=False)
-            base_value = _eval_value(xgb.train(params, train_matrix, num_boost_round=0), valid_matrix)
-            curves.append(np.array([base_value] + history["valid"][EARLY_STOPPING_METRIC]))
-            boosters.append(booster)
-            weights.append(len(valid.query_ids))
-        length = min(len(c) for c in curves)
-        mean = np.average(np.stack([c[:length] for c in curves]), axis=0, weights=weights)
-        rounds = int(np.argmax(mean))
-        scales[f"{scale:g}"] = {"held_out_ndcg@10": float(mean[rounds]), "rounds": rounds, "base": float(mean[0])}
-        if log is not None:
-            log(f"inner CV, base {stage.name}: held-out nDCG@10 {mean[0]:.4f} (base) -> {mean[rounds]:.4f} at {rounds} trees")
-        if best is None or mean[rounds] > best[0]:
-            best = (float(mean[rounds]), scale, rounds, boosters)
+    margins = {f"x{scale:g}": (lambda part, stage=BaseStage(base_fusion, scale): part.base(stage)) for scale in settings.base_scales}
+    search = _grid_search(parts, feature_names, settings, margins, log)
+    stage = BaseStage(base_fusion, settings.base_scales[search.margin_index])
+    return InnerCv(stage, search.kept, search.rounds, search.gain, search.ci, folds, search.queries, search.base_ndcg,
+                   search.model_ndcg, fusions, search.grid, search.regularisation, time.perf_counter() - started)
+
+
+@dataclass
+class GridSearch:
+    """The inner CV's choice among (base margin, regularisation) and its per-query evidence."""
+
+    margin_index: int  # which of the margins
+    regularisation: str
+    rounds: int  # the peak of the mean held-out curve
+    kept: int  # trees kept: `rounds` when the gain's CI is above 0, else 0
+    gain: float
+    ci: tuple[float, float]
+    queries: int
+    base_ndcg: float
+    model_ndcg: float
+    grid: dict[str, dict[str, float]]
+
+
+def _grid_search(parts: list[tuple[RankingRows, RankingRows]], feature_names: tuple[str, ...], settings: TrainingSettings,
+                 margins: dict[str, Callable[[RankingRows], np.ndarray]],
+                 log: Callable[[str], None] | None = None) -> GridSearch:
+    """K-fold CV over (base margin, regularisation): per configuration each fold trains on the
+    others with its held-out fold as the early-stopping watch (patience `cv_patience`); the
+    folds' held-out curves (round 0 = the base alone) are averaged, weighted by queries, and the
+    highest peak wins. Its gain over the base is then measured per held-out query (mean, 95% CI);
+    trees are kept only when the whole CI is above 0."""
+    rows = len(parts[0][0].labels) + len(parts[0][1].labels)  # every row is in fold 0's train or held-out part
+    best: tuple[float, int, str, int, list[xgb.Booster]] | None = None  # (value, margin, regularisation, rounds, boosters)
+    grid: dict[str, dict[str, float]] = {}
+    for index, (label, margin_of) in enumerate(margins.items()):
+        matrices = [(train.dmatrix(feature_names, margin=margin_of(train)), valid.dmatrix(feature_names, margin=margin_of(valid)))
+                    for train, valid in parts]
+        for regularisation in settings.regularisations:
+            params = settings.regularised(regularisation).params_for(rows)
+            curves, boosters, weights = [], [], []
+            for (train_matrix, valid_matrix), (_, valid) in zip(matrices, parts):
+                history: dict[str, dict[str, list[float]]] = {}
+                booster = xgb.train(params, train_matrix, num_boost_round=settings.max_rounds,
+                                    evals=[(valid_matrix, "valid")], early_stopping_rounds=settings.cv_patience,
+                                    evals_result=history, verbose_eval=False)
+                base_value = _eval_value(xgb.train(params, train_matrix, num_boost_round=0), valid_matrix)
+                curves.append(np.array([base_value] + history["valid"][EARLY_STOPPING_METRIC]))
+                boosters.append(booster)
+                weights.append(len(valid.query_ids))
+            length = min(len(c) for c in curves)
+            mean = np.average(np.stack([c[:length] for c in curves]), axis=0, weights=weights)
+            rounds = int(np.argmax(mean))
+            grid[f"{label} {regularisation}"] = {"held_out_ndcg@10": float(mean[rounds]), "rounds": rounds, "base": float(mean[0])}
+            if log is not None:
+                log(f"inner CV, base {label}, {regularisation} regularisation: held-out nDCG@10 {mean[0]:.4f} (base) "
+                    f"-> {mean[rounds]:.4f} at {rounds} trees")
+            if best is None or mean[rounds] > best[0]:
+                best = (float(mean[rounds]), index, regularisation, rounds, boosters)
     assert best is not None
-    _, scale, rounds, boosters = best
-    stage = BaseStage(base_fusion, scale)
+    _, index, regularisation, rounds, boosters = best
+    margin_of = list(margins.values())[index]
     base_scores, model_scores = [], []
     for (_, valid), booster in zip(parts, boosters):
-        base = valid.base(stage)
-        predicted = booster.predict(valid.dmatrix(feature_names, stage), iteration_range=(0, rounds)) if rounds else base
+        base = np.asarray(margin_of(valid), dtype=np.float64)
+        predicted = booster.predict(valid.dmatrix(feature_names, margin=base), iteration_range=(0, rounds)) if rounds else base
         base_scores.append(group_ndcg(valid, base))
         model_scores.append(group_ndcg(valid, np.asarray(predicted, dtype=np.float64)))
     base_ndcg, model_ndcg = np.concatenate(base_scores), np.concatenate(model_scores)
     gains = model_ndcg - base_ndcg
     gain = float(gains.mean())
     half = CI_Z * float(gains.std(ddof=1)) / np.sqrt(len(gains)) if len(gains) > 1 else float("inf")
-    keep = rounds if gain - half > 0 else 0  # the CI must exclude "no gain": the peak was picked on these folds
-    return InnerCv(stage, keep, rounds, gain, (gain - half, gain + half), folds, len(gains),
-                   float(base_ndcg.mean()), float(model_ndcg.mean()), fusions, scales, time.perf_counter() - started)
+    kept = rounds if gain - half > 0 else 0  # the CI must exclude "no gain": the peak was picked on these folds
+    return GridSearch(index, regularisation, rounds, kept, gain, (gain - half, gain + half), len(gains),
+                      float(base_ndcg.mean()), float(model_ndcg.mean()), grid)
+
+
+MODEL_BASE_COLUMN = "base model"  # `RankingRows.first_stage` key of a frozen base model's scores
+
+
+def fit_model_stage(rows: RankingRows, row_names: tuple[str, ...], tree_columns: tuple[str, ...], base_model: Any,
+                    base_feature_set: dict[str, Any], cold_row: np.ndarray, settings: TrainingSettings,
+                    log: Callable[[str], None] | None = None) -> TrainedRanker:
+    """Trees on `tree_columns` (the behaviour features) on top of a frozen model's scores: the
+    base margin of every row is `base_model`'s score of its own columns and first stage. The
+    regularisation and the trees are chosen by the inner CV as for a text model; without a gain
+    whose CI is above 0 the stage keeps zero trees and ranks exactly as its base. The returned
+    ranker's `link` records the base (version "unsaved" until the base is in the registry)."""
+    started = time.perf_counter()
+    text_at, tree_at = column_indices(list(row_names), base_feature_set["features"]), column_indices(list(row_names), tree_columns)
+    stage = base_model.stage
+    margin = base_model.predict(rows.features[:, text_at], rows.base(stage) if stage is not None else None)
+    staged = replace(rows, first_stage={**rows.first_stage, MODEL_BASE_COLUMN: np.asarray(margin, dtype=np.float64)})
+    trees = staged.columns(tree_at)
+    learnable = _with_relevant(trees)
+    query_ids = list(dict.fromkeys(learnable.query_ids))
+    if len(query_ids) < 2:
+        raise ValueError(f"a model stage needs at least 2 training queries with a relevant candidate, got {len(query_ids)}")
+    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
+    held_out = _fold_ids(query_ids, folds, settings.seed)
+    parts = [(learnable.select(set(query_ids) - set(ids)), learnable.select(ids)) for ids in held_out]
+    search = _grid_search(parts, tree_columns, settings, {"text model": lambda part: part.first_stage[MODEL_BASE_COLUMN]}, log)
+    trained = train_ranker(trees, tree_columns, settings.regularised(search.regularisation), log=log,
+                           rounds=search.kept, margin_column=MODEL_BASE_COLUMN)
+    cold = np.asarray(cold_row, dtype=np.float32)
+    trained.link = ModelBase("unsaved", base_feature_set, tuple(tree_columns), tuple(float(x) for x in cold))
+    trained.base_model = base_model
+    trained.row_names = tuple(row_names)
+    trained.stage = stage
+    trained.inner_cv = InnerCv(stage, search.kept, search.rounds, search.gain, search.ci, folds, search.queries,
+                               search.base_ndcg, search.model_ndcg, {}, search.grid, search.regularisation,
+                               time.perf_counter() - started, base="text model")
+    trained.seconds = time.perf_counter() - started
+    return trained
 
 
 @dataclass
@@ -467,22 +631,43 @@ class FittedRanker:
     train_ids: list[str]
     valid_ids: list[str]
     feature_seconds: float
+    # A model stage's text model when `fit_ranker` trained it too (to be saved first); None when
+    # the caller gave the base (`base_model`) or the model is not a model stage.
+    base_fit: "FittedRanker | None" = None
 
 
 def fit_ranker(
     backend: SearchBackend, queries: Mapping[str, str], qrels: Qrels, features: FeatureSet, fusion: FusionSettings,
     settings: TrainingSettings, progress: Callable[[Iterable], Iterable] = lambda items: items,
     log: Callable[[str], None] | None = None, history: "BehaviourHistory | None" = None,
+    base_model: Any = None, base_feature_set: dict[str, Any] | None = None,
 ) -> FittedRanker:
     """Rows from the serving window, then LambdaMART: what `ltr-search train` and the `ltr`
     pipeline of `ltr-search eval` both run. With `settings.selection` "inner-cv" (the default)
     the model is staged on a fusion, its scale and trees chosen by `inner_cross_validation` and
     the final trees trained on every training query; with "holdout" a plain model stops early on
     a seeded hold-out. A feature set with behaviour features takes its rows point in time from
-    `history` (without one: no history, every behaviour feature at its cold-start value)."""
+    `history` (without one: no history, every behaviour feature at its cold-start value).
+
+    With "inner-cv", a feature set with behaviour features is trained as a model stage
+    (`fit_model_stage`): its behaviour trees add to a frozen text model, `base_model` (with its
+    `base_feature_set`) when given, else a text model fitted here first on the set's text
+    columns (returned as `base_fit`). A query with no history then ranks exactly as the text model."""
     from ltr.features import uses_behaviour
     from ltr.point_in_time import point_in_time_rows
 
+    base_fit = None
+    if settings.selection == "inner-cv" and uses_behaviour(features):
+        text = text_part(features)
+        if base_model is None:
+            if log is not None:
+                log(f"stage 1 of 2: the text model ({text.name}, {len(text.names)} features) the behaviour trees add to")
+            base_fit = fit_ranker(backend, queries, qrels, text, fusion, settings, progress, log)
+            base_model, base_feature_set = InMemoryModel(base_fit.trained), text.describe()
+            if log is not None:
+                log("stage 2 of 2: behaviour trees on top of the frozen text model")
+        elif base_feature_set is None:
+            raise ValueError("a base model needs its feature set (base_feature_set)")
     started = time.perf_counter()
     if history is not None and uses_behaviour(features):
         rows = point_in_time_rows(backend, queries, qrels, features, lambda text: candidate_window(backend, text, fusion),
@@ -495,15 +680,32 @@ def fit_ranker(
         rate = len(rows.labels) / feature_seconds if feature_seconds else float("nan")
         log(f"features: {len(rows.labels):,} (query, document) pairs in {feature_seconds:.1f} s ({rate:,.0f} pairs/s); "
             f"{rows.relevant_outside_window} relevant documents fell outside the candidate window")
+    if base_model is not None and base_feature_set is not None:
+        first = next(iter(queries), None)
+        if first is None:
+            raise ValueError("no training query")
+        cold = extract_features(backend, queries[first], candidate_window(backend, queries[first], fusion), features)[:1]
+        columns = tuple(f.name for f in features.features if f.group == "behaviour")
+        cold_row = cold[0, column_indices(list(features.names), columns)]
+        trained = fit_model_stage(rows, features.names, columns, base_model, base_feature_set, cold_row, settings, log)
+        return FittedRanker(rows, trained, list(dict.fromkeys(rows.query_ids)), [], feature_seconds, base_fit)
     if settings.selection == "inner-cv":
         chosen = inner_cross_validation(rows, features.names, settings, fusion, log=log)
-        trained = train_ranker(rows, features.names, settings, log=log, stage=chosen.stage, rounds=chosen.rounds)
+        trained = train_ranker(rows, features.names, settings.regularised(chosen.regularisation), log=log,
+                               stage=chosen.stage, rounds=chosen.rounds)
         trained.inner_cv = chosen
         trained.seconds += chosen.seconds
         return FittedRanker(rows, trained, list(dict.fromkeys(rows.query_ids)), [], feature_seconds)
     train_ids, valid_ids = split_queries(list(dict.fromkeys(rows.query_ids)), settings.valid_fraction, settings.seed)
     trained = train_ranker(rows.select(train_ids), features.names, settings, rows.select(valid_ids), log=log)
     return FittedRanker(rows, trained, train_ids, valid_ids, feature_seconds)
+
+
+def text_part(features: FeatureSet) -> FeatureSet:
+    """A set's features without the behaviour group: the registered set with exactly those
+    columns (`text` for `text+behaviour`), else the ablation `NAME-without-behaviour`."""
+    kept = tuple(f.name for f in features.features if f.group != "behaviour")
+    return next((fs for fs in FEATURE_SETS.values() if fs.names == kept), None) or features.without_group("behaviour")
 
 
 def _with_relevant(rows: RankingRows) -> RankingRows:

@@ -11,6 +11,9 @@ import numpy as np
 
 DEFAULT_RRF_K = 60.0  # Cormack, Clarke & Buettcher (2009)
 NORMALISATIONS = ("min-max", "z-score")
+# Dense weights a tuned convex fusion chooses from (0, 0.05, ..., 1), with every normalisation:
+# `hybrid-tuned` grid-searches them, and a learned ranker's base fusion is chosen among them.
+CONVEX_WEIGHT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 
 def fuse_reciprocal_rank(ranks: Sequence[np.ndarray], k: float = DEFAULT_RRF_K) -> np.ndarray:

@@ -85,14 +85,17 @@ def test_the_loop_through_the_http_api(trained, tmp_path):  # noqa: F811
     # behaviour features: trained point in time on the logged history, served from the live store
     result = run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(config),
                      "--feature-set", "text+behaviour", "--valid-fraction", "0.25")
-    assert "point in time" in result.stderr and "model m0002" in result.stdout
-    manifest = ModelRegistry(home).manifest("m0002")
+    # staged: a text model (m0002) first, then behaviour trees on top of it (m0003)
+    assert "point in time" in result.stderr and "model m0003" in result.stdout
+    assert "behaviour stage on text model m0002" in result.stdout
+    manifest = ModelRegistry(home).manifest("m0003")
     assert manifest.feature_set["name"] == "text+behaviour" and manifest.reference is not None
+    assert manifest.base_model["version"] == "m0002" and ModelRegistry(home).manifest("m0002").feature_set["name"] == "text"
     assert manifest.training["queries"] == 24 < manifest.training["row_groups"]  # cold + served moments per query
-    run_cli(home, "models", "promote", "m0002", "--force")
+    run_cli(home, "models", "promote", "m0003", "--force")
     with running_service(home, "--name", "topics", "--config", str(config)) as (url, _):
         page = httpx.post(f"{url}/search", json={"query": "volcano lava eruption", "explain": True}).json()
-    assert page["model_version"] == "m0002"
+    assert page["model_version"] == "m0003"
     features = page["results"][0]["explain"]["features"]
     assert features["qd_impressions"] > 0  # the query was searched in the simulated sessions
     run_cli(home, "models", "rollback")

@@ -18,7 +18,7 @@ CONVEX = FusionSettings(method="convex")
 NAMES = ("signal", "noise_a", "noise_b")
 FEATURE_SET = {"name": "synthetic", "version": 1, "features": list(NAMES)}
 INDEX = {"name": "toy", "generation": "g000001", "analyzer": "standard", "backend": "embedded"}
-FAST = TrainingSettings(max_rounds=60, early_stopping_rounds=20, base_scales=(1.0, 4.0), threads=1)
+FAST = TrainingSettings(max_rounds=60, early_stopping_rounds=20, cv_patience=20, base_scales=(1.0, 4.0), threads=1)
 
 
 def synthetic_rows(queries: int, signal: float, seed: int = 0, docs: int = 20) -> RankingRows:
@@ -149,7 +149,8 @@ def test_serving_adds_the_base_the_training_rows_were_built_with(dense_index):
     rows = build_rows(dense_index, {"q": query}, {}, text, window_settings)
     stage = BaseStage(CONVEX, 4.0)
     window = candidate_window(dense_index, query, window_settings)
-    np.testing.assert_array_equal(rows.base(stage), stage.margin(window))
+    # Training rows keep first-stage scores as float32, the precision XGBoost takes a base margin in.
+    np.testing.assert_array_equal(rows.base(stage).astype(np.float32), stage.margin(window).astype(np.float32))
     np.testing.assert_array_equal(stage.margin(window), 4.0 * fused_scores(window, CONVEX))
     model = InMemoryModel(train_ranker(synthetic_rows(10, 1.0), NAMES, FAST, stage=stage, rounds=0))
     np.testing.assert_array_equal(window_base(model, window), stage.margin(window))

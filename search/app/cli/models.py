@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES  # here for start-up time: loads xgboost
     from ltr.features import DEFAULT_FEATURE_SET
-    from ltr.training import SELECTIONS, TrainingSettings  # lazy: start-up time
+    from ltr.training import REGULARISATIONS, SELECTIONS, TrainingSettings  # lazy: start-up time
 
     defaults = TrainingSettings()
     train.add_argument("--dataset", help="BEIR directory with queries.jsonl and qrels/SPLIT.tsv")
@@ -59,6 +60,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     clicks.add_argument("--negatives", choices=NEGATIVES, default="skip-above",
                         help="skip-above: non-clicked results above the last click (default); examined: "
                              "non-clicked results down to one below the last click")
+    from search.app.cli.retrain import add_click_model_arguments  # --method click-model (default) | pairs
+
+    add_click_model_arguments(clicks)
     clicks.add_argument("--since", help="only requests served at or after this time (epoch seconds or ISO 8601, UTC)")
     clicks.add_argument("--until", help="only requests served before this time")
     train.add_argument("--valid-fraction", type=float, default=defaults.valid_fraction,
@@ -69,6 +73,11 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                             "k-fold CV inside the training queries; holdout: a plain model, early stopping on a hold-out")
     train.add_argument("--base-scales", type=float, nargs="+", default=list(defaults.base_scales),
                        help=f"inner-cv: base = scale x fused score, scales tried (default {' '.join(f'{x:g}' for x in defaults.base_scales)})")
+    train.add_argument("--regularisation", nargs="+", choices=list(REGULARISATIONS), default=list(defaults.regularisations),
+                       help="inner-cv: regularisation presets tried (default: "
+                            + "; ".join(f"{name} {values or 'as the flags'}" for name, values in REGULARISATIONS.items()) + ")")
+    train.add_argument("--base-model", help="with a behaviour feature set: the stored text model the behaviour trees add to "
+                                            "(default: a text model trained first, in the same run, and stored too)")
     train.add_argument("--cv-folds", type=int, default=defaults.cv_folds,
                        help="inner-cv folds (default 0: 5 under 1,000 training queries, else 3)")
     train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
@@ -109,6 +118,8 @@ def run(home: Path, args: argparse.Namespace) -> int:
             raise ValueError("--from-events and --dataset are mutually exclusive: train either on logged clicks "
                              "(--from-events) or on judged queries (--dataset PATH)")
         if args.from_events:
+            from search.app.cli.retrain import cmd_train_from_events  # the click-model method, or pairs
+
             return cmd_train_from_events(home, args)
         if not args.dataset:
             raise ValueError("train needs --dataset PATH (judged queries) or --from-events (logged clicks)")
@@ -130,13 +141,13 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     from ltr.point_in_time import BehaviourHistory  # lazy: start-up time
     from ltr.ranker import index_description  # lazy: start-up time
     from ltr.registry import ModelRegistry  # lazy: start-up time
-    from ltr.training import TrainingSettings, fit_ranker  # lazy: start-up time
+    from ltr.training import TrainingSettings, fit_ranker, text_part  # lazy: start-up time
     from search.app.config import load_service_config  # lazy: start-up time
 
     settings = TrainingSettings(
         learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
         valid_fraction=args.valid_fraction, seed=args.seed, selection=args.selection,
-        base_scales=tuple(args.base_scales), cv_folds=args.cv_folds,
+        base_scales=tuple(args.base_scales), cv_folds=args.cv_folds, regularisations=tuple(args.regularisation),
     )
     features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     dataset = load_dataset(args.dataset, args.split)
@@ -154,8 +165,39 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
             log(f"behaviour features point in time from {history.event_store.path}: a cold group and up to "
                 f"{history.moments_per_query} served moments per query")
     progress = (lambda items: items) if args.quiet else (lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
+    registry = ModelRegistry(home)
+    base_model = base_feature_set = None
+    if args.base_model:
+        if not uses_behaviour(features):
+            raise ValueError(f"--base-model stages behaviour trees on a text model, but feature set {features.name} has no "
+                             "behaviour features (use --feature-set text+behaviour)")
+        base_manifest = registry.manifest(args.base_model)
+        base_feature_set = base_manifest.feature_set
+        base_model = registry.load(args.base_model, expected_feature_set=feature_set(base_feature_set["name"]).describe())
+        log(f"behaviour trees on top of the frozen text model {args.base_model} ({base_feature_set['name']})")
     fitted = fit_ranker(index, dataset.queries, dataset.qrels, features, fusion, settings, progress=progress, log=log,
-                        history=history)
+                        history=history, base_model=base_model, base_feature_set=base_feature_set)
+    context = {"dataset": str(Path(args.dataset).resolve()), "dataset_name": dataset.name, "split": dataset.split,
+               "window": fusion.to_dict(), "settings": settings.to_dict()}
+    link = None
+    if fitted.base_fit is not None:  # the text stage was trained here: store it first, the behaviour stage names it
+        text_manifest = save_fitted(registry, fitted.base_fit, text_part(features), index_description(index), context, settings)
+        link = replace(fitted.trained.link, version=text_manifest.version)
+    elif fitted.trained.link is not None:
+        link = replace(fitted.trained.link, version=args.base_model)
+    manifest = save_fitted(registry, fitted, features, index_description(index), context, settings, link)
+    trained = fitted.trained
+    if link is not None:
+        print(f"model {manifest.version}: behaviour stage on text model {link.version}; a query with no history ranks "
+              f"exactly as {link.version}")
+    print(f"serve it with: ltr-search models promote {manifest.version}")
+    return 0
+
+
+def save_fitted(registry: Any, fitted: Any, features: Any, index: dict[str, Any], context: dict[str, Any],
+                settings: Any, link: Any = None) -> Any:
+    """Store a fitted ranker (its manifest: training context, inner-CV evidence, a scored sample,
+    drift reference) and print what `train` reports of it."""
     rows, trained, train_ids, valid_ids = fitted.rows, fitted.trained, fitted.train_ids, fitted.valid_ids
     extract_seconds = fitted.feature_seconds
     pairs_per_second = len(rows.labels) / extract_seconds if extract_seconds else float("nan")
@@ -163,61 +205,65 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
     base = rows.base(trained.stage)
     cv = trained.inner_cv
     train_history = trained.history.get("train ndcg@10")
-    manifest = ModelRegistry(home).save(
-        trained.booster, feature_set=features.describe(), index=index_description(index),
+    manifest = registry.save(
+        trained.booster, feature_set=features.describe(), index=index,
         training={
-            "dataset": str(Path(args.dataset).resolve()), "dataset_name": dataset.name, "split": dataset.split,
-            "queries": len(set(rows.query_ids)), "row_groups": len(rows.query_ids),
+            **context, "queries": len(set(rows.query_ids)), "row_groups": len(rows.query_ids),
             "train_queries": len(train_ids), "valid_queries": len(valid_ids),
             "pairs": int(len(rows.labels)), "fingerprint": rows.fingerprint(),
-            "relevant_outside_window": rows.relevant_outside_window, "window": fusion.to_dict(),
-            "settings": settings.to_dict(), "feature_seconds": round(extract_seconds, 2),
+            "relevant_outside_window": rows.relevant_outside_window,
+            "feature_seconds": round(extract_seconds, 2),
             "train_seconds": round(trained.seconds, 2), "pairs_per_second": round(pairs_per_second),
             **({"inner_cv": cv.to_dict()} if cv is not None else {}),
         },
-        params=settings.xgboost_params(),
+        params=trained.params,
         metrics={"valid nDCG@10": trained.valid_score,
                  "train nDCG@10": float(train_history[trained.best_iteration]) if train_history and trained.trees else None,
                  **({"inner-CV gain nDCG@10": cv.gain} if cv is not None else {})},
         importance=trained.importance(), sample_features=rows.features[picked],
         best_iteration=trained.best_iteration if trained.trees else None,
         reference=drift_reference(trained, rows, page_rows=True, base=base),
-        stage=trained.stage, sample_base=None if base is None else base[picked],
+        stage=trained.stage, sample_base=None if base is None else base[picked], base_model=link,
     )
     if cv is not None:
         print(inner_cv_report(cv, settings))
-        print(f"model {manifest.version}: {plural(trained.trees, 'tree')} on base {cv.stage.name}, "
-              f"trained in {trained.seconds:.1f} s")
+        on = f"on text model {link.version}" if link is not None else f"on base {cv.stage.name}" if cv.stage else ""
+        print(f"model {manifest.version} ({features.name}): {plural(trained.trees, 'tree')} {on}, trained in {trained.seconds:.1f} s")
     else:
         valid = f"{trained.valid_score:.4f}" if trained.valid_score is not None else "n/a (no validation queries)"
         print(f"model {manifest.version}: {stopping_note(trained, settings.max_rounds, plural(len(valid_ids), 'held-out training query', 'held-out training queries'))}, "
               f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
     if trained.trees:
         print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
-    print(f"serve it with: ltr-search models promote {manifest.version}")
-    return 0
+    return manifest
 
 
 def inner_cv_report(cv: Any, settings: Any) -> str:
     """What `train` says the inner cross-validation chose, and the evidence (gain over the base)."""
-    fusions = ", ".join(f"{name} {value:.4f}" for name, value in cv.fusions.items())
-    scales = ", ".join(f"x{scale} {v['held_out_ndcg@10']:.4f} at {int(v['rounds'])} trees" for scale, v in cv.scales.items())
+    best_fusions = sorted(cv.fusions.items(), key=lambda item: -item[1])
+    fusions = ", ".join(f"{name} {value:.4f}" for name, value in best_fusions[:3])
+    base_line = (f"base fusion by nDCG@10 on the training queries (best 3 of {len(cv.fusions)}): {fusions} -> {cv.stage.describe()}"
+                 if cv.base == "fusion" else "base: the frozen text model's scores (the behaviour trees read behaviour columns only)")
+    grid = ", ".join(f"{config} {v['held_out_ndcg@10']:.4f} at {int(v['rounds'])} trees" for config, v in cv.grid.items())
+    chosen = settings.regularised(cv.regularisation)
     lines = [
-        f"base fusion by nDCG@10 on the training queries: {fusions} -> {cv.stage.fusion.method}",
+        base_line,
         f"inner CV ({cv.folds} folds over {cv.queries} training queries, seed {settings.seed}; learning rate "
-        f"{settings.learning_rate}, depth {settings.max_depth}): held-out nDCG@10 per base scale: {scales}",
-        f"chosen: base {cv.stage.name}, {plural(cv.best_rounds, 'tree')}; held-out nDCG@10 {cv.model_ndcg:.4f} vs base "
+        f"{settings.learning_rate}): held-out nDCG@10 per base scale and regularisation: {grid}",
+        f"chosen: base {cv.stage.name if cv.base == 'fusion' and cv.stage else cv.base}, {cv.regularisation} regularisation (depth {chosen.max_depth}, min child weight "
+        f"{chosen.min_child_weight:g}, lambda {chosen.reg_lambda:g}), {plural(cv.best_rounds, 'tree')}; "
+        f"held-out nDCG@10 {cv.model_ndcg:.4f} vs base "
         f"{cv.base_ndcg:.4f}: gain {cv.gain:+.4f} (95% CI {cv.ci[0]:+.4f} .. {cv.ci[1]:+.4f} over queries)",
     ]
     if not cv.positive:
         lines.append("the trees do not beat the base stage on held-out training queries (the gain's 95% CI is not "
-                     "above 0): saving the base stage only "
-                     "(zero trees: the model ranks exactly as the fusion)")
+                     "above 0): saving the base stage only (zero trees: the model ranks exactly as "
+                     + ("the fusion)" if cv.base == "fusion" else "the text model)"))
     return "\n".join(lines)
 
 
-def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
-    """LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
+def cmd_train_pairs_from_events(home: Path, args: argparse.Namespace) -> int:
+    """`--method pairs`: LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
     from eval.propensity import fit_propensities  # here (and below) for start-up time
     from ltr.behaviour import BehaviourStore
     from indexing.home import behaviour_store_path  # lazy: start-up time
@@ -308,10 +354,10 @@ def drift_reference(trained, rows, page_rows: bool, base: Any = None) -> dict[st
     on whole candidate windows is referenced on each query's top 10 (`page_rows`); one trained on
     logged pages already is."""
     from ltr.drift import feature_reference  # lazy: start-up time
-    from ltr.registry import predict_scores  # lazy: start-up time
+    from ltr.training import InMemoryModel  # lazy: start-up time
 
-    names = list(trained.feature_names)
-    scores = predict_scores(trained.booster, names, rows.features, base)  # base: a staged model's margin
+    names = list(trained.row_names or trained.feature_names)  # a model stage's rows hold its base's columns too
+    scores = InMemoryModel(trained).predict(rows.features, base)  # base: a staged model's first-stage margin
     if page_rows:
         return feature_reference(rows.features, names, scores, group_sizes=rows.group_sizes, top_k=10).to_dict()
     return feature_reference(rows.features, names, scores).to_dict()
@@ -374,6 +420,16 @@ def cmd_promote(home: Path, args: argparse.Namespace) -> int:
         print(f"{args.version} is already active")
         return 0
     gate: dict[str, Any] | None = None
+    from ltr.click_training import off_policy_refusal  # lazy: start-up time
+
+    off_policy = candidate.training.get("off_policy") if candidate.training.get("source") == "events" else None
+    refusal = off_policy_refusal(candidate.training)  # a click-trained model's judgment-free gate
+    if refusal and not args.force:
+        raise PromotionRefused(f"{args.version}: {refusal}; use --force to promote anyway")
+    if off_policy:
+        log(f"gate: off-policy estimate vs the logging policy: difference {off_policy['difference']:+.4f} "
+            f"(95% CI {off_policy['ci'][0]:+.4f} .. {off_policy['ci'][1]:+.4f}) on {off_policy['pages']} held-out pages"
+            + (" (--force: promoted although significantly worse)" if refusal else ""))
     if args.dataset and args.split:
         result = promotion_gate(home, args, candidate, registry.manifest(active) if active else None)
         gate = result.to_dict()
@@ -392,7 +448,7 @@ def cmd_promote(home: Path, args: argparse.Namespace) -> int:
             raise PromotionRefused(f"{why}; use --force to promote anyway, or gate it on held-out queries "
                                    "(--dataset PATH --split SPLIT)")
         log(f"no active model and no held-out split: {why}")
-    elif not args.force:
+    elif not args.force and not off_policy:  # a click-trained model's off-policy estimate is its gate
         raise PromotionRefused(
             f"promoting {args.version} over the active {active} needs the held-out judged queries of the gate "
             "(--dataset PATH --split SPLIT), or --force"
