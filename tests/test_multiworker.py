@@ -45,6 +45,16 @@ def two_workers(tmp_path_factory):
         yield {"url": url, "home": home, "pids": pids, "health_calls": health_calls}
 
 
+def from_both_workers(two_workers, request, at_least: int = 1, limit: int = 300) -> list[httpx.Response]:
+    """`request()` on fresh connections until both workers have answered (which one accepts a
+    connection is the kernel's choice), and at least `at_least` times."""
+    answers: list[httpx.Response] = []
+    while len(answers) < at_least or {a.headers["X-Worker"] for a in answers} != two_workers["pids"]:
+        assert len(answers) < limit, f"only {set(a.headers['X-Worker'] for a in answers)} answered"
+        answers.append(request())
+    return answers
+
+
 def client_process(url: str, client: int) -> tuple[int, int, list[str]]:
     """One client: search, then post that page's impressions and a click, each on a fresh
     connection (so requests spread over the workers). Returns (acknowledged, duplicates, pids)."""
@@ -95,18 +105,34 @@ def test_a_reload_in_one_worker_reaches_every_worker(two_workers):
     assert reloaded.status_code == 200, reloaded.text
     after = reloaded.json()["index"]["generation"]
     assert after != before
-    seen: dict[str, set[str]] = {}
-    for _ in range(40):  # fresh connections: both workers answer, and each has followed the reload
-        answer = httpx.get(f"{url}/search", params={"q": "cats", "size": 1}, timeout=60)
-        seen.setdefault(answer.headers["X-Worker"], set()).add(answer.json()["index"]["generation"])
-        if len(seen) == 2 and sum(len(v) for v in seen.values()) >= 2:
-            break
-    assert set(seen) == two_workers["pids"] and all(v == {after} for v in seen.values()), seen
+    answers = from_both_workers(two_workers, lambda: httpx.get(f"{url}/search", params={"q": "cats", "size": 1}, timeout=60))
+    assert {a.json()["index"]["generation"] for a in answers} == {after}  # each worker followed the reload
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     generations = metric_lines(metrics, "ltr_search_index_generation_info")
     for pid in two_workers["pids"]:  # one series per worker, each at the new generation
         assert f'ltr_search_index_generation_info{{generation="{after}",index="{INDEX}",pid="{pid}"}} 1.0' in generations
         assert f'ltr_search_index_generation_info{{generation="{before}",index="{INDEX}",pid="{pid}"}} 0.0' in generations
+
+
+def test_a_rebuild_job_is_visible_from_every_worker_and_its_generation_served_by_all(two_workers):
+    url = two_workers["url"]
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    started = httpx.post(f"{url}/admin/rebuild", headers=auth, timeout=60)
+    assert started.status_code == 202, started.text
+    job_id, polled_by = started.json()["job_id"], set()
+    deadline = time.time() + 120
+    while True:  # fresh connections: the polls land on both workers, the runner's and the other
+        status = httpx.get(f"{url}/admin/jobs/{job_id}", headers=auth, timeout=10)
+        assert status.status_code == 200, status.text
+        polled_by.add(status.headers["X-Worker"])
+        if status.json()["state"] != "running" and len(polled_by) == 2:
+            break
+        assert time.time() < deadline, status.json()
+        time.sleep(0.1)
+    assert status.json()["state"] == "succeeded", status.json()
+    generation = status.json()["generation"]
+    answers = from_both_workers(two_workers, lambda: httpx.get(f"{url}/ready", timeout=10), at_least=10)
+    assert {a.json()["index"]["generation"] for a in answers} == {generation}
 
 
 def test_metrics_sum_over_both_workers(two_workers):
@@ -118,9 +144,8 @@ def test_metrics_sum_over_both_workers(two_workers):
         return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
 
     start = health_count()
-    pids = {httpx.get(f"{url}/health", timeout=10).headers["X-Worker"] for _ in range(30)}
-    assert pids == two_workers["pids"]  # the 30 requests went to both workers ...
-    assert health_count() == start + 30  # ... and either worker's /metrics counts all of them
+    answers = from_both_workers(two_workers, lambda: httpx.get(f"{url}/health", timeout=10), at_least=30)
+    assert health_count() == start + len(answers)  # either worker's /metrics counts both workers' requests
 
 
 def test_a_busy_write_lock_held_by_another_process_is_retried(tmp_path: Path):

@@ -97,10 +97,10 @@ class BodyLimitMiddleware:
 
 
 def create_app(config: ServiceConfig, event_store: EventStore | None = None,
-               experiment_log: ExperimentLog | None = None, reload_stamp: Path | None = None) -> FastAPI:
+               experiment_log: ExperimentLog | None = None, run_dir: Path | None = None) -> FastAPI:
     """The app over `config`; a given `event_store` or `experiment_log` is the caller's to close.
-    `reload_stamp`: the file the workers of one `serve --workers N` share to follow each other's reloads."""
-    state = ServingState(config, reload_stamp)
+    `run_dir`: the folder the workers of one `serve --workers N` share (reload stamp, job statuses)."""
+    state = ServingState(config, run_dir / "reload.stamp" if run_dir is not None else None)
     metrics = ServiceMetrics()
     metrics.model_info.labels("none").set(1)
     if event_store is None:
@@ -142,7 +142,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     add_offline_docs(app)
     app.state.serving = state
     app.state.metrics = metrics
-    app.state.jobs = JobRunner(state, refresh)
+    app.state.jobs = JobRunner(state, refresh, run_dir / "jobs" if run_dir is not None else None)
     app.state.event_store = store
     app.state.aggregates = aggregates
     app.state.experiment_log = experiments_log
@@ -210,7 +210,7 @@ def app_from_environment() -> FastAPI:
     """The app factory each `serve --workers N` worker calls (uvicorn imports it by name)."""
     spec = ServeSpec(**json.loads(os.environ[SERVE_SPEC_ENV]))
     limit_native_threads()
-    return create_app(spec.config(), reload_stamp=Path(spec.run_dir) / "reload.stamp" if spec.run_dir else None)
+    return create_app(spec.config(), run_dir=Path(spec.run_dir) if spec.run_dir else None)
 
 
 def serve(config: ServiceConfig, host: str, port: int, workers: int = 1, spec: ServeSpec | None = None) -> None:

@@ -222,13 +222,39 @@ class Job:
 
 
 class JobRunner:
-    """Index rebuilds in a background thread; at most one at a time per service."""
+    """Index rebuilds in a background thread; at most one at a time per worker (the index's write
+    lock refuses a second one from another worker or process).
 
-    def __init__(self, state: ServingState, on_reload: Callable[[], None]):
+    `jobs_dir`: where a job's status is also written when it starts and ends, so that any worker of
+    `serve --workers N` can answer GET /admin/jobs/{id}, not only the one that runs it."""
+
+    def __init__(self, state: ServingState, on_reload: Callable[[], None], jobs_dir: Path | None = None):
         self.state = state
         self.on_reload = on_reload
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self.jobs_dir = jobs_dir
+        if jobs_dir is not None:
+            jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """A job of this worker, else one another worker recorded; None when there is none."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job.status()
+        if self.jobs_dir is None or not job_id.isalnum():
+            return None
+        try:
+            return JobStatus.model_validate_json((self.jobs_dir / f"{job_id}.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def _record(self, job: Job) -> None:
+        if self.jobs_dir is None:
+            return
+        temporary = self.jobs_dir / f".{job.job_id}.json"
+        temporary.write_text(job.status().model_dump_json(), encoding="utf-8")
+        os.replace(temporary, self.jobs_dir / f"{job.job_id}.json")  # readers never see half a file
 
     def start_rebuild(self) -> Job:
         with self._lock:
@@ -236,6 +262,7 @@ class JobRunner:
                 raise ApiError(409, "busy", "a rebuild is already running; poll its status")
             job = Job(uuid.uuid4().hex, "rebuild")
             self.jobs[job.job_id] = job
+            self._record(job)
         threading.Thread(target=self._rebuild, args=(job,), name=f"rebuild-{job.job_id[:8]}", daemon=True).start()
         return job
 
@@ -262,3 +289,7 @@ class JobRunner:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             job.finished_at = time.time()
+            try:
+                self._record(job)
+            except OSError as exc:  # the job's own worker still answers for it
+                logger.error("job %s status not recorded for the other workers: %s", job.job_id, exc)

@@ -20,10 +20,10 @@ def admin_rebuild(jobs: JobsDep, body: RebuildRequest | None = None) -> JobStatu
 
 @router.get("/jobs/{job_id}", response_model=JobStatus)
 def admin_job(job_id: str, jobs: JobsDep) -> JobStatus:
-    job = jobs.jobs.get(job_id)
-    if job is None:
+    status = jobs.status(job_id)
+    if status is None:
         raise ApiError(404, "not_found", f"no job '{job_id[:64]}'")
-    return job.status()
+    return status
 
 
 @router.post("/reload", response_model=ReloadResponse)
