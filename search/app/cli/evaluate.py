@@ -28,6 +28,9 @@ def add_arguments(command: str, evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--seed", type=int, help="seed of the folds and the randomisation test")
     evaluate.add_argument("--resamples", type=int, default=10_000, help="sign flips of the randomisation test")
     evaluate.add_argument("--run-file", action="append", default=[], help="also score this TREC run file (named by its file stem); repeatable")
+    evaluate.add_argument("--ablation", action="store_true",
+                          help="for each learned ltr[:SET] pipeline, also train it without each feature group "
+                               "(ltr:SET-without-GROUP) and report which groups help on this dataset")
     evaluate.add_argument("--json", dest="json_out", help="write the results as JSON here ('-' for stdout)")
     evaluate.add_argument("--report", help="write a markdown report here, with PNG plots next to it")
     evaluate.add_argument("--runs", help="directory for the TREC run files (default: HOME/runs/DATASET-SPLIT)")
@@ -50,6 +53,8 @@ def run(home: Path, args: argparse.Namespace) -> int:
             raise CliError(f"two run files are named '{stem}'")
         external[stem] = read_run(run_path)
     names = [n.strip() for n in args.pipeline.split(",") if n.strip()] if args.pipeline else []
+    ablations = ablation_plan(names) if args.ablation else {}
+    names += [name for plan in ablations.values() for name in plan.values() if name not in names]
     own = [resolve_pipeline(n, "fit") for n in parse_pipeline_list(",".join(names))] if names else []
     clash = sorted(set(own) & set(external))
     if clash:
@@ -80,6 +85,16 @@ def run(home: Path, args: argparse.Namespace) -> int:
         progress=not args.quiet, log=log,
     )
     payload = result.to_json()
+    if ablations:
+        from eval.ablation import feature_group_ablation  # lazy: start-up time
+
+        headline = "nDCG@10" if "nDCG@10" in payload["pipelines"][settings.pipelines[0]]["metrics"] else settings.metrics[0].name
+        payload["ablation"] = {
+            full: feature_group_ablation(
+                {name: result.pipelines[name].scores.subset(result.pipelines[full].scores.query_ids).values
+                 for name in [full, *plan.values()]},
+                full, plan, headline, resamples=settings.resamples, seed=settings.seed)
+            for full, plan in ablations.items()}
     if args.json_out == "-":
         print(json.dumps(payload, indent=2))
     elif args.json_out:
@@ -92,7 +107,31 @@ def run(home: Path, args: argparse.Namespace) -> int:
     if args.json_out != "-":
         headline = [m for m in HEADLINE_METRICS if m in payload["pipelines"][settings.pipelines[0]]["metrics"]]
         print("\n".join(summary_lines(payload, headline)))
+        if ablations:
+            from eval.ablation import ablation_lines  # lazy: start-up time
+
+            for full, ablation in payload["ablation"].items():
+                print("\n".join(ablation_lines(full, ablation)))
     return 0
+
+
+def ablation_plan(names: list[str]) -> dict[str, dict[str, str]]:
+    """Learned ranker pipeline -> {feature group: the pipeline without it} (`--ablation`)."""
+    from eval.ablation import ABLATION_MARK, ablation_pipeline_names  # lazy: start-up time
+    from ltr.features import DEFAULT_FEATURE_SET, feature_set  # lazy: start-up time
+
+    plan: dict[str, dict[str, str]] = {}
+    for name in names:
+        family, _, set_name = name.partition(":")
+        if family != "ltr" or ABLATION_MARK in set_name:
+            continue
+        features = feature_set(set_name or DEFAULT_FEATURE_SET)
+        without = ablation_pipeline_names(name, features.name, features.groups)
+        if without:
+            plan[name] = dict(zip(features.groups, without))
+    if not plan:
+        raise CliError("--ablation needs a learned pipeline with two or more feature groups among --pipeline, e.g. ltr")
+    return plan
 
 
 def summary_lines(payload: dict[str, Any], metrics: list[str]) -> list[str]:
