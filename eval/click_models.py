@@ -916,3 +916,141 @@ def _grade_cells(log: ClickLog, grades: Mapping[str, Mapping[str, int]]) -> np.n
 
 def _max_grade(grades: Mapping[str, Mapping[str, int]]) -> int:
     return max((int(g) for docs in grades.values() for g in docs.values()), default=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relevance labels from clicks, and a ranker trained on them (`ltr-search train --from-events`)
+
+LABEL_MODELS: tuple[str, ...] = ("pbm", "dbn")
+# Attractiveness (PBM) or attractiveness x satisfaction (DBN) at or above these -> grade 1, 2.
+DEFAULT_LABEL_THRESHOLDS = (0.4, 0.7)
+# Beta(a, b) pseudo-counts of the label model: a mean of 0.25, so a document the users hardly
+# examined (deep positions, few sessions) stays below the grade-1 threshold instead of sitting at
+# 0.5 (add-one smoothing), while ~3 effective examinations with clicks lift it above.
+DEFAULT_LABEL_PRIOR = (0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class ClickLabelSettings:
+    """How logged clicks become graded labels (Chapelle & Zhang 2009: relevance = the click
+    model's attractiveness, times satisfaction for DBN), and which pages are read."""
+
+    model: str = "pbm"
+    thresholds: tuple[float, float] = DEFAULT_LABEL_THRESHOLDS
+    prior: tuple[float, float] = DEFAULT_LABEL_PRIOR
+    depth: int = 10  # positions of a page the click model sees
+
+    def __post_init__(self) -> None:
+        if self.model not in LABEL_MODELS:
+            raise ValueError(f"unknown label click model '{self.model}'; choose from {', '.join(LABEL_MODELS)}")
+        low, high = self.thresholds
+        if not 0.0 < low <= high < 1.0:
+            raise ValueError(f"label thresholds must satisfy 0 < low <= high < 1, got {self.thresholds}")
+        if min(self.prior) <= 0:
+            raise ValueError(f"label prior pseudo-counts must be > 0, got {self.prior}")
+        if self.depth < 2:
+            raise ValueError(f"depth must be >= 2, got {self.depth}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "thresholds": list(self.thresholds), "prior": list(self.prior), "depth": self.depth}
+
+
+@dataclass
+class ClickLabels:
+    labels: dict[str, dict[str, int]]  # query key -> doc id -> grade (docs of the logged pages)
+    relevance: dict[str, dict[str, float]]  # the click model's estimate behind each grade
+    examination: np.ndarray  # PBM examination per position, position 1 = 1 (what IPS divides by)
+    sessions: int
+    grades: dict[int, int]  # labelled (query, doc) pairs per grade
+
+
+def click_log_of(pages: Sequence[Any], depth: int) -> ClickLog:
+    """`ltr.click_training.LoggedPage`s as a ClickLog: one session per page, positions <= depth,
+    queries by their behaviour key."""
+    events = [
+        ClickEvent(page.query_key, r.doc_id, r.position, True, r.position in page.clicked, page.request.timestamp,
+                   page.request.request_id)
+        for page in pages for r in page.request.results if r.position <= depth
+    ]
+    if not events:
+        raise ValueError("no logged page has a result at positions 1..{depth}: nothing to fit a click model on")
+    return ClickLog.from_events(events, n_positions=depth)
+
+
+def click_model_labels(pages: Sequence[Any], settings: ClickLabelSettings = ClickLabelSettings()) -> ClickLabels:
+    """Fit the label click model on the pages, grade every logged (query, document) pair."""
+    log = click_log_of(pages, settings.depth)
+    pbm = PositionBasedModel(prior=settings.prior).fit(log)
+    if settings.model == "dbn":
+        dbn = DynamicBayesianNetworkModel(prior=settings.prior).fit(log)
+        keys = dbn.attractiveness.keys
+        values = dbn.attractiveness.values * np.array([dbn.satisfaction.get(q, d) for q, d in keys])
+    else:
+        keys, values = pbm.attractiveness.keys, pbm.attractiveness.values
+    low, high = settings.thresholds
+    grades = np.where(values >= high, 2, np.where(values >= low, 1, 0))
+    labels: dict[str, dict[str, int]] = {}
+    relevance: dict[str, dict[str, float]] = {}
+    for (query, doc), grade, value in zip(keys, grades.tolist(), values.tolist()):
+        labels.setdefault(query, {})[doc] = int(grade)
+        relevance.setdefault(query, {})[doc] = float(value)
+    counts = {g: int((grades == g).sum()) for g in (0, 1, 2)}
+    return ClickLabels(labels, relevance, pbm.examination.copy(), log.n_sessions, counts)
+
+
+@dataclass
+class ClickModelTrainingResult:
+    fitted: Any  # ltr.training.FittedRanker (on the training queries' candidate windows)
+    labels: ClickLabels
+    queries: dict[str, str]  # query key -> text searched
+    train_queries: list[str]
+    held_out_queries: list[str]
+    estimate: Any  # ltr.click_training.OffPolicyEstimate, or None without held-out pages
+    label_settings: ClickLabelSettings
+
+
+def train_on_click_labels(
+    backend: Any, pages: Sequence[Any], features: Any, fusion: Any, settings: Any,
+    label_settings: ClickLabelSettings = ClickLabelSettings(), history: Any = None,
+    progress: Callable = lambda items: items, log: Callable[[str], None] | None = None,
+) -> ClickModelTrainingResult:
+    """Labels from a click model fitted on ALL logged pages, a seeded hold-out of the logged
+    queries (`settings.valid_fraction`), the judged-training path (`ltr.training.fit_ranker`:
+    candidate windows, the one `extract_features`, staged on the fusion with inner CV) on the
+    others, and the off-policy estimate of the result on the held-out queries' pages."""
+    from ltr.click_training import off_policy_estimate
+    from ltr.registry import predict_scores
+    from ltr.training import build_rows, fit_ranker, split_queries
+
+    labels = click_model_labels(pages, label_settings)
+    queries: dict[str, str] = {}
+    for page in pages:
+        queries.setdefault(page.query_key, page.request.query)
+    keys = sorted(queries)
+    train_keys, held_out = split_queries(keys, settings.valid_fraction, settings.seed)
+    if log is not None:
+        log(f"click model {label_settings.model} on {labels.sessions:,} logged pages: {sum(labels.grades.values()):,} "
+            f"(query, document) pairs graded {labels.grades}; examination by position "
+            + " ".join(f"{g:.2f}" for g in labels.examination)
+            + f"; {len(train_keys):,} queries to train on, {len(held_out):,} held out for the off-policy estimate")
+    fitted = fit_ranker(backend, {k: queries[k] for k in train_keys}, labels.labels, features, fusion, settings,
+                        progress=progress, log=log, history=history)
+    estimate = None
+    held = set(held_out)
+    held_pages = [p for p in pages if p.query_key in held and p.clicked]
+    if held_pages:
+        rows = build_rows(backend, {k: queries[k] for k in held_out}, {}, features, fusion)
+        trained = fitted.trained
+        scores = predict_scores(trained.booster, list(trained.feature_names), rows.features, rows.base(trained.stage)) \
+            if trained.trees else rows.base(trained.stage)
+        if scores is None:  # a plain model with no trees cannot happen; a staged one is its base
+            raise ValueError("the model has no trees and no base stage")
+        rankings: dict[str, list[str]] = {}
+        start = 0
+        for key, size in zip(rows.query_ids, rows.group_sizes.tolist()):
+            block = np.asarray(scores[start:start + size])
+            docs = rows.doc_ids[start:start + size]
+            rankings[key] = [docs[i] for i in np.argsort(-block, kind="stable")[:50].tolist()]
+            start += size
+        estimate = off_policy_estimate(held_pages, rankings, labels.examination)
+    return ClickModelTrainingResult(fitted, labels, queries, train_keys, held_out, estimate, label_settings)

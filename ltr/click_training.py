@@ -485,3 +485,186 @@ def parse_time(text: str | None) -> float | None:
 
 def iso_time(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Click-model training (the default of `train --from-events`): any pipeline's logged pages, a
+# click model fitted on them gives per query-document relevance labels (eval.click_models), and
+# the ranker is trained on the candidate windows of the logged queries like a judged model.
+# What lives here: reading the pages, and the judgment-free off-policy estimate that selects
+# and gates the result.
+
+METHODS: tuple[str, ...] = ("click-model", "pairs")
+DEFAULT_METHOD = "click-model"
+OPE_DEPTH = 10  # the click metric: IPS-weighted clicks, discounted by the rank a ranker gives them, top 10
+
+
+@dataclass(frozen=True)
+class LoggedPage:
+    """One served page that may be learned from, and the positions clicked on it."""
+
+    request: ServedRequest
+    clicked: frozenset[int]
+
+    @property
+    def query_key(self) -> str:
+        return normalise(self.request.query)
+
+
+@dataclass
+class PageStats:
+    """What reading the request log used and skipped (counts of requests)."""
+
+    read: int = 0
+    used: int = 0
+    other_index: int = 0
+    interleaved: int = 0  # skipped: their propensities are not the logging policy's
+    interleaved_unknown: int = 0  # ltr pages logged before schema version 2 (used)
+    explored: int = 0
+    clicked: int = 0
+    pipelines: dict[str, int] = field(default_factory=dict)
+    index_generations: dict[str, int] = field(default_factory=dict)
+    first: float | None = None
+    last: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalise(text: str) -> str:
+    from ltr.behaviour import normalise_query  # the one query key of behaviour aggregates
+
+    return normalise_query(text)
+
+
+def read_logged_pages(event_store: EventStore, since: float | None = None, until: float | None = None,
+                      index_name: str | None = None) -> tuple[list[LoggedPage], PageStats]:
+    """Every page served in [since, until) by ANY pipeline (bm25, hybrid, a model ...), with its
+    clicks. Interleaved pages are skipped: they mix two rankers and log propensity 1, which is
+    not the probability the logging policy had of showing them there."""
+    clicks: dict[str, set[int]] = {}
+    for event in event_store.iter_events(types=["click"]):
+        clicks.setdefault(event.request_id, set()).add(event.position)
+    stats = PageStats()
+    pages: list[LoggedPage] = []
+    for request in event_store.iter_requests(since=since, until=until):
+        stats.read += 1
+        if index_name is not None and request.index_name != index_name:
+            stats.other_index += 1
+            continue
+        if request.interleaved:
+            stats.interleaved += 1
+            continue
+        if request.interleaved is None and request.pipeline == "ltr":
+            stats.interleaved_unknown += 1
+        clicked = frozenset(clicks.get(request.request_id, ()))
+        pages.append(LoggedPage(request, clicked))
+        stats.used += 1
+        stats.clicked += bool(clicked)
+        stats.explored += request.was_explored
+        stats.pipelines[request.pipeline] = stats.pipelines.get(request.pipeline, 0) + 1
+        generation = request.index_generation
+        stats.index_generations[generation] = stats.index_generations.get(generation, 0) + 1
+        stats.first = request.timestamp if stats.first is None else stats.first
+        stats.last = request.timestamp
+    return pages, stats
+
+
+@dataclass(frozen=True)
+class OffPolicyEstimate:
+    """Self-normalised IPS estimate of a click metric for a new ranker and for the logging policy
+    on held-out logged pages (Joachims, Swaminathan & Schnabel 2017; the self-normalisation of
+    Swaminathan & Joachims 2015).
+
+    Under a position-based user, a click at logged position p divided by the examination
+    propensity gamma(p) is an unbiased estimate of the clicked document's attractiveness, so
+        V(ranker) = sum over clicks of  [1 / gamma(p)] * disc(rank the ranker gives the doc)
+                    / sum over clicks of  [1 / gamma(p)]
+    (disc(k) = 1 / log2(k + 1) for k <= 10, else 0) estimates the attractiveness-weighted DCG@10
+    of the ranker, per unit of clicked attractiveness. The logging policy's value uses the logged
+    positions. Both share the denominator; the difference's CI is the delta method's over pages.
+    Documents no logged page showed earn no credit, so the estimate leans towards the logging
+    policy: conservative for a gate that refuses models worse than it."""
+
+    model: float
+    logging: float
+    difference: float
+    ci: tuple[float, float]
+    pages: int  # held-out pages with a click
+    queries: int
+    metric: str = "SNIPS click DCG@10 (clicks weighted 1/examination propensity of the logged position)"
+
+    @property
+    def significantly_worse(self) -> bool:
+        return self.ci[1] < 0
+
+    @property
+    def significantly_better(self) -> bool:
+        return self.ci[0] > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "logging": self.logging, "difference": self.difference, "ci": list(self.ci),
+                "pages": self.pages, "queries": self.queries, "metric": self.metric,
+                "verdict": self.verdict}
+
+    @property
+    def verdict(self) -> str:
+        if self.significantly_worse:
+            return "significantly worse than the logging policy"
+        if self.significantly_better:
+            return "significantly better than the logging policy"
+        return "not significantly different from the logging policy"
+
+    def line(self) -> str:
+        return (f"off-policy estimate on {self.pages:,} held-out logged pages ({self.queries:,} queries), {self.metric}: "
+                f"model {self.model:.4f} vs logging policy {self.logging:.4f}, difference {self.difference:+.4f} "
+                f"(95% CI {self.ci[0]:+.4f} .. {self.ci[1]:+.4f}): {self.verdict}")
+
+
+def _discount(ranks: np.ndarray, depth: int = OPE_DEPTH) -> np.ndarray:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where((ranks >= 1) & (ranks <= depth), 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def off_policy_estimate(pages: Sequence[LoggedPage], rankings: dict[str, Sequence[str]],
+                        examination: Sequence[float], z: float = 1.96) -> OffPolicyEstimate:
+    """The estimate of `OffPolicyEstimate` for `rankings` (query key -> the new ranker's doc ids,
+    best first) on the clicked `pages` whose query it ranks."""
+    gamma = np.asarray(examination, dtype=np.float64)
+    numerators_new, numerators_log, weights = [], [], []
+    queries = set()
+    for page in pages:
+        ranking = rankings.get(page.query_key)
+        if ranking is None or not page.clicked:
+            continue
+        rank_of = {doc: k + 1 for k, doc in enumerate(ranking)}
+        clicked = [r for r in page.request.results if r.position in page.clicked and r.position <= len(gamma)]
+        if not clicked:
+            continue
+        w = np.array([1.0 / max(gamma[r.position - 1], 1e-3) for r in clicked])
+        numerators_new.append(float(w @ _discount(np.array([rank_of.get(r.doc_id, 0) for r in clicked]))))
+        numerators_log.append(float(w @ _discount(np.array([r.position for r in clicked]))))
+        weights.append(float(w.sum()))
+        queries.add(page.query_key)
+    if not weights:
+        raise ValueError("no held-out logged page with a click on a ranked query: nothing to estimate on")
+    new, old, w = (np.array(x) for x in (numerators_new, numerators_log, weights))
+    model, logging = float(new.sum() / w.sum()), float(old.sum() / w.sum())
+    difference = model - logging
+    residual = (new - old) - difference * w  # delta method for a ratio of sums
+    half = z * float(np.sqrt(residual.var(ddof=1) / len(w)) / w.mean()) if len(w) > 1 else math.inf
+    return OffPolicyEstimate(model, logging, difference, (difference - half, difference + half), len(w), len(queries))
+
+
+def off_policy_refusal(training: dict[str, Any]) -> str | None:
+    """Why `models promote` refuses a click-trained model (its manifest's `training`), or None:
+    refused when its off-policy estimate is significantly worse than the logging policy's."""
+    estimate = training.get("off_policy") if training.get("source") == "events" else None
+    if not estimate:
+        return None
+    low, high = estimate["ci"]
+    if high < 0:
+        return (f"its off-policy estimate on {estimate['pages']} held-out logged pages is significantly worse than the "
+                f"logging policy's ({estimate['model']:.4f} vs {estimate['logging']:.4f}, difference 95% CI "
+                f"{low:+.4f} .. {high:+.4f})")
+    return None

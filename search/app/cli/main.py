@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
                                               "clicks (--from-events) and store it in the registry"),
     "models": Command("search.app.cli.models", "list, inspect, promote, roll back, delete and compare ranking models"),
     "behaviour": Command("search.app.cli.behaviour", "behaviour aggregates, position propensities and drift"),
+    "retrain": Command("search.app.cli.retrain", "the scheduled job: update aggregates, train from clicks, gate, "
+                                                 "promote or refuse (exit 0 promoted, 3 refused, 4 nothing new)"),
     "clicks": Command("search.app.cli.clicks", "fit and compare click models on a click log"),
     "judgments": Command("search.app.cli.judgments", "export workbench judgments as qrels (BEIR or TREC), agreement"),
     "simulate": Command("search.app.cli.clicks", "simulate users clicking: live against the query service, "

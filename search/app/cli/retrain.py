@@ -1,0 +1,423 @@
+"""Training from clicks without judgments, and `ltr-search retrain`, the job a scheduler runs.
+
+    ltr-search train --from-events [--method click-model|pairs] [--label-model pbm|dbn] [--events PATH]
+    ltr-search retrain [--name INDEX] [--dataset PATH --split SPLIT] [--report DIR] [--force]
+
+`train --from-events` (method `click-model`, the default) reads every page the request log holds,
+whichever pipeline served it (bm25, hybrid, hybrid-convex or a model; interleaved pages skipped),
+fits a click model on them, grades every logged (query, document) by its attractiveness, and trains
+on the logged queries' candidate windows through the judged-training path (`ltr.training.fit_ranker`:
+the one `extract_features`, staged on the fusion, trees chosen by inner CV on the click labels). A
+seeded share of the logged queries is held out; the model's self-normalised IPS estimate of a click
+metric on their pages, against the logging policy's, is printed with a CI and stored in the
+manifest, where `models promote` reads it. `--method pairs` is the earlier pairwise method
+(`ltr.click_training.train_from_clicks`, model-served pages only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.app.cli.common import add_backend_arguments, log, open_index, plural
+
+SAMPLE_ROWS = 64  # as `train`: feature rows stored with the model and re-scored on every load
+
+
+def add_click_model_arguments(group: Any) -> None:
+    """The flags of the click-model method, added to `train`'s "training from clicks" group."""
+    from eval.click_models import DEFAULT_LABEL_THRESHOLDS, LABEL_MODELS  # lazy: start-up time
+    from ltr.click_training import DEFAULT_METHOD, METHODS  # lazy: start-up time
+
+    group.add_argument("--method", choices=METHODS,
+                       help=f"{DEFAULT_METHOD} (default): labels from a click model fitted on every logged page, any "
+                            "pipeline; pairs: pairwise clicks of model-served pages (implied by --debias/--negatives)")
+    group.add_argument("--label-model", choices=LABEL_MODELS, default="pbm",
+                       help="click-model method: the click model whose attractiveness grades documents (default pbm)")
+    group.add_argument("--label-thresholds", type=float, nargs=2, default=list(DEFAULT_LABEL_THRESHOLDS),
+                       metavar=("GRADE1", "GRADE2"),
+                       help="click-model method: attractiveness for grade 1 and grade 2 (default "
+                            f"{DEFAULT_LABEL_THRESHOLDS[0]:g} {DEFAULT_LABEL_THRESHOLDS[1]:g})")
+
+
+def events_index(home: Path, name: str | None, config_file: str | None) -> str:
+    """The index whose clicks to learn from: --name, else the config's index when it has an event
+    store, else the only (or the most recently written) event store of the home."""
+    from indexing.home import event_store_path  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
+
+    if name:
+        return name
+    configured = load_service_config(home, Path(config_file) if config_file else None).index
+    if event_store_path(home, configured).is_file():
+        return configured
+    stores = sorted(event_store_path(home, "x").parent.glob("*.sqlite3"), key=lambda p: p.stat().st_mtime)
+    if not stores:
+        return configured
+    if len(stores) > 1:
+        log(f"no event store for the configured index '{configured}'; using the most recently written one, "
+            f"{stores[-1].stem} (of {', '.join(p.stem for p in stores)}); pass --name to choose")
+    return stores[-1].stem
+
+
+def training_settings(args: argparse.Namespace) -> Any:
+    from ltr.training import TrainingSettings  # lazy: start-up time
+
+    return TrainingSettings(
+        learning_rate=args.learning_rate, max_depth=args.max_depth, max_rounds=args.max_rounds,
+        valid_fraction=args.valid_fraction, seed=args.seed, selection=args.selection,
+        base_scales=tuple(args.base_scales), cv_folds=args.cv_folds,
+    )
+
+
+def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """Train and store a click-model ranker; (manifest, result, training record). Raises
+    ValueError (one line for the user) when the log holds nothing to learn from."""
+    from tqdm import tqdm  # progress bars only on this path
+
+    from eval.click_models import ClickLabelSettings, train_on_click_labels  # lazy: start-up time
+    from ltr.click_training import iso_time, parse_time, read_logged_pages  # lazy: start-up time
+    from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: start-up time
+    from ltr.point_in_time import BehaviourHistory  # lazy: start-up time
+    from ltr.ranker import index_description  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+    from search.app.cli.models import drift_reference  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
+    from search.event_store import EventStore  # lazy: start-up time
+
+    name = events_index(home, args.name, args.config)
+    config = load_service_config(home, Path(args.config) if args.config else None, {"index": name})
+    events_path = Path(args.events) if args.events else config.event_store_path
+    if not events_path.is_file():
+        raise ValueError(f"no event store at {events_path}: serve the index with `ltr-search serve` (or run "
+                         "`ltr-search simulate`) to log requests and clicks, or pass --events PATH")
+    index = open_index(home, name, args, name)
+    fusion = config.fusion_for(index.name)
+    features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
+    settings = training_settings(args)
+    labels = ClickLabelSettings(model=args.label_model, thresholds=tuple(args.label_thresholds))
+    with EventStore(events_path) as store:
+        pages, stats = read_logged_pages(store, parse_time(args.since), parse_time(args.until), index.name)
+    other = {g: n for g, n in stats.index_generations.items() if g != index.generation_id}
+    if other:
+        # Text features are computed on the generation serving now; pages of another generation
+        # would get features they were never ranked with: left out, and said so.
+        pages = [p for p in pages if p.request.index_generation == index.generation_id]
+        log(f"{sum(other.values()):,} logged pages were served from other generations of {index.name} "
+            f"({', '.join(sorted(other))}) than the current {index.generation_id}: left out (point-in-time text features)")
+    clicked = sum(1 for p in pages if p.clicked)
+    if not clicked:
+        raise ValueError(f"no clicked page in {events_path} ({stats.read:,} requests read, {stats.used:,} usable, "
+                         f"{stats.interleaved:,} interleaved skipped): nothing to learn from")
+    log(f"request log {events_path}: {stats.read:,} pages read, {len(pages):,} used ({clicked:,} with clicks, "
+        f"{stats.explored:,} explored) served by " + ", ".join(f"{k} x{v:,}" for k, v in stats.pipelines.items())
+        + f"; {stats.interleaved:,} interleaved pages skipped")
+    history = None
+    if uses_behaviour(features):
+        history = BehaviourHistory.open(home, index.name, events_path=events_path)
+    progress = (lambda items: items) if quiet else (
+        lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
+    result = train_on_click_labels(index, pages, features, fusion, settings, labels, history, progress, log)
+    fitted, trained = result.fitted, result.fitted.trained
+    rows, cv = fitted.rows, trained.inner_cv
+    picked = np.random.default_rng(settings.seed).choice(len(rows.labels), min(SAMPLE_ROWS, len(rows.labels)), replace=False)
+    base = rows.base(trained.stage)
+    record = {
+        "source": "events", "method": "click-model", "event_store": str(events_path.resolve()),
+        "labels": {**labels.to_dict(), "grades": {str(k): v for k, v in result.labels.grades.items()},
+                   "examination": [float(x) for x in result.labels.examination]},
+        "pages": stats.to_dict(), "pages_used": len(pages), "clicked_pages": clicked,
+        "time_range": {"first": iso_time(stats.first), "last": iso_time(stats.last),
+                       "first_ts": stats.first, "last_ts": stats.last},
+        "queries": len(result.queries), "train_queries": len(result.train_queries),
+        "held_out_queries": len(result.held_out_queries), "pairs": int(len(rows.labels)),
+        "fingerprint": rows.fingerprint(), "window": fusion.to_dict(), "settings": settings.to_dict(),
+        "feature_seconds": round(fitted.feature_seconds, 2), "train_seconds": round(trained.seconds, 2),
+        "off_policy": result.estimate.to_dict() if result.estimate is not None else None,
+        **({"inner_cv": {**cv.to_dict(), "labels": "click-model grades"}} if cv is not None else {}),
+    }
+    manifest = ModelRegistry(home).save(
+        trained.booster, feature_set=features.describe(), index=index_description(index), training=record,
+        params=settings.xgboost_params(),
+        metrics={"off-policy click DCG@10 difference": result.estimate.difference if result.estimate else None,
+                 **({"inner-CV gain (click labels)": cv.gain} if cv is not None else {})},
+        importance=trained.importance(), sample_features=rows.features[picked],
+        best_iteration=trained.best_iteration if trained.trees else None,
+        reference=drift_reference(trained, rows, page_rows=True, base=base),
+        stage=trained.stage, sample_base=None if base is None else base[picked],
+    )
+    return manifest, result, record
+
+
+def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
+    """`train --from-events`: the click-model method (default), or the pairwise one."""
+    from ltr.click_training import DEFAULT_METHOD  # lazy: start-up time
+    from search.app.cli.models import inner_cv_report  # lazy: start-up time
+
+    pair_flags = [flag for flag, value, default in (("--debias", args.debias, "none"), ("--negatives", args.negatives, "skip-above"))
+                  if value != default]
+    if args.method is None:
+        args.method = "pairs" if pair_flags else DEFAULT_METHOD
+        if pair_flags:
+            log(f"{' and '.join(pair_flags)} apply to the pairwise method: training with --method pairs")
+    elif args.method != "pairs" and pair_flags:
+        raise ValueError(f"{' and '.join(pair_flags)} apply to --method pairs, not --method {args.method}")
+    if args.method == "pairs":
+        from search.app.cli.models import cmd_train_pairs_from_events  # lazy: start-up time
+
+        return cmd_train_pairs_from_events(home, args)
+    manifest, result, record = train_click_model(home, args, quiet=args.quiet)
+    trained = result.fitted.trained
+    if trained.inner_cv is not None:
+        print(inner_cv_report(trained.inner_cv, training_settings(args)).replace("nDCG@10", "click-label nDCG@10"))
+    print(f"model {manifest.version}: {plural(trained.trees, 'tree')}"
+          + (f" on base {trained.stage.name}" if trained.stage is not None else "")
+          + f", learned from {record['clicked_pages']:,} clicked pages of {record['queries']:,} logged queries "
+          f"(click model {record['labels']['model']}; grades {record['labels']['grades']}); no judgments read")
+    if result.estimate is not None:
+        print(result.estimate.line())
+    else:
+        print("off-policy estimate: none (no held-out logged query with a click; lower --valid-fraction is 0?)")
+    if trained.trees:
+        print("top features by gain: " + ", ".join(f"{n} {g:.0f}" for n, g in list(trained.importance().items())[:8]))
+    print(f"serve it with: ltr-search models promote {manifest.version}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `ltr-search retrain`: one scheduler run (cron, systemd timer, the compose service)
+
+EXIT_PROMOTED = 0
+EXIT_ERROR = 1  # anything unexpected; 2 stays argparse's usage error
+EXIT_REFUSED = 3  # a candidate was trained and the gate refused it: the active model is unchanged
+EXIT_NOTHING_NEW = 4  # no clicked page since the last run: nothing trained
+EXIT_BUSY = 5  # another retrain of this index holds the lock
+OUTCOMES = {EXIT_PROMOTED: "promoted", EXIT_ERROR: "error", EXIT_REFUSED: "refused", EXIT_NOTHING_NEW: "nothing new",
+            EXIT_BUSY: "busy"}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    add_retrain_arguments(parser)
+
+
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from search.app.cli.models import add_train_arguments  # the same training flags and defaults as `train`
+
+    parser.description = (
+        "Bring the behaviour aggregates up to date, train a candidate from the logged clicks (click-model method), "
+        "gate it (held-out judgments when --dataset/--split are given, else the off-policy estimate) and promote it "
+        "or refuse. Exit status: 0 promoted, 3 refused, 4 nothing new, 5 another retrain holds the lock, 1 error. "
+        "Holds a lock per index; killing it at any point leaves the active model and the events intact.")
+    add_train_arguments(parser)
+    parser.set_defaults(from_events=True)
+    job = parser.add_argument_group("the retraining job")
+    job.add_argument("--force", action="store_true", help="promote even when the gate refuses")
+    job.add_argument("--min-new-pages", type=int, default=1,
+                     help="clicked pages logged since the last run needed to train (default 1)")
+    job.add_argument("--report", metavar="DIR", help="where the markdown report and plot go (default HOME/reports)")
+    job.add_argument("--json", dest="json_out", metavar="OUT", help="also write the report as JSON")
+
+
+def run(home: Path, args: argparse.Namespace) -> int:
+    """`ltr-search retrain`; returns one of the EXIT_* codes (errors print one line, exit 1)."""
+    try:
+        return cmd_retrain(home, args)
+    except Exception as exc:  # a scheduler needs the distinct "error" status, and the reason
+        print(f"ltr-search: error: retrain failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _state_path(home: Path, index: str) -> Path:
+    return home / "retrain" / f"{index}.json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write-then-rename, so a kill leaves either the old file or the new one, never half of one."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class RetrainLock:
+    """An exclusive `flock` on HOME/retrain/INDEX.lock: the kernel drops it when the process dies
+    (kill -9 included), so a crashed run never blocks the next one."""
+
+    def __init__(self, home: Path, index: str):
+        self.path = home / "retrain" / f"{index}.lock"
+        self.handle: Any = None
+
+    def acquire(self) -> bool:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            self.handle = None
+            return False
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+        return True
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock
+            self.handle = None
+
+
+def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from indexing.home import behaviour_store_path, reports_dir  # lazy: start-up time
+    from ltr.behaviour import BehaviourStore  # lazy: start-up time
+    from search.app.cli.models import PromotionRefused, cmd_promote  # lazy: start-up time
+    from search.app.config import load_service_config  # lazy: start-up time
+    from search.event_store import EventStore  # lazy: start-up time
+
+    started = time.time()
+    index = events_index(home, args.name, args.config)
+    args.name = index
+    lock = RetrainLock(home, index)
+    if not lock.acquire():
+        print(f"retrain[{index}]: another retrain holds {lock.path}; nothing done", file=sys.stderr)
+        return EXIT_BUSY
+    try:
+        config = load_service_config(home, Path(args.config) if args.config else None, {"index": index})
+        events_path = Path(args.events) if args.events else config.event_store_path
+        if not events_path.is_file():
+            raise ValueError(f"no event store at {events_path}")
+        report: dict[str, Any] = {"index": index, "started": started, "event_store": str(events_path)}
+        state_path = _state_path(home, index)
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        with EventStore(events_path) as events:
+            store_path = behaviour_store_path(home, index)
+            store_path.parent.mkdir(parents=True, exist_ok=True)
+            with BehaviourStore(store_path) as behaviour:
+                summary = behaviour.update(events)
+            report["aggregates"] = {"events_applied": summary.events_applied, "watermark": summary.watermark}
+            last_seq = events.last_event_seq()
+            new_pages = _clicked_pages_since(events, state.get("last_request_ts"))
+        report["new_clicked_pages"] = new_pages
+        log(f"retrain[{index}]: aggregates +{summary.events_applied:,} events; {new_pages:,} clicked pages since the "
+            "last run")
+        if new_pages < max(args.min_new_pages, 1):
+            return _finish(home, args, report, EXIT_NOTHING_NEW, state_path, state, None)
+        manifest, result, record = train_click_model(home, args, quiet=True)
+        report["candidate"] = manifest.version
+        report["training"] = {k: record[k] for k in ("clicked_pages", "queries", "labels", "off_policy", "time_range")}
+        report["trees"] = result.fitted.trained.trees
+        if result.estimate is not None:
+            log(result.estimate.line())
+        promote_args = argparse.Namespace(
+            version=manifest.version, dataset=args.dataset, split=args.split if args.dataset else None,
+            name=index, force=args.force, quiet=True, json=False, backend=getattr(args, "backend", None),
+            es_url=getattr(args, "es_url", None))
+        new_state = {**state, "last_request_ts": record["time_range"]["last_ts"], "last_event_seq": last_seq,
+                     "last_candidate": manifest.version}
+        try:
+            cmd_promote(home, promote_args)
+        except PromotionRefused as exc:
+            report["refused"] = str(exc)
+            return _finish(home, args, report, EXIT_REFUSED, state_path, new_state, result)
+        return _finish(home, args, report, EXIT_PROMOTED, state_path, new_state, result)
+    finally:
+        lock.release()
+
+
+def _clicked_pages_since(events: Any, since: float | None) -> int:
+    clicked = {e.request_id for e in events.iter_events(types=["click"])}
+    return sum(1 for r in events.iter_requests(since=None if since is None else since + 1e-6) if r.request_id in clicked)
+
+
+def _finish(home: Path, args: argparse.Namespace, report: dict[str, Any], code: int, state_path: Path,
+            state: dict[str, Any], result: Any) -> int:
+    """Write the report (markdown, plot, optional JSON) and the run's state; the state last, so
+    a run killed before it is simply redone by the next one."""
+    import json
+    import time
+
+    from indexing.home import reports_dir  # lazy: start-up time
+
+    report["outcome"], report["exit_status"], report["finished"] = OUTCOMES[code], code, time.time()
+    directory = Path(args.report) if args.report else reports_dir(home)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(report["started"]))
+    markdown = directory / f"retrain-{report['index']}-{stamp}.md"
+    plot = None
+    if result is not None:
+        plot = _plot_examination(result, markdown.with_suffix(".png"))
+    _write_atomically(markdown, _markdown(report, plot))
+    if args.json_out:
+        _write_atomically(Path(args.json_out), json.dumps(report, indent=2, default=str) + "\n")
+    if code in (EXIT_PROMOTED, EXIT_REFUSED):
+        _write_atomically(state_path, json.dumps(state, indent=2) + "\n")
+    print(f"retrain[{report['index']}]: {report['outcome']}"
+          + (f" ({report['candidate']})" if report.get("candidate") else "") + f"; report {markdown}")
+    return code
+
+
+def _markdown(report: dict[str, Any], plot: Path | None) -> str:
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(report["started"], timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# Retrain of index `{report['index']}` at {when}", "",
+             f"**Outcome: {report['outcome']}** (exit status {report['exit_status']})", "",
+             f"- event store: `{report['event_store']}`",
+             f"- behaviour aggregates: +{report['aggregates']['events_applied']:,} events applied",
+             f"- clicked pages since the last run: {report['new_clicked_pages']:,}"]
+    if report.get("candidate"):
+        training = report["training"]
+        lines += [f"- candidate: `{report['candidate']}` ({report['trees']} trees), from {training['clicked_pages']:,} "
+                  f"clicked pages of {training['queries']:,} queries, click model {training['labels']['model']}, "
+                  f"grades {training['labels']['grades']}"]
+        estimate = training.get("off_policy")
+        if estimate:
+            lines += [f"- off-policy estimate ({estimate['metric']}) on {estimate['pages']:,} held-out pages: model "
+                      f"{estimate['model']:.4f} vs logging policy {estimate['logging']:.4f}, difference "
+                      f"{estimate['difference']:+.4f} (95% CI {estimate['ci'][0]:+.4f} .. {estimate['ci'][1]:+.4f}): "
+                      f"{estimate['verdict']}"]
+    if report.get("refused"):
+        lines += [f"- refused: {report['refused']}"]
+    if plot is not None:
+        lines += ["", f"![examination by position and label grades]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_examination(result: Any, path: Path) -> Path | None:
+    """The fitted examination curve (what IPS divides by) and the label grades, one figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: the markdown says everything without them
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    gamma = result.labels.examination
+    left.plot(range(1, len(gamma) + 1), gamma, marker="o")
+    left.set_xlabel("position")
+    left.set_ylabel("examination (position 1 = 1)")
+    left.grid(alpha=0.3)
+    grades = result.labels.grades
+    right.bar([str(g) for g in grades], list(grades.values()))
+    right.set_xlabel("label grade")
+    right.set_ylabel("(query, document) pairs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,127 @@
+"""`ltr-search train --from-events` on traffic a NON-model pipeline served (bm25), and
+`ltr-search retrain`: exit codes (promoted, nothing new, busy, error), the lock, and kill -9 at
+any point leaving the active model and the events intact. Real subprocesses, a real BM25 index of
+the topics collection, clicks from the real in-process simulator."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ltr.registry import ModelRegistry
+from search.app.cli.retrain import EXIT_BUSY, EXIT_ERROR, EXIT_NOTHING_NEW, EXIT_PROMOTED, EXIT_REFUSED
+from search.event_store import EventStore
+from tests.conftest import home_sharing_encoder, run_cli
+from tests.test_ltr import _collection
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ("--max-rounds", "30", "--cv-folds", "2", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, shared_encoder_home):
+    """The topics collection indexed; 10 simulated sessions per training query served by bm25 (a
+    pipeline that logs no features) with 10% exploration."""
+    root = tmp_path_factory.mktemp("retrain")
+    dataset = _collection(root / "topics")
+    home = home_sharing_encoder(root / "home", shared_encoder_home)
+    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    run_cli(home, "simulate", "--dataset", str(dataset), "--split", "train", "--sessions", "240", "--click-model", "pbm",
+            "--pipeline", "bm25", "--exploration", "0.1", "--name", "topics", "--depth", "5", "--quiet")
+    return {"home": home, "dataset": dataset}
+
+
+def retrain(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.app.cli", "--home", str(home), "retrain", "--name", "topics",
+                           *FAST, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_train_from_events_learns_from_pages_a_non_model_pipeline_served(logged):
+    home = logged["home"]
+    with EventStore(home / "events" / "topics.sqlite3") as events:
+        requests = list(events.iter_requests())
+    assert {r.pipeline for r in requests} == {"bm25"} and all(res.features is None for r in requests for res in r.results)
+    assert all(r.explored is not None and r.interleaved is False for r in requests)  # the explicit flags
+    result = run_cli(home, "train", "--from-events", "--name", "topics", *FAST)
+    assert "no judgments read" in result.stdout and "off-policy estimate on" in result.stdout
+    assert "bm25 x240" in result.stderr
+    manifest = ModelRegistry(home).manifest("m0001")
+    training = manifest.training
+    assert training["source"] == "events" and training["method"] == "click-model"
+    assert training["pages"]["pipelines"] == {"bm25": 240} and training["clicked_pages"] > 0
+    assert training["off_policy"]["pages"] > 0 and len(training["off_policy"]["ci"]) == 2
+    # point in time through the one feature path: the model was trained on the text feature set
+    # extracted from the windows of the logged queries, and loads with its parity sample
+    assert manifest.feature_set["name"] == "text" and ModelRegistry(home).load("m0001").version == "m0001"
+    # model:latest is the newest registry model in eval
+    evaluated = run_cli(home, "eval", "--dataset", str(logged["dataset"]), "--split", "test", "--name", "topics",
+                        "--pipeline", "bm25,model:latest", "--json", str(home / "eval.json"))
+    assert evaluated.returncode == 0
+    assert "model:latest" in json.loads((home / "eval.json").read_text())["pipelines"]
+
+
+def test_pairwise_flags_still_select_the_pairwise_method(logged):
+    result = run_cli(logged["home"], "train", "--from-events", "--name", "topics", "--method", "click-model",
+                     "--debias", "ips", check=False)
+    assert result.returncode == 2 and "--debias apply to --method pairs" in result.stderr
+
+
+def test_retrain_exit_codes_and_the_lock(logged, tmp_path):
+    home = logged["home"]
+    registry = ModelRegistry(home)
+    before = set(registry.version_ids())
+    first = retrain(home, "--report", str(tmp_path / "reports"), "--json", str(tmp_path / "run.json"))
+    assert first.returncode in (EXIT_PROMOTED, EXIT_REFUSED), first.stderr
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["outcome"] == {EXIT_PROMOTED: "promoted", EXIT_REFUSED: "refused"}[first.returncode]
+    assert set(registry.version_ids()) - before == {report["candidate"]}
+    if first.returncode == EXIT_PROMOTED:
+        assert registry.active() == report["candidate"]
+    markdown = list((tmp_path / "reports").glob("retrain-topics-*.md"))
+    assert len(markdown) == 1 and "Outcome:" in markdown[0].read_text()
+
+    again = retrain(home)  # no clicked page since: nothing trained
+    assert again.returncode == EXIT_NOTHING_NEW and "nothing new" in again.stdout
+    assert set(registry.version_ids()) - before == {report["candidate"]}
+
+    lock_path = home / "retrain" / "topics.lock"
+    with open(lock_path, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = retrain(home)
+    assert busy.returncode == EXIT_BUSY and "holds" in busy.stderr
+
+    broken = retrain(home, "--events", str(tmp_path / "missing.sqlite3"))
+    assert broken.returncode == EXIT_ERROR and "no event store" in broken.stderr
+
+
+def test_kill_9_during_retrain_leaves_the_active_model_and_events_intact(logged):
+    home = logged["home"]
+    registry = ModelRegistry(home)
+    active = registry.active()
+    events_path = home / "events" / "topics.sqlite3"
+    with EventStore(events_path) as events:
+        counts = events.count_events()
+    state = home / "retrain" / "topics.json"
+    state_before = state.read_text() if state.exists() else None
+    for delay in (0.5, 2.0, 4.0):  # start-up, aggregates, training: wherever it is, kill it
+        if state.exists():
+            state.unlink()  # make it train again
+        process = subprocess.Popen([sys.executable, "-m", "search.app.cli", "--home", str(home), "retrain", "--name",
+                                    "topics", *FAST], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert registry.active() == active
+        with EventStore(events_path) as events:
+            assert events.count_events() == counts
+    # the kernel dropped the dead run's lock: the next run is not "busy"
+    assert retrain(home, "--force").returncode in (EXIT_PROMOTED, EXIT_REFUSED)
+    if state_before is not None:
+        assert state.exists()
