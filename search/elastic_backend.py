@@ -344,7 +344,7 @@ class ElasticsearchBackend:
 
     def encode_query(self, query: str) -> np.ndarray:
         self._require_dense()
-        return self.encoder.encode([query])[0]
+        return self.encoder.encode_query(query)  # LRU-cached, read-only
 
     def retrieve_dense(self, query_vector: np.ndarray, k: int) -> Retrieved:
         self._require_dense()
