@@ -36,10 +36,11 @@ FUSION_BASELINE = "fusion"
 def baseline_fusion(manifest: ModelManifest) -> FusionSettings:
     """The fusion a model must beat: the base fusion its manifest records (staged models), else
     convex fusion (min-max, equal weights) over the model's own candidate window."""
-    base = manifest.training.get("base") or {}
-    if isinstance(base, Mapping) and base.get("fusion"):
-        return FusionSettings.from_dict(base["fusion"])
     window = model_window(manifest)
+    stage = manifest.base_stage  # a behaviour stage records its text model's first stage too
+    if stage is not None:
+        return FusionSettings.from_dict({**stage.fusion.to_dict(), "bm25_candidates": window.bm25_candidates,
+                                         "dense_candidates": window.dense_candidates})
     return FusionSettings(method="convex", bm25_candidates=window.bm25_candidates,
                           dense_candidates=window.dense_candidates)
 

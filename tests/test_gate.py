@@ -74,3 +74,24 @@ def test_the_fusion_baseline_is_convex_over_the_model_window(topics):
     home, dataset = topics["home"], topics["dataset"]
     manifest = ModelRegistry(home).manifest(_save(home, dataset, inverted=False))
     assert baseline_fusion(manifest) == FusionSettings(method="convex", bm25_candidates=8, dense_candidates=8)
+
+
+def test_a_staged_models_baseline_is_the_fusion_it_was_staged_on(topics):
+    """A base chosen on the tuned grid (here z-score, dense weight 0.3) is the fusion the gate
+    compares with, over the model's window."""
+    from ltr.registry import BaseStage
+
+    home, dataset = topics["home"], topics["dataset"]
+    index = EmbeddedIndex.open(home, "topics")
+    data = load_dataset(dataset, "train")
+    features = feature_set("text")
+    rows = build_rows(index, data.queries, data.qrels, features, WINDOW)
+    stage = BaseStage(FusionSettings(method="convex", normalisation="z-score", dense_weight=0.3), 4.0)
+    model = train_ranker(rows, features.names, TrainingSettings(max_rounds=10), stage=stage, rounds=5)
+    version = ModelRegistry(home).save(
+        model.booster, feature_set=features.describe(), index=index_description(index),
+        training={"dataset": str(dataset.resolve()), "split": "train", "window": WINDOW.to_dict()}, params={}, metrics={},
+        importance={}, sample_features=rows.features[:8], best_iteration=4, stage=stage, sample_base=rows.base(stage)[:8],
+    ).version
+    assert baseline_fusion(ModelRegistry(home).manifest(version)) == FusionSettings(
+        method="convex", normalisation="z-score", dense_weight=0.3, bm25_candidates=8, dense_candidates=8)
