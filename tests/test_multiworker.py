@@ -171,3 +171,9 @@ def test_a_busy_write_lock_held_by_another_process_is_retried(tmp_path: Path):
     assert waited >= 0.15 and holder.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
     holder.close()
     waiter.close()
+
+
+@pytest.mark.parametrize("workers", ["0", "65"])
+def test_serve_refuses_a_worker_count_out_of_range(tmp_path: Path, workers: str):
+    result = run_cli(tmp_path / "home", "serve", "--workers", workers, check=False)
+    assert result.returncode != 0 and f"--workers must be between 1 and 64, got {workers}" in result.stderr

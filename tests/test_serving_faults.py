@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import resource
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +32,15 @@ def served_home(tmp_path: Path) -> Path:
 
 @contextmanager
 def serving(home: Path, *args: str) -> Iterator[str]:
-    with running_service(home, "--name", INDEX, "--config", str(home.parent / "service.toml"), "--threads", "1",
-                         *args) as (url, _):
+    with serving_process(home, *args) as (url, _):
         yield url
+
+
+@contextmanager
+def serving_process(home: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    with running_service(home, "--name", INDEX, "--config", str(home.parent / "service.toml"), "--threads", "1",
+                         *args) as (url, process):
+        yield url, process
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -133,8 +140,12 @@ def chattr_works(probe: Path) -> bool:
 
 
 @contextmanager
-def immutable(paths: list[Path]) -> Iterator[None]:
-    """`chattr +i`: not even root can write these (a read-only store), until `chattr -i`."""
+def read_only_store(store_dir: Path, server: subprocess.Popen) -> Iterator[None]:
+    """`chattr +i` on the store's folder, database and WAL: not even root can write them. Not the
+    -shm index, which SQLite has memory-mapped: a page fault on an immutable mapping is a SIGBUS,
+    a different fault from a read-only store."""
+    paths = [store_dir, *sorted(p for p in store_dir.iterdir() if not p.name.endswith("-shm"))]
+    assert [p.name for p in paths[1:]] == [f"{INDEX}.sqlite3", f"{INDEX}.sqlite3-wal"]
     names = [str(p) for p in paths]
     subprocess.run(["chattr", "+i", *names], check=True)
     try:
@@ -143,17 +154,25 @@ def immutable(paths: list[Path]) -> Iterator[None]:
         subprocess.run(["chattr", "-i", *names], check=True)
 
 
-def test_an_unwritable_event_store_degrades_logging_but_searches_go_on(served_home: Path, tmp_path: Path):
-    if not chattr_works(tmp_path / "probe"):
+@contextmanager
+def full_disk(store_dir: Path, server: subprocess.Popen) -> Iterator[None]:
+    """RLIMIT_FSIZE 0 on the server process (`prlimit`): every file write fails with EFBIG, as on a
+    full disk (Python ignores SIGXFSZ). Its output file cannot be written either meanwhile."""
+    before = resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    try:
+        yield
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_FSIZE, before)
+
+
+@pytest.mark.parametrize("fault", [read_only_store, full_disk], ids=["read-only", "disk-full"])
+def test_an_unwritable_event_store_degrades_logging_but_searches_go_on(served_home: Path, tmp_path: Path, fault):
+    if fault is read_only_store and not chattr_works(tmp_path / "probe"):
         pytest.skip("chattr +i is not available here (needs root and a filesystem with the immutable flag)")
     store_dir = served_home / "events"
-    with serving(served_home) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with serving_process(served_home) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
         first = client.get("/search", params={"q": "cats", "size": 2}).json()
-        # The database and its WAL; not the -shm index, which SQLite has memory-mapped: a page
-        # fault on an immutable mapping is a SIGBUS, a different fault from a read-only store.
-        store_files = sorted(p for p in store_dir.iterdir() if not p.name.endswith("-shm"))
-        assert [p.name for p in store_files] == [f"{INDEX}.sqlite3", f"{INDEX}.sqlite3-wal"]
-        with immutable([store_dir, *store_files]):
+        with fault(store_dir, server):
             for _ in range(3):
                 searched = client.get("/search", params={"q": "cats garden", "size": 2})
                 assert searched.status_code == 200 and searched.json()["results"], searched.text
