@@ -11,7 +11,7 @@ Part "rebuild" (dense, the costly case; issue 18 goal: <= 10% of a cold build, s
   3. cold build of the copy in a second fresh home (the peer it must equal)   -> cold_changed_s
   ratio = rebuild_s / mean(cold_s, cold_changed_s); parity: BM25 and document-store files
   byte-identical (SHA-256 of the manifests' file lists), embeddings max |diff| (<= 1e-6 asked).
-Part "live": see `live_part`.
+Part "live": see `live_part` (its home, bench/results/live-home, keeps a vector cache between runs).
 
 Every timing is wall time on a shared, loaded machine; the ratios are measured back to back in
 one process. Writes bench/results/bench_live_index.json (one key per part, merged).
@@ -82,6 +82,7 @@ def rebuild_part(scifact: Path, fraction: float) -> dict:
         started = time.perf_counter()
         cold = build_index(home, "scifact", BuildSettings(corpus=CorpusSpec(str(scifact))), progress=False, log=quiet)
         cold_s = time.perf_counter() - started
+        keep_cache(home)  # the live part's dense index then costs no encoding
         print(f"cold build: {cold_s:.1f} s", flush=True)
 
         started = time.perf_counter()
@@ -125,6 +126,173 @@ def rebuild_part(scifact: Path, fraction: float) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+LIVE_HOME = ROOT / "bench" / "results" / "live-home"  # ignored by git; its vector cache makes reruns cheap
+
+
+def keep_cache(home: Path) -> None:
+    """Copy a bench home's vector cache into LIVE_HOME (SQLite's backup API: consistent while open)."""
+    import sqlite3
+
+    source = home / "cache" / "vectors.sqlite3"
+    target = LIVE_HOME / "cache" / "vectors.sqlite3"
+    if not source.exists() or target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
+def _timed(fn, *args, **kwargs) -> tuple[object, float]:
+    started = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - started
+
+
+def _percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {"mean_ms": round(float(ms.mean()), 3), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def churned(documents: list, fraction: float, seed: int) -> list:
+    """`fraction` of the documents with a sentence of another random document appended (their
+    statistics change: what a delta segment's frozen statistics lag behind)."""
+    from indexing.corpus import Document
+
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
+    donors = rng.choice(len(documents), size=len(picked))
+    out = []
+    for i, j in zip(picked.tolist(), donors.tolist()):
+        doc, donor = documents[i], documents[j]
+        sentence = donor.text.split(". ")[0]
+        out.append(Document(doc.id, doc.title, f"{doc.text} {sentence}", doc.metadata))
+    return out
+
+
+def _ndcg(index, queries: dict, qrels: dict, vectors: dict | None) -> float:
+    from eval.metrics import evaluate_run
+
+    run = {}
+    for qid, text in queries.items():
+        got = index.retrieve_dense(vectors[qid], 10) if vectors is not None else index.retrieve_bm25(text, 10)
+        run[qid] = dict(zip(got.doc_ids, got.scores.tolist()))
+    return evaluate_run(run, qrels, ["nDCG@10"]).mean()["nDCG@10"]
+
+
+def _latency(index, queries: dict, vectors: dict | None, repeat: int = 2) -> dict[str, float]:
+    samples = []
+    for _ in range(repeat):
+        for qid, text in queries.items():
+            started = time.perf_counter()
+            if vectors is not None:
+                index.retrieve_dense(vectors[qid], 100)
+            else:
+                index.retrieve_bm25(text, 100)
+            samples.append(time.perf_counter() - started)
+    return _percentiles(samples)
+
+
+def live_part(scifact: Path, dense_too: bool = True) -> dict:
+    """BM25 only, then with dense vectors (`dense_too`), on SciFact and its 300 test queries:
+      - sustained upsert throughput (batches of 100 unchanged documents, as fast as they go);
+      - time to visible at a paced 100 documents/s (one document a write, a second index object
+        of the same process polls for it: what another process sees, since it goes through the file);
+      - retrieval latency (BM25 top 100 / dense top 100 for the test queries, query vectors
+        precomputed) with a delta of 1%, 10% and 30% of the corpus against the compacted index
+        of the same documents, measured back to back;
+      - compaction time of the 30% delta;
+      - nDCG@10 at 10% churn (text changed) before compaction against after (= a cold build of
+        the same corpus: the parity test), for BM25 and dense.
+    """
+    from eval.datasets import read_qrels, read_queries
+    from indexing.build import BuildSettings, build_index, compact_index
+    from indexing.corpus import CorpusSpec, Document, read_corpus
+    from indexing.encoder import EncoderSettings, ensure_onnx_encoder
+    from indexing.updates import write_updates
+    from search.embedded import EmbeddedIndex
+
+    qrels = read_qrels(scifact / "qrels" / "test.tsv")
+    queries = {q: t for q, t in read_queries(scifact / "queries.jsonl").items() if q in qrels}
+    documents = read_corpus(CorpusSpec(str(scifact))).documents
+    out: dict = {"queries": len(queries), "documents": len(documents)}
+    LIVE_HOME.mkdir(parents=True, exist_ok=True)
+    ensure_onnx_encoder(LIVE_HOME, EncoderSettings(), progress=False)
+    for dense in ([False, True] if dense_too else [False]):
+        label = "dense" if dense else "bm25"
+        name = f"live-{label}"
+        home = LIVE_HOME
+        build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=0),
+                    progress=False, log=quiet)
+        index = EmbeddedIndex.open(home, name)
+        vectors = {q: index.encode_query(t) for q, t in queries.items()} if dense else None
+        result: dict = {}
+
+        # sustained upsert throughput: unchanged documents (dense: their vectors come from the cache)
+        batch = documents[:1000] if not dense else documents[:300]
+        _, seconds = _timed(lambda: [write_updates(home, name, batch[i:i + 100]) for i in range(0, len(batch), 100)])
+        result["upsert_throughput_docs_per_s"] = round(len(batch) / seconds, 1)
+        if dense:  # new text: every document encoded on the write path
+            fresh = churned(documents, 100 / len(documents), seed=7)
+            _, seconds = _timed(lambda: [write_updates(home, name, fresh[i:i + 50]) for i in range(0, len(fresh), 50)])
+            result["upsert_throughput_encoding_docs_per_s"] = round(len(fresh) / seconds, 1)
+        compact_index(home, name, log=quiet)
+
+        # time to visible at a paced 100 docs/s
+        reader = EmbeddedIndex.open(home, name)
+        visible, started = [], time.perf_counter()
+        n_paced = 300 if not dense else 100
+        for i in range(n_paced):
+            token = f"zzlive{label}{i}q"
+            write_updates(home, name, [Document(f"live-{i}", "", f"{token} probe document")])
+            acked = time.perf_counter()
+            while reader.retrieve_bm25(token, 1).doc_ids != [f"live-{i}"]:
+                pass
+            visible.append(time.perf_counter() - acked)
+            time.sleep(max(0.0, started + (i + 1) / 100 - time.perf_counter()))
+        result["time_to_visible_at_100_docs_per_s"] = {**_percentiles(visible), "documents": n_paced,
+                                                       "achieved_docs_per_s": round(n_paced / (time.perf_counter() - started), 1)}
+        compact_index(home, name, log=quiet)
+
+        # query latency with a delta of 1%, 10%, 30% (unchanged documents re-upserted) vs compacted
+        latency = {}
+        rng = np.random.default_rng(3)
+        for fraction in (0.01, 0.10, 0.30):
+            picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
+            for start in range(0, len(picked), 1000):
+                write_updates(home, name, [documents[i] for i in picked[start:start + 1000]])
+            live = EmbeddedIndex.open(home, name)
+            with_delta = _latency(live, queries, vectors)
+            summary, compaction_s = _timed(compact_index, home, name, log=quiet)
+            compacted = _latency(EmbeddedIndex.open(home, name), queries, vectors)
+            latency[f"{round(fraction * 100)}%"] = {
+                "delta": with_delta, "compacted": compacted, "compaction_s": round(compaction_s, 2),
+                "overhead_mean": round(with_delta["mean_ms"] / compacted["mean_ms"] - 1, 3),
+                "overhead_p50": round(with_delta["p50_ms"] / compacted["p50_ms"] - 1, 3)}
+        result["retrieval_latency"] = latency
+
+        # nDCG@10 at 10% churn: live (frozen statistics) vs compacted (= cold build)
+        changes = churned(documents, 0.10, seed=11)
+        for start in range(0, len(changes), 500):
+            write_updates(home, name, changes[start:start + 500])
+        live = EmbeddedIndex.open(home, name)
+        before = _ndcg(live, queries, qrels, vectors)
+        bm25_before = _ndcg(live, queries, qrels, None)
+        compact_index(home, name, log=quiet)
+        compacted = EmbeddedIndex.open(home, name)
+        after = _ndcg(compacted, queries, qrels, vectors)
+        bm25_after = _ndcg(compacted, queries, qrels, None)
+        result["ndcg10_at_10pct_churn"] = {
+            "bm25_live": round(bm25_before, 5), "bm25_compacted": round(bm25_after, 5),
+            "bm25_difference": round(bm25_before - bm25_after, 5)}
+        if dense:
+            result["ndcg10_at_10pct_churn"].update(dense_live=round(before, 5), dense_compacted=round(after, 5),
+                                                   dense_difference=round(before - after, 5))
+        out[label] = result
+        print(json.dumps({label: result}, indent=2), flush=True)
+    return out
+
+
 def merge_results(part: str, result: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -137,6 +305,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["rebuild", "live", "all"], default="all")
     parser.add_argument("--fraction", type=float, default=0.01, help="share of documents changed before the rebuild")
+    parser.add_argument("--bm25-only", action="store_true", help="live part without dense vectors")
     args = parser.parse_args()
     scifact = DATASETS / "scifact"
     if not (scifact / "corpus.jsonl").is_file():
@@ -147,9 +316,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         merge_results("rebuild", result)
     if args.part in ("live", "all"):
-        from bench_live_parts import live_part  # noqa: E402  (kept apart: the live part is long)
-
-        result = live_part(scifact)
+        result = live_part(scifact, dense_too=not args.bm25_only)
         print(json.dumps(result, indent=2))
         merge_results("live", result)
 

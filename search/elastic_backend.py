@@ -407,6 +407,10 @@ class ElasticsearchBackend:
         response = self._call("fetch documents", lambda: self.client.mget(index=self.index, ids=list(doc_ids)))
         return [document_of(doc) if doc.get("found") else None for doc in response["docs"]]
 
+    def write_documents(self, upserts: Sequence[Any] = (), deletes: Sequence[str] = ()) -> dict[str, Any]:
+        """Upserts and deletes as native `_bulk` calls (see `write_documents_elastic`)."""
+        return write_documents_elastic(self, upserts, deletes)
+
     def filter_mask(self, filters: Sequence[FieldFilter], doc_ids: Sequence[str]) -> np.ndarray:
         """True for each window document that passes every filter, decided by Elasticsearch."""
         if not filters or not doc_ids:
@@ -498,3 +502,109 @@ def _call(settings: ElasticsearchSettings, what: str, request: Callable[[], Any]
     except (ApiError, TransportError) as exc:
         raise explain_error(exc, settings, what) from exc
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Document updates (issue 18): native `_bulk` index and delete calls on the live index.
+#
+# Refresh policy: every write is sent with refresh=wait_for, so the call returns (and the API
+# acknowledges) once a refresh has made the change searchable, never forcing one (at most the
+# index's refresh_interval, 1 s by default, later). Durability is Elasticsearch's: the bulk is
+# acknowledged after its translog is fsynced (index.translog.durability=request, the default).
+# Writes go through the alias to the generation it points at; BM25 statistics follow Lucene's
+# segments (deleted documents count until a merge expunges them: `index compact` asks for one).
+
+UPDATE_REFRESH = "wait_for"
+
+
+def update_operations(alias: str, upserts: Sequence[Any], vectors: Sequence[np.ndarray | None],
+                      deletes: Sequence[str]) -> list[dict[str, Any]]:
+    """The `_bulk` body of one batch: an `index` action (create or replace) and its source per
+    upsert, then a `delete` action per id."""
+    from indexing.elastic import document_source  # same source as a build writes
+
+    operations: list[dict[str, Any]] = []
+    for doc, vector in zip(upserts, vectors):
+        operations.append({"index": {"_index": alias, "_id": doc.id}})
+        operations.append(document_source(doc.id, doc.title, doc.text, doc.metadata,
+                                          None if vector is None else _vector(vector)))
+    operations += [{"delete": {"_index": alias, "_id": doc_id}} for doc_id in deletes]
+    return operations
+
+
+def update_failures(response: Mapping[str, Any]) -> list[str]:
+    """'op id: reason' for each failed item of a `_bulk` answer (a delete of a missing id included)."""
+    failures = []
+    for item in response.get("items", []):
+        (op, result), = item.items()
+        if result.get("status", 200) >= 300:
+            error = result.get("error") or {}
+            reason = error.get("reason") if isinstance(error, dict) else error
+            failures.append(f"{op} {result.get('_id')}: {reason or result.get('result', 'status ' + str(result.get('status')))}")
+    return failures
+
+
+def write_documents_elastic(backend: "ElasticsearchBackend", upserts: Sequence[Any] = (),
+                            deletes: Sequence[str] = ()) -> dict[str, Any]:
+    """One batch of upserts and deletes on the cluster (see the refresh policy above). A delete of
+    an id the index does not hold is refused before anything is sent (one `_mget`)."""
+    from indexing.updates import UnknownDocumentError  # the error the API maps to 404
+
+    pending = {d.id for d in upserts}
+    known = backend.documents([d for d in deletes if d not in pending])
+    missing = [d for d, found in zip([d for d in deletes if d not in pending], known) if found is None]
+    if missing:
+        raise UnknownDocumentError(missing[0], backend.name)
+    vectors: list[np.ndarray | None] = [None] * len(upserts)
+    if upserts and backend.has_dense:
+        from indexing.build import dense_text  # what the build encoded
+
+        vectors = list(backend.encoder.encode([dense_text(d) for d in upserts]))
+    alias = alias_name(backend.settings, backend.name)
+    operations = update_operations(alias, upserts, vectors, deletes)
+    response = backend._call("update documents",
+                             lambda: backend.client.bulk(operations=operations, refresh=UPDATE_REFRESH))
+    failures = update_failures(response)
+    if failures:
+        raise ElasticsearchError(f"{len(failures)} of {len(upserts) + len(deletes)} updates failed on alias {alias}: "
+                                 + "; ".join(failures[:5]))
+    return {"index": backend.name, "upserted": len(upserts), "deleted": len(deletes), "refresh": UPDATE_REFRESH,
+            "durable": True}
+
+
+class ElasticLiveAdmin:
+    """`index upsert|delete-docs|compact` and the live part of `index status` on Elasticsearch."""
+
+    def __init__(self, home: Path, settings: ElasticsearchSettings, client: Any | None = None):
+        self.home, self.settings, self.client = home, settings, client
+
+    def _backend(self, name: str) -> "ElasticsearchBackend":
+        return ElasticsearchBackend.open(self.home, name, self.settings, client=self.client)
+
+    def upsert_file(self, name: str, path: Path) -> dict[str, Any]:
+        from indexing.build import BuildSettings
+        from indexing.updates import MAX_BATCH, read_upsert_file
+
+        backend = self._backend(name)
+        documents = read_upsert_file(path, BuildSettings.from_dict(backend.meta["build"]))
+        receipts = [write_documents_elastic(backend, documents[i:i + MAX_BATCH]) for i in range(0, len(documents), MAX_BATCH)]
+        return {**receipts[-1], "upserted": len(documents), "batches": len(receipts)}
+
+    def delete_ids(self, name: str, ids: Sequence[str]) -> dict[str, Any]:
+        return write_documents_elastic(self._backend(name), deletes=list(ids))
+
+    def compact(self, name: str, log: Callable[[str], None]) -> dict[str, Any]:
+        """A force merge that expunges deleted documents (what makes the statistics exact again)."""
+        backend = self._backend(name)
+        backend._call("force merge", lambda: backend.client.indices.forcemerge(index=backend.index,
+                                                                               only_expunge_deletes=True))
+        log(f"merged the segments of {backend.index}, expunging deleted documents")
+        return {"index": name, "elasticsearch_index": backend.index, "force_merge": "only_expunge_deletes"}
+
+    def describe(self, name: str) -> dict[str, Any]:
+        backend = self._backend(name)
+        stats = backend._call("index stats", lambda: backend.client.indices.stats(index=backend.index, metric="docs"))
+        docs = dict(stats)["indices"][backend.index]["primaries"]["docs"]
+        return {"delta": {"upserts": 0, "deletes": int(docs.get("deleted", 0)), "bytes": 0},
+                "documents": int(docs.get("count", 0)), "last_compaction": None,
+                "note": f"updates are applied in place (refresh={UPDATE_REFRESH}); deletes shown are not yet merged away"}
