@@ -396,6 +396,7 @@ class LoadedModel:
     manifest: ModelManifest
     booster: xgboost.Booster
     base_model: "LoadedModel | None" = None  # the frozen model a behaviour stage adds to
+    compiled: Any = None  # ltr.compiled_trees.CompiledTrees when a verified library sits next to the model
 
     @property
     def version(self) -> str:
@@ -408,6 +409,9 @@ class LoadedModel:
 
     def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
         link = self.manifest.model_base
+        if link is None and self.compiled is not None:  # the same trees as native code (parity-checked)
+            return self.compiled.predict(_checked(self.manifest.feature_names, features),
+                                         staged_base(self.stage, base, self.version))
         if link is None:
             return predict_scores(self.booster, self.manifest.feature_names, features,
                                   staged_base(self.stage, base, self.version))
@@ -753,7 +757,34 @@ def _open_verified(directory: Path, manifest: ModelManifest, base: "LoadedModel 
         )
     loaded = LoadedModel(manifest, booster, base)
     _check_parity(loaded)
+    _attach_compiled(directory, loaded)
     return loaded
+
+
+def _attach_compiled(directory: Path, loaded: LoadedModel) -> None:
+    """Serve from the compiled trees next to the model, if any, once they pass the same sample
+    parity check (within their own tolerance); a library that disagrees is refused."""
+    record = loaded.manifest.files.get(MODEL_FILE, {})
+    if loaded.manifest.model_base is not None or "sha256" not in record:
+        return
+    from ltr import compiled_trees  # only models with a compiled library load the native runtime
+
+    path = directory / compiled_trees.library_name(record["sha256"])
+    if not path.is_file():
+        return
+    manifest = loaded.manifest
+    try:
+        compiled = compiled_trees.CompiledTrees.load(path, loaded.booster)
+        gap, row = compiled_trees.parity_gap(compiled, np.asarray(manifest.sample["predictions"], dtype=np.float64),
+                                             manifest.sample_array(), manifest.sample_base())
+    except Exception as exc:  # tl2cgen raises its own types for a broken library
+        raise ModelParityError(f"model {manifest.version}: compiled trees {path.name} cannot score: {exc}; "
+                               "delete the file or compile it again") from exc
+    if row >= 0:
+        raise ModelParityError(
+            f"model {manifest.version}: compiled trees {path.name} differ from the model on sample row {row} "
+            f"(|diff| up to {gap:.2g} > {compiled_trees.COMPILED_PARITY_TOLERANCE:g}); delete the file or compile it again")
+    loaded.compiled = compiled
 
 
 def _check_parity(loaded: LoadedModel) -> None:

@@ -1,0 +1,85 @@
+"""Compiled trees (Treelite + TL2cgen): parity with XGBoost, base margin in numpy, refusal of a
+library that disagrees, and loading never compiles."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing.home import registry_dir
+from ltr.compiled_trees import COMPILED_PARITY_TOLERANCE, base_score, compile_model, library_name
+from ltr.registry import BaseStage, ModelParityError, ModelRegistry, predict_scores
+from search.hybrid import FusionSettings
+
+from tests.test_registry import FEATURES, make_data, sample, save, train
+
+pytest.importorskip("tl2cgen")
+STAGE = BaseStage(FusionSettings(method="convex"), 4.0)
+
+
+def staged_sample_base() -> np.ndarray:
+    return np.random.default_rng(5).uniform(0, 4, len(sample()))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """m0001: a plain model, m0002: a staged one (base margin), m0003: plain, never compiled; the
+    first two compiled once for the module (gcc takes seconds)."""
+    home = tmp_path_factory.mktemp("compiled")
+    registry = ModelRegistry(home)
+    save(registry, train(seed=0, rounds=40))
+    save(registry, train(seed=1, rounds=40), stage=STAGE, sample_base=staged_sample_base())
+    save(registry, train(seed=2, rounds=5))
+    for version in ("m0001", "m0002"):
+        compile_model(home, version)
+    return home
+
+
+def fresh_rows() -> np.ndarray:
+    x, _ = make_data(1234, queries=50)  # 400 rows, 20% NaN: rows the sample never saw
+    return x
+
+
+def test_compiled_plain_model_matches_xgboost(home: Path) -> None:
+    loaded = ModelRegistry(home).load("m0001")
+    assert loaded.compiled is not None
+    rows = fresh_rows()
+    want = predict_scores(loaded.booster, FEATURES, rows)
+    np.testing.assert_allclose(loaded.predict(rows), want, rtol=0, atol=COMPILED_PARITY_TOLERANCE)
+
+
+def test_compiled_staged_model_adds_the_base_margin_as_xgboost_does(home: Path) -> None:
+    loaded = ModelRegistry(home).load("m0002")
+    assert loaded.compiled is not None and loaded.stage == STAGE
+    assert base_score(loaded.booster) != 0.0  # the intercept XGBoost drops when given a margin
+    rows = fresh_rows()
+    base = np.random.default_rng(7).uniform(0, 4, len(rows))
+    want = predict_scores(loaded.booster, FEATURES, rows, base)
+    np.testing.assert_allclose(loaded.predict(rows, base), want, rtol=0, atol=COMPILED_PARITY_TOLERANCE)
+    # Explanations stay on XGBoost and still add up to the (compiled) score.
+    contributions = loaded.contributions(rows[:20], base[:20])
+    np.testing.assert_allclose(contributions.sum(axis=1), loaded.predict(rows[:20], base[:20]), atol=1e-4)
+
+
+def test_loading_never_compiles(home: Path) -> None:
+    assert ModelRegistry(home).load("m0003").compiled is None
+    assert not list((registry_dir(home) / "m0003").glob("trees-*.so"))
+
+
+def test_a_library_that_disagrees_is_refused(home: Path, tmp_path: Path) -> None:
+    """Another model's library under this model's name: the sample parity check refuses it."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy, symlinks=True)
+    models = registry_dir(copy)
+    target = next((models / "m0001").glob("trees-*.so"))
+    shutil.copyfile(next((models / "m0002").glob("trees-*.so")), target)
+    with pytest.raises(ModelParityError, match=r"compiled trees trees-\w+\.so differ from the model on sample row"):
+        ModelRegistry(copy).load("m0001")
+
+
+def test_library_is_named_by_the_model_file_checksum(home: Path) -> None:
+    manifest = ModelRegistry(home).manifest("m0001")
+    name = library_name(manifest.files["model.json"]["sha256"])
+    assert (registry_dir(home) / "m0001" / name).is_file()
