@@ -7,17 +7,12 @@ the field (search/app/errors.py); a 5xx means a bug.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import swagger_ui_bundle
 from fastapi import FastAPI, Request
@@ -40,7 +35,6 @@ from search.event_store import EventStore
 logger = logging.getLogger("ltr_search.service")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI from the swagger-ui-bundle package: /docs works offline
 WORKER_PID = str(os.getpid())  # each worker imports this module afresh (uvicorn spawns them)
-SERVE_SPEC_ENV = "LTR_SEARCH_SERVE_SPEC"  # how `serve --workers N` tells its workers what to serve
 
 
 class BodyLimitMiddleware:
@@ -192,48 +186,21 @@ def limit_native_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-@dataclass(frozen=True)
-class ServeSpec:
-    """What each worker of `serve --workers N` rebuilds its config from (the same call as the CLI's),
-    and the run folder the workers share: the reload stamp and the Prometheus samples."""
-
-    home: str
-    config_file: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    run_dir: str | None = None
-
-    def config(self) -> ServiceConfig:
-        return load_service_config(Path(self.home), Path(self.config_file) if self.config_file else None, self.overrides)
-
-
 def app_from_environment() -> FastAPI:
-    """The app factory each `serve --workers N` worker calls (uvicorn imports it by name)."""
-    spec = ServeSpec(**json.loads(os.environ[SERVE_SPEC_ENV]))
+    """The app factory each `serve --workers N` worker calls (uvicorn imports it by name; see
+    search/app/cli/serve.py, which launches them without importing this module)."""
+    from search.app.cli.serve import ServeSpec  # the spec's one definition, beside its writer
+
+    spec = ServeSpec.from_environment()
     limit_native_threads()
-    return create_app(spec.config(), run_dir=Path(spec.run_dir) if spec.run_dir else None)
+    config = load_service_config(Path(spec.home), Path(spec.config_file) if spec.config_file else None, spec.overrides)
+    return create_app(config, run_dir=Path(spec.run_dir) if spec.run_dir else None)
 
 
-def serve(config: ServiceConfig, host: str, port: int, workers: int = 1, spec: ServeSpec | None = None) -> None:
-    """Run the app under uvicorn; its access log (one line per request) follows `config.access_log`.
-
-    With `workers` > 1, uvicorn forks that many processes on one socket, each calling
-    `app_from_environment` with `spec`: each maps the same index files (the page cache holds
-    them once), writes the same SQLite stores (WAL, busy timeout, retries), follows the others'
-    reloads through a stamp file and writes its metrics where every worker's /metrics sums them."""
+def serve(config: ServiceConfig, host: str, port: int) -> None:
+    """Run the app under uvicorn, one process; its access log (one line per request) follows
+    `config.access_log`. Several worker processes: search/app/cli/serve.py `serve_workers`."""
     import uvicorn  # only `serve` needs the server: the CLI's other commands start faster without it
 
-    if workers <= 1:
-        limit_native_threads()
-        uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=config.access_log)
-        return
-    if spec is None:
-        raise ValueError("serving with several workers needs the ServeSpec each worker loads its config from")
-    run_dir = Path(tempfile.mkdtemp(prefix="ltr-search-serve-"))
-    try:
-        (run_dir / "metrics").mkdir()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")  # before any worker imports prometheus_client
-        os.environ[SERVE_SPEC_ENV] = json.dumps({**spec.__dict__, "run_dir": str(run_dir)})
-        uvicorn.run("search.app.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                    log_level="info", access_log=config.access_log)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    limit_native_threads()
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", access_log=config.access_log)

@@ -1,13 +1,58 @@
-"""`ltr-search serve`: the HTTP query service (FastAPI on uvicorn)."""
+"""`ltr-search serve`: the HTTP query service (FastAPI on uvicorn), in one process or, with
+`--workers N`, in N worker processes on one port.
+
+The workers are uvicorn's (spawned, each importing the app afresh); this process only supervises
+them, so it never imports the app itself (search/app/service.py): that would cost it the whole
+import time again at start-up, on the cores the workers are starting on.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from search.app.cli.common import CliError, add_backend_arguments, log
 
 MAX_WORKERS = 64
+SERVE_SPEC_ENV = "LTR_SEARCH_SERVE_SPEC"  # how `serve --workers N` tells its workers what to serve
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """What each worker rebuilds its config from (the same `load_service_config` call as the
+    CLI's), and the run folder the workers share: reload stamp, job statuses, metric samples."""
+
+    home: str
+    config_file: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> "ServeSpec":
+        return cls(**json.loads(os.environ[SERVE_SPEC_ENV]))
+
+
+def serve_workers(spec: ServeSpec, workers: int, host: str, port: int, access_log: bool) -> None:
+    """uvicorn's `workers` processes on one socket, each calling `app_from_environment`: each maps
+    the same index files (the page cache holds them once), writes the same SQLite stores (WAL, busy
+    timeout, retries), follows the others' reloads through a stamp file, and writes its metrics
+    where every worker's /metrics sums them (PROMETHEUS_MULTIPROC_DIR, set before they start)."""
+    import uvicorn  # lazy: only `serve` needs the server
+
+    run_dir = Path(tempfile.mkdtemp(prefix="ltr-search-serve-"))
+    try:
+        (run_dir / "metrics").mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
+        os.environ[SERVE_SPEC_ENV] = json.dumps(asdict(spec) | {"run_dir": str(run_dir)})
+        uvicorn.run("search.app.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                    log_level="info", access_log=access_log)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def add_arguments(command: str, serve: argparse.ArgumentParser) -> None:
@@ -30,7 +75,6 @@ def add_arguments(command: str, serve: argparse.ArgumentParser) -> None:
 def run(home: Path, args: argparse.Namespace) -> int:
     from indexing.config import DEFAULT_INDEX_NAME  # lazy: start-up time
     from search.app.config import load_service_config  # here (and below) for start-up time
-    from search.app.service import ServeSpec, serve
     from search.backend_factory import resolve_index_name  # lazy: start-up time
 
     if not 0 < args.port < 65536:
@@ -53,6 +97,11 @@ def run(home: Path, args: argparse.Namespace) -> int:
     workers = f", {args.workers} workers" if args.workers > 1 else ""
     log(f"serving index '{config.index}' ({config.backend.describe()}) from {home} on http://{args.host}:{args.port}"
         f"{workers} (admin endpoints {'enabled' if config.admin_token else 'disabled: set LTR_SEARCH_ADMIN_TOKEN'})")
-    spec = ServeSpec(str(home), str(config_file) if config_file else None, {**overrides, "index": config.index})
-    serve(config, args.host, args.port, workers=args.workers, spec=spec)
+    if args.workers > 1:
+        spec = ServeSpec(str(home), str(config_file) if config_file else None, {**overrides, "index": config.index})
+        serve_workers(spec, args.workers, args.host, args.port, config.access_log)
+    else:
+        from search.app.service import serve  # lazy: the app, in this process only without workers
+
+        serve(config, args.host, args.port)
     return 0
