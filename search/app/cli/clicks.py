@@ -488,7 +488,7 @@ def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int
             before = _stored_events(store_path) if store_path else None
             report = _run_through_api(args, dataset, behaviour, settings, progress)
         else:
-            config = _in_process_config(args)
+            config = _in_process_config(args, dataset.name)
             store_path = config.event_store_path
             target = f"index '{config.index}' in {config.home} (in process)"
             store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,12 +531,18 @@ def cmd_simulate_live(args: argparse.Namespace, behaviour: UserBehaviour) -> int
     return status
 
 
-def _in_process_config(args: argparse.Namespace) -> Any:
+def _in_process_config(args: argparse.Namespace, dataset_name: str | None = None) -> Any:
+    from indexing.config import DEFAULT_INDEX_NAME  # lazy: start-up time
     from indexing.home import resolve_home  # lazy: start-up time
     from search.app.config import load_service_config  # lazy: start-up time
+    from search.backend_factory import choose_backend, resolve_index_name  # lazy: start-up time
 
     home = resolve_home(getattr(args, "home", None))
     config = load_service_config(home, Path(args.config) if args.config else None, {"index": args.index_name})
+    if args.index_name is None and config.index == DEFAULT_INDEX_NAME:
+        # no index named anywhere: as `eval` and `train`, the index named like the dataset (or the only one)
+        name = resolve_index_name(home, None, choose_backend(None, None, None), dataset_name)
+        config = load_service_config(home, Path(args.config) if args.config else None, {"index": name})
     if args.exploration is not None:
         exploration = dataclasses.replace(config.exploration, epsilon=args.exploration)  # validates the range
         config = dataclasses.replace(config, exploration=exploration)
