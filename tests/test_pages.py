@@ -216,3 +216,62 @@ def test_judge_pool_grade_skip_export(client, page_home):
     beir = client.get("/judge/export").text.splitlines()
     assert beir[0] == "query-id\tcorpus-id\tscore" and len(beir) == 3
     assert json.loads(client.get("/judge/queries.jsonl").text) == {"_id": query_link, "text": "cats"}
+
+
+# ------------------------------------------------------------------------------ why, compare, dashboard
+
+
+def test_why_rows_rank_contributions_by_size():
+    from search.app.pages.search_page import why_rows
+    from search.app.schemas import ResultExplanation, SearchResult
+
+    explain = ResultExplanation(first_stage_rank=3, first_stage_score=1.0,
+                                contributions={"bm25": 0.5, "dense": -1.0, "ctr": None, "bias": 0.25, "base": 0.5})
+    rows, constant = why_rows(SearchResult(id="d", score=1.0, position=1, propensity=1.0, fields={}, explain=explain))
+    assert [(r.name, r.value, r.width) for r in rows] == [("dense", -1.0, 100.0), ("bm25", 0.5, 50.0)]
+    assert constant == 0.75
+    assert why_rows(SearchResult(id="d", score=1.0, position=1, propensity=1.0, fields={})) == ([], None)
+
+
+def test_compare_marks_moves_and_reads_the_last_eval_run(client, page_home, tmp_path):
+    from eval.datasets import write_run
+    from search.app.pages.compare import side_by_side
+
+    left, right = side_by_side(["a", "b", "c"], ["c", "a", "d"])
+    assert left == [("a", "", ""), ("b", "gone", "gone"), ("c", "", "")]
+    assert right == [("c", "up", "↑2"), ("a", "down", "↓1"), ("d", "new", "new")]
+    dataset = tmp_path / "ds"
+    (dataset / "qrels").mkdir(parents=True)
+    write_jsonl(dataset / "queries.jsonl", [{"_id": "q1", "text": "cats"}, {"_id": "q2", "text": "quantum"}])
+    (dataset / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
+    runs = {"bm25": {"q1": {"d1": 2.0, "d3": 1.0}}, "dense": {"q1": {"d3": 2.0, "d1": 1.0}}}
+    runs["bm25"]["q2"] = runs["dense"]["q2"] = {"d2": 1.0}
+    report = {"dataset_path": str(dataset), "split": "test", "pipelines": {
+        name: {"run_file": str(write_run(run, tmp_path / f"{name}.trec", name)), "metrics": {}} for name, run in runs.items()}}
+    (page_home / "reports").mkdir(exist_ok=True)
+    (page_home / "reports" / "last.json").write_text(json.dumps(report))
+    try:
+        login(client, next_="/compare")
+        html = client.get("/compare", params={"q": "cats", "a": "bm25", "b": "bm25"}).text
+        assert html.count('<li data-doc-id="d1">') == 2 and 'class="tag' not in html.split('id="compare-columns"')[1].split("</div>")[0]
+        table = html.split('id="differences"')[1]
+        assert table.index(">cats<") < table.index(">quantum<")  # q1 differs (1.0 vs 0.63), q2 does not
+        assert "-0.369" in table
+    finally:
+        (page_home / "reports" / "last.json").unlink()
+
+
+def test_dashboard_renders_and_serves_only_report_plots(client, page_home):
+    login(client, next_="/dashboard")
+    html = client.get("/dashboard").text
+    for heading in ("Models", "Drift of the served model", "Events per minute", "Latest eval report"):
+        assert heading in html
+    (page_home / "reports").mkdir(exist_ok=True)
+    plot = page_home / "reports" / "run-metrics.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n")
+    try:
+        assert client.get("/dashboard/plots/run-metrics.png").headers["content-type"] == "image/png"
+        for bad in ("..%2Findexes", "..%2F..%2Fetc%2Fpasswd", "nope.png", "run-metrics.txt"):
+            assert client.get(f"/dashboard/plots/{bad}").status_code == 404
+    finally:
+        plot.unlink()
