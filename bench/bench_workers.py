@@ -15,6 +15,10 @@ What is measured:
   the SQLite event store (WAL, synchronous=FULL). Rounds alternate the worker counts (1, 2, 2, 1,
   ...) so drift in machine load hits both; each figure is the median over rounds. The split of
   requests between the workers is read from the X-Worker response header.
+- open loop: requests arrive at a fixed rate, 50% of that worker count's measured saturation
+  throughput (`--load-share`), spread evenly over the client processes and sent by a pool of
+  keep-alive connections; a request's latency runs from its scheduled arrival (so a slow answer
+  that delays later requests counts against them too: no coordinated omission).
 - time to ready: from spawning `serve` to the first 200 from /ready (with 2 workers: until both
   workers have answered 200), polling every 20 ms on fresh connections.
 The client runs on the same cores as the server, so its CPU (http.client, JSON parsing) is in
@@ -170,6 +174,67 @@ def client_process(port: int, queries: list[str], threads: int, offset: int, sec
     return {"latencies": latencies, "errors": errors[0], "per_worker": per_worker}
 
 
+def open_loop_process(port: int, queries: list[str], rate: float, seconds: float, offset: int,
+                      connections: int = 12) -> dict:
+    """Requests scheduled every 1/rate s for `seconds` (after the warm-up), sent by `connections`
+    keep-alive threads; latency = completion - scheduled arrival."""
+    import queue
+
+    start_at = time.perf_counter() + WARMUP_S
+    total = int(rate * seconds)
+    schedule: queue.Queue = queue.Queue()
+    for k in range(total):
+        schedule.put(start_at + k / rate)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+
+    def loop(slot: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        i = offset + slot * 37
+        while True:
+            try:
+                due = schedule.get_nowait()
+            except queue.Empty:
+                break
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                connection.request("GET", f"/search?q={quote(queries[i % len(queries)])}&size=10")
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            i += 1
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - due)
+                else:
+                    errors[0] += 1
+        connection.close()
+
+    pool = [threading.Thread(target=loop, args=(slot,)) for slot in range(connections)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return {"latencies": latencies, "errors": errors[0]}
+
+
+def open_loop(port: int, queries: list[str], rate: float, args) -> dict:
+    processes = args.client_processes
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        parts = list(pool.map(open_loop_process, [port] * processes, [queries] * processes, [rate / processes] * processes,
+                              [args.seconds] * processes, [p * 101 for p in range(processes)]))
+    latencies = [x for p in parts for x in p["latencies"]]
+    return {"rate_qps": rate, "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+            "requests": len(latencies), "errors": sum(p["errors"] for p in parts)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
@@ -198,18 +263,23 @@ def bench_throughput(home: Path, queries: list[str], args, config: Path) -> dict
         server = Server(home, workers, config)
         try:
             run = saturate(server.port, queries, args)
+            run["open_loop"] = open_loop(server.port, queries, run["qps"] * args.load_share, args)
         finally:
             server.stop()
         run["ready_s"] = server.ready_s
         runs[workers].append(run)
+        o = run["open_loop"]
         log(f"  workers={workers}: {run['qps']:.1f} q/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
-            f"errors {run['errors']}, split {run['per_worker_share']}, ready in {server.ready_s:.2f} s")
+            f"errors {run['errors']}, split {run['per_worker_share']}, ready in {server.ready_s:.2f} s; "
+            f"open loop at {o['rate_qps']:.0f} q/s: p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms")
     summary = {}
     for workers, rows in runs.items():
         summary[f"workers_{workers}"] = {
             "qps": statistics.median(r["qps"] for r in rows), "p50_ms": statistics.median(r["p50_ms"] for r in rows),
             "p99_ms": statistics.median(r["p99_ms"] for r in rows), "errors": sum(r["errors"] for r in rows),
-            "ready_s": statistics.median(r["ready_s"] for r in rows), "rounds": rows,
+            "ready_s": statistics.median(r["ready_s"] for r in rows),
+            "open_loop_p50_ms": statistics.median(r["open_loop"]["p50_ms"] for r in rows),
+            "open_loop_p99_ms": statistics.median(r["open_loop"]["p99_ms"] for r in rows), "rounds": rows,
         }
     summary["qps_ratio_2_over_1"] = summary["workers_2"]["qps"] / summary["workers_1"]["qps"]
     return summary
@@ -245,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per worker count (alternating)")
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8, help="connections per client process")
+    parser.add_argument("--load-share", type=float, default=0.5, help="open-loop rate as a share of saturation")
     parser.add_argument("--ready-home", type=Path, help="a home with a SciFact index 'scifact' to time `serve` to ready on")
     parser.add_argument("--ready-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_workers.json")
@@ -266,10 +337,12 @@ def main(argv: list[str] | None = None) -> None:
             result["time_to_ready"] = bench_ready(args.ready_home, config, args.ready_repeats)
     result["machine"]["load_1min_at_end"] = os.getloadavg()[0]
     t = result["throughput_bm25"]
-    log(f"\n| workers | q/s | p50 ms | p99 ms | ready s |\n|---|---|---|---|---|")
+    log(f"\n| workers | saturation q/s | p50 ms | p99 ms | open loop at {args.load_share:.0%}: p50 ms | p99 ms | ready s |"
+        "\n|---|---|---|---|---|---|---|")
     for w in (1, 2):
         row = t[f"workers_{w}"]
-        log(f"| {w} | {row['qps']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['ready_s']:.2f} |")
+        log(f"| {w} | {row['qps']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['open_loop_p50_ms']:.1f} | "
+            f"{row['open_loop_p99_ms']:.1f} | {row['ready_s']:.2f} |")
     log(f"2 workers / 1 worker throughput: {t['qps_ratio_2_over_1']:.2f}x")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {args.out}")

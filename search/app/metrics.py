@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, CollectorRegistry, Gauge, Histogram, generate_latest, multiprocess
@@ -23,6 +24,8 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 class ServiceMetrics:
     def __init__(self) -> None:
+        if multiprocess_dir():  # clear() is a no-op there (it warns each time): series are zeroed instead
+            warnings.filterwarnings("ignore", message="Clearing labels has not been implemented", category=UserWarning)
         self.registry = CollectorRegistry()
         self.requests = Counter("ltr_search_requests_total", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=self.registry)
@@ -93,7 +96,8 @@ def _set_only(gauge: Gauge, labels: tuple[str, ...]) -> None:
     the worker's file with its last value, so every earlier series is first set to 0."""
     for child in list(gauge._metrics.values()):  # prometheus_client keeps no public list of children
         child.set(0)
-    gauge.clear()
+    if not multiprocess_dir():
+        gauge.clear()
     gauge.labels(*labels).set(1)
 
 
