@@ -156,7 +156,8 @@ class BM25Index:
             tfs[name] = freqs
             # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
             # is the base generation's, so its features agree with its scores).
-            idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], 0).astype(np.float32)
+            unseen = lucene_idf(np.zeros(1), field.doc_count).astype(np.float32)  # df 0, as Lucene reports it
+            idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], unseen).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
         bigrams = {
             name: bigram_coverage(self.query_bigram_ids(tokens), field.token_ids, field.token_offsets, doc_indices)
