@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from indexing.analysis import Analyzer, AnalyzerSettings
@@ -20,6 +20,7 @@ CONTEXT_BEFORE = 6  # tokens shown before the first match of the chosen window
 TITLE_MAX_CHARS = 300  # titles up to this length are shown whole
 HIGHLIGHT_FIELDS = ("title", "text")
 ELLIPSIS = "…"
+MAX_CACHED_TOKENS = 500_000  # analysed tokens kept per index generation (a corpus's vocabulary, roughly)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Highlighter:
 
     analyzer: Analyzer
     terms: frozenset[str]
+    analysed: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)  # token -> terms
 
     def field(self, text: str, max_tokens: int = SNIPPET_TOKENS) -> list[Segment]:
         """The best window of `text` as segments; the start of the text when nothing matches."""
@@ -64,7 +66,12 @@ class Highlighter:
         return out
 
     def _matches(self, token: str) -> bool:
-        return any(term in self.terms for term in self.analyzer.analyze(token))
+        terms = self.analysed.get(token)
+        if terms is None:
+            if len(self.analysed) > MAX_CACHED_TOKENS:
+                self.analysed.clear()
+            terms = self.analysed[token] = tuple(self.analyzer.analyze(token))
+        return any(term in self.terms for term in terms)
 
 
 def best_window(matched: list[bool], size: int) -> int:
@@ -97,25 +104,26 @@ def to_html(segments: Iterable[Segment]) -> str:
     return "".join(f"<mark>{html.escape(t)}</mark>" if hit else html.escape(t) for t, hit in segments)
 
 
-_ANALYZERS: dict[str, Analyzer] = {}
+_ANALYZERS: dict[str, tuple[Analyzer, dict[str, tuple[str, ...]]]] = {}
 
 
-def analyzer_for(description: Mapping[str, Any]) -> Analyzer:
-    """The analyser recorded with an index generation (`SearchBackend.describe()`), cached by
-    generation; the default analyser where the backend records none it can rebuild (Elasticsearch)."""
+def analyzer_for(description: Mapping[str, Any]) -> tuple[Analyzer, dict[str, tuple[str, ...]]]:
+    """The analyser recorded with an index generation (`SearchBackend.describe()`) and its cache
+    of analysed tokens, kept per generation; the default analyser where the backend records none
+    it can rebuild (Elasticsearch)."""
     key = f"{description.get('name')}/{description.get('generation')}"
-    analyzer = _ANALYZERS.get(key)
-    if analyzer is None:
+    cached = _ANALYZERS.get(key)
+    if cached is None:
         try:
             analyzer = Analyzer(AnalyzerSettings.from_dict(description["analyzer"]))  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError):
             analyzer = Analyzer(AnalyzerSettings())
         if len(_ANALYZERS) > 16:
             _ANALYZERS.clear()
-        _ANALYZERS[key] = analyzer
-    return analyzer
+        cached = _ANALYZERS[key] = (analyzer, {})
+    return cached
 
 
 def highlighter(description: Mapping[str, Any], query: str) -> Highlighter:
-    analyzer = analyzer_for(description)
-    return Highlighter(analyzer, frozenset(analyzer.analyze(query)))
+    analyzer, analysed = analyzer_for(description)
+    return Highlighter(analyzer, frozenset(analyzer.analyze(query)), analysed)
