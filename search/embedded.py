@@ -21,7 +21,7 @@ from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
 from indexing.updates import MAX_BATCH, UpdateReceipt, pending_updates, read_upsert_file, write_updates
-from indexing.vectors import load_vector_index, top_k_rows
+from indexing.vectors import load_vector_index
 from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter, filter_mask, filterable_fields
 
@@ -124,10 +124,13 @@ class EmbeddedIndex:
             rows, scores = self.bm25.top_k(terms, k, field)
             return Retrieved(rows, scores.astype(np.float32, copy=False), view.ids)
         scores = self.bm25.scores(terms, field)
-        if view.bm25 is not None:
-            scores = np.concatenate([scores, view.bm25.scores(terms, field)])
-        scores[view.dead] = 0.0  # top_k_positive keeps only positive scores
+        scores[view.dead_base_rows] = 0.0  # top_k_positive keeps only positive scores
         rows, top = top_k_positive(scores, k)
+        if view.bm25 is not None:  # the delta's own top k, merged: no pass over a concatenated score vector
+            delta = view.bm25.scores(terms, field)
+            delta[view.dead[view.n_base:]] = 0.0
+            delta_rows, delta_top = top_k_positive(delta, k)
+            rows, top = merge_top_k(rows, top, delta_rows + view.n_base, delta_top, k)
         return Retrieved(rows, top.astype(np.float32, copy=False), view.ids)
 
     def encode_query(self, query: str) -> np.ndarray:
@@ -147,10 +150,8 @@ class EmbeddedIndex:
         if view.n_delta:
             delta_scores = view.vectors @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
             alive = np.flatnonzero(~view.dead[view.n_base:])
-            rows = np.concatenate([rows, alive + view.n_base])
-            top = np.concatenate([top, delta_scores[alive]])
-            best, best_rows = top_k_rows(top[None, :], rows, k)
-            return Retrieved(best_rows[0], best[0], view.ids)
+            rows, top = merge_top_k(rows, top, alive + view.n_base, delta_scores[alive], k)
+            return Retrieved(rows, top, view.ids)
         return Retrieved(rows[:k], top[:k], view.ids)
 
     def retrieve_hybrid(self, query: QueryInput, bm25_k: int, dense_k: int) -> tuple[Retrieved, np.ndarray, Retrieved]:
@@ -225,6 +226,16 @@ class EmbeddedIndex:
                 f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
                 "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
             )
+
+
+def merge_top_k(rows_a: np.ndarray, scores_a: np.ndarray, rows_b: np.ndarray, scores_b: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two (rows, scores) lists, best first, ties by the lower row (as one top k over
+    both would order them)."""
+    rows = np.concatenate([rows_a, rows_b]).astype(np.int64, copy=False)
+    scores = np.concatenate([scores_a, scores_b]).astype(np.float32, copy=False)
+    order = np.lexsort((rows, -scores))[:k]
+    return rows[order], scores[order]
 
 
 def _by_segment(rows: np.ndarray, n_base: int, base_fn: Any, delta_fn: Any) -> np.ndarray:
