@@ -332,3 +332,16 @@ def test_append_refuses_nothing_it_cannot_store_and_reads_its_own_batches(tmp_pa
     assert offset == end and [u.op for u in updates] == [UPSERT, DELETE]
     np.testing.assert_array_equal(updates[0].vector, vector)
     assert updates[0].doc == Document("a", "T", "x", {"k": [1]})
+
+
+def test_merge_top_k_orders_like_one_top_k_over_both():
+    from search.embedded import merge_top_k
+
+    rng = np.random.default_rng(5)
+    scores = rng.integers(1, 6, size=40).astype(np.float32)  # many ties
+    rows = np.arange(40)
+    a, b = rows < 25, rows >= 25
+    merged_rows, merged_scores = merge_top_k(rows[a][::-1], scores[a][::-1], rows[b], scores[b], 10)
+    order = np.lexsort((rows, -scores))[:10]
+    assert merged_rows.tolist() == rows[order].tolist()
+    np.testing.assert_array_equal(merged_scores, scores[order])
