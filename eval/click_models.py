@@ -922,6 +922,7 @@ def _max_grade(grades: Mapping[str, Mapping[str, int]]) -> int:
 # Relevance labels from clicks, and a ranker trained on them (`ltr-search train --from-events`)
 
 LABEL_MODELS: tuple[str, ...] = ("pbm", "dbn")
+LABEL_CANDIDATES: tuple[str, ...] = ("shown", "window")
 # Attractiveness (PBM) or attractiveness x satisfaction (DBN) at or above these -> grade 1, 2.
 DEFAULT_LABEL_THRESHOLDS = (0.4, 0.7)
 # Beta(a, b) pseudo-counts of the label model: a mean of 0.25, so a document the users hardly
@@ -939,8 +940,13 @@ class ClickLabelSettings:
     thresholds: tuple[float, float] = DEFAULT_LABEL_THRESHOLDS
     prior: tuple[float, float] = DEFAULT_LABEL_PRIOR
     depth: int = 10  # positions of a page the click model sees
+    # "shown": a query's training rows are the documents its logged pages showed (the ones the
+    # click model graded); "window": its whole candidate window, unshown candidates graded 0.
+    candidates: str = "shown"
 
     def __post_init__(self) -> None:
+        if self.candidates not in LABEL_CANDIDATES:
+            raise ValueError(f"unknown candidates '{self.candidates}'; choose from {', '.join(LABEL_CANDIDATES)}")
         if self.model not in LABEL_MODELS:
             raise ValueError(f"unknown label click model '{self.model}'; choose from {', '.join(LABEL_MODELS)}")
         low, high = self.thresholds
@@ -952,7 +958,8 @@ class ClickLabelSettings:
             raise ValueError(f"depth must be >= 2, got {self.depth}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "thresholds": list(self.thresholds), "prior": list(self.prior), "depth": self.depth}
+        return {"model": self.model, "thresholds": list(self.thresholds), "prior": list(self.prior), "depth": self.depth,
+                "candidates": self.candidates}
 
 
 @dataclass
@@ -1019,6 +1026,7 @@ def train_on_click_labels(
     candidate windows, the one `extract_features`, staged on the fusion with inner CV) on the
     others, and the off-policy estimate of the result on the held-out queries' pages."""
     from ltr.click_training import off_policy_estimate
+    from ltr.features import uses_behaviour
     from ltr.registry import predict_scores
     from ltr.training import build_rows, fit_ranker, split_queries
 
@@ -1033,8 +1041,13 @@ def train_on_click_labels(
             f"(query, document) pairs graded {labels.grades}; examination by position "
             + " ".join(f"{g:.2f}" for g in labels.examination)
             + f"; {len(train_keys):,} queries to train on, {len(held_out):,} held out for the off-policy estimate")
-    fitted = fit_ranker(backend, {k: queries[k] for k in train_keys}, labels.labels, features, fusion, settings,
-                        progress=progress, log=log, history=history)
+    train_queries = {k: queries[k] for k in train_keys}
+    if label_settings.candidates == "shown" and settings.selection == "inner-cv" and not uses_behaviour(features):
+        fitted = _fit_on_shown(backend, train_queries, labels.labels, features, fusion, settings, progress, log,
+                               logged_orders(pages))
+    else:
+        fitted = fit_ranker(backend, train_queries, labels.labels, features, fusion, settings,
+                            progress=progress, log=log, history=history)
     estimate = None
     held = set(held_out)
     held_pages = [p for p in pages if p.query_key in held and p.clicked]
@@ -1054,3 +1067,91 @@ def train_on_click_labels(
             start += size
         estimate = off_policy_estimate(held_pages, rankings, labels.examination)
     return ClickModelTrainingResult(fitted, labels, queries, train_keys, held_out, estimate, label_settings)
+
+
+def logged_orders(pages: Sequence[Any], depth: int = 10) -> dict[str, list[str]]:
+    """Query key -> the documents of its first unexplored logged page, in shown order: the
+    logging policy's own ranking (what the base stage should reproduce)."""
+    orders: dict[str, list[str]] = {}
+    for page in pages:
+        request = page.request
+        if request.page_offset == 0 and not request.was_explored and page.query_key not in orders:
+            orders[page.query_key] = [r.doc_id for r in request.results[:depth]]
+    return orders
+
+
+def logging_base(rows: Any, orders: Mapping[str, Sequence[str]]) -> tuple[str, dict[str, float]]:
+    """The first-stage column whose top of each window agrees best with the logged pages
+    (share of positions holding the logged document): the logging policy's score, which the
+    trees are stacked on, so that a model with zero trees ranks as the traffic it learned from."""
+    agreement: dict[str, list[float]] = {key: [] for key in rows.first_stage}
+    start = 0
+    for query_id, size in zip(rows.query_ids, rows.group_sizes.tolist()):
+        logged = orders.get(query_id)
+        if logged:
+            docs = rows.doc_ids[start:start + size]
+            for key, values in rows.first_stage.items():
+                top = np.argsort(-values[start:start + size], kind="stable")[:len(logged)]
+                agreement[key].append(float(np.mean([docs[i] == d for i, d in zip(top.tolist(), logged)])))
+        start += size
+    means = {key: float(np.mean(v)) if v else 0.0 for key, v in agreement.items()}
+    return max(means, key=lambda key: means[key]), means
+
+
+def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str, Mapping[str, int]], features: Any,
+                  fusion: Any, settings: Any, progress: Callable, log: Callable[[str], None] | None,
+                  orders: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """`fit_ranker`'s inner-CV path on the logged documents of each query's window only.
+
+    A document no page showed has no click evidence: grading it 0 teaches the trees to bury what
+    the logging policy did not show, and credits the logging policy in the inner CV. Trained on
+    the shown documents, the trees learn how clicked documents differ from skipped ones among the
+    candidates users actually saw; at serving time they score the whole window, staged on the
+    fusion, whose base margin keeps the deep candidates where the fusion put them."""
+    import time
+
+    from ltr.training import FittedRanker, build_rows, inner_cross_validation, train_ranker
+
+    started = time.perf_counter()
+    rows = build_rows(backend, queries, labels, features, fusion, progress=progress)
+    if orders:
+        key, agreement = logging_base(rows, orders)
+        rows.first_stage = {key: rows.first_stage[key]}  # the only base the inner CV may choose
+        if log is not None:
+            log(f"base stage: the logging policy's score, {key} (its top 10 matches {agreement[key]:.1%} of the "
+                f"logged positions; next best {sorted(agreement.values())[-2]:.1%})")
+    rows = keep_labelled(rows, labels)
+    feature_seconds = time.perf_counter() - started
+    if log is not None:
+        log(f"features: {len(rows.labels):,} shown (query, document) pairs of {len(rows.query_ids):,} queries in "
+            f"{feature_seconds:.1f} s")
+    chosen = inner_cross_validation(rows, features.names, settings, fusion, log=log)
+    trained = train_ranker(rows, features.names, settings.regularised(chosen.regularisation), log=log,
+                           stage=chosen.stage, rounds=chosen.rounds)
+    trained.inner_cv = chosen
+    trained.seconds += chosen.seconds
+    return FittedRanker(rows, trained, list(dict.fromkeys(rows.query_ids)), [], feature_seconds)
+
+
+def keep_labelled(rows: Any, labels: Mapping[str, Mapping[str, int]]) -> Any:
+    """The rows whose (query, document) has a label; groups that keep no row are dropped."""
+    from ltr.training import RankingRows
+
+    keep = np.zeros(len(rows.doc_ids), dtype=bool)
+    sizes, query_ids = [], []
+    start = 0
+    for query_id, size in zip(rows.query_ids, rows.group_sizes.tolist()):
+        graded = labels.get(query_id, {})
+        mask = np.fromiter((doc in graded for doc in rows.doc_ids[start:start + size]), dtype=bool, count=size)
+        keep[start:start + size] = mask
+        if mask.any():
+            sizes.append(int(mask.sum()))
+            query_ids.append(query_id)
+        start += size
+    index = np.flatnonzero(keep)
+    return RankingRows(
+        query_ids=query_ids, doc_ids=[rows.doc_ids[i] for i in index.tolist()], features=rows.features[index],
+        labels=rows.labels[index], group_sizes=np.array(sizes, dtype=np.int64),
+        relevant_outside_window=rows.relevant_outside_window,
+        group_weights=None, first_stage={key: values[index] for key, values in rows.first_stage.items()},
+    )

@@ -29,7 +29,7 @@ SAMPLE_ROWS = 64  # as `train`: feature rows stored with the model and re-scored
 
 def add_click_model_arguments(group: Any) -> None:
     """The flags of the click-model method, added to `train`'s "training from clicks" group."""
-    from eval.click_models import DEFAULT_LABEL_THRESHOLDS, LABEL_MODELS  # lazy: start-up time
+    from eval.click_models import DEFAULT_LABEL_THRESHOLDS, LABEL_CANDIDATES, LABEL_MODELS  # lazy: start-up time
     from ltr.click_training import DEFAULT_METHOD, METHODS  # lazy: start-up time
 
     group.add_argument("--method", choices=METHODS,
@@ -37,6 +37,9 @@ def add_click_model_arguments(group: Any) -> None:
                             "pipeline; pairs: pairwise clicks of model-served pages (implied by --debias/--negatives)")
     group.add_argument("--label-model", choices=LABEL_MODELS, default="pbm",
                        help="click-model method: the click model whose attractiveness grades documents (default pbm)")
+    group.add_argument("--label-candidates", choices=LABEL_CANDIDATES, default="shown",
+                       help="click-model method: train on the documents the logged pages showed (shown, default) or "
+                            "on whole candidate windows, unshown candidates graded 0 (window)")
     group.add_argument("--label-thresholds", type=float, nargs=2, default=list(DEFAULT_LABEL_THRESHOLDS),
                        metavar=("GRADE1", "GRADE2"),
                        help="click-model method: attractiveness for grade 1 and grade 2 (default "
@@ -98,7 +101,8 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     fusion = config.fusion_for(index.name)
     features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
     settings = training_settings(args)
-    labels = ClickLabelSettings(model=args.label_model, thresholds=tuple(args.label_thresholds))
+    labels = ClickLabelSettings(model=args.label_model, thresholds=tuple(args.label_thresholds),
+                                candidates=args.label_candidates)
     with EventStore(events_path) as store:
         pages, stats = read_logged_pages(store, parse_time(args.since), parse_time(args.until), index.name)
     other = {g: n for g, n in stats.index_generations.items() if g != index.generation_id}
