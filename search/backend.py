@@ -6,6 +6,12 @@ The hot path is integer: documents travel as row indices (int64 numpy arrays) in
 document table, with scores as aligned numpy arrays. String ids are made only where they leave
 the engine (the returned page, training rows, logs), through `doc_ids(rows)`. A query is analysed
 once per request (`analyse`) and the analysed form is passed to every call that needs it.
+
+Both backends also take document updates, outside this read-only protocol (so test and bench
+backends need not): `write_documents(upserts, deletes)` returns once the batch is durable and
+searchable (embedded: the update journal, `indexing.delta`; Elasticsearch: `_bulk` with
+refresh=wait_for). The embedded index's rows are append-only while it is open, so rows handed out
+by one call stay valid for the next; its `revision` changes with every update (caches key on it).
 """
 from __future__ import annotations
 
