@@ -275,3 +275,41 @@ def test_dashboard_renders_and_serves_only_report_plots(client, page_home):
             assert client.get(f"/dashboard/plots/{bad}").status_code == 404
     finally:
         plot.unlink()
+
+
+def test_queries_from_the_request_log_and_a_dataset(client, tmp_path):
+    for query in ("garden", "cats", "garden", "Garden ", "quantum"):
+        client.get("/", params={"q": query})
+    login(client, token=JUDGE_TOKEN, name="jo")
+    token = csrf_of(client.get("/judge").text)
+    added = client.post("/judge/queries", data={"csrf": token, "source": "log", "limit": "2", "pipelines": ["bm25"]},
+                        follow_redirects=False)
+    assert added.headers["location"] == "/judge?pooled=2"
+    rows = re.findall(r'<a href="/judge/q/[^"]+">([^<]+)</a>', client.get("/judge").text)
+    assert rows[:2] == ["garden", "cats"]  # most frequent first; case and spaces folded
+    dataset = tmp_path / "ds"
+    (dataset / "qrels").mkdir(parents=True)
+    write_jsonl(dataset / "queries.jsonl", [{"_id": "7", "text": "mice in the garden"}])
+    (dataset / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n7\td3\t1\n")
+    form = {"csrf": token, "source": "dataset", "dataset": str(dataset), "split": "test", "pipelines": ["bm25"]}
+    assert client.post("/judge/queries", data=form).status_code == 403  # a server path: admin only
+    login(client, name="root")
+    form["csrf"] = csrf_of(client.get("/judge").text)
+    assert client.post("/judge/queries", data=form, follow_redirects=False).status_code == 303
+    assert 'href="/judge/q/7">mice in the garden<' in client.get("/judge").text  # the dataset's own query id
+    missing = client.post("/judge/queries", data={**form, "split": "dev"})
+    assert missing.status_code == 400 and "no qrels for split" in missing.text
+
+
+def test_two_judges_show_their_agreement(client):
+    for name, grades in (("ann", ("3", "0")), ("bob", ("3", "1"))):
+        login(client, name=name)
+        token = csrf_of(client.get("/judge").text)
+        client.post("/judge/queries", data={"csrf": token, "source": "text", "queries": "cats", "pipelines": ["bm25"],
+                                            "depth": "2"})
+        link = re.search(r'href="/judge/q/([^"]+)"', client.get("/judge").text).group(1)
+        for grade in grades:
+            doc_id = re.search(r'name="doc_id" value="([^"]+)"', client.get(f"/judge/q/{link}").text).group(1)
+            client.post(f"/judge/q/{link}", data={"csrf": token, "doc_id": doc_id, "grade": grade})
+    table = client.get("/judge").text.split('id="agreement"')[1]
+    assert "ann · bob" in table and "<td class=\"num\">2</td>" in table and "0.333" in table and "0.857" in table  # (3,0) vs (3,1): po .5, pe .25
