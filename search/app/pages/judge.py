@@ -137,15 +137,17 @@ def judge_query(request: Request, query_id: str, state: StateDep, store: Judgmen
     current = doc if doc in pool else next((d for d in pool if d not in mine), None)
     document = None
     title, text = [], []
+    snapshot = state.require()
+    stored = dict(zip(pool, snapshot.index.documents(pool))) if pool else {}
+    titles = {d: (stored.get(d) or {}).get("title") or d for d in pool}
     if current is not None:
-        snapshot = state.require()
-        document = snapshot.index.document(current) or {"id": current, "title": "", "text": "(not in the served index)"}
+        document = stored.get(current) or {"id": current, "title": "", "text": "(not in the served index)"}
         marker = highlighter(snapshot.index.describe(), query.text)
         title = marker.field(document.get("title") or "", 10_000)
         text = marker.field(document.get("text") or "", 1_000_000)
     later = next((q for q in store.queries(session.name) if q.done < q.pool and q.query_id != query_id), None)
     return render(request, "judge_query.html", title=f"Judge: {query.text}", query=query, pool=pool, mine=mine,
-                  current=current, document=document, title_segments=title, text_segments=text,
+                  current=current, document=document, title_segments=title, text_segments=text, titles=titles,
                   grades=GRADES, labels=GRADE_LABELS, position=pool.index(current) + 1 if current else None,
                   next_query=later)
 
