@@ -7,7 +7,6 @@ Without Chromium (or the playwright package) every test here skips, saying what 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

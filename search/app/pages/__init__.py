@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from search.app.pages import auth, compare, dashboard, judge, search_page
+from search.app.pages import auth, compare, dashboard, judge, login, search_page
 from search.app.pages.common import STATIC_DIR, STATIC_URL
 
 
@@ -16,5 +16,5 @@ def install(app: FastAPI) -> None:
     service config (admin) and $LTR_SEARCH_JUDGE_TOKEN (judge)."""
     app.state.page_auth = auth.PageAuth.from_environment(app.state.serving.config.admin_token)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="pages-static")
-    for router in (search_page.router, auth.router, judge.router, compare.router, dashboard.router):
+    for router in (search_page.router, login.router, judge.router, compare.router, dashboard.router):
         app.include_router(router)

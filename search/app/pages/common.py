@@ -16,6 +16,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
+from search.app.pages.auth import csrf_token, current_session
 from search.app.state import Snapshot
 from search.ranking import RankingOutcome, RankingRequest, query_retrievers
 
@@ -42,8 +43,6 @@ ENVIRONMENT = jinja2.Environment(
 
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     """One page; `session` and `csrf` come from the request (pages/auth.py), for the header and forms."""
-    from search.app.pages.auth import csrf_token, current_session  # the two modules use each other
-
     session = current_session(request)
     started = time.perf_counter()
     html = ENVIRONMENT.get_template(template).render(

@@ -17,7 +17,8 @@ from eval.judgments import JudgmentStore
 from eval.metrics import evaluate_run
 from indexing.home import reports_dir
 from search.app.deps import ConfigDep, StateDep
-from search.app.pages.auth import Session, require_page
+from search.app.pages.auth import Session
+from search.app.pages.login import require_page
 from search.app.pages.common import rank_quietly, render
 from search.app.pages.judge import judgment_store
 from search.limits import MAX_QUERY_CHARS

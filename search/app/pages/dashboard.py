@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from indexing.home import reports_dir
 from ltr.registry import ModelManifest, ModelRegistry, RegistryError
 from search.app.deps import ConfigDep, EventStoreDep, StateDep
-from search.app.pages.auth import Session, require_page
+from search.app.pages.auth import Session
+from search.app.pages.login import require_page
 from search.app.pages.common import render
 from search.app.pages.compare import latest_eval
 from search.event_store import EventStore

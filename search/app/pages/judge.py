@@ -20,7 +20,8 @@ from eval.judgments import (
 from indexing.home import judgments_path
 from search.app.deps import ConfigDep, EventStoreDep, StateDep
 from search.app.errors import ApiError
-from search.app.pages.auth import Session, check_csrf, require_page
+from search.app.pages.auth import Session, check_csrf
+from search.app.pages.login import require_page
 from search.app.pages.common import rank_quietly, render
 from search.app.pages.highlight import highlighter
 from search.limits import MAX_QUERY_CHARS
