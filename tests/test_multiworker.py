@@ -4,13 +4,17 @@ worker reaches the other, and /metrics on any worker sums both. Plus the SQLite 
 retry across processes (indexing/sqlite.py) on a real file."""
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -25,9 +29,8 @@ ADMIN_TOKEN = "multi-worker-admin-token-0123"
 CLIENTS, ROUNDS = 4, 12
 
 
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multiworker")
+@contextmanager
+def serving_two_workers(root: Path) -> Iterator[dict]:
     home = root / "home"
     corpus = write_jsonl(root / "corpus.jsonl", SMALL_DOCS)
     run_cli(home, "index", "build", "--dataset", str(corpus), "--name", INDEX, "--no-dense", "--quiet")
@@ -35,14 +38,26 @@ def two_workers(tmp_path_factory):
     config.write_text('access_log = false\n[exploration]\nepsilon = 0.0\n')
     with running_service(home, "--name", INDEX, "--config", str(config), "--workers", "2",
                          env={"LTR_SEARCH_ADMIN_TOKEN": ADMIN_TOKEN}) as (url, _):
-        pids, health_calls = set(), 0
-        deadline = time.time() + 90
-        while len(pids) < 2:  # each fresh connection lands on whichever worker accepts it
-            assert time.time() < deadline, f"only workers {pids} answered"
-            answer = httpx.get(f"{url}/health", timeout=10)
-            health_calls += 1
-            pids.add(answer.headers["X-Worker"])
-        yield {"url": url, "home": home, "pids": pids, "health_calls": health_calls}
+        yield {"url": url, "home": home, "pids": worker_pids(url, 2)}
+
+
+def worker_pids(url: str, count: int, timeout: float = 90) -> set[str]:
+    """The pids of `count` workers answering (each fresh connection lands on whichever accepts it)."""
+    pids: set[str] = set()
+    deadline = time.time() + timeout
+    while len(pids) < count:
+        assert time.time() < deadline, f"only workers {pids} answered"
+        try:
+            pids.add(httpx.get(f"{url}/health", timeout=10).headers["X-Worker"])
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return pids
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    with serving_two_workers(tmp_path_factory.mktemp("multiworker")) as served:
+        yield served
 
 
 def from_both_workers(two_workers, request, at_least: int = 1, limit: int = 300) -> list[httpx.Response]:
@@ -177,3 +192,42 @@ def test_a_busy_write_lock_held_by_another_process_is_retried(tmp_path: Path):
 def test_serve_refuses_a_worker_count_out_of_range(tmp_path: Path, workers: str):
     result = run_cli(tmp_path / "home", "serve", "--workers", workers, check=False)
     assert result.returncode != 0 and f"--workers must be between 1 and 64, got {workers}" in result.stderr
+
+
+def posting_client(url: str, client: int, seconds: float) -> tuple[set[str], int]:
+    """Search and post events for `seconds`, on fresh connections; the event ids acknowledged
+    (200), and how many requests failed (a worker killed under them)."""
+    acknowledged, failures, round_ = set(), 0, 0
+    stop_at = time.time() + seconds
+    while time.time() < stop_at:
+        round_ += 1
+        try:
+            page = httpx.get(f"{url}/search", params={"q": "cats mice garden", "size": 2}, timeout=30).json()
+            events = [{"request_id": page["request_id"], "type": "impression", "doc_id": r["id"],
+                       "position": r["position"], "event_id": f"k{client}-{round_}-{r['position']}"} for r in page["results"]]
+            posted = httpx.post(f"{url}/events", json={"events": events}, timeout=30)
+            if posted.status_code == 200:
+                acknowledged.update(e["event_id"] for e in events)
+            else:
+                failures += 1
+        except (httpx.TransportError, KeyError, ValueError):
+            failures += 1
+    return acknowledged, failures
+
+
+def test_a_worker_killed_mid_write_loses_no_acknowledged_event_and_is_replaced(tmp_path: Path):
+    with serving_two_workers(tmp_path) as served:
+        url = served["url"]
+        with ProcessPoolExecutor(3, mp_context=get_context("spawn")) as pool:
+            clients = [pool.submit(posting_client, url, client, 8.0) for client in range(3)]
+            time.sleep(3)
+            victim = int(sorted(served["pids"])[0])
+            os.kill(victim, signal.SIGKILL)  # a worker of the service this test started
+            outcomes = [c.result() for c in clients]
+        acknowledged = set().union(*(a for a, _ in outcomes))
+        replacement = worker_pids(url, 2)  # uvicorn's supervisor started a new worker
+        assert str(victim) not in replacement
+        with EventStore(event_store_path(served["home"], INDEX)) as store:
+            stored = [e.event_id for e in store.iter_events()]
+    assert len(stored) == len(set(stored))  # none twice
+    assert acknowledged and acknowledged <= set(stored), len(acknowledged - set(stored))  # none lost
