@@ -85,11 +85,20 @@ def write_updates(home: Path, name: str, upserts: Sequence[Document] = (), delet
 
 
 def _vectors(home: Path, active: IndexGeneration, documents: list[Document], encoder: OnnxEncoder | None):
-    if encoder is None:
-        encoder = open_document_encoder(home, BuildSettings.from_dict(active.manifest["build"]).encoder)
+    """The documents' vectors: from the cache when all are there (the encoder is then never
+    loaded, which costs a second), else encoded and cached."""
     texts = [dense_text(d) for d in documents]
+    keys = content_keys(texts)
+    dense = active.manifest["dense"]
+    fingerprint = (dense.get("cache") or {}).get("fingerprint")
     with VectorCache(home) as cache:
-        vectors, report = encode_cached(encoder, cache, content_keys(texts), texts, progress=False)
+        if encoder is None and fingerprint:
+            found, vectors = cache.get(fingerprint, keys, int(dense["vectors"]["dim"]))
+            if found.all():
+                return list(vectors), 0
+        if encoder is None:
+            encoder = open_document_encoder(home, BuildSettings.from_dict(active.manifest["build"]).encoder)
+        vectors, report = encode_cached(encoder, cache, keys, texts, progress=False)
     return list(vectors), report.encoded
 
 

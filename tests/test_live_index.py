@@ -140,6 +140,7 @@ def test_dense_delta_and_compaction_parity(tmp_path: Path, shared_encoder_home: 
     cats = Document("d1", "Cats", "Cats sleep all day.", {"author": "ann"})
     receipt = write_updates(home, "t", [owls, cats], ["d2"])
     assert receipt.encoded == 2 and receipt.upserted == 2 and receipt.deleted == 1
+    assert write_updates(home, "t", [cats]).encoded == 0  # unchanged text: its vector comes from the cache
 
     vector = index.encode_query("owls hunting at night")
     dense = index.retrieve_dense(vector, 10)
