@@ -8,7 +8,6 @@ worker (its generation, its model, its drift window) carry a `pid` label there (
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -59,7 +58,7 @@ class ServiceMetrics:
                                       "writes that failed on an unavailable store (searches are still served; "
                                       "store=request_log: pages not logged, store=events: batches answered 503)",
                                       ["store"], registry=self.registry)
-        self.degraded: dict[str, tuple[str, float]] = {}  # store -> (last error, since when); /ready reports it
+        self.degraded: dict[str, str] = {}  # store -> its last write error, until a write succeeds; /ready reports it
 
     def set_generation(self, index: str, generation: str) -> None:
         _set_only(self.index_info, (index, generation))
@@ -70,12 +69,16 @@ class ServiceMetrics:
     def store_failed(self, store: str, exc: BaseException) -> None:
         """A write to `store` failed: counted, and the store is degraded until a write succeeds."""
         self.store_failures.labels(store).inc()
-        since = self.degraded.get(store, ("", time.time()))[1]
-        self.degraded[store] = (f"{type(exc).__name__}: {exc}", since)
+        self.degraded[store] = f"{type(exc).__name__}: {exc}"
 
     def store_ok(self, store: str) -> None:
         if store in self.degraded:
             self.degraded.pop(store, None)
+
+    def degraded_reasons(self) -> dict[str, str]:
+        """Store -> its last write error, for stores not written successfully since (a copy: request
+        threads change the dict while /ready reads it)."""
+        return dict(self.degraded)
 
     def exposition(self) -> bytes:
         """The Prometheus text: this app's registry, or every worker's samples under `serve --workers N`."""

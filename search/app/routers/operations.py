@@ -27,7 +27,7 @@ def ready(state: StateDep, metrics: MetricsDep) -> Any:
     snapshot = state.snapshot
     if snapshot is None:
         return JSONResponse(ReadyResponse(ready=False, reason=state.load_error or "loading").model_dump(), 503)
-    degraded = {store: error for store, (error, _) in metrics.degraded.items()} or None
+    degraded = metrics.degraded_reasons() or None
     return ReadyResponse(ready=True, index=IndexInfo(name=snapshot.index.name, generation=snapshot.index.generation_id),
                          degraded=degraded)
 
