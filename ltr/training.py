@@ -530,6 +530,28 @@ class GridSearch:
     grid: dict[str, dict[str, float]]
 
 
+def _lockstep_curve(params: dict[str, Any], matrices: list[tuple[xgb.DMatrix, xgb.DMatrix]], weights: list[int],
+                    max_rounds: int, patience: int) -> tuple[np.ndarray, list[xgb.Booster]]:
+    """Train every fold one round at a time, all folds together, and stop when the mean held-out
+    curve (weighted by queries; entry 0 = the base alone) has not improved for `patience` rounds:
+    early stopping on the quantity the trees are chosen by, not per fold (a fold that stopped
+    early would cut every fold's curve short: with per-fold patience 100 the SciFact curve
+    peaked at 203 trees, 0.011 below the 421-tree peak that patience 200 found)."""
+    boosters = [xgb.Booster(params, [train, valid]) for train, valid in matrices]
+    mean = [float(np.average([_eval_value(booster, valid) for booster, (_, valid) in zip(boosters, matrices)],
+                             weights=weights))]
+    best = 0
+    for round_ in range(max_rounds):
+        for booster, (train, _) in zip(boosters, matrices):
+            booster.update(train, round_)
+        mean.append(float(np.average([_eval_value(b, valid) for b, (_, valid) in zip(boosters, matrices)], weights=weights)))
+        if mean[-1] > mean[best]:
+            best = len(mean) - 1
+        elif len(mean) - 1 - best >= patience:
+            break
+    return np.array(mean), boosters
+
+
 def _grid_search(parts: list[tuple[RankingRows, RankingRows]], feature_names: tuple[str, ...], settings: TrainingSettings,
                  margins: dict[str, Callable[[RankingRows], np.ndarray]],
                  log: Callable[[str], None] | None = None) -> GridSearch:
@@ -544,20 +566,10 @@ def _grid_search(parts: list[tuple[RankingRows, RankingRows]], feature_names: tu
     for index, (label, margin_of) in enumerate(margins.items()):
         matrices = [(train.dmatrix(feature_names, margin=margin_of(train)), valid.dmatrix(feature_names, margin=margin_of(valid)))
                     for train, valid in parts]
+        weights = [len(valid.query_ids) for _, valid in parts]
         for regularisation in settings.regularisations:
             params = settings.regularised(regularisation).params_for(rows)
-            curves, boosters, weights = [], [], []
-            for (train_matrix, valid_matrix), (_, valid) in zip(matrices, parts):
-                history: dict[str, dict[str, list[float]]] = {}
-                booster = xgb.train(params, train_matrix, num_boost_round=settings.max_rounds,
-                                    evals=[(valid_matrix, "valid")], early_stopping_rounds=settings.cv_patience,
-                                    evals_result=history, verbose_eval=False)
-                base_value = _eval_value(xgb.train(params, train_matrix, num_boost_round=0), valid_matrix)
-                curves.append(np.array([base_value] + history["valid"][EARLY_STOPPING_METRIC]))
-                boosters.append(booster)
-                weights.append(len(valid.query_ids))
-            length = min(len(c) for c in curves)
-            mean = np.average(np.stack([c[:length] for c in curves]), axis=0, weights=weights)
+            mean, boosters = _lockstep_curve(params, matrices, weights, settings.max_rounds, settings.cv_patience)
             rounds = int(np.argmax(mean))
             grid[f"{label} {regularisation}"] = {"held_out_ndcg@10": float(mean[rounds]), "rounds": rounds, "base": float(mean[0])}
             if log is not None:

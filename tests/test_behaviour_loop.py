@@ -92,6 +92,11 @@ def test_the_loop_through_the_http_api(trained, tmp_path):  # noqa: F811
     assert manifest.feature_set["name"] == "text+behaviour" and manifest.reference is not None
     assert manifest.base_model["version"] == "m0002" and ModelRegistry(home).manifest("m0002").feature_set["name"] == "text"
     assert manifest.training["queries"] == 24 < manifest.training["row_groups"]  # cold + served moments per query
+    again = run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(config),
+                    "--feature-set", "text+behaviour", "--base-model", "m0002")  # on a stored text model
+    assert "behaviour stage on text model m0002" in again.stdout and "model m0004" in again.stdout
+    assert ModelRegistry(home).manifest("m0004").base_model["version"] == "m0002"
+    run_cli(home, "models", "delete", "m0004")
     run_cli(home, "models", "promote", "m0003", "--force")
     with running_service(home, "--name", "topics", "--config", str(config)) as (url, _):
         page = httpx.post(f"{url}/search", json={"query": "volcano lava eruption", "explain": True}).json()
