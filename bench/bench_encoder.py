@@ -1,6 +1,11 @@
 """Encoder throughput and query latency: ONNX Runtime (indexing.encoder) vs sentence-transformers (torch).
 
 Usage: .venv/bin/python bench/bench_encoder.py [--docs 1000] [--batch-sizes 16,32,64] [--threads 2]
+       .venv/bin/python bench/bench_encoder.py --forms [--docs 400] [--queries 100]   # fp32 vs int8
+
+`--forms` compares the encoder forms (EncoderSettings.form) instead: corpus docs/s and
+single-query latency (wall and process CPU time, interleaved rounds, best round reported) and the
+cosine of each int8 vector to its fp32 one; writes bench/results/bench_encoder_forms.json.
 
 Documents are SciFact's title + " " + text (as the index build embeds them). The ONNX encoder
 is exported once into bench/results/home (git-ignored) and reused by later runs. Both engines
@@ -63,10 +68,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is reported")
     parser.add_argument("--skip-torch", action="store_true", help="ONNX Runtime figures only")
+    parser.add_argument("--forms", action="store_true", help="compare the fp32 and int8 encoder forms")
     args = parser.parse_args()
     if not (DATASET / "corpus.jsonl").exists():
         print(f"SKIP: {DATASET / 'corpus.jsonl'} not found (needs ../shared/datasets/scifact)")
         return 0
+    if args.forms:
+        return compare_forms(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
@@ -178,6 +186,49 @@ def main() -> int:
         print(f"\nagreement onnxruntime vs sentence-transformers on {len(docs)} docs: "
               f"cosine min={cos.min():.6f} mean={cos.mean():.6f}")
     print(f"loadavg at end {os.getloadavg()[0]:.2f} (other processes on this machine skew wall-clock figures)")
+    return 0
+
+
+def compare_forms(args: argparse.Namespace) -> int:
+    """fp32 vs int8: docs/s (batch 16, length-sorted), single-query latency, cosine to fp32."""
+    from indexing.encoder import ENCODER_FORMS, EncoderSettings, OnnxEncoder, ensure_onnx_encoder
+
+    docs, queries = load_docs(args.docs), load_queries(args.queries)
+    encoders = {form: OnnxEncoder(ensure_onnx_encoder(RESULTS / "home", EncoderSettings(form=form), False),
+                                  args.threads) for form in ENCODER_FORMS}
+    for encoder in encoders.values():
+        encoder.encode(docs[:8])
+    best: dict[str, dict[str, float]] = {}
+    vectors: dict[str, np.ndarray] = {}
+    for round_no in range(args.repeats):
+        for form, encoder in encoders.items():
+            wall, cpu, vectors[form] = timed(encoder.encode, docs)
+            samples, cpu_samples = [], []
+            for q in queries:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                encoder.encode([q])  # the model, not the query LRU
+                samples.append((time.perf_counter() - start) * 1000)
+                cpu_samples.append((time.process_time() - start_cpu) * 1000)
+            row = {"docs_per_s": len(docs) / wall, "cpu_s_per_1k_docs": cpu / len(docs) * 1000,
+                   "query_p50_ms": float(np.percentile(samples, 50)), "query_p95_ms": float(np.percentile(samples, 95)),
+                   "query_cpu_p50_ms": float(np.percentile(cpu_samples, 50))}
+            print(f"  round {round_no + 1} {form}: {row['docs_per_s']:.1f} docs/s, query p50 {row['query_p50_ms']:.2f} ms "
+                  f"(cpu {row['query_cpu_p50_ms']:.2f})", flush=True)
+            old = best.get(form)
+            best[form] = row if old is None else {k: (max if k == "docs_per_s" else min)(old[k], row[k]) for k in row}
+    cosine = (vectors["fp32"] * vectors["int8"]).sum(axis=1)
+    base, fast = best["fp32"], best["int8"]
+    ratios = {"docs_per_s": fast["docs_per_s"] / base["docs_per_s"],
+              "cpu_per_doc": base["cpu_s_per_1k_docs"] / fast["cpu_s_per_1k_docs"],
+              "query_p50": base["query_p50_ms"] / fast["query_p50_ms"],
+              "query_cpu_p50": base["query_cpu_p50_ms"] / fast["query_cpu_p50_ms"]}
+    report = {"docs": len(docs), "queries": len(queries), "threads": args.threads, "rounds": args.repeats,
+              "loadavg_end": os.getloadavg()[0], "forms": best, "int8_speedup": ratios,
+              "int8_cosine_to_fp32": {"min": float(cosine.min()), "mean": float(cosine.mean()),
+                                      "p01": float(np.percentile(cosine, 1))}}
+    print(json.dumps({"int8_speedup": ratios, "int8_cosine_to_fp32": report["int8_cosine_to_fp32"]}, indent=1))
+    (RESULTS / "bench_encoder_forms.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {RESULTS / 'bench_encoder_forms.json'} (loadavg {os.getloadavg()[0]:.2f}: wall figures are noisy)")
     return 0
 
 

@@ -622,6 +622,10 @@ class OnnxEncoder:
         """Hits, misses and size of the query-vector LRU (functools' CacheInfo)."""
         return self._cached_query.cache_info()
 
+    def clear_query_cache(self) -> None:
+        """Forget cached query vectors (benchmarks time the model, not the cache)."""
+        self._cached_query.cache_clear()
+
     def _encode_query_uncached(self, text: str) -> np.ndarray:
         vector = self.encode([text])[0]
         vector.flags.writeable = False
