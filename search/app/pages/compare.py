@@ -16,10 +16,12 @@ from eval.datasets import EvalDataError, load_dataset, read_run
 from eval.judgments import JudgmentStore
 from eval.metrics import evaluate_run
 from indexing.home import reports_dir
+from ltr.ranker import ModelUnavailableError
+from ltr.registry import RegistryError
 from search.app.deps import ConfigDep, StateDep
 from search.app.pages.auth import Session
 from search.app.pages.login import require_page
-from search.app.pages.common import rank_quietly, render
+from search.app.pages.common import rank_quietly, render, stored_model_names
 from search.app.pages.judge import judgment_store
 from search.limits import MAX_QUERY_CHARS
 
@@ -111,15 +113,19 @@ def compare(request: Request, state: StateDep, config: ConfigDep, store: Judgmen
     if not isinstance(session, Session):
         return session
     snapshot = state.require()
-    names = list(snapshot.pipelines)
+    names = list(snapshot.pipelines) + stored_model_names(config.home, snapshot)
     a = a if a in names else names[0]
     b = b if b in names else (names[1] if len(names) > 1 else names[0])
     query = q[:MAX_QUERY_CHARS].strip()
     columns: list[list[Row]] = []
     scores: list[float | None] = [None, None]
     judged: dict[str, int] | None = None
-    if query:
-        outcomes = [rank_quietly(snapshot, name, query, COMPARE_DEPTH) for name in (a, b)]
+    problem = None
+    try:
+        outcomes = [rank_quietly(snapshot, name, query, COMPARE_DEPTH, config) for name in (a, b)] if query else []
+    except (RegistryError, ModelUnavailableError) as exc:
+        outcomes, problem = [], f"{exc}"
+    if outcomes:
         ids = [[r.doc_id for r in o.results] for o in outcomes]
         judged_id = next((x.query_id for x in store.queries() if x.text.lower() == " ".join(query.split()).lower()), None)
         judged = store.qrels().get(judged_id) if judged_id else None
@@ -140,4 +146,4 @@ def compare(request: Request, state: StateDep, config: ConfigDep, store: Judgmen
             report_error = f"{report.name}: {exc}"
     return render(request, "compare.html", title=f"Compare {a} / {b}", query=query, a=a, b=b, names=names,
                   columns=columns, scores=scores, judged=judged, report=report, differences=differences,
-                  report_error=report_error)
+                  report_error=report_error, problem=problem)
