@@ -22,6 +22,8 @@ from tests.conftest import home_sharing_encoder, run_cli, running_service, write
 from tests.test_pages import ADMIN_TOKEN, JUDGE_TOKEN, PAGE_DOCS
 
 CHROMIUM = os.environ.get("LTR_SEARCH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is not None and not os.access(CHROMIUM, os.X_OK):
+    CHROMIUM = None  # a configured path that is not an executable: skip as without a browser
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 SCREENSHOTS = Path(os.environ.get("LTR_SEARCH_SCREENSHOTS") or Path(tempfile.gettempdir()) / "ltr-search-screenshots")

@@ -313,3 +313,16 @@ def test_two_judges_show_their_agreement(client):
             client.post(f"/judge/q/{link}", data={"csrf": token, "doc_id": doc_id, "grade": grade})
     table = client.get("/judge").text.split('id="agreement"')[1]
     assert "ann · bob" in table and "<td class=\"num\">2</td>" in table and "0.333" in table and "0.857" in table  # (3,0) vs (3,1): po .5, pe .25
+
+
+def test_search_page_pages_with_absolute_positions(client):
+    first = client.get("/", params={"q": "cats", "size": "2"}).text
+    assert "Page 1 of 3" in first and 'rel="prev"' not in first
+    next_link = re.search(r'<a rel="next" href="([^"]+)"', first).group(1).replace("&amp;", "&")
+    assert next_link == "/?q=cats&size=2&page=2"
+    second = client.get(next_link).text
+    assert "Page 2 of 3" in second and '<ol class="results" start="3">' in second
+    assert re.findall(r'<a class="title"[^>]*data-position="(\d+)"', second) == ["3", "4"]
+    first_ids = re.findall(r'data-doc-id="([^"]+)"', first)
+    assert not set(first_ids) & set(re.findall(r'data-doc-id="([^"]+)"', second))
+    assert client.get("/", params={"q": "cats", "size": "many"}).status_code == 400

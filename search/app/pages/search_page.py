@@ -23,7 +23,8 @@ from search.app.schemas import SearchRequest, SearchResponse, SearchResult
 from search.limits import MAX_DOC_ID_LENGTH, MAX_QUERY_CHARS
 
 router = APIRouter(include_in_schema=False)
-PAGE_SIZE = 10
+PAGE_SIZE = 10  # results per page unless the URL says `size=` (1 to MAX_PAGE_RESULTS)
+MAX_PAGE_RESULTS = 50
 WHY_FEATURES = 6  # contributions shown per result
 FILTER_PREFIX = "f."
 
@@ -97,14 +98,15 @@ def search_page(request: Request, state: StateDep, config: ConfigDep, metrics: M
     facets = index_facets(snapshot.index)
     filters, problems = parse_filters(params, facets)
     try:
-        page = max(1, min(int(params.get("page", "1")), config.rerank_window // PAGE_SIZE))
+        size = max(1, min(int(params.get("size", PAGE_SIZE)), MAX_PAGE_RESULTS, config.max_page_size))
+        page = max(1, min(int(params.get("page", "1")), config.rerank_window // size))
     except ValueError:
-        page, problems = 1, [*problems, "page: not a number"]
+        size, page, problems = PAGE_SIZE, 1, [*problems, "page and size: whole numbers"]
     response: SearchResponse | None = None
     views: list[ResultView] = []
     status = 200
     if query.strip() and not problems:
-        body = SearchRequest(query=query, size=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, pipeline=pipeline,
+        body = SearchRequest(query=query, size=size, offset=(page - 1) * size, pipeline=pipeline,
                              filters=filters or None, explain=True)
         try:
             response = run_search(body, snapshot, config, metrics, store, experiment_log)
@@ -121,8 +123,7 @@ def search_page(request: Request, state: StateDep, config: ConfigDep, metrics: M
                 views.append(ResultView(result, title, text, rows, bias, matched))
     elif problems:
         status = 400
-    last_page = 0 if response is None else max(1, min(math.ceil(response.eligible / PAGE_SIZE),
-                                                       config.rerank_window // PAGE_SIZE))
+    last_page = 0 if response is None else max(1, min(math.ceil(response.eligible / size), config.rerank_window // size))
     return render(request, "search.html", status=status, title=query or "Search", query=query, pipeline=pipeline,
                   pipelines=list(snapshot.pipelines), facets=facets, params=params, filters=filters, problems=problems,
                   response=response, views=views, page=page, last_page=last_page, json=json,
