@@ -326,3 +326,18 @@ def test_search_page_pages_with_absolute_positions(client):
     first_ids = re.findall(r'data-doc-id="([^"]+)"', first)
     assert not set(first_ids) & set(re.findall(r'data-doc-id="([^"]+)"', second))
     assert client.get("/", params={"q": "cats", "size": "many"}).status_code == 400
+
+
+def test_session_cookies_hold_across_workers_and_die_with_a_new_token():
+    import time as clock
+
+    from search.app.pages.auth import PageAuth, Session
+
+    session = Session("judge", "ann", clock.time() + 60, "sid")
+    cookie = PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).cookie(session)
+    assert PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).read(cookie) == session  # another worker, same tokens
+    assert PageAuth(ADMIN_TOKEN + "x", JUDGE_TOKEN).read(cookie) is None  # a changed token logs everybody out
+    assert ADMIN_TOKEN not in cookie and JUDGE_TOKEN not in cookie
+    expired = PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).cookie(Session("judge", "ann", clock.time() - 1, "sid"))
+    assert PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).read(expired) is None
+    assert PageAuth(ADMIN_TOKEN, "short").judge_token is None  # under 16 characters: refused

@@ -3,8 +3,9 @@ every page) or the judge token ($LTR_SEARCH_JUDGE_TOKEN, the judging workbench o
 signed, HttpOnly, SameSite=Strict session cookie. Every form that changes something carries a
 CSRF token derived from the session (and the login form a double-submit cookie), checked on POST.
 
-The signing key is drawn at start-up: restarting the service logs everybody out, and no secret
-is ever written to disk.
+The signing key is derived from the tokens (HMAC-SHA256 under a fixed label), so every worker
+of `serve --workers N` accepts the cookies the others set, and changing a token logs everybody
+out; no secret is ever written to disk, and a cookie never carries a token.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class PageAuth:
             logger.error("$%s is shorter than %d characters: the judge token is disabled", JUDGE_TOKEN_ENV_VAR, MIN_TOKEN_CHARS)
             judge_token = None
         self.judge_token = judge_token
-        self.key = secrets.token_bytes(32)
+        secret = f"{admin_token or ''}\n{judge_token or ''}".encode()
+        self.key = hmac.new(secret, b"ltr-search pages session key v1", hashlib.sha256).digest() if self.enabled \
+            else secrets.token_bytes(32)  # no token: nobody logs in, the key only has to exist
 
     @classmethod
     def from_environment(cls, admin_token: str | None) -> "PageAuth":
