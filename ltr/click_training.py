@@ -623,7 +623,7 @@ class OffPolicyEstimate:
 
 def _discount(ranks: np.ndarray, depth: int = OPE_DEPTH) -> np.ndarray:
     ranks = np.asarray(ranks, dtype=np.float64)
-    return np.where((ranks >= 1) & (ranks <= depth), 1.0 / np.log2(ranks + 1.0), 0.0)
+    return np.where((ranks >= 1) & (ranks <= depth), 1.0 / np.log2(np.maximum(ranks, 1.0) + 1.0), 0.0)
 
 
 def off_policy_estimate(pages: Sequence[LoggedPage], rankings: dict[str, Sequence[str]],

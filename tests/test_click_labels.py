@@ -39,3 +39,11 @@ def test_the_base_is_the_score_that_reproduces_the_logged_unexplored_pages() -> 
     assert orders == {"a": ["a1", "a2", "a3"], "b": ["b2", "b1"]}
     key, agreement = logging_base(rows(), orders)
     assert key == "logging" and agreement["logging"] == 1.0 and agreement["other"] < 0.5
+
+
+def test_weak_negatives_add_the_best_unshown_candidates_of_the_base_at_grade_0() -> None:
+    only_logging = rows()
+    only_logging.first_stage = {"logging": only_logging.first_stage["logging"]}
+    kept = keep_labelled(only_logging, {"a": {"a1": 2}, "b": {"b1": 1}}, weak_negatives=1)
+    assert kept.doc_ids == ["a1", "a2", "b1", "b2"]  # a2 (0.5) beats a3 (0.1); b2 is b's only unshown one
+    assert kept.labels.tolist() == [2, 0, 1, 0] and kept.group_sizes.tolist() == [2, 2]

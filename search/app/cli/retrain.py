@@ -141,6 +141,7 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
         "fingerprint": rows.fingerprint(), "window": fusion.to_dict(), "settings": settings.to_dict(),
         "feature_seconds": round(fitted.feature_seconds, 2), "train_seconds": round(trained.seconds, 2),
         "off_policy": result.estimate.to_dict() if result.estimate is not None else None,
+        "selection": {"by": "off-policy estimate on held-out logged queries", "candidates": result.alternatives},
         **({"inner_cv": {**cv.to_dict(), "labels": "click-model grades"}} if cv is not None else {}),
     }
     manifest = ModelRegistry(home).save(
