@@ -134,3 +134,16 @@ def test_query_vectors_are_cached_per_text_and_read_only(int8_home: Path) -> Non
     assert again is first and not np.array_equal(first, other)
     assert not first.flags.writeable  # a caller cannot corrupt the cached vector
     np.testing.assert_array_equal(first, encoder.encode(["heart attack"])[0])
+
+
+def test_cli_builds_an_int8_index_and_serves_its_queries_in_int8(int8_home: Path, small_corpus: Path) -> None:
+    from tests.conftest import run_cli
+
+    run_cli(int8_home, "index", "build", "--dataset", str(small_corpus), "--name", "cli8", "--encoder-form", "int8",
+            "--quiet")
+    index = EmbeddedIndex.open(int8_home, "cli8")
+    assert index.generation.manifest["build"]["encoder"]["form"] == INT8
+    assert index.encoder.form == INT8
+    bad = run_cli(int8_home, "index", "build", "--dataset", str(small_corpus), "--name", "x", "--encoder-form",
+                  "int4", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr

@@ -20,6 +20,9 @@ def add_arguments(command: str, index: argparse.ArgumentParser) -> None:
     build.add_argument("--dataset", required=True, help="BEIR directory (corpus.jsonl) or a JSONL file")
     build.add_argument("--name", default=DEFAULT_INDEX_NAME)
     build.add_argument("--no-dense", action="store_true", help="BM25 only: skip the embedding model")
+    build.add_argument("--encoder-form", choices=["fp32", "int8"], default=None,
+                       help="encoder form for documents and, always, for this index's queries (default: "
+                            "EncoderSettings' default; README: Compressed encoder)")
     build.add_argument("--skip-invalid", action="store_true", help="index the valid lines and report every skipped one")
     build.add_argument("--id-field", default="_id")
     build.add_argument("--title-field", default="title", help="empty string for none")
@@ -110,6 +113,7 @@ def build_settings(args: argparse.Namespace, keep: int) -> Any:
     from indexing.bm25 import BM25Settings
     from indexing.build import BuildSettings  # lazy: start-up time
     from indexing.corpus import CorpusSpec  # lazy: start-up time
+    from indexing.encoder import EncoderSettings  # lazy: start-up time
     from indexing.vectors import VectorIndexSettings  # lazy: start-up time
 
     vector_options: dict[str, Any] = {"kind": args.vector_index}
@@ -125,6 +129,7 @@ def build_settings(args: argparse.Namespace, keep: int) -> Any:
         analyzer=AnalyzerSettings(stemmer=args.stemmer, stopwords=args.stopwords),
         bm25=BM25Settings(k1=args.k1, b=args.b),
         dense=not args.no_dense,
+        encoder=EncoderSettings(form=args.encoder_form) if args.encoder_form else EncoderSettings(),
         vectors=VectorIndexSettings(**vector_options),
         skip_invalid=args.skip_invalid,
         keep=keep,
