@@ -4,6 +4,8 @@
     python bench/bench_workers.py --ready-home HOME     # also time-to-ready on HOME's index 'scifact'
                                                         # (copied to a temporary home first)
     python bench/bench_workers.py --seconds 5 --rounds 1   # a quick look
+    python bench/bench_workers.py --home HOME --pipeline hybrid --out bench/results/bench_workers_hybrid.json
+                                                        # HOME's index 'scifact' (with vectors) instead
 
 What is measured:
 - throughput: a real `python -m search.app.cli serve --workers N --threads 1 --no-access-log` on
@@ -52,6 +54,7 @@ from bench.synthetic_corpus import SCIFACT, scifact_test_queries  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 INDEX = "scifact"
 WARMUP_S = 2.0
+PIPELINE = [""]  # "&pipeline=NAME" with --pipeline (set in each client process too)
 
 
 def log(message: str) -> None:
@@ -120,9 +123,10 @@ class Server:
         self.output.close()
 
 
-def client_process(port: int, queries: list[str], threads: int, offset: int, seconds: float) -> dict:
+def client_process(port: int, queries: list[str], threads: int, offset: int, seconds: float, pipeline: str = "") -> dict:
     """`threads` keep-alive connections in closed loop; latencies (s) of requests that ended in
     the measured window, errors, and requests per worker."""
+    PIPELINE[0] = pipeline
     start_at = time.perf_counter() + WARMUP_S
     stop_at = start_at + seconds
     lock = threading.Lock()
@@ -143,7 +147,7 @@ def client_process(port: int, queries: list[str], threads: int, offset: int, sec
             query = queries[i % len(queries)]
             i += 1
             try:
-                connection.request("GET", f"/search?q={quote(query)}&size=10")
+                connection.request("GET", f"/search?q={quote(query)}&size=10{PIPELINE[0]}")
                 response = connection.getresponse()
                 response.read()
                 ok = response.status == 200
@@ -174,12 +178,13 @@ def client_process(port: int, queries: list[str], threads: int, offset: int, sec
     return {"latencies": latencies, "errors": errors[0], "per_worker": per_worker}
 
 
-def open_loop_process(port: int, queries: list[str], rate: float, seconds: float, offset: int,
+def open_loop_process(port: int, queries: list[str], rate: float, seconds: float, offset: int, pipeline: str = "",
                       connections: int = 12) -> dict:
     """Requests scheduled every 1/rate s for `seconds` (after the warm-up), sent by `connections`
     keep-alive threads; latency = completion - scheduled arrival."""
     import queue
 
+    PIPELINE[0] = pipeline
     start_at = time.perf_counter() + WARMUP_S
     total = int(rate * seconds)
     schedule: queue.Queue = queue.Queue()
@@ -201,7 +206,7 @@ def open_loop_process(port: int, queries: list[str], rate: float, seconds: float
             if wait > 0:
                 time.sleep(wait)
             try:
-                connection.request("GET", f"/search?q={quote(queries[i % len(queries)])}&size=10")
+                connection.request("GET", f"/search?q={quote(queries[i % len(queries)])}&size=10{PIPELINE[0]}")
                 response = connection.getresponse()
                 response.read()
                 ok = response.status == 200
@@ -229,7 +234,8 @@ def open_loop(port: int, queries: list[str], rate: float, args) -> dict:
     processes = args.client_processes
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(open_loop_process, [port] * processes, [queries] * processes, [rate / processes] * processes,
-                              [args.seconds] * processes, [p * 101 for p in range(processes)]))
+                              [args.seconds] * processes, [p * 101 for p in range(processes)],
+                              [pipeline_param(args)] * processes))
     latencies = [x for p in parts for x in p["latencies"]]
     return {"rate_qps": rate, "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
             "requests": len(latencies), "errors": sum(p["errors"] for p in parts)}
@@ -240,11 +246,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
+def pipeline_param(args) -> str:
+    return f"&pipeline={args.pipeline}" if args.pipeline else ""
+
+
 def saturate(port: int, queries: list[str], args) -> dict:
     with ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(client_process, [port] * args.client_processes, [queries] * args.client_processes,
                               [args.threads] * args.client_processes,
-                              [p * 101 for p in range(args.client_processes)], [args.seconds] * args.client_processes))
+                              [p * 101 for p in range(args.client_processes)], [args.seconds] * args.client_processes,
+                              [pipeline_param(args)] * args.client_processes))
     latencies = [x for p in parts for x in p["latencies"]]
     per_worker: dict[str, int] = {}
     for part in parts:
@@ -311,6 +322,7 @@ def bench_ready(source_home: Path, config: Path, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=RESULTS / "workers-home", help="where the BM25 index is cached")
+    parser.add_argument("--pipeline", help="pipeline to query (default: the service's default; bm25 on a --no-dense index)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per worker count (alternating)")
     parser.add_argument("--client-processes", type=int, default=2)
@@ -328,15 +340,16 @@ def main(argv: list[str] | None = None) -> None:
         config = Path(scratch) / "service.toml"
         config.write_text("access_log = false\n[exploration]\nepsilon = 0.0\n")
         home = ensure_bm25_home(args.home)
-        log(f"throughput, bm25 over SciFact ({args.client_processes} x {args.threads} connections, {args.seconds} s, "
+        label = args.pipeline or "default pipeline"
+        log(f"throughput, {label} over SciFact ({args.client_processes} x {args.threads} connections, {args.seconds} s, "
             f"{args.rounds} rounds; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
         result = {"machine": {"cores": os.cpu_count(), "load_1min_at_start": os.getloadavg()[0]},
                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  "throughput_bm25": bench_throughput(home, queries, args, config)}
+                  "throughput": bench_throughput(home, queries, args, config)}
         if args.ready_home is not None:
             result["time_to_ready"] = bench_ready(args.ready_home, config, args.ready_repeats)
     result["machine"]["load_1min_at_end"] = os.getloadavg()[0]
-    t = result["throughput_bm25"]
+    t = result["throughput"]
     log(f"\n| workers | saturation q/s | p50 ms | p99 ms | open loop at {args.load_share:.0%}: p50 ms | p99 ms | ready s |"
         "\n|---|---|---|---|---|---|---|")
     for w in (1, 2):
