@@ -17,7 +17,7 @@ import numpy as np
 
 from ltr.behaviour import BehaviourStore
 from search.event_store import EventStore
-from ltr.features import DEFAULT_FEATURE_SET, FeatureSet, extract_features, feature_set, uses_behaviour
+from ltr.features import DEFAULT_FEATURE_SET, FEATURES, FeatureSet, extract_features, feature_set, uses_behaviour
 from ltr.point_in_time import BehaviourHistory, behaviour_sources
 from ltr.registry import BaseStage, FeatureSetMismatchError, ModelManifest, ModelRegistry
 from indexing.home import registry_dir
@@ -40,6 +40,22 @@ class ScoringModel(Protocol):
     def predict(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
 
     def contributions(self, features: np.ndarray, base: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def stage_contributions(feature_names: Sequence[str], contributions: Sequence[float]) -> dict[str, float]:
+    """A result's score split by stage (the `explain` summary): "fusion" (a staged model's first-
+    stage margin), "text" (the text model: its text, dense and retrieval features and the bias)
+    and "behaviour" (the behaviour trees; 0 for a document with no history). `contributions` is
+    the row of `ScoringModel.contributions`: one per feature, the bias, then the margin."""
+    names = list(feature_names)
+    values = np.nan_to_num(np.asarray(contributions, dtype=np.float64))
+    behaviour = [i for i, name in enumerate(names) if FEATURES.get(name, ("",))[0] == "behaviour"]
+    text = [i for i in range(len(names)) if i not in set(behaviour)]
+    stages = {"fusion": float(values[len(names) + 1]) if len(values) > len(names) + 1 else 0.0,
+              "text": float(values[text].sum() + values[len(names)])}
+    if behaviour:
+        stages["behaviour"] = float(values[behaviour].sum())
+    return stages
 
 
 def window_base(model: ScoringModel, window: Candidates) -> np.ndarray | None:

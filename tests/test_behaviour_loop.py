@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import pytest
 import numpy as np
 
 from ltr.behaviour import MIN_RANDOMISED_PAGES, BehaviourStore
@@ -101,6 +102,9 @@ def test_the_loop_through_the_http_api(trained, tmp_path):  # noqa: F811
     with running_service(home, "--name", "topics", "--config", str(config)) as (url, _):
         page = httpx.post(f"{url}/search", json={"query": "volcano lava eruption", "explain": True}).json()
     assert page["model_version"] == "m0003"
+    stages = page["results"][0]["explain"]["stages"]  # the score by stage: fusion margin, text model, behaviour trees
+    assert set(stages) == {"fusion", "text", "behaviour"}
+    assert sum(stages.values()) == pytest.approx(page["results"][0]["score"], abs=1e-3)
     features = page["results"][0]["explain"]["features"]
     assert features["qd_impressions"] > 0  # the query was searched in the simulated sessions
     run_cli(home, "models", "rollback")

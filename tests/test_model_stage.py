@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from ltr.ranker import stage_contributions
 from ltr.registry import BaseStage, MissingBaseModelError, ModelInUseError, ModelRegistry
 from ltr.training import (InMemoryModel, RankingRows, TrainingSettings, fit_model_stage, fusion_key, group_ndcg,
                           train_ranker)
@@ -95,6 +96,10 @@ def test_explain_splits_the_score_between_the_stages():
     np.testing.assert_allclose(contributions[:, -1], margin.astype(np.float32))
     cold = np.isnan(rows.features[:, 3]) & (rows.features[:, 2] == 0)
     assert not contributions[cold][:, 2:4].any()  # behaviour columns say nothing for a cold row
+    stages = stage_contributions(("bm25_all", "dense_cosine", "qd_clicks", "qd_ctr"), contributions[0])
+    assert stages["behaviour"] == pytest.approx(contributions[0, 2:4].sum())
+    assert stages["fusion"] == pytest.approx(margin[0], rel=1e-6)
+    assert sum(stages.values()) == pytest.approx(model.predict(rows.features[:1], margin[:1])[0], abs=1e-4)
 
 
 def _save_chain(tmp_path):

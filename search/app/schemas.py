@@ -50,6 +50,9 @@ class ResultExplanation(Strict):
     contributions: dict[str, float | None] | None = Field(
         None, description="per-feature contributions to the score (XGBoost pred_contribs), plus 'bias'"
     )
+    stages: dict[str, float] | None = Field(
+        None, description="the score by stage: 'fusion' (a staged model's first-stage margin), 'text' (the text "
+                          "model's trees and bias), 'behaviour' (behaviour trees, 0 without history)")
 
 
 class SearchResult(Strict):

@@ -18,6 +18,7 @@ from ltr.experiments import (
     ExperimentLog, InterleavedRequest, ServedExperiments, ShadowRanking, TeamDraftRanker, WindowCapture, interleaving_rng,
     shadow_ranking,
 )
+from ltr.ranker import stage_contributions
 from search.app.config import OnlineExperimentSettings, ServiceConfig
 from search.app.deps import ConfigDep, EventStoreDep, ExperimentLogDep, MetricsDep, StateDep
 from search.app.errors import STORE_ERRORS, ApiError
@@ -281,6 +282,8 @@ def build_response(body: SearchRequest, request_id: str, name: str, snapshot: Sn
                 first_stage_rank=r.first_stage_rank, first_stage_score=r.first_stage_score,
                 features=_json_safe(named_row(outcome.feature_names, r.features)),
                 contributions=_json_safe(named_row(_with_bias(outcome.feature_names), r.contributions)),
+                stages=stage_contributions(outcome.feature_names, r.contributions)
+                if outcome.feature_names is not None and r.contributions is not None else None,
             ) if body.explain else None,
         )
         for r in outcome.results
