@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--home", default="/tmp/bench-staged-behaviour")
     parser.add_argument("--sessions", type=int, default=20, help="sessions per query")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-model", help="a text model of the source home's registry to use instead of training "
+                                             "one (it must have been trained on SciFact train with the defaults)")
     parser.add_argument("--out", default=str(RESULTS / "bench_staged_behaviour.json"))
     args = parser.parse_args()
     home, source = Path(args.home), Path(args.source_home)
@@ -105,11 +107,17 @@ def main() -> int:
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
 
     started = time.perf_counter()
-    text_fit = fit_ranker(index, train.queries, train.qrels, text_set, fusion, settings, log=log)
     registry = ModelRegistry(home)
-    context = {"dataset": str(DATASET), "dataset_name": "scifact", "split": "train", "window": fusion.to_dict(),
-               "settings": settings.to_dict()}
-    text_manifest = save_fitted(registry, text_fit, text_set, index_description(index), context, settings)
+    if args.text_model:
+        shutil.copytree(source / "models" / args.text_model, home / "models" / args.text_model)
+        text_manifest = registry.manifest(args.text_model)
+        if text_manifest.feature_set["name"] != "text" or text_manifest.training.get("split") != "train":
+            raise SystemExit(f"{args.text_model} is not a text model trained on a train split")
+    else:
+        text_fit = fit_ranker(index, train.queries, train.qrels, text_set, fusion, settings, log=log)
+        context = {"dataset": str(DATASET), "dataset_name": "scifact", "split": "train", "window": fusion.to_dict(),
+                   "settings": settings.to_dict()}
+        text_manifest = save_fitted(registry, text_fit, text_set, index_description(index), context, settings)
     registry.promote(text_manifest.version)
     text_model = registry.load(text_manifest.version)
     report["text_model"] = {"version": text_manifest.version, "trees": text_manifest.trees,
