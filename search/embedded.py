@@ -14,7 +14,7 @@ import numpy as np
 from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import COMBINED_FIELD, BM25Index, BM25Settings, CandidateStats, top_k_positive
 from indexing.build import BM25_DIR, DOCS_DIR, VECTORS_DIR, BuildSettings, compact_index
-from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore
+from indexing.bundle import IndexBundleError, IndexCorruptError, IndexGeneration, IndexStore
 from indexing.home import encoders_dir
 from indexing.corpus import Document
 from indexing.docstore import DocStore
@@ -288,8 +288,13 @@ class EmbeddedLiveAdmin:
         return compact_index(self.home, name, progress=False, log=log)
 
     def describe(self, name: str) -> dict[str, Any]:
-        active = IndexStore(self.home).open(name, verify=False)
-        return {"delta": pending_updates(self.home, name), "last_compaction": active.manifest.get("compacted")}
+        """The pending delta and the last compaction; an active generation that does not open is
+        reported by `index status` itself, so here it is only named."""
+        try:
+            active = IndexStore(self.home).open(name, verify=False)
+            return {"delta": pending_updates(self.home, name), "last_compaction": active.manifest.get("compacted")}
+        except (IndexBundleError, ValueError, OSError) as exc:
+            return {"delta": None, "last_compaction": None, "error": str(exc)}
 
 
 def _receipts(receipts: list[UpdateReceipt]) -> dict[str, Any]:

@@ -167,6 +167,8 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
 
 def live_row(live: dict[str, Any]) -> str:
     """The delta and compaction line of `index status`."""
+    if live.get("error"):
+        return f"   delta: unknown ({live['error']})"
     delta = live.get("delta") or {}
     row = (f"   delta: {delta.get('upserts', 0):,} upserts, {delta.get('deletes', 0):,} deletes pending "
            f"({delta.get('bytes', 0) / 1e6:.2f} MB of journal)")
