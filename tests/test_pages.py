@@ -341,3 +341,20 @@ def test_session_cookies_hold_across_workers_and_die_with_a_new_token():
     expired = PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).cookie(Session("judge", "ann", clock.time() - 1, "sid"))
     assert PageAuth(ADMIN_TOKEN, JUDGE_TOKEN).read(expired) is None
     assert PageAuth(ADMIN_TOKEN, "short").judge_token is None  # under 16 characters: refused
+
+
+def test_queries_from_an_uploaded_file(client):
+    login(client, name="ann")
+    token = csrf_of(client.get("/judge").text)
+    form = {"csrf": token, "source": "file", "pipelines": ["bm25"], "depth": "2"}
+    beir = b'{"_id": "u1", "text": "wild cats"}\n{"_id": "u2", "text": "cafe culture"}\n'
+    added = client.post("/judge/queries", data=form, files={"file": ("q.jsonl", beir)}, follow_redirects=False)
+    assert added.headers["location"] == "/judge?pooled=2"
+    page = client.get("/judge").text
+    assert 'href="/judge/q/u1">wild cats<' in page and 'href="/judge/q/u2">cafe culture<' in page
+    plain = client.post("/judge/queries", data=form, files={"file": ("q.txt", b"mint plants\n\nmint plants\n")},
+                        follow_redirects=False)
+    assert plain.headers["location"] == "/judge?pooled=1"
+    broken = client.post("/judge/queries", data=form, files={"file": ("bad.jsonl", b'{"_id": "x", "text": "a"}\n{"_id": 1\n')})
+    assert broken.status_code == 400 and "bad.jsonl:2: invalid JSON" in broken.text
+    assert client.post("/judge/queries", data=form).status_code == 400  # no file chosen

@@ -1,16 +1,18 @@
-"""The judging workbench (/judge): queries from a dataset, typed in, or the request log's top
-queries; a pool of several pipelines' top k shown unlabelled in a fixed random order; one
+"""The judging workbench (/judge): queries from a dataset, an uploaded file, typed in, or the
+request log's top queries; a pool of several pipelines' top k shown unlabelled in a fixed random order; one
 document at a time graded 0-3 (keys 0-3, s skips; the buttons work without JavaScript); stored
 with the judge's name and the time (eval/judgments.py); exported as BEIR or TREC qrels; Cohen's
 kappa between judges."""
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from contextlib import closing
 from typing import Iterator
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from eval.datasets import EvalDataError, load_dataset, read_queries
@@ -70,7 +72,8 @@ def add_queries(request: Request, state: StateDep, events: EventStoreDep, store:
                 csrf: str = Form(""), source: str = Form("text"), queries: str = Form("", max_length=200_000),
                 dataset: str = Form("", max_length=4096), split: str = Form("test", max_length=100),
                 limit: int = Form(20, ge=1, le=MAX_NEW_QUERIES), pipelines: list[str] = Form([]),
-                depth: int = Form(DEFAULT_POOL_DEPTH, ge=1, le=MAX_POOL_DEPTH)) -> Response:
+                depth: int = Form(DEFAULT_POOL_DEPTH, ge=1, le=MAX_POOL_DEPTH),
+                file: UploadFile | None = File(None)) -> Response:
     session = require_page(request, "judge")
     if not isinstance(session, Session):
         return session
@@ -81,7 +84,10 @@ def add_queries(request: Request, state: StateDep, events: EventStoreDep, store:
         if not pipelines or unknown:
             raise ApiError(400, "invalid_request", f"pipelines: choose among {', '.join(snapshot.pipelines)}"
                            + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-        wanted = new_queries(source, queries, dataset, split, limit, session, events)
+        if source == "file":
+            wanted = uploaded_queries(file)[:limit]
+        else:
+            wanted = new_queries(source, queries, dataset, split, limit, session, events)
         for query_id, text in wanted:
             query_id = store.add_query(text, source, query_id)
             store.add_pool(query_id, {p: [r.doc_id for r in rank_quietly(snapshot, p, text, depth).results]
@@ -96,6 +102,29 @@ def refused(request: Request, exc: Exception) -> Response:
     status = exc.status if isinstance(exc, ApiError) else 400
     message = exc.message if isinstance(exc, ApiError) else str(exc)
     return render(request, "message.html", status=status, title="Refused", message=message)
+
+
+def uploaded_queries(file: UploadFile | None) -> list[tuple[str | None, str]]:
+    """An uploaded queries file: BEIR queries.jsonl (ids kept) when its lines are JSON objects,
+    else one query per line; read by `eval.datasets.read_queries`, as strictly as any dataset."""
+    if file is None or not file.filename:
+        raise ApiError(400, "invalid_request", "file: choose a queries file to upload")
+    raw = file.file.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_request", f"{file.filename}: not valid UTF-8 (byte {exc.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines or not all(line.startswith("{") for line in lines):
+        return [(None, line[:MAX_QUERY_CHARS]) for line in dict.fromkeys(lines)][:MAX_NEW_QUERIES]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "queries.jsonl"
+        path.write_bytes(raw)
+        try:
+            return list(read_queries(path).items())[:MAX_NEW_QUERIES]
+        except EvalDataError as exc:
+            where = f"{file.filename}:{exc.line}" if exc.line is not None else file.filename
+            raise ApiError(400, "invalid_request", f"{where}: {exc.reason}") from None
 
 
 def new_queries(source: str, typed: str, dataset: str, split: str, limit: int, session: Session,
