@@ -9,8 +9,10 @@ import time
 import pytest
 
 from indexing.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase, SqliteSchema, SqliteStoreError, path_lock
+from ltr import behaviour, experiments
 from ltr.behaviour import BehaviourStore, BehaviourStoreError
 from ltr.experiments import ExperimentLog, ExperimentLogError, InterleavedRequest, TeamPick
+from search import event_store
 from search.event_store import EventStore, EventStoreError
 
 STORES = [
@@ -18,6 +20,8 @@ STORES = [
     (BehaviourStore, BehaviourStoreError, "behaviour store", 0x4C545242),
     (ExperimentLog, ExperimentLogError, "experiment log", 0x4C545258),
 ]
+VERSIONS = {EventStore: event_store.SCHEMA_VERSION, BehaviourStore: behaviour.SCHEMA_VERSION,
+            ExperimentLog: experiments.SCHEMA_VERSION}  # each store's current schema version
 SCHEMA = SqliteSchema("test store", 0x54455354, 1, ("CREATE TABLE t (x INTEGER NOT NULL)",))
 
 
@@ -34,7 +38,7 @@ def test_every_store_is_wal_full_sync_and_marked(tmp_path, store_class, error, k
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("PRAGMA application_id").fetchone()[0] == application_id
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == VERSIONS[store_class]
 
 
 @pytest.mark.parametrize("store_class, error, kind, application_id", STORES)
@@ -56,8 +60,8 @@ def test_every_store_refuses_other_files_and_says_when_closed(tmp_path, store_cl
     newer = tmp_path / "newer.db"
     store_class(newer).close()
     with sqlite3.connect(newer) as raw:
-        raw.execute("PRAGMA user_version = 2")
-    with pytest.raises(error, match="schema version 2 is newer than this code supports"):
+        raw.execute(f"PRAGMA user_version = {VERSIONS[store_class] + 1}")
+    with pytest.raises(error, match=f"schema version {VERSIONS[store_class] + 1} is newer than this code supports"):
         store_class(newer)
     store = store_class(tmp_path / "closed.db")
     store.close()
