@@ -19,7 +19,7 @@ smoothing) on every per-pair probability so rarely shown pairs do not sit at exa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -1131,13 +1131,17 @@ def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str,
                   orders: Mapping[str, Sequence[str]] | None = None,
                   scales: Sequence[float] = DEFAULT_SHOWN_SCALES,
                   weak_negatives: int = DEFAULT_WEAK_NEGATIVES) -> list[Any]:
-    """`fit_ranker`'s inner-CV path on the logged documents of each query's window only.
+    """`fit_ranker`'s inner-CV path on the logged documents of each query's window, plus the
+    best `weak_negatives` unshown candidates of the logging policy's score at grade 0.
 
-    A document no page showed has no click evidence: grading it 0 teaches the trees to bury what
-    the logging policy did not show, and credits the logging policy in the inner CV. Trained on
-    the shown documents, the trees learn how clicked documents differ from skipped ones among the
-    candidates users actually saw; at serving time they score the whole window, staged on the
-    fusion, whose base margin keeps the deep candidates where the fusion put them."""
+    A document no page showed has no click evidence; grading every unshown candidate 0 (the
+    "window" scope) drowns the page in them and credits the logging policy in the inner CV, while
+    training on shown documents alone let the trees promote unshown ones at serving time (they
+    never saw one). The trees are stacked on the logging policy's score (`logging_base`).
+
+    Candidates returned: zero trees (the logging policy itself), then, per base scale in
+    `scales` (how far the base holds a document the trees like), the trees at the inner CV's
+    peak; the caller picks one by the off-policy estimate, which ranks whole windows."""
     import time
 
     from ltr.training import FittedRanker, build_rows, inner_cross_validation, train_ranker
