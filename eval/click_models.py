@@ -1058,7 +1058,9 @@ def train_on_click_labels(
     if not held_pages:
         return ClickModelTrainingResult(candidates[0], labels, queries, train_keys, held_out, None, label_settings)
     rows = build_rows(backend, {k: queries[k] for k in held_out}, {}, features, fusion)
-    estimates = [off_policy_estimate(held_pages, _rankings(rows, c.trained), labels.examination) for c in candidates]
+    orders = logged_orders([p for p in pages if p.query_key in held])  # the logging policy's ranking: what a model with zero trees reproduces
+    estimates = [off_policy_estimate(held_pages, _rankings(rows, c.trained), labels.examination, baseline=orders)
+                 for c in candidates]
     # Selection without judgments: of the candidates (zero trees, trees per base scale), the one
     # with the highest off-policy estimate on the held-out logged queries (ties: the first).
     best = max(range(len(candidates)), key=lambda i: (round(estimates[i].model, 6), -i))
@@ -1157,7 +1159,7 @@ def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str,
     rows = keep_labelled(rows, labels, weak_negatives)
     feature_seconds = time.perf_counter() - started
     if log is not None:
-        log(f"features: {len(rows.labels):,} shown (query, document) pairs of {len(rows.query_ids):,} queries in "
+        log(f"features: {len(rows.labels):,} (query, document) pairs, shown ones and weak negatives, of {len(rows.query_ids):,} queries in "
             f"{feature_seconds:.1f} s")
     fitted = []
     for scale in scales:  # the base's weight against the trees: how far the trees may move a document

@@ -627,9 +627,13 @@ def _discount(ranks: np.ndarray, depth: int = OPE_DEPTH) -> np.ndarray:
 
 
 def off_policy_estimate(pages: Sequence[LoggedPage], rankings: dict[str, Sequence[str]],
-                        examination: Sequence[float], z: float = 1.96) -> OffPolicyEstimate:
+                        examination: Sequence[float], z: float = 1.96,
+                        baseline: dict[str, Sequence[str]] | None = None) -> OffPolicyEstimate:
     """The estimate of `OffPolicyEstimate` for `rankings` (query key -> the new ranker's doc ids,
-    best first) on the clicked `pages` whose query it ranks."""
+    best first) on the clicked `pages` whose query it ranks. `baseline`: the logging policy's own
+    ranking per query (its unexplored page), scored by the same estimator, so that a model ranking
+    exactly as the logging policy differs by 0; without it, the logged positions (exploration
+    included) are the logging policy's."""
     gamma = np.asarray(examination, dtype=np.float64)
     numerators_new, numerators_log, weights = [], [], []
     queries = set()
@@ -638,12 +642,18 @@ def off_policy_estimate(pages: Sequence[LoggedPage], rankings: dict[str, Sequenc
         if ranking is None or not page.clicked:
             continue
         rank_of = {doc: k + 1 for k, doc in enumerate(ranking)}
+        logged_rank = None
+        if baseline is not None:
+            if page.query_key not in baseline:
+                continue
+            logged_rank = {doc: k + 1 for k, doc in enumerate(baseline[page.query_key])}
         clicked = [r for r in page.request.results if r.position in page.clicked and r.position <= len(gamma)]
         if not clicked:
             continue
         w = np.array([1.0 / max(gamma[r.position - 1], 1e-3) for r in clicked])
         numerators_new.append(float(w @ _discount(np.array([rank_of.get(r.doc_id, 0) for r in clicked]))))
-        numerators_log.append(float(w @ _discount(np.array([r.position for r in clicked]))))
+        old_ranks = [r.position if logged_rank is None else logged_rank.get(r.doc_id, 0) for r in clicked]
+        numerators_log.append(float(w @ _discount(np.array(old_ranks))))
         weights.append(float(w.sum()))
         queries.add(page.query_key)
     if not weights:

@@ -45,6 +45,12 @@ def test_burying_the_clicked_documents_is_significantly_worse_and_the_logging_ra
     equal = off_policy_estimate(logged, same, GAMMA)
     assert equal.difference == pytest.approx(0.0) and not equal.significantly_worse
     assert equal.pages == sum(1 for p in logged if p.clicked) and equal.queries == 20
+    # against the logging policy's own ranking (its unexplored pages): explored clicks no longer
+    # count for the logging policy alone, so reproducing its ranking differs by exactly 0
+    explored = pages(explore=0.3)
+    baseline = off_policy_estimate(explored, same, GAMMA, baseline=same)
+    assert baseline.difference == 0.0 and baseline.ci == (0.0, 0.0)
+    assert off_policy_estimate(explored, reversed_, GAMMA, baseline=same).significantly_worse
     # a query the ranker does not rank contributes nothing; no rankable page at all is an error
     with pytest.raises(ValueError, match="nothing to estimate on"):
         off_policy_estimate(logged, {"unknown": ["x"]}, GAMMA)
