@@ -21,7 +21,7 @@ from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
 from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
 from indexing.updates import MAX_BATCH, UpdateReceipt, pending_updates, read_upsert_file, write_updates
-from indexing.vectors import load_vector_index
+from indexing.vectors import load_vector_index, top_k_rows
 from search.backend import AnalysedQuery, QueryInput, Retrieved
 from search.rules import FieldFilter, filter_mask, filterable_fields
 
@@ -148,9 +148,9 @@ class EmbeddedIndex:
             keep &= ~view.dead[np.maximum(rows, 0)]
         rows, top = rows[keep].astype(np.int64, copy=False), top[keep].astype(np.float32, copy=False)
         if view.n_delta:
-            delta_scores = view.vectors @ np.asarray(query_vector, dtype=np.float32).reshape(-1)
             alive = np.flatnonzero(~view.dead[view.n_base:])
-            rows, top = merge_top_k(rows, top, alive + view.n_base, delta_scores[alive], k)
+            delta_top, delta_rows = top_k_rows(_matvec(view.vectors, query_vector)[alive][None, :], alive, k)
+            rows, top = merge_top_k(rows, top, delta_rows[0] + view.n_base, delta_top[0], k)
             return Retrieved(rows, top, view.ids)
         return Retrieved(rows[:k], top[:k], view.ids)
 
@@ -177,7 +177,7 @@ class EmbeddedIndex:
             return self.vectors.similarity(query_vector, rows)
         vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
         return _by_segment(rows, view.n_base, lambda r: self.vectors.similarity(query_vector, r),
-                           lambda r: view.vectors[r] @ vector)
+                           lambda r: _matvec(view.vectors[r], vector))
 
     def candidate_stats(self, query: QueryInput, rows: np.ndarray) -> CandidateStats:
         """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
@@ -226,6 +226,12 @@ class EmbeddedIndex:
                 f"index '{self.name}' generation {self.generation.generation} was built without dense vectors "
                 "(--no-dense); rebuild it with dense vectors or use the bm25 pipeline"
             )
+
+
+def _matvec(vectors: np.ndarray, query_vector: np.ndarray) -> np.ndarray:
+    """vectors @ query through einsum, not BLAS: a threaded gemv on a busy machine is up to 10x
+    slower (see `indexing.vectors._scores`)."""
+    return np.einsum("ij,j->i", vectors, np.asarray(query_vector, dtype=np.float32).reshape(-1))
 
 
 def merge_top_k(rows_a: np.ndarray, scores_a: np.ndarray, rows_b: np.ndarray, scores_b: np.ndarray,
