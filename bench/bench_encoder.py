@@ -81,7 +81,7 @@ def main() -> int:
 
     docs = load_docs(args.docs)
     queries = load_queries(args.queries)
-    export_s, _, encoder_dir = timed(ensure_onnx_encoder, RESULTS / "home", EncoderSettings(), False)
+    export_s, _, encoder_dir = timed(ensure_onnx_encoder, RESULTS / "home", EncoderSettings(form="fp32"), False)
     load_s, _, encoder = timed(OnnxEncoder, encoder_dir, args.threads)
     tokens = encoder.token_counts(docs)
     print(f"docs={len(docs)} (SciFact title+text)  tokens/doc mean={tokens.mean():.0f} "
