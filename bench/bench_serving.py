@@ -385,7 +385,8 @@ def main() -> None:
     peer_name = next(iter(variants))
     results: dict[str, Any] = {}
     for name in variants:
-        ndcg = float(np.mean(evaluate_run(runs[name], test.qrels, ["nDCG@10"]).values["nDCG@10"]))
+        judged = {query_id: test.qrels[query_id] for query_id, _ in queries}  # the queries run, not the split
+        ndcg = float(np.mean(evaluate_run(runs[name], judged, ["nDCG@10"]).values["nDCG@10"]))
         results[name] = {"end_to_end": pct(totals[name]), "stages": {s: pct(v) for s, v in stage_ms[name].items()},
                          "nDCG@10": round(ndcg, 4)}
     peer_p50 = results[peer_name]["end_to_end"]["p50"]
