@@ -110,6 +110,18 @@ def replay(state: ServingState, events: EventStore, behaviour: BehaviourStore, q
             "sessions_per_s": len(plan) / seconds if seconds else float("nan")}
 
 
+def serving_loop(home: Path, epsilon: float, mode: str) -> tuple[ServingState, EventStore, BehaviourStore]:
+    """The service's state over `home` (its active model serves), and the event store and
+    behaviour aggregates a replay writes to."""
+    config = ServiceConfig(home=home, index=INDEX, exploration=ExplorationSettings(epsilon=epsilon, mode=mode))
+    state = ServingState(config)
+    state.reload()
+    events_path, behaviour_path = behaviour_sources(home, INDEX)
+    events_path.parent.mkdir(parents=True, exist_ok=True)
+    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
+    return state, EventStore(events_path), BehaviourStore(behaviour_path)
+
+
 def snapshot_train_clicks(events_path: Path, target: Path, test_queries: list[str]) -> None:
     """A copy of the event store (SQLite backup API) with every request of a TEST query, its
     results and its events deleted: training from clicks must never see test-query clicks."""
@@ -169,14 +181,8 @@ def main() -> int:
     test, train = load_dataset(DATASET, "test"), load_dataset(DATASET, "train")
     user = UserBehaviour(model="pbm", eta=args.eta, noise=args.noise)
     true_exam = user.examination_curve(PAGE)
-    config = ServiceConfig(home=home, index=INDEX,
-                           exploration=ExplorationSettings(epsilon=args.exploration, mode=args.exploration_mode))
-    state = ServingState(config)
-    state.reload()
-    events_path, behaviour_path = behaviour_sources(home, INDEX)
-    events_path.parent.mkdir(parents=True, exist_ok=True)
-    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
-    events, behaviour = EventStore(events_path), BehaviourStore(behaviour_path)
+    state, events, behaviour = serving_loop(home, args.exploration, args.exploration_mode)
+    events_path = events.path
     runs = RESULTS / "behaviour-loop-runs"
     report: dict[str, object] = {
         "served_by": model, "simulator": {"model": "pbm", "examination": "1/rank**%g" % args.eta, "noise": args.noise,

@@ -37,23 +37,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_behaviour_loop import PAGE, replay  # noqa: E402
+from bench_behaviour_loop import PAGE, replay, serving_loop  # noqa: E402
 from eval.click_models import UserBehaviour  # noqa: E402
 from eval.datasets import load_dataset  # noqa: E402
 from eval.metrics import evaluate_run, parse_metric  # noqa: E402
 from eval.propensity import fit_propensities  # noqa: E402
 from eval.significance import compare  # noqa: E402
-from ltr.behaviour import BehaviourStore  # noqa: E402
 from ltr.features import feature_set  # noqa: E402
-from ltr.point_in_time import BehaviourHistory, behaviour_sources  # noqa: E402
+from ltr.point_in_time import BehaviourHistory  # noqa: E402
 from ltr.ranker import LtrPipeline, index_description  # noqa: E402
 from ltr.registry import ModelRegistry  # noqa: E402
 from ltr.training import InMemoryModel, TrainingSettings, fit_ranker  # noqa: E402
 from search.app.cli.models import save_fitted  # noqa: E402
-from search.app.config import ExplorationSettings, ServiceConfig, load_service_config  # noqa: E402
-from search.app.service import ServingState  # noqa: E402
+from search.app.config import load_service_config  # noqa: E402
 from search.embedded import EmbeddedIndex  # noqa: E402
-from search.event_store import EventStore  # noqa: E402
 
 INDEX = "scifact"
 DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
@@ -139,13 +136,7 @@ def main() -> int:
 
     report["cold"], _ = staged_run(None, "cold")
 
-    config = ServiceConfig(home=home, index=INDEX, exploration=ExplorationSettings(epsilon=0.1, mode="shuffle"))
-    state = ServingState(config)
-    state.reload()
-    events_path, behaviour_path = behaviour_sources(home, INDEX)
-    events_path.parent.mkdir(parents=True, exist_ok=True)
-    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
-    events, behaviour = EventStore(events_path), BehaviourStore(behaviour_path)
+    state, events, behaviour = serving_loop(home, 0.1, "shuffle")
     user = UserBehaviour(model="pbm", eta=1.0, noise=0.1)
     report["traffic_train"] = replay(state, events, behaviour, train.queries, train.qrels, user,
                                      args.sessions * len(train.queries), args.seed, "train")
