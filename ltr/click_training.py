@@ -581,10 +581,11 @@ class OffPolicyEstimate:
         V(ranker) = sum over clicks of  [1 / gamma(p)] * disc(rank the ranker gives the doc)
                     / sum over clicks of  [1 / gamma(p)]
     (disc(k) = 1 / log2(k + 1) for k <= 10, else 0) estimates the attractiveness-weighted DCG@10
-    of the ranker, per unit of clicked attractiveness. The logging policy's value uses the logged
-    positions. Both share the denominator; the difference's CI is the delta method's over pages.
-    Documents no logged page showed earn no credit, so the estimate leans towards the logging
-    policy: conservative for a gate that refuses models worse than it."""
+    of the ranker, per unit of clicked attractiveness. The logging policy is scored the same way,
+    on its own ranking (`off_policy_estimate`'s `baseline`). Both share the denominator; the
+    difference's CI is the delta method's over pages. Documents no logged page showed can earn no
+    credit; `train --from-events` therefore ranks only the shown documents of each held-out query
+    with both rankers (what is estimated is how well a ranker orders what users saw)."""
 
     model: float
     logging: float
@@ -592,7 +593,7 @@ class OffPolicyEstimate:
     ci: tuple[float, float]
     pages: int  # held-out pages with a click
     queries: int
-    metric: str = "SNIPS click DCG@10 (clicks weighted 1/examination propensity of the logged position)"
+    metric: str = "SNIPS click DCG@10 (clicks weighted 1/examination propensity of their logged position)"
 
     @property
     def significantly_worse(self) -> bool:
