@@ -32,11 +32,13 @@ Why this shape:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import socket
@@ -467,14 +469,15 @@ def _quantize(fp32_dir: Path, out_dir: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic  # this step only
 
     source = read_encoder_metadata(fp32_dir)
-    quantize_dynamic(
-        str(fp32_dir / MODEL_FILE),
-        str(out_dir / MODEL_FILE),
-        per_channel=True,  # per-tensor int8 lost accuracy (cosine ~0.94 vs ~0.995)
-        weight_type=QuantType.QInt8,  # u8 activations x s8 weights: the VNNI kernels
-        # The fused graph's com.microsoft ops defeat ONNX shape inference; their tensors are float.
-        extra_options={"DefaultTensorType": 1},
-    )
+    with _quiet_root_logger():  # the quantiser logs a "consider pre-processing" hint on the root logger
+        quantize_dynamic(
+            str(fp32_dir / MODEL_FILE),
+            str(out_dir / MODEL_FILE),
+            per_channel=True,  # per-tensor int8 lost accuracy (cosine ~0.94 vs ~0.995)
+            weight_type=QuantType.QInt8,  # u8 activations x s8 weights: the VNNI kernels
+            # The fused graph's com.microsoft ops defeat ONNX shape inference; their tensors are float.
+            extra_options={"DefaultTensorType": 1},
+        )
     shutil.copyfile(fp32_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     min_cos = _cosine_to(fp32_dir, out_dir / MODEL_FILE, int(source["max_tokens"]))
     if min_cos < _INT8_MIN_COSINE:
@@ -489,6 +492,20 @@ def _quantize(fp32_dir: Path, out_dir: Path) -> None:
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Root-logger warnings off, without `logging.warning`'s basicConfig adding a handler for good."""
+    root, quiet = logging.getLogger(), logging.NullHandler()
+    level = root.level
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(level)
 
 
 def _cosine_to(fp32_dir: Path, model: Path, max_tokens: int) -> float:
