@@ -1192,8 +1192,8 @@ def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str,
     for scale in scales:  # the base's weight against the trees: how far the trees may move a document
         scaled = replace(settings, base_scales=(scale,))
         chosen = inner_cross_validation(rows, features.names, scaled, fusion, log=log)
-        wanted = [chosen.best_rounds] if fitted else [0, chosen.best_rounds]  # zero trees: the logging policy
-        for rounds in dict.fromkeys(wanted):
+        wanted = [0, chosen.best_rounds] if not fitted else [chosen.best_rounds] if chosen.best_rounds else []
+        for rounds in dict.fromkeys(wanted):  # zero trees (once): the logging policy itself
             trained = train_ranker(rows, features.names, scaled.regularised(chosen.regularisation), log=log,
                                    stage=chosen.stage, rounds=rounds)
             trained.inner_cv = chosen
