@@ -83,3 +83,16 @@ def test_library_is_named_by_the_model_file_checksum(home: Path) -> None:
     manifest = ModelRegistry(home).manifest("m0001")
     name = library_name(manifest.files["model.json"]["sha256"])
     assert (registry_dir(home) / "m0001" / name).is_file()
+
+
+def test_models_compile_from_the_command_line(tmp_path: Path) -> None:
+    """`ltr-search models compile VERSION` writes the library; the model then loads with it."""
+    from tests.conftest import run_cli
+
+    registry = ModelRegistry(tmp_path)
+    save(registry, train(seed=3, rounds=5))
+    result = run_cli(tmp_path, "models", "compile", "m0001")
+    assert "compiled trees in" in result.stdout
+    manifest = registry.manifest("m0001")
+    assert (registry_dir(tmp_path) / "m0001" / library_name(manifest.files["model.json"]["sha256"])).is_file()
+    assert registry.load("m0001").compiled is not None

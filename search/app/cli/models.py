@@ -105,6 +105,9 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     promote.add_argument("--quiet", action="store_true")
     promote.add_argument("--json", action="store_true", help="print the outcome and the gate's comparisons as JSON")
     commands.add_parser("rollback", help="re-activate the previously active model")
+    compile_ = commands.add_parser("compile", help="compile a model's trees to C (TL2cgen, gcc) next to it: served "
+                                                   "instead of XGBoost once it matches it to 1e-5 on the stored sample")
+    compile_.add_argument("version", help="a model version, or 'active'")
     delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
     delete.add_argument("version")
     from search.app.cli.compare import add_compare_parser  # lazy: start-up time
@@ -129,7 +132,7 @@ def run(home: Path, args: argparse.Namespace) -> int:
 
         return cmd_models_compare(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback,
-               "delete": cmd_delete}
+               "delete": cmd_delete, "compile": cmd_compile}
     return handler[args.models_command](home, args)
 
 
@@ -496,6 +499,24 @@ def stopping_note(trained: Any, max_rounds: int, held_out: str) -> str:
         return f"{trees} (early stopping on {held_out} at round {rounds})"
     best = f"; best on {held_out} at round {trained.trees}" if trained.valid_score is not None else ""
     return f"{trees} (hit the cap of {max_rounds} rounds{best}: more --max-rounds may help)"
+
+
+def cmd_compile(home: Path, args: argparse.Namespace) -> int:
+    """Compile a stored model's trees (`ltr.compiled_trees.compile_model`); the registry checks the
+    library against XGBoost on the stored sample and refuses (and removes) it otherwise."""
+    import time
+
+    from ltr.compiled_trees import compile_model  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+
+    version = ModelRegistry(home).active() if args.version == "active" else args.version
+    if version is None:
+        raise CliError("no active model to compile; name a version")
+    started = time.perf_counter()
+    path = compile_model(home, version)
+    print(f"model {version}: compiled trees in {path} ({time.perf_counter() - started:.1f} s), parity with XGBoost "
+          "checked on the stored sample; a running service uses them after POST /admin/reload")
+    return 0
 
 
 def cmd_delete(home: Path, args: argparse.Namespace) -> int:
