@@ -3,8 +3,8 @@
     HOME/cache/vectors.sqlite3      one row per (fingerprint, key): the float32 vector's bytes
 
 `key` is the SHA-256 of exactly the text the encoder sees (`dense_text`), `fingerprint` the
-SHA-256 of what else decides the vector: the ONNX model's and tokenizer's checksums and the
-truncation length (a compressed model form has another model checksum, hence its own entries).
+SHA-256 of what else decides the vector: the ONNX model's and tokenizer's checksums, the
+encoder form (fp32, int8) and the truncation length.
 
 Safe under concurrent builds: SQLite in WAL mode (indexing.sqlite), every write one transaction;
 an entry is a pure function of its key, so two builds inserting the same key agree (INSERT OR
@@ -50,6 +50,7 @@ def vector_cache_path(home: Path) -> Path:
 def encoder_fingerprint(metadata: dict[str, Any], max_tokens: int) -> str:
     """What besides the text decides a vector: model and tokenizer checksums, truncation, pooling."""
     parts = {k: metadata.get(k) for k in ("sha256", "tokenizer_sha256", "pooling", "normalize", "dim")}
+    parts["form"] = metadata.get("form", "fp32")  # fp32 or a compressed form (its own model file, too)
     parts["max_tokens"] = int(max_tokens)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

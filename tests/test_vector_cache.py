@@ -78,6 +78,8 @@ def test_fingerprint_changes_with_what_decides_a_vector():
     assert encoder_fingerprint(dict(meta), 256) == base
     assert encoder_fingerprint(meta, 128) != base
     assert encoder_fingerprint({**meta, "sha256": "compressed"}, 256) != base
+    assert encoder_fingerprint({**meta, "form": "int8"}, 256) != base
+    assert encoder_fingerprint({**meta, "form": "fp32"}, 256) == base  # encoder.json from before forms: fp32
 
 
 def test_rebuild_from_a_changed_corpus_encodes_only_the_changes_and_equals_a_cold_build(
