@@ -620,6 +620,12 @@ class OnnxEncoder:
             raise TypeError("encode() takes a sequence of texts; use encode_query() for one string")
         texts = list(texts)
         batch_size = batch_size or self.settings.batch_size
+        if self.metadata.get("form") == INT8:
+            # int8 quantises activations per tensor at run time, so a batch's vectors depend on
+            # their batchmates (|diff| up to 0.02 between batches of 16 and 1). Alone, a text's
+            # vector depends on its text only: the vector cache, rebuilds and cold builds agree
+            # exactly. Measured cost on SciFact: ~5% fewer docs per CPU second (no padding).
+            batch_size = 1
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out

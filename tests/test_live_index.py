@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from indexing.build import BuildSettings, build_index, compact_index, rebuild_index
 from indexing.bundle import IndexStore
 from indexing.corpus import CorpusSpec, Document
-from indexing.encoder import EncoderSettings
 from indexing.delta import DELETE, UPSERT, Update, append_updates, journal_end, journal_path, read_updates
 from indexing.updates import UnknownDocumentError, final_corpus, live_id_set, pending_updates, write_updates
 from search.embedded import EmbeddedIndex
@@ -51,7 +50,7 @@ def _files(path: Path) -> dict[str, str]:
 
 def _cold_build(home: Path, tmp: Path, documents: list[Document], dense: bool) -> EmbeddedIndex:
     corpus = write_jsonl(tmp / "final.jsonl", [_record(d) for d in documents])
-    build_index(home, "cold", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=dense, encoder=EncoderSettings(form="fp32")),
+    build_index(home, "cold", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=dense),
                 progress=False, log=quiet)
     return EmbeddedIndex.open(home, "cold")
 
@@ -136,8 +135,7 @@ def test_compaction_equals_a_cold_build_after_random_updates(tmp_path_factory, s
 def test_dense_delta_and_compaction_parity(tmp_path: Path, shared_encoder_home: Path):
     home = home_sharing_encoder(tmp_path / "home", shared_encoder_home)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", SMALL_DOCS)
-    # fp32: the int8 form quantises activations per batch, so a vector depends on its batch at ~1e-2
-    build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(corpus)), encoder=EncoderSettings(form="fp32")),
+    build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(corpus))),  # the default (int8) encoder
                 progress=False, log=quiet)
     index = EmbeddedIndex.open(home, "t")
     owls = Document("d7", "Owls", "Owls hunt mice at night in the garden.", {"author": "eve"})

@@ -10,12 +10,10 @@ import pytest
 
 from indexing.build import BuildSettings, build_index, rebuild_index
 from indexing.corpus import CorpusSpec
-from indexing.encoder import EncoderSettings
 from indexing.vector_cache import VectorCache, content_keys, encoder_fingerprint, live_keys
 from tests.conftest import SMALL_DOCS, home_sharing_encoder, write_jsonl
 
 
-FP32 = EncoderSettings(form="fp32")
 
 
 def quiet(_: str) -> None:
@@ -95,8 +93,8 @@ def test_rebuild_from_a_changed_corpus_encodes_only_the_changes_and_equals_a_col
     changed_docs.append({"_id": "d7", "title": "Owls", "text": "Owls hunt mice at night.", "author": "eve"})
     changed = write_jsonl(tmp_path / "changed.jsonl", changed_docs)
 
-    # fp32: the int8 form quantises activations per batch, so a vector depends on its batch at ~1e-2
-    cold = build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(first)), encoder=FP32, keep=0), progress=False,
+    # the default (int8) form: each text is encoded alone, so its vector does not depend on its batch
+    cold = build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(first)), keep=0), progress=False,
                        log=quiet)
     assert (cold.vectors_encoded, cold.vectors_cached) == (6, 0)
     warm = rebuild_index(home, "t", progress=False, log=quiet, dataset=changed)
@@ -106,14 +104,14 @@ def test_rebuild_from_a_changed_corpus_encodes_only_the_changes_and_equals_a_col
     assert manifest["dense"]["cache"]["encoded"] == 2
 
     peer_home = home_sharing_encoder(tmp_path / "peer", shared_encoder_home)
-    peer = build_index(peer_home, "t", BuildSettings(corpus=CorpusSpec(str(changed)), encoder=FP32), progress=False,
+    peer = build_index(peer_home, "t", BuildSettings(corpus=CorpusSpec(str(changed))), progress=False,
                        log=quiet)
     files = json.loads((warm.path / "manifest.json").read_text())["files"]
     peer_files = json.loads((peer.path / "manifest.json").read_text())["files"]
     assert {f: v["sha256"] for f, v in files.items() if not f.startswith("vectors/")} == \
         {f: v["sha256"] for f, v in peer_files.items() if not f.startswith("vectors/")}
-    np.testing.assert_allclose(np.load(warm.path / "vectors" / "embeddings.npy"),
-                               np.load(peer.path / "vectors" / "embeddings.npy"), atol=1e-6)
+    np.testing.assert_array_equal(np.load(warm.path / "vectors" / "embeddings.npy"),
+                                  np.load(peer.path / "vectors" / "embeddings.npy"))  # bit for bit
 
     # keep=0 pruned g000001, and with it the cache entries only it used (d3's old text)
     with VectorCache(home) as cache:
