@@ -602,8 +602,13 @@ class ElasticLiveAdmin:
         return {"index": name, "elasticsearch_index": backend.index, "force_merge": "only_expunge_deletes"}
 
     def describe(self, name: str) -> dict[str, Any]:
-        backend = self._backend(name)
-        stats = backend._call("index stats", lambda: backend.client.indices.stats(index=backend.index, metric="docs"))
+        """The live-update line of `index status`; a cluster that cannot be read is reported, not
+        raised (the status of the generations is still useful)."""
+        try:
+            backend = self._backend(name)
+            stats = backend._call("index stats", lambda: backend.client.indices.stats(index=backend.index, metric="docs"))
+        except ElasticsearchError as exc:
+            return {"error": str(exc)}
         docs = dict(stats)["indices"][backend.index]["primaries"]["docs"]
         return {"delta": {"upserts": 0, "deletes": int(docs.get("deleted", 0)), "bytes": 0},
                 "documents": int(docs.get("count", 0)), "last_compaction": None,

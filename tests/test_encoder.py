@@ -161,10 +161,10 @@ def test_settings_round_trip() -> None:
 
 
 def test_settings_override_max_tokens(encoder_dir: Path) -> None:
-    short = OnnxEncoder(encoder_dir, settings=EncoderSettings(max_tokens=16))
+    short = OnnxEncoder(encoder_dir, settings=EncoderSettings(max_tokens=16, form="fp32"))
     assert short.token_counts([TEXTS[3]])[0] == 16
     with pytest.raises(EncoderError):
-        OnnxEncoder(encoder_dir, settings=EncoderSettings(max_tokens=1024))
+        OnnxEncoder(encoder_dir, settings=EncoderSettings(max_tokens=1024, form="fp32"))
 
 
 def test_helpers() -> None:

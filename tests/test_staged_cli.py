@@ -26,7 +26,7 @@ def test_train_reports_the_inner_cv_and_saves_the_base_alone_when_trees_do_not_h
     result = run_cli(home, *args)
     out = result.stdout
     assert "base fusion by nDCG@10 on the training queries" in out and "inner CV (5 folds over 24 training queries" in out
-    assert "95% CI" in out and "saving the base stage only" in out and "model m0001: 0 trees on base" in out
+    assert "95% CI" in out and "saving the base stage only" in out and "model m0001 (text): 0 trees on base" in out
     manifest = ModelRegistry(home).manifest("m0001")
     cv = manifest.training["inner_cv"]
     assert cv["rounds"] == 0 and cv["folds"] == 5 and len(cv["ci"]) == 2 and cv["ci"][0] <= 0

@@ -7,13 +7,15 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from search.app.pages import auth, compare, dashboard, judge, login, search_page
-from search.app.pages.common import STATIC_DIR, STATIC_URL
-
 
 def install(app: FastAPI) -> None:
     """Mount the static files and include the page routers; the login's tokens come from the
-    service config (admin) and $LTR_SEARCH_JUDGE_TOKEN (judge)."""
+    service config (admin) and $LTR_SEARCH_JUDGE_TOKEN (judge). The page modules are imported
+    here, not at package import: the search router imports `pages.highlight`, and the search page
+    imports the search router, so importing them with the package would make a cycle."""
+    from search.app.pages import auth, compare, dashboard, judge, login, search_page
+    from search.app.pages.common import STATIC_DIR, STATIC_URL
+
     app.state.page_auth = auth.PageAuth.from_environment(app.state.serving.config.admin_token)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="pages-static")
     for router in (search_page.router, login.router, judge.router, compare.router, dashboard.router):
