@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import xgboost as xgb
 
-from ltr.features import FEATURE_SETS, FeatureSet, extract_features
+from ltr.features import FEATURE_SETS, FeatureSet, extract_features, feature_set
 from ltr.registry import (BaseStage, ModelBase, column_indices, first_stage_score, model_stage_contributions,
                           model_stage_predict, predict_contributions, predict_scores, single_threaded, staged_base)
 from search.backend import SearchBackend
@@ -595,21 +595,66 @@ def _grid_search(parts: list[tuple[RankingRows, RankingRows]], feature_names: tu
                       float(base_ndcg.mean()), float(model_ndcg.mean()), grid)
 
 
+def cross_fitted_margin(rows: RankingRows, row_names: tuple[str, ...], text_rows: RankingRows, text_names: tuple[str, ...],
+                        base_model: Any, settings: TrainingSettings, log: Callable[[str], None] | None = None) -> np.ndarray:
+    """The text stage's score of every row of `rows` as it would be on an unseen query: the
+    training queries are split into the inner-CV folds and each fold's rows are scored by a text
+    model trained, with the base model's recipe (first stage, regularisation, number of trees), on
+    the other folds (`text_rows`: one group per query). Serving scores new queries, which the text
+    model never saw; a behaviour stage trained on in-sample text scores (SciFact train: held-out
+    nDCG@10 0.9997 for the text model on its own queries) would find nothing left to learn.
+    Queries in no fold (no relevant candidate) keep the base model's own score."""
+    stage, regularisation, rounds = _recipe(base_model)
+    text_at = column_indices(list(row_names), text_names)
+    base = rows.base(stage) if stage is not None else None
+    margin = np.asarray(base_model.predict(rows.features[:, text_at], base), dtype=np.float64)
+    if rounds == 0:  # the base is its first stage alone: nothing fitted, nothing to cross-fit
+        return margin
+    learnable = _with_relevant(text_rows)
+    query_ids = list(dict.fromkeys(learnable.query_ids))
+    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
+    row_query = np.repeat(np.array(rows.query_ids, dtype=object), rows.group_sizes)
+    for k, held in enumerate(_fold_ids(query_ids, folds, settings.seed)):
+        trained = train_ranker(learnable.select(set(query_ids) - set(held)), text_names, settings.regularised(regularisation),
+                               stage=stage, rounds=rounds)
+        mask = np.isin(row_query, held)
+        if mask.any():
+            margin[mask] = InMemoryModel(trained).predict(rows.features[mask][:, text_at], None if base is None else base[mask])
+        if log is not None:
+            log(f"cross-fitted text scores: fold {k + 1} of {folds} ({len(held)} queries)")
+    return margin
+
+
+def _recipe(base_model: Any) -> tuple[BaseStage | None, str, int]:
+    """How a text model was trained (first stage, regularisation, trees): from its inner-CV
+    record, in memory (`InMemoryModel`) or in the registry (`LoadedModel`)."""
+    if hasattr(base_model, "trained"):
+        trained = base_model.trained
+        cv = trained.inner_cv
+        return trained.stage, cv.regularisation if cv is not None else "default", trained.trees
+    manifest = base_model.manifest
+    return manifest.base_stage, (manifest.training.get("inner_cv") or {}).get("regularisation", "default"), manifest.trees
+
+
 MODEL_BASE_COLUMN = "base model"  # `RankingRows.first_stage` key of a frozen base model's scores
 
 
 def fit_model_stage(rows: RankingRows, row_names: tuple[str, ...], tree_columns: tuple[str, ...], base_model: Any,
                     base_feature_set: dict[str, Any], cold_row: np.ndarray, settings: TrainingSettings,
-                    log: Callable[[str], None] | None = None) -> TrainedRanker:
+                    log: Callable[[str], None] | None = None, margin: np.ndarray | None = None) -> TrainedRanker:
     """Trees on `tree_columns` (the behaviour features) on top of a frozen model's scores: the
     base margin of every row is `base_model`'s score of its own columns and first stage. The
     regularisation and the trees are chosen by the inner CV as for a text model; without a gain
     whose CI is above 0 the stage keeps zero trees and ranks exactly as its base. The returned
-    ranker's `link` records the base (version "unsaved" until the base is in the registry)."""
+    ranker's `link` records the base (version "unsaved" until the base is in the registry).
+    `margin` (one per row) replaces the base model's own scores as the training margin: the
+    cross-fitted scores of `cross_fitted_margin`, since a base trained on these very queries
+    scores them near perfectly and would leave the behaviour trees nothing to learn."""
     started = time.perf_counter()
     text_at, tree_at = column_indices(list(row_names), base_feature_set["features"]), column_indices(list(row_names), tree_columns)
     stage = base_model.stage
-    margin = base_model.predict(rows.features[:, text_at], rows.base(stage) if stage is not None else None)
+    if margin is None:
+        margin = base_model.predict(rows.features[:, text_at], rows.base(stage) if stage is not None else None)
     staged = replace(rows, first_stage={**rows.first_stage, MODEL_BASE_COLUMN: np.asarray(margin, dtype=np.float64)})
     trees = staged.columns(tree_at)
     learnable = _with_relevant(trees)
@@ -699,7 +744,12 @@ def fit_ranker(
         cold = extract_features(backend, queries[first], candidate_window(backend, queries[first], fusion), features)[:1]
         columns = tuple(f.name for f in features.features if f.group == "behaviour")
         cold_row = cold[0, column_indices(list(features.names), columns)]
-        trained = fit_model_stage(rows, features.names, columns, base_model, base_feature_set, cold_row, settings, log)
+        text = feature_set(base_feature_set["name"]) if base_feature_set["name"] in FEATURE_SETS else text_part(features)
+        text_rows = base_fit.rows if base_fit is not None else build_rows(backend, queries, qrels, text, fusion)
+        margin = cross_fitted_margin(rows, features.names, text_rows, tuple(base_feature_set["features"]), base_model,
+                                     settings, log)
+        trained = fit_model_stage(rows, features.names, columns, base_model, base_feature_set, cold_row, settings, log,
+                                  margin=margin)
         return FittedRanker(rows, trained, list(dict.fromkeys(rows.query_ids)), [], feature_seconds, base_fit)
     if settings.selection == "inner-cv":
         chosen = inner_cross_validation(rows, features.names, settings, fusion, log=log)

@@ -150,3 +150,23 @@ def test_a_model_whose_base_is_gone_is_refused_and_the_active_models_base_cannot
     registry.delete(text_manifest.version)
     with pytest.raises(MissingBaseModelError, match=f"staged on model {text_manifest.version}, which is not in"):
         registry.load(manifest.version)
+
+
+def test_the_behaviour_stage_learns_on_cross_fitted_text_scores():
+    """A text model scores its own training queries near perfectly; the behaviour stage's margin
+    is each query's score from a text model that did not train on it (as serving sees new
+    queries), so it is lower in-sample, and equal to the base where the base has no trees."""
+    from ltr.training import cross_fitted_margin
+
+    rows = behaviour_rows(60)
+    stage = BaseStage(CONVEX, 4.0)
+    text_rows = rows.columns(np.arange(len(TEXT)))
+    overfit = InMemoryModel(train_ranker(text_rows, TEXT, FAST, stage=stage, rounds=60))
+    margin = rows.base(stage)
+    in_sample = overfit.predict(rows.features[:, :2], margin)
+    crossed = cross_fitted_margin(rows, ALL, text_rows, TEXT, overfit, FAST)
+    assert group_ndcg(rows, crossed).mean() < group_ndcg(rows, in_sample).mean() - 0.05
+    assert crossed.shape == in_sample.shape and not np.array_equal(crossed, in_sample)
+    base_only = InMemoryModel(train_ranker(text_rows, TEXT, FAST, stage=stage, rounds=0))
+    np.testing.assert_array_equal(cross_fitted_margin(rows, ALL, text_rows, TEXT, base_only, FAST),
+                                  base_only.predict(rows.features[:, :2], margin))
