@@ -302,6 +302,14 @@ def test_cli_upsert_delete_compact_and_status(tmp_path: Path, small_corpus: Path
     status = json.loads(run_cli(home, "index", "status", "--json").stdout)["indexes"]["t"]["live"]
     assert status["delta"]["upserts"] == 2 and status["delta"]["deletes"] == 2 and status["last_compaction"] is None
     assert "delta: 2 upserts, 2 deletes pending" in run_cli(home, "index", "status").stdout
+    from indexing.home import event_store_path
+    from search.event_store import EventStore  # the drift report reads the service's event store
+
+    event_store_path(home, "t").parent.mkdir(parents=True, exist_ok=True)
+    EventStore(event_store_path(home, "t")).close()
+    drift = json.loads(run_cli(home, "behaviour", "status", "--name", "t", "--json").stdout)["drift"]
+    assert drift["index_changes"] == {"generation": "g000001", "upserts": 2, "deletes": 2, "model_generation": None}
+    assert "2 documents upserted and 2 deleted" in run_cli(home, "behaviour", "status", "--name", "t").stdout
     run_cli(home, "index", "compact")
     status = json.loads(run_cli(home, "index", "status", "--json").stdout)["indexes"]["t"]
     assert status["live"]["delta"]["operations"] == 0

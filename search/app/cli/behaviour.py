@@ -94,6 +94,7 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
         stored = events.count_events()
         latest = events.last_event_seq()
         drift = _drift(home, index, events, args.since)
+    drift["index_changes"] = _index_changes(home, index)
     status.update(index=index, events_in_store=stored, lag_events=max(latest - status["watermark"], 0),
                   retention=RETENTION_POLICY, drift=drift)
     if args.json:
@@ -119,7 +120,35 @@ def cmd_status(home: Path, args: argparse.Namespace) -> int:
         print(f"  drift of model {drift['model']} (last {drift['requests']} served requests vs its training rows):")
         for line in drift["lines"]:
             print(f"    {line}")
+    changes = drift["index_changes"]
+    if changes.get("error"):
+        print(f"  index changes: {changes['error']}")
+    else:
+        trained = (f"; the active model was trained on {changes['model_generation']}"
+                   if changes.get("model_generation") else "")
+        print(f"  index changes: generation {changes['generation']}{trained}; {changes['upserts']:,} documents upserted "
+              f"and {changes['deletes']:,} deleted since it (pending in the delta)")
     return 0
+
+
+def _index_changes(home: Path, index: str) -> dict[str, Any]:
+    """How many documents changed under the served model: upserts and deletes in the live delta
+    over the active generation, and the generation the active model was trained on (a drift
+    report that shows shifted features should say whether the documents changed)."""
+    from indexing.bundle import IndexBundleError, IndexStore  # lazy: start-up time
+    from indexing.updates import pending_updates  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+
+    try:
+        generation = IndexStore(home).open(index, verify=False).generation
+        pending = pending_updates(home, index)
+    except (IndexBundleError, ValueError, OSError) as exc:
+        return {"error": f"index '{index}' cannot be read: {exc}"}
+    registry = ModelRegistry(home)
+    version = registry.active()
+    trained_on = registry.manifest(version).index if version else {}
+    return {"generation": generation, "upserts": pending["upserts"], "deletes": pending["deletes"],
+            "model_generation": trained_on.get("generation") if trained_on.get("name") == index else None}
 
 
 def _drift(home: Path, index: str, events, since: float | None) -> dict[str, Any]:
