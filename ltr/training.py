@@ -470,6 +470,16 @@ def choose_base_fusion(rows: RankingRows, fusion: FusionSettings) -> tuple[Fusio
     return best, scores
 
 
+def inner_folds(learnable: RankingRows, settings: TrainingSettings, purpose: str) -> tuple[list[str], list[list[str]]]:
+    """The training queries (with a relevant candidate) and their seeded inner-CV folds: the one
+    split the inner CV, the model stage's CV and cross-fitting all use."""
+    query_ids = list(dict.fromkeys(learnable.query_ids))
+    if len(query_ids) < 2:
+        raise ValueError(f"{purpose} needs at least 2 training queries with a relevant candidate, got {len(query_ids)}")
+    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
+    return query_ids, _fold_ids(query_ids, folds, settings.seed)
+
+
 def _fold_ids(query_ids: list[str], folds: int, seed: int) -> list[list[str]]:
     order = np.random.default_rng(seed).permutation(len(query_ids))
     dealt: list[list[str]] = [[] for _ in range(folds)]
@@ -501,12 +511,9 @@ def inner_cross_validation(rows: RankingRows, feature_names: tuple[str, ...], se
     the promotion gate's held-out split is the unbiased check."""
     started = time.perf_counter()
     learnable = _with_relevant(rows)
-    query_ids = list(dict.fromkeys(learnable.query_ids))
-    if len(query_ids) < 2:
-        raise ValueError(f"inner cross-validation needs at least 2 training queries with a relevant candidate, got {len(query_ids)}")
-    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
+    query_ids, held_out = inner_folds(learnable, settings, "inner cross-validation")
+    folds = len(held_out)
     base_fusion, fusions = choose_base_fusion(learnable, fusion)
-    held_out = _fold_ids(query_ids, folds, settings.seed)
     parts = [(learnable.select(set(query_ids) - set(ids)), learnable.select(ids)) for ids in held_out]
     margins = {f"x{scale:g}": (lambda part, stage=BaseStage(base_fusion, scale): part.base(stage)) for scale in settings.base_scales}
     search = _grid_search(parts, feature_names, settings, margins, log)
@@ -612,10 +619,10 @@ def cross_fitted_margin(rows: RankingRows, row_names: tuple[str, ...], text_rows
     if rounds == 0:  # the base is its first stage alone: nothing fitted, nothing to cross-fit
         return margin
     learnable = _with_relevant(text_rows)
-    query_ids = list(dict.fromkeys(learnable.query_ids))
-    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
+    query_ids, held_out = inner_folds(learnable, settings, "cross-fitting")
+    folds = len(held_out)
     row_query = np.repeat(np.array(rows.query_ids, dtype=object), rows.group_sizes)
-    for k, held in enumerate(_fold_ids(query_ids, folds, settings.seed)):
+    for k, held in enumerate(held_out):
         trained = train_ranker(learnable.select(set(query_ids) - set(held)), text_names, settings.regularised(regularisation),
                                stage=stage, rounds=rounds)
         mask = np.isin(row_query, held)
@@ -659,11 +666,8 @@ def fit_model_stage(rows: RankingRows, row_names: tuple[str, ...], tree_columns:
     staged = replace(rows, first_stage={**rows.first_stage, MODEL_BASE_COLUMN: np.asarray(margin, dtype=np.float64)})
     trees = staged.columns(tree_at)
     learnable = _with_relevant(trees)
-    query_ids = list(dict.fromkeys(learnable.query_ids))
-    if len(query_ids) < 2:
-        raise ValueError(f"a model stage needs at least 2 training queries with a relevant candidate, got {len(query_ids)}")
-    folds = min(settings.cv_folds or inner_cv_folds(len(query_ids)), len(query_ids))
-    held_out = _fold_ids(query_ids, folds, settings.seed)
+    query_ids, held_out = inner_folds(learnable, settings, "a model stage")
+    folds = len(held_out)
     parts = [(learnable.select(set(query_ids) - set(ids)), learnable.select(ids)) for ids in held_out]
     search = _grid_search(parts, tree_columns, settings, {"text model": lambda part: part.first_stage[MODEL_BASE_COLUMN]}, log)
     trained = train_ranker(trees, tree_columns, settings.regularised(search.regularisation), log=log,
