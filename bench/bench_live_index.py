@@ -2,7 +2,8 @@
 
     python bench/bench_live_index.py                     # both parts on SciFact
     python bench/bench_live_index.py --part rebuild      # cold build vs rebuild after a 1% change
-    python bench/bench_live_index.py --part live         # upserts, deltas, compaction, churn nDCG
+    python bench/bench_live_index.py --part live         # upserts, deltas, query latency, compaction, churn nDCG
+    python bench/bench_live_index.py --part latency --live-kinds bm25   # only the query latency at 0/1/10/30%
 
 Part "rebuild" (dense, the costly case; issue 18 goal: <= 10% of a cold build, same result):
   1. cold build of SciFact in a fresh home (empty vector cache)               -> cold_s
@@ -183,28 +184,12 @@ def _ndcg(index, queries: dict, qrels: dict, vectors: dict | None) -> float:
     return evaluate_run(run, qrels, ["nDCG@10"]).mean()["nDCG@10"]
 
 
-def _latency(index, queries: dict, vectors: dict | None, repeat: int = 2) -> dict[str, float]:
-    samples = []
-    for _ in range(repeat):
-        for qid, text in queries.items():
-            started = time.perf_counter()
-            if vectors is not None:
-                index.retrieve_dense(vectors[qid], 100)
-            else:
-                index.retrieve_bm25(text, 100)
-            samples.append(time.perf_counter() - started)
-    return _percentiles(samples)
-
-
-def live_part(scifact: Path, kinds: tuple[str, ...] = ("bm25", "dense")) -> dict:
+def live_part(scifact: Path, kinds: tuple[str, ...] = ("bm25", "dense"), latency_only: bool = False) -> dict:
     """BM25 only, then with dense vectors (`dense_too`), on SciFact and its 300 test queries:
       - sustained upsert throughput (batches of 100 unchanged documents, as fast as they go);
       - time to visible at a paced 100 documents/s (5 documents a write every 50 ms, a second index object
         of the same process polls for it: what another process sees, since it goes through the file);
-      - retrieval latency (BM25 top 100 / dense top 100 for the test queries, query vectors
-        precomputed) with a delta of 1%, 10% and 30% of the corpus against the compacted index
-        of the same documents, measured back to back;
-      - compaction time of the 30% delta;
+      - query latency with a delta of 0% (compacted), 1%, 10%, 30%: see `latency_part`;
       - nDCG@10 at 10% churn (text changed) before compaction against after (= a cold build of
         the same corpus: the parity test), for BM25 and dense.
     """
@@ -223,6 +208,9 @@ def live_part(scifact: Path, kinds: tuple[str, ...] = ("bm25", "dense")) -> dict
     ensure_onnx_encoder(LIVE_HOME, EncoderSettings(), progress=False)
     for dense in [kind == "dense" for kind in kinds]:
         label = "dense" if dense else "bm25"
+        if latency_only:
+            out[label] = {"query_latency": latency_part(scifact, documents, queries, qrels, dense)}
+            continue
         name = f"live-{label}"
         home = LIVE_HOME
         build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=0),
@@ -261,23 +249,6 @@ def live_part(scifact: Path, kinds: tuple[str, ...] = ("bm25", "dense")) -> dict
                                                        "achieved_docs_per_s": round(n_paced / (time.perf_counter() - started), 1)}
         compact_index(home, name, log=quiet)
 
-        # query latency with a delta of 1%, 10%, 30% (unchanged documents re-upserted) vs compacted
-        latency = {}
-        rng = np.random.default_rng(3)
-        for fraction in (0.01, 0.10, 0.30):
-            picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
-            for start in range(0, len(picked), 1000):
-                write_updates(home, name, [documents[i] for i in picked[start:start + 1000]], encoder=encoder)
-            live = EmbeddedIndex.open(home, name)
-            with_delta = _latency(live, queries, vectors)
-            summary, compaction_s = _timed(compact_index, home, name, log=quiet)
-            compacted = _latency(EmbeddedIndex.open(home, name), queries, vectors)
-            latency[f"{round(fraction * 100)}%"] = {
-                "delta": with_delta, "compacted": compacted, "compaction_s": round(compaction_s, 2),
-                "overhead_mean": round(with_delta["mean_ms"] / compacted["mean_ms"] - 1, 3),
-                "overhead_p50": round(with_delta["p50_ms"] / compacted["p50_ms"] - 1, 3)}
-        result["retrieval_latency"] = latency
-
         # nDCG@10 at 10% churn: live (frozen statistics) vs compacted (= cold build)
         changes = churned(documents, 0.10, seed=11)
         for start in range(0, len(changes), 500):
@@ -295,8 +266,109 @@ def live_part(scifact: Path, kinds: tuple[str, ...] = ("bm25", "dense")) -> dict
         if dense:
             result["ndcg10_at_10pct_churn"].update(dense_live=round(before, 5), dense_compacted=round(after, 5),
                                                    dense_difference=round(before - after, 5))
+        result["query_latency"] = latency_part(scifact, documents, queries, qrels, dense)
         out[label] = result
         print(json.dumps({label: result}, indent=2), flush=True)
+    return out
+
+
+FRACTIONS = (0.0, 0.01, 0.10, 0.30)
+
+
+def _label(fraction: float) -> str:
+    return f"{round(fraction * 100)}%"
+
+
+def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, dense: bool,
+                 train_queries: int = 200, repeat: int = 2) -> dict:
+    """Query latency with a delta of 0% (compacted: a build of the same final corpus, which is
+    what compaction yields), 1%, 10% and 30% of the corpus, all four indexes open in one process
+    and measured per query back to back, in a rotating order (machine load hits all alike):
+      - raw: `retrieve_bm25` top 100 (and `retrieve_dense` top 100 from a precomputed vector);
+      - request: a whole `RankingPipeline.run` (the service's path: retrieval, the ranker, the
+        page's stored fields) for `bm25`, and on a dense index `hybrid-convex` and `ltr` (a
+        LambdaMART fitted here on `train_queries` SciFact train queries; its window cache is
+        cleared before each request, query vectors come from the warm encoder LRU, the same for all).
+    The deltas re-upsert unchanged documents, so every index holds the same final corpus; then
+    each delta is compacted (compaction_s). Overheads are ratios to the 0% index minus 1."""
+    from eval.datasets import read_qrels, read_queries
+    from indexing.build import BuildSettings, build_index, compact_index
+    from indexing.corpus import CorpusSpec
+    from indexing.updates import write_updates
+    from ltr.ranker import LtrPipeline
+    from ltr.training import TrainingSettings
+    from search.app.pipelines import create_pipeline
+    from search.embedded import EmbeddedIndex
+    from search.limits import DEFAULT_RERANK_WINDOW
+    from search.ranking import RankingPipeline, RankingRequest
+
+    label = "dense" if dense else "bm25"
+    home = LIVE_HOME
+    rng = np.random.default_rng(3)
+    indexes = {}
+    for fraction in FRACTIONS:
+        name = f"lat-{label}-{round(fraction * 100)}"
+        build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=1),
+                    progress=False, log=quiet)
+        picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
+        index = EmbeddedIndex.open(home, name)
+        for start in range(0, len(picked), 1000):
+            write_updates(home, name, [documents[i] for i in picked[start:start + 1000]], encoder=index.encoder)
+        indexes[_label(fraction)] = index
+    print(f"{label}: deltas " + ", ".join(f"{k} {v.live_status()['delta_rows']}" for k, v in indexes.items()), flush=True)
+
+    pipelines = {"bm25": lambda index: create_pipeline("bm25", index)}
+    fitted_on = None
+    if dense:
+        pipelines["hybrid-convex"] = lambda index: create_pipeline("hybrid-convex", index)
+        train_qrels = read_qrels(scifact / "qrels" / "train.tsv")
+        train = {q: t for q, t in read_queries(scifact / "queries.jsonl").items() if q in train_qrels}
+        train = dict(list(train.items())[:train_queries])
+        fitted, seconds = _timed(LtrPipeline(indexes["0%"], settings=TrainingSettings(
+            selection="holdout", max_rounds=300, early_stopping_rounds=50)).fit, train, train_qrels)
+        fitted_on = {"train_queries": len(train), "fit_s": round(seconds, 1), "trees": fitted.trained.trees}
+        print(f"ltr fitted on {len(train)} train queries in {seconds:.1f} s", flush=True)
+        pipelines["ltr"] = lambda index: LtrPipeline(index, model=fitted.model, features=fitted.features)
+    served = {key: {name: RankingPipeline(index, make(index), DEFAULT_RERANK_WINDOW) for name, make in pipelines.items()}
+              for key, index in indexes.items()}
+    vectors = {key: {q: index.encode_query(t) for q, t in queries.items()} for key, index in indexes.items()} if dense else None
+
+    samples: dict[str, dict[str, list[float]]] = {key: {} for key in indexes}
+
+    def timed(key: str, metric: str, fn) -> None:
+        started = time.perf_counter()
+        fn()
+        samples[key].setdefault(metric, []).append(time.perf_counter() - started)
+
+    keys = list(indexes)
+    for round_ in range(repeat):
+        for i, (qid, text) in enumerate(queries.items()):
+            shift = (i + round_) % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                index = indexes[key]
+                analysed = index.analyse(text)
+                timed(key, "raw_bm25", lambda: index.retrieve_bm25(analysed, 100))
+                if dense:
+                    timed(key, "raw_dense", lambda: index.retrieve_dense(vectors[key][qid], 100))
+                for name, pipeline in served[key].items():
+                    if name == "ltr":
+                        pipeline.first_stage._cache.clear()  # the work, not the window cache
+                    request = RankingRequest(text, f"r{round_}-{qid}")
+                    timed(key, name, lambda: pipeline.run(request))
+    out: dict = {"queries": len(queries), "repeat": repeat, "rerank_window": DEFAULT_RERANK_WINDOW}
+    if fitted_on:
+        out["ltr_model"] = fitted_on
+    for key in keys:
+        out[key] = {"delta_rows": indexes[key].live_status()["delta_rows"],
+                    **{metric: _percentiles(values) for metric, values in samples[key].items()}}
+    peer = out["0%"]
+    for key in keys[1:]:
+        out[key]["overhead"] = {metric: {"mean": round(out[key][metric]["mean_ms"] / peer[metric]["mean_ms"] - 1, 3),
+                                         "p50": round(out[key][metric]["p50_ms"] / peer[metric]["p50_ms"] - 1, 3)}
+                                for metric in samples[key]}
+        _, seconds = _timed(compact_index, home, f"lat-{label}-{key.rstrip('%')}", log=quiet)
+        out[key]["compaction_s"] = round(seconds, 2)
+    print(json.dumps({f"{label} overheads": {k: out[k]["overhead"] for k in keys[1:]}}, indent=2), flush=True)
     return out
 
 
@@ -305,10 +377,10 @@ def merge_results(part: str, result: dict) -> None:
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     stamp = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
              "load_avg_1m": round(os.getloadavg()[0], 2)}
-    if part == "live":  # one kind (bm25, dense) may be rerun alone: keep the other's figures
+    if part == "live":  # one kind (bm25, dense), or only its query latency, may be rerun alone: keep the rest
         merged = existing.get(part, {})
         for key, value in result.items():
-            merged[key] = {**value, **stamp} if isinstance(value, dict) else value
+            merged[key] = {**merged.get(key, {}), **value, **stamp} if isinstance(value, dict) else value
         existing[part] = merged
     else:
         existing[part] = {**result, **stamp}
@@ -317,7 +389,8 @@ def merge_results(part: str, result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["rebuild", "live", "all"], default="all")
+    parser.add_argument("--part", choices=["rebuild", "live", "latency", "all"], default="all",
+                        help="latency: only the live part's query latency at delta 0/1/10/30%%")
     parser.add_argument("--fraction", type=float, default=0.01, help="share of documents changed before the rebuild")
     parser.add_argument("--live-kinds", default="bm25,dense", help="live part: bm25, dense or both (comma-separated)")
     args = parser.parse_args()
@@ -329,8 +402,8 @@ def main() -> None:
         result = rebuild_part(scifact, args.fraction)
         print(json.dumps(result, indent=2))
         merge_results("rebuild", result)
-    if args.part in ("live", "all"):
-        result = live_part(scifact, tuple(args.live_kinds.split(",")))
+    if args.part in ("live", "latency", "all"):
+        result = live_part(scifact, tuple(args.live_kinds.split(",")), latency_only=args.part == "latency")
         print(json.dumps(result, indent=2))
         merge_results("live", result)
 

@@ -49,6 +49,7 @@ class LiveView:
     offset: int  # journal position read up to
     dead: np.ndarray  # bool per live row: deleted, or superseded by a later upsert
     dead_base_rows: np.ndarray  # int64, the base rows in `dead`
+    dead_rows: np.ndarray  # int64, every row in `dead` (base and delta): masked out of scores in one assignment
     ids: LiveIds
     rows: dict[str, int]  # ids the journal touched -> their live row (DEAD when deleted)
     docs: list[dict[str, Any]]  # stored fields of the delta rows
@@ -58,6 +59,9 @@ class LiveView:
     deletes: int = 0
     live_delta: int = 0  # delta rows still alive
     base_row_of: dict[str, int] = field(default_factory=dict, repr=False)
+    # (field, delta term id) -> that term's delta postings (rows, weights) or None: filled by
+    # queries, dropped with the view (a write publishes a new view, so it is never stale)
+    _postings: dict[tuple[str, int], tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict, repr=False)
 
     @property
     def n_rows(self) -> int:
@@ -80,6 +84,40 @@ class LiveView:
         if row is None:
             return False
         return None if row == DEAD else self.docs[row - self.n_base]
+
+    def bm25_scores(self, tokens: Sequence[str], field_name: str) -> np.ndarray:
+        """The delta rows' BM25 (`self.bm25.scores(tokens, field_name)`, bit for bit) at a fraction
+        of its cost on a small segment, where one `np.add.at` per term was mostly call overhead:
+        the query's term ids are counted in Python (no `np.unique` for a few tokens), each term's
+        postings are sliced once per view, and all go through one `np.add.at` (element order =
+        term order, so each row's float32 sum is added in the per-term loop's order)."""
+        index = self.bm25
+        scores = np.zeros(self.n_delta, dtype=np.float32)
+        if index is None:
+            return scores
+        counts: dict[int, int] = {}
+        lookup = index.term_to_id.get
+        for token in tokens:
+            term = lookup(token)
+            if term is not None:
+                counts[term] = counts.get(term, 0) + 1
+        rows: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        cache = self._postings
+        for term in sorted(counts):
+            key = (field_name, term)
+            postings = cache.get(key, False)
+            if postings is False:
+                postings = cache[key] = _postings(index, field_name, term)
+            if postings is None:
+                continue
+            rows.append(postings[0])
+            values.append(postings[1] if counts[term] == 1 else float(counts[term]) * postings[1])
+        if len(rows) == 1:
+            np.add.at(scores, rows[0], values[0])
+        elif rows:
+            np.add.at(scores, np.concatenate(rows), np.concatenate(values))
+        return scores
 
     def describe(self) -> dict[str, Any]:
         return {"journal_offset": self.offset, "upserts": self.upserts, "deletes": self.deletes,
@@ -166,10 +204,38 @@ class DeltaSegment:
         vectors = None
         if self._dim is not None:
             vectors = np.stack(self._vectors).astype(np.float32) if self._vectors else np.empty((0, self._dim), np.float32)
-        return LiveView(n_base=n_base, offset=self._offset, dead=dead, dead_base_rows=dead_base,
+        return LiveView(n_base=n_base, offset=self._offset, dead=dead, dead_base_rows=dead_base, dead_rows=np.flatnonzero(dead),
                         ids=LiveIds(self._base_ids, list(self._ids)), rows=dict(self._rows), docs=list(self._docs),
                         bm25=bm25, vectors=vectors, upserts=self._upserts, deletes=self._deletes,
                         live_delta=len(self._docs) - int(sum(self._dead_delta)), base_row_of=self._base_row_of)
+
+
+def _postings(index: BM25Index, field_name: str, term: int) -> tuple[np.ndarray, np.ndarray] | None:
+    weights = index.fields[field_name].weights  # an unknown field was refused by the base's scores first
+    start, end = weights.indptr[term], weights.indptr[term + 1]
+    return None if start == end else (weights.indices[start:end], weights.data[start:end])
+
+
+def live_scores(base: np.ndarray, delta: np.ndarray | None, dead_rows: np.ndarray, fill: float) -> np.ndarray:
+    """One score per live row, the generation's then the delta's, with every dead row set to
+    `fill` (a value the top k drops): one vector, so one top k serves base and delta alike."""
+    scores = base if delta is None or not len(delta) else np.concatenate((base, delta))
+    scores[dead_rows] = fill
+    return scores
+
+
+def top_k_finite(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best finite scores (dead rows hold -inf), best first, ties by the lower row: the
+    order `indexing.vectors.top_k_rows` gives an exact search."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    rows = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+    rows = rows[np.lexsort((rows, -scores[rows]))]
+    top = scores[rows]
+    keep = np.isfinite(top)
+    return rows[keep].astype(np.int64, copy=False), top[keep].astype(np.float32, copy=False)
 
 
 def merge_candidate_stats(rows: np.ndarray, base: np.ndarray, of_base: CandidateStats, of_delta: CandidateStats) -> CandidateStats:

@@ -19,7 +19,7 @@ from indexing.home import encoders_dir
 from indexing.corpus import Document
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
-from indexing.live import DeltaSegment, LiveView, merge_candidate_stats
+from indexing.live import DeltaSegment, LiveView, live_scores, merge_candidate_stats, top_k_finite
 from indexing.updates import MAX_BATCH, UpdateReceipt, pending_updates, read_upsert_file, write_updates
 from indexing.vectors import load_vector_index, top_k_rows
 from search.backend import AnalysedQuery, QueryInput, Retrieved
@@ -120,17 +120,13 @@ class EmbeddedIndex:
     def retrieve_bm25(self, query: QueryInput, k: int, field: str = COMBINED_FIELD) -> Retrieved:
         view = self._live()
         terms = self._terms(query)
-        if not view.n_delta and not len(view.dead_base_rows):
+        if not view.n_delta and not len(view.dead_rows):
             rows, scores = self.bm25.top_k(terms, k, field)
             return Retrieved(rows, scores.astype(np.float32, copy=False), view.ids)
-        scores = self.bm25.scores(terms, field)
-        scores[view.dead_base_rows] = 0.0  # top_k_positive keeps only positive scores
+        # one score vector over base + delta rows, dead rows zeroed (top_k_positive keeps only
+        # positive scores), one top k: ties fall to the lower row, as in a single index
+        scores = live_scores(self.bm25.scores(terms, field), view.bm25_scores(terms, field), view.dead_rows, 0.0)
         rows, top = top_k_positive(scores, k)
-        if view.bm25 is not None:  # the delta's own top k, merged: no pass over a concatenated score vector
-            delta = view.bm25.scores(terms, field)
-            delta[view.dead[view.n_base:]] = 0.0
-            delta_rows, delta_top = top_k_positive(delta, k)
-            rows, top = merge_top_k(rows, top, delta_rows + view.n_base, delta_top, k)
         return Retrieved(rows, top.astype(np.float32, copy=False), view.ids)
 
     def encode_query(self, query: str) -> np.ndarray:
@@ -141,7 +137,13 @@ class EmbeddedIndex:
         self._require_dense()
         view = self._live()
         dead = len(view.dead_base_rows)
-        scores, indices = self.vectors.search(query_vector, k + dead)  # over-fetch what deletions may take
+        if (view.n_delta or dead) and self.vectors.kind == "exact":
+            # one score vector over base + delta rows, dead rows at -inf, one top k
+            scores = live_scores(_matvec(self.vectors.embeddings, query_vector), _matvec(view.vectors, query_vector),
+                                 view.dead_rows, -np.inf)
+            rows, top = top_k_finite(scores, k)
+            return Retrieved(rows, top, view.ids)
+        scores, indices = self.vectors.search(query_vector, k + dead)  # HNSW: over-fetch what deletions may take
         rows, top = indices[0], scores[0]
         keep = rows >= 0
         if dead:
