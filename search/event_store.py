@@ -4,6 +4,12 @@ One SQLite file in WAL mode with `synchronous=FULL`, so a write is on disk (the 
 before the call that made it returns: an acknowledged request or event batch survives a process
 crash or a power cut. Events are append-only; aggregates are derived from them elsewhere.
 
+`EventStore(path, durability="batched")` is for bulk writers that own the run (the click simulator
+in process): commits use `synchronous=NORMAL` (no fsync per commit; each transaction is still
+atomic, so a crash at any point leaves a consistent store that holds a prefix of the commits), and
+`sync()` / `close()` make everything committed durable with one FULL checkpoint. Other processes
+opening the same file keep their own FULL commits.
+
 Threading and locking are `indexing.sqlite`'s (the one SQLite helper): one writer connection behind
 the file's process-local lock, reads from a pool of read-only connections (WAL lets them run while
 a write commits), `busy_timeout` as the fallback between processes.
@@ -21,6 +27,7 @@ others (experiments only run on `ltr` requests).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sqlite3
@@ -200,6 +207,9 @@ _SCHEMA: tuple[str, ...] = (
 _FILE = SqliteSchema("event store", APPLICATION_ID, SCHEMA_VERSION, _SCHEMA, error=EventStoreError,
                      synchronous="FULL", foreign_keys=True)
 
+Durability = Literal["commit", "batched"]
+DURABILITY_LEVELS: tuple[str, ...] = get_args(Durability)
+
 _REQUEST_COLUMNS = (
     "seq, request_id, timestamp, query, pipeline, index_name, index_generation, "
     "model_version, user_id, session_id, page_offset, explored, interleaved"
@@ -213,17 +223,41 @@ _EVENT_SELECT = (
 class EventStore:
     """The request log and event log in one SQLite file; safe to share between threads."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, durability: Durability = "commit"):
+        """`durability`: "commit" (default) fsyncs every commit before it returns; "batched" skips
+        the per-commit fsync and makes the writes durable at `sync()` and `close()` (module doc)."""
+        if durability not in DURABILITY_LEVELS:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY_LEVELS)}, got {durability!r}")
         self.path = Path(path)
+        self.durability = durability
         migrate(self.path)
-        self._db = SqliteDatabase(self.path, _FILE, reader_pool=True)
+        schema = _FILE if durability == "commit" else dataclasses.replace(_FILE, synchronous="NORMAL")
+        self._db = SqliteDatabase(self.path, schema, reader_pool=True)
         self._write = self._db.write
         self._read = self._db.read
 
     # ---- lifecycle -------------------------------------------------------------------------
 
+    def sync(self) -> None:
+        """Make every committed write durable now: a FULL checkpoint on a synchronous=FULL
+        connection fsyncs the WAL, copies it into the database file and fsyncs that. A no-op
+        cost-wise for a "commit" store (its WAL is already synced)."""
+        with path_lock(self.path):  # no writer of this process between the commits and the checkpoint
+            connection = connect(self.path, _FILE)
+            try:
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+            except sqlite3.Error as exc:
+                raise EventStoreError(f"{self.path}: cannot checkpoint the event store: {exc}") from exc
+            finally:
+                connection.close()
+        if busy:
+            raise EventStoreError(f"{self.path}: checkpoint blocked by another connection; writes not yet durable")
+
     def close(self) -> None:
-        """Close every connection; call once no request handler uses the store any more."""
+        """Close every connection (a "batched" store syncs first); call once no request handler
+        uses the store any more."""
+        if self.durability == "batched" and not self._db.closed:
+            self.sync()
         self._db.close()
 
     def __enter__(self) -> "EventStore":

@@ -550,16 +550,21 @@ def _in_process_config(args: argparse.Namespace, dataset_name: str | None = None
 
 
 def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, settings: Any, progress: bool) -> Any:
-    """The real app, handlers and event store, driven without a socket."""
+    """The real app, handlers and event store, driven without a socket. The run owns the store, so
+    it writes with batched durability: no fsync per page or event batch (under disk contention
+    that fsync was most of a session's time), one at the end; a crash mid-run leaves a consistent
+    store holding a prefix of the sessions (search/event_store.py)."""
     from fastapi.testclient import TestClient  # in-process service only on this path
 
     from eval.simulate import check_ready, run_sessions  # lazy: start-up time
     from search.app.service import create_app, limit_native_threads  # lazy: start-up time
+    from search.event_store import EventStore  # lazy: start-up time
 
     limit_native_threads()  # as `serve` does: BLAS single-threaded per call
-    with TestClient(create_app(config)) as client:
-        check_ready(client, f"index '{config.index}' in {config.home}", retries=0)
-        return run_sessions(client, dataset.queries, dataset.qrels, behaviour, settings, progress)
+    with EventStore(config.event_store_path, durability="batched") as store:  # close() syncs, even after an error
+        with TestClient(create_app(config, event_store=store)) as client:
+            check_ready(client, f"index '{config.index}' in {config.home}", retries=0)
+            return run_sessions(client, dataset.queries, dataset.qrels, behaviour, settings, progress)
 
 
 def _run_through_api(args: argparse.Namespace, dataset: Any, behaviour: UserBehaviour, settings: Any, progress: bool) -> Any:
