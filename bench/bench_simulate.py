@@ -1,7 +1,7 @@
 """Speed of the in-process click simulator (`ltr-search simulate --dataset D --split train`),
-per-commit durable writes (the event store fsyncs every page and every event batch, as before)
-against batched durable writes (no fsync per commit, one checkpoint at the end: what the CLI
-now uses). Same app, same users, same seed; the two modes alternate, back to back, `--rounds`
+per-commit durable writes (the event store fsyncs every page and every event batch, the
+behaviour aggregates every update, as before) against batched durable writes (no fsync per
+commit, one checkpoint at the end: what the CLI now uses). Same app, same users, same seed; the two modes alternate, back to back, `--rounds`
 times, so machine load hits both alike. Reports sessions/s for each run and their ratio.
 
     .venv/bin/python bench/bench_simulate.py --source-home H [--queries 50] [--sessions 400] [--rounds 2]
@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 from eval.click_models import UserBehaviour  # noqa: E402
 from eval.datasets import load_dataset  # noqa: E402
 from eval.simulate import SimulationSettings, run_sessions  # noqa: E402
+from indexing.home import behaviour_store_path  # noqa: E402
+from ltr.behaviour import BehaviourStore  # noqa: E402
 from search.app.config import load_service_config  # noqa: E402
 from search.event_store import EventStore  # noqa: E402
 
@@ -45,8 +47,12 @@ def one_run(home: Path, durability: str, queries: dict[str, str], qrels: dict, s
         shutil.rmtree(home / derived, ignore_errors=True)
     config = load_service_config(home, None, {"index": "scifact"})
     config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
-    with EventStore(config.event_store_path, durability=durability) as store:  # type: ignore[arg-type]
-        with TestClient(create_app(config, event_store=store)) as client:
+    behaviour_path = behaviour_store_path(home, "scifact")
+    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
+    synchronous = "FULL" if durability == "commit" else "NORMAL"  # as the CLI opens them
+    with (EventStore(config.event_store_path, durability=durability) as store,  # type: ignore[arg-type]
+          BehaviourStore(behaviour_path, synchronous=synchronous) as aggregates):
+        with TestClient(create_app(config, event_store=store, behaviour_store=aggregates)) as client:
             warm = SimulationSettings(sessions=len(queries), seed=seed, pipeline="hybrid-convex", id_prefix=f"warm-{tag}",
                                       max_grade=2)
             run_sessions(client, queries, qrels, BEHAVIOUR, warm)

@@ -33,7 +33,7 @@ import re
 import sqlite3
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,9 +144,11 @@ class BehaviourStore:
     WAL, locking and transactions are `indexing.sqlite`'s: the service's request threads (reads)
     and the event handler (updates) share one connection behind the file's lock."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, synchronous: str = "FULL"):
+        """`synchronous="NORMAL"`: no fsync per update, for a bulk run that owns the file (the
+        in-process simulator); safe because aggregates are derived and catch up from their watermark."""
         self.path = Path(path)
-        self._db = SqliteDatabase(self.path, _FILE)
+        self._db = SqliteDatabase(self.path, replace(_FILE, synchronous=synchronous))
 
     def close(self) -> None:
         self._db.close()

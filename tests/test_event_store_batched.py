@@ -70,6 +70,17 @@ def test_default_store_still_fsyncs_every_commit(tmp_path):
             assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
 
 
+def test_behaviour_store_synchronous_level(tmp_path):
+    from ltr.behaviour import BehaviourStore
+
+    for level, code in (("FULL", 2), ("NORMAL", 1)):
+        with BehaviourStore(tmp_path / f"{level}.db", synchronous=level) as aggregates:
+            with aggregates._db.write() as connection:
+                assert connection.execute("PRAGMA synchronous").fetchone()[0] == code
+    with pytest.raises(ValueError, match="synchronous must be one of"):
+        BehaviourStore(tmp_path / "bad.db", synchronous="SOMETIMES")
+
+
 def test_unknown_durability_is_refused(tmp_path):
     with pytest.raises(ValueError, match="durability must be one of commit, batched, got 'never'"):
         EventStore(tmp_path / "events.db", durability="never")  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import json
 
 from eval.click_models import UserBehaviour
 from eval.simulate import SimulationSettings, run_sessions
+from ltr.behaviour import BehaviourStore
 from search.event_store import EventStore
 from tests.test_simulate_live import INDEX, simulate, world  # noqa: F401 (the module's index fixture)
 
@@ -59,4 +60,8 @@ def test_cli_run_logs_the_same_stream_as_the_per_commit_path(world, tmp_path, ca
 
     assert len(original) == 30 and sum(len(s[2]) for s in original) > 100  # impressions and some clicks
     assert batched == original
+    with BehaviourStore(world["home"] / "behaviour" / f"{INDEX}.sqlite3") as aggregates, EventStore(world["store"]) as store:
+        incremental = aggregates.dump()  # as the runs left them (the CLI's store without an fsync per update)
+        aggregates.rebuild(store)
+        assert aggregates.dump() == incremental
     assert _digest(original) == RECORDED_SHA256

@@ -91,8 +91,9 @@ class BodyLimitMiddleware:
 
 
 def create_app(config: ServiceConfig, event_store: EventStore | None = None,
-               experiment_log: ExperimentLog | None = None, run_dir: Path | None = None) -> FastAPI:
-    """The app over `config`; a given `event_store` or `experiment_log` is the caller's to close.
+               experiment_log: ExperimentLog | None = None, run_dir: Path | None = None,
+               behaviour_store: BehaviourStore | None = None) -> FastAPI:
+    """The app over `config`; a given `event_store`, `experiment_log` or `behaviour_store` is the caller's to close.
     `run_dir`: the folder the workers of one `serve --workers N` share (reload stamp, job statuses)."""
     state = ServingState(config, run_dir / "reload.stamp" if run_dir is not None else None)
     metrics = ServiceMetrics()
@@ -100,9 +101,9 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     if event_store is None:
         config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
     store = event_store or EventStore(config.event_store_path)
-    behaviour_path = behaviour_store_path(config.home, config.index)
-    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
-    aggregates = BehaviourStore(behaviour_path)  # updated after every stored event batch
+    if behaviour_store is None:
+        behaviour_store_path(config.home, config.index).parent.mkdir(parents=True, exist_ok=True)
+    aggregates = behaviour_store or BehaviourStore(behaviour_store_path(config.home, config.index))  # updated after every stored event batch
     experiments_log = experiment_log
     if experiments_log is None and config.experiments.enabled:
         try:
@@ -125,7 +126,8 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
             from prometheus_client import multiprocess  # lazy: multi-worker serving only
 
             multiprocess.mark_process_dead(os.getpid())
-        aggregates.close()
+        if behaviour_store is None:
+            aggregates.close()
         if event_store is None:
             store.close()
         if experiment_log is None and experiments_log is not None:

@@ -557,12 +557,17 @@ def _run_in_process(config: Any, dataset: Any, behaviour: UserBehaviour, setting
     from fastapi.testclient import TestClient  # in-process service only on this path
 
     from eval.simulate import check_ready, run_sessions  # lazy: start-up time
+    from indexing.home import behaviour_store_path  # lazy: start-up time
+    from ltr.behaviour import BehaviourStore  # lazy: start-up time
     from search.app.service import create_app, limit_native_threads  # lazy: start-up time
     from search.event_store import EventStore  # lazy: start-up time
 
     limit_native_threads()  # as `serve` does: BLAS single-threaded per call
-    with EventStore(config.event_store_path, durability="batched") as store:  # close() syncs, even after an error
-        with TestClient(create_app(config, event_store=store)) as client:
+    behaviour_path = behaviour_store_path(config.home, config.index)
+    behaviour_path.parent.mkdir(parents=True, exist_ok=True)
+    with (EventStore(config.event_store_path, durability="batched") as store,  # close() syncs, even after an error
+          BehaviourStore(behaviour_path, synchronous="NORMAL") as aggregates):  # derived: they catch up after a loss
+        with TestClient(create_app(config, event_store=store, behaviour_store=aggregates)) as client:
             check_ready(client, f"index '{config.index}' in {config.home}", retries=0)
             return run_sessions(client, dataset.queries, dataset.qrels, behaviour, settings, progress)
 
