@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -46,6 +48,7 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C545258  # "LTRX": marks the file as an experiment log
 SHADOW_TOP = 20  # documents of each ranking kept per shadow row
 ALPHA = 0.05  # significance level of the interleaving sign test
+MIN_DECIDED = 6  # fewest decided requests whose unanimous outcome is significant: 2 * 0.5**6 = 0.031 < ALPHA
 AGREEMENT_DEPTH = 10
 RBO_PERSISTENCE = 0.9
 
@@ -428,6 +431,28 @@ class InterleavingComparison:
             return "no significant preference"
         return f"{preferred} preferred (p = {self.p_value:.3g} < {ALPHA})"
 
+    def note(self) -> str | None:
+        """Why an undecided comparison is undecided, when the sample is too small to say more:
+        no decided request, fewer than a unanimous result needs, or the decided requests the
+        observed win rate would need (normal approximation). None once a preference is significant."""
+        if self.preferred is not None:
+            return None
+        decided = self.wins + self.losses
+        if decided == 0:
+            return "sample too small to decide: no request with more clicks for one model (no clicks, or only ties)"
+        if decided < MIN_DECIDED:
+            return (f"sample too small to decide: {decided} decided request(s); even {decided}-0 gives p = "
+                    f"{2 * 0.5 ** decided:.3g}, at least {MIN_DECIDED} are needed for p < {ALPHA}")
+        rate = self.wins / decided
+        if rate == 0.5:
+            return f"no preference at all in {decided} decided requests (win rate 0.5)"
+        z = NormalDist().inv_cdf(1 - ALPHA / 2)
+        needed = math.ceil((z / (2 * abs(rate - 0.5))) ** 2)
+        per_request = decided / len(self.requests)
+        return (f"sample too small to decide: at the observed win rate {rate:.3f} about {needed:,} decided requests "
+                f"(~{math.ceil(needed / per_request):,} interleaved requests at this rate of ties) would reach "
+                f"p < {ALPHA}; {decided:,} so far")
+
     def to_dict(self) -> dict[str, Any]:
         clicked = [r for r in self.requests if r.clicks_a or r.clicks_b]
         return {
@@ -435,7 +460,7 @@ class InterleavingComparison:
             "requests_with_clicks": len(clicked), "wins_a": self.wins, "wins_b": self.losses, "ties": self.ties,
             "clicks_a": sum(r.clicks_a for r in self.requests), "clicks_b": sum(r.clicks_b for r in self.requests),
             "unmatched_clicks": self.unmatched_clicks, "p_value": self.p_value, "alpha": ALPHA,
-            "preferred": self.preferred, "verdict": self.verdict(), "shadow": self.shadow,
+            "preferred": self.preferred, "verdict": self.verdict(), "note": self.note(), "shadow": self.shadow,
             "per_request": [{**asdict(r), "outcome": r.outcome} for r in self.requests],
         }
 
@@ -534,6 +559,8 @@ def render(report: dict[str, Any]) -> str:
                  + (f"; {report['unmatched_clicks']} clicks not on a logged page position" if report["unmatched_clicks"] else ""))
     p = report["p_value"]
     lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
     shadow = report["shadow"]
     if shadow:
         k = shadow["depth"]

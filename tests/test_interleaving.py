@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from ltr.experiments import (
     ExperimentLog, InterleavedRequest, ShadowRanking, TeamPick, compare_interleaved, interleaving_rng, overlap_at,
-    rank_biased_overlap, shadow_agreement,
+    rank_biased_overlap, render, shadow_agreement,
 )
 from search.app.cli.compare import add_compare_parser, cmd_models_compare
 from search.event_store import Event, EventStore, ServedRequest, ServedResult
@@ -139,6 +139,37 @@ def test_clicks_are_credited_to_teams_and_the_sign_test_decides():
     assert compare_interleaved("m1", "m2", [], []).p_value == 1.0
 
 
+def test_an_undecided_comparison_says_when_the_sample_is_too_small():
+    pages = [_page(f"r{i}", "ABAB") for i in range(20)]
+
+    def compared(wins: int, losses: int, ties: int = 0):
+        clicks = [_click(pages[i], 1) for i in range(wins)]  # position 1: A's document
+        clicks += [_click(pages[wins + i], 2) for i in range(losses)]  # position 2: B's
+        clicks += [c for i in range(ties) for c in (_click(pages[wins + losses + i], 1), _click(pages[wins + losses + i], 2))]
+        return compare_interleaved("m1", "m2", pages[: wins + losses + ties], clicks)
+
+    nothing = compare_interleaved("m1", "m2", pages[:3], [])
+    assert nothing.note() == ("sample too small to decide: no request with more clicks for one model "
+                              "(no clicks, or only ties)")
+    unanimous_but_few = compared(5, 0)
+    assert unanimous_but_few.verdict() == "no significant preference"
+    assert unanimous_but_few.note() == ("sample too small to decide: 5 decided request(s); even 5-0 gives p = 0.0625, "
+                                        "at least 6 are needed for p < 0.05")
+    assert compared(6, 0).preferred == "m1" and compared(6, 0).note() is None  # 6-0: p = 0.031
+    assert compared(3, 3).note() == "no preference at all in 6 decided requests (win rate 0.5)"
+    leaning = compared(7, 2, ties=3)  # win rate 7/9: (1.96 / (2 * 0.278))**2 = 12.4 -> 13 decided, 13 / 0.75 -> 18 requests
+    assert leaning.p_value > 0.05
+    assert leaning.note() == ("sample too small to decide: at the observed win rate 0.778 about 13 decided requests "
+                              "(~18 interleaved requests at this rate of ties) would reach p < 0.05; 9 so far")
+    report = leaning.to_dict()
+    report["since"] = None
+    assert report["note"] == leaning.note()
+    assert render(report).splitlines()[-1] == f"note: {leaning.note()}"
+    decided = compared(12, 1)
+    assert decided.preferred == "m1" and decided.to_dict()["note"] is None
+    assert "note:" not in render({**decided.to_dict(), "since": None})
+
+
 def test_pages_logged_in_either_order_are_oriented():
     pages = [_page("x", "AB", models=("m2", "m1")), _page("y", "AB")]  # x: m2 was active (team A)
     clicks = [_click(pages[0], 1), _click(pages[1], 1)]
@@ -192,6 +223,7 @@ def test_models_compare_reads_the_experiment_log_and_the_event_store(tmp_path, c
     assert cmd_models_compare(home, _compare_args("m1", "m2", *common[:-1])) == 0
     text = capsys.readouterr().out
     assert "wins m1: 7, wins m2: 2" in text and "no significant preference" in text and "overlap@10 0.500" in text
+    assert "note: sample too small to decide: at the observed win rate 0.778 about 13 decided requests" in text
     with pytest.raises(ValueError, match="no experiment log"):
         cmd_models_compare(home, _compare_args("m1", "m2", "--events", str(events_path), "--experiments", str(tmp_path / "none")))
 

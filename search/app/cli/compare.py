@@ -7,7 +7,9 @@ Reads the team-draft interleaved pages of the pair (in either order) from the ex
 credited to the team whose model put the clicked document at that position (a document clicked
 twice counts once). Per request, more credited clicks for A is a win for A, more for B a loss,
 equal (no clicks included) a tie. A two-sided binomial sign test on wins vs losses (ties left out)
-says whether the preference is significant. When the experiment log also has shadow rankings of
+says whether the preference is significant; an undecided verdict comes with a note when the sample is too
+small to decide (no decided request, fewer than the 6 a unanimous result needs, or how many decided
+requests the observed win rate would need). When the experiment log also has shadow rankings of
 one model next to the other's served ranking, their agreement on the top 10 is reported too.
 The analysis lives with the other online-experiment code in ltr/experiments.py; this is the command.
 """
