@@ -1,0 +1,72 @@
+"""The interleaving study's machinery (bench/bench_interleaving.py): its enumerated team-draft pages
+are exactly the pages the service's `team_draft` serves, its simulated users agree with the closed
+form, and the A/B tests read the right direction."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search.interleaving import team_draft
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_interleaving.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_interleaving", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_interleaving"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _toy(bench):
+    rng = np.random.default_rng(3)
+    docs = [f"d{i}" for i in range(25)]
+    queries = [f"q{i}" for i in range(6)]
+    a = {q: list(rng.permutation(docs))[:20] for q in queries}
+    b = {q: list(rng.permutation(docs))[:20] for q in queries}
+    qrels = {q: {d: int(rng.integers(0, 3)) for d in rng.choice(docs, 6, replace=False)} for q in queries}
+    for q in queries:  # A puts two relevant documents on top: the better ranker
+        relevant = [d for d, g in qrels[q].items() if g > 0][:2]
+        a[q] = relevant + [d for d in a[q] if d not in relevant]
+    return bench.pair_pages("A", "B", {"A": a, "B": b}, qrels, queries, 2), a, b, qrels, queries
+
+
+def test_enumerated_pages_are_the_served_team_drafts(bench):
+    pages, a, b, qrels, queries = _toy(bench)
+    for i, q in enumerate(queries):
+        enumerated = {tuple(pages.interleaved_team[i, c]) for c in range(pages.interleaved_team.shape[1])}
+        for seed in range(40):
+            _, teams = team_draft(a[q], b[q], bench.DEPTH, np.random.default_rng(seed))
+            assert tuple(1 if t == "A" else -1 for t in teams) in enumerated
+
+
+def test_simulated_users_match_the_closed_form_and_favour_the_better_ranker(bench):
+    pages, *_ = _toy(bench)
+    expected = bench.expected(pages)
+    outcome = bench.simulate(pages, 200_000, seed=1)
+    win, loss = np.mean(outcome["pref"] > 0), np.mean(outcome["pref"] < 0)
+    assert win == pytest.approx(expected["interleaving_win"], abs=0.005)
+    assert loss == pytest.approx(expected["interleaving_loss"], abs=0.005)
+    arm = outcome["arm"].astype(bool)
+    assert outcome["clicks"][arm].mean() == pytest.approx(expected["clicks_a"], abs=0.01)
+    assert outcome["clicks"][~arm].mean() == pytest.approx(expected["clicks_b"], abs=0.01)
+    tests = bench.tests_at(outcome, [200_000])
+    assert all(tests[name][0][0] < 0.05 and tests[name][0][1] == 1 for name in ("interleaving", "ab_clicks", "ab_ctr"))
+
+
+def test_welch_and_two_proportion_tests_match_scipy(bench):
+    from scipy import stats
+
+    x, y = np.array([0, 1, 2, 1, 3, 0, 1]), np.array([1, 2, 2, 3, 3, 1, 2, 4])
+    p, direction = bench._welch(x.sum(), (x**2).sum(), len(x), y.sum(), (y**2).sum(), len(y))
+    assert p == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue) and direction == -1
+    p, direction = bench._two_proportions(60, 100, 45, 100)
+    pooled = 105 / 200
+    z = 0.15 / np.sqrt(pooled * (1 - pooled) * (2 / 100))
+    assert p == pytest.approx(2 * stats.norm.sf(z)) and direction == 1
