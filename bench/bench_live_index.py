@@ -308,8 +308,9 @@ def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, den
     indexes = {}
     for fraction in FRACTIONS:
         name = f"lat-{label}-{round(fraction * 100)}"
-        build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=1),
-                    progress=False, log=quiet)
+        built = build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=1),
+                            progress=False, log=quiet)
+        print(f"built {name}: {built.vectors_encoded} vectors encoded, {built.vectors_cached} from the cache", flush=True)
         picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
         index = EmbeddedIndex.open(home, name)
         for start in range(0, len(picked), 1000):

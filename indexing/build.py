@@ -18,7 +18,7 @@ from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Settings
 from indexing.bundle import IndexGeneration, IndexStore, utc_now
 from indexing.config import DEFAULT_KEEP_GENERATIONS, DEFAULT_LOCK_TIMEOUT_S
 from indexing.corpus import CorpusReadResult, CorpusSpec, Document, SkippedLine, read_corpus
-from indexing.delta import UPSERT, Update, apply_updates, journal_end, read_updates, updates_entry
+from indexing.delta import UPSERT, Update, apply_updates, journal_end, read_updates, truncate_after_compaction, updates_entry
 from indexing.docstore import DocStore, write_docstore
 from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
 from indexing.vector_cache import KEYS_FILE, VectorCache, content_keys, encoder_fingerprint, live_keys
@@ -351,9 +351,11 @@ def compact_index(home: Path, name: str, progress: bool = False, log: Callable[[
         compacted = {"from": active.generation, "at": utc_now(), "operations": len(updates),
                      "documents_before": len(base_docs)}
         log(f"compacting '{name}': generation {active.generation} plus {plural(len(updates), 'update')}")
-        return _build_locked(home, store, name, settings, progress, log, corpus,
-                             updates_entry(int(recorded.get("source", 0)), end), seed, compacted,
-                             read_seconds=time.perf_counter() - started)
+        summary = _build_locked(home, store, name, settings, progress, log, corpus,
+                                updates_entry(int(recorded.get("source", 0)), end), seed, compacted,
+                                read_seconds=time.perf_counter() - started)
+        truncate_after_compaction(store, name, active, lock_timeout_s)  # the journal keeps what no generation holds
+        return summary
 
 
 def _with_updates(corpus: CorpusReadResult, updates: list[Update]) -> CorpusReadResult:

@@ -137,6 +137,7 @@ class DeltaSegment:
         self._analyzer, self._frozen, self._settings, self._dim = analyzer, base_bm25, bm25_settings, dim
         self._lock = threading.Lock()
         self._offset = through
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime) of the journal file read up to
         self._builder = BM25Builder(SOURCE_FIELDS)
         self._docs: list[dict[str, Any]] = []
         self._ids: list[str] = []
@@ -149,12 +150,14 @@ class DeltaSegment:
         self.refresh()
 
     def refresh(self) -> LiveView:
-        """Read the journal's new batches (if any) and return the current view."""
+        """Read the journal's new batches (if any) and return the current view. The journal file's
+        (inode, size, mtime) says whether anything changed: offsets are logical, and a truncation at
+        compaction replaces the file with a shorter one holding the same batches from its base."""
         try:
-            size = os.stat(self._path).st_size
+            stat = os.stat(self._path)
         except FileNotFoundError:
             return self.view
-        if size <= self._offset:
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) == self._seen:
             return self.view
         with self._lock:
             updates, offset = read_updates(self.index_dir, self._offset)
@@ -163,6 +166,7 @@ class DeltaSegment:
                     self._apply(update)
                 self._offset = offset
                 self.view = self._publish()
+            self._seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)  # what was read covers this file's batches
         return self.view
 
     def _apply(self, update: Update) -> None:

@@ -16,7 +16,8 @@ from indexing.build import BuildSettings, dense_text, encode_cached, open_docume
 from indexing.bundle import IndexGeneration, IndexStore
 from indexing.config import DEFAULT_LOCK_TIMEOUT_S
 from indexing.corpus import CorpusError, Document, parse_record
-from indexing.delta import DELETE, UPSERT, Update, append_updates, apply_updates, journal_end, read_updates
+from indexing.delta import (DELETE, UPSERT, Update, append_updates, apply_updates, journal_end, journal_path, read_updates,
+                            updates_lock_path)
 from indexing.docstore import IDS_FILE
 from indexing.encoder import OnnxEncoder
 from indexing.vector_cache import VectorCache, content_keys
@@ -49,10 +50,6 @@ class UpdateReceipt:
     def to_dict(self) -> dict[str, object]:
         return {"index": self.index, "upserted": self.upserted, "deleted": self.deleted,
                 "journal_end": self.journal_end, "encoded": self.encoded, "seconds": round(self.seconds, 4)}
-
-
-def updates_lock_path(store: IndexStore, name: str) -> Path:
-    return store.root / f".{name}.updates.lock"
 
 
 def write_updates(home: Path, name: str, upserts: Sequence[Document] = (), deletes: Sequence[str] = (),
@@ -145,8 +142,13 @@ def pending_updates(home: Path, name: str) -> dict[str, int]:
     through = int((active.manifest.get("updates") or {}).get("through", 0))
     updates, end = read_updates(store.index_dir(name), through)
     upserts = sum(1 for u in updates if u.op == UPSERT)
+    try:
+        file_bytes = journal_path(store.index_dir(name)).stat().st_size
+    except FileNotFoundError:
+        file_bytes = 0
     return {"operations": len(updates), "upserts": upserts, "deletes": len(updates) - upserts,
-            "bytes": end - through, "journal_bytes": journal_end(store.index_dir(name))}
+            "bytes": end - through, "journal_bytes": journal_end(store.index_dir(name)),
+            "journal_file_bytes": file_bytes}  # smaller than journal_bytes once compaction truncated it
 
 
 def final_corpus(documents: Iterable[Document], updates: Iterable[Update]) -> list[Document]:
