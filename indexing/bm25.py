@@ -16,6 +16,7 @@ once per occurrence, like a Lucene BooleanQuery of their term queries.
 from __future__ import annotations
 
 import json
+import threading
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -72,10 +73,24 @@ class FieldIndex:
     # proximity features; None for the combined field and for generations built without it.
     token_ids: np.ndarray | None = None  # int32, every document's tokens back to back
     token_offsets: np.ndarray | None = None  # int64, n_docs + 1: document d is token_ids[o[d]:o[d+1]]
+    # Positional postings, parallel to `weights` (see `positional_postings`): derived from the
+    # forward index on first use unless the generation stored them.
+    occurrences: np.ndarray | None = None  # global token positions, grouped by posting
+    occurrence_ptr: np.ndarray | None = None  # nnz + 1: posting p's positions are occurrences[ptr[p]:ptr[p+1]]
 
     @property
     def document_frequencies(self) -> np.ndarray:
         return np.diff(self.weights.indptr)
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(occurrences, occurrence_ptr), made once from the forward index (None without one).
+        Two threads racing here both compute the same arrays; either result is kept."""
+        if self.token_ids is None or self.token_offsets is None:
+            return None
+        if self.occurrences is None or self.occurrence_ptr is None:
+            self.occurrences, self.occurrence_ptr = positional_postings(
+                self.token_ids, self.token_offsets, self.weights.shape[0], self.weights.nnz)
+        return self.occurrences, self.occurrence_ptr
 
 
 @dataclass
@@ -100,7 +115,7 @@ class CandidateStats:
 
     def matched_terms(self, field: str) -> np.ndarray:
         """How many distinct query terms occur in each candidate's field."""
-        return (self.term_freqs[field] > 0).sum(axis=1)
+        return np.ascontiguousarray(self.term_freqs[field].T > 0).sum(axis=0)  # a vectorised sum over candidates
 
 
 class BM25Index:
@@ -112,6 +127,7 @@ class BM25Index:
         self.fields = fields
         self.settings = settings
         self.n_docs = len(next(iter(fields.values())).doc_lengths)
+        self._scratch = threading.local()
 
     # ----- query side -------------------------------------------------------------------------
     def query_term_ids(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,26 +159,37 @@ class BM25Index:
         return (weights * counts).sum(axis=1, dtype=np.float32)
 
     def candidate_stats(self, tokens: Sequence[str], doc_indices: np.ndarray) -> CandidateStats:
+        """Per-field statistics of (query, candidate) pairs, as array operations over the whole
+        window (no Python loop over candidates). Each source field is read once, whichever way is
+        cheaper (`field_matches`); the combined field's term frequencies are the sum of the source
+        fields' (as the builder makes them) and every BM25 weight is recomputed from its term
+        frequency with the builder's own arithmetic (`bm25_weights`), bit for bit what the index
+        stores, so the combined field costs no posting lookup at all."""
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
         occurrences = Counter(tokens)
         distinct = list(occurrences)  # first-occurrence order
         counts = np.array([occurrences[t] for t in distinct], dtype=np.float32)
         known = np.array([t in self.term_to_id for t in distinct], dtype=bool)
         term_ids = np.array([self.term_to_id.get(t, -1) for t in distinct], dtype=np.int64)
+        table = self._column_table()
+        table[term_ids[known]] = np.flatnonzero(known)
+        try:
+            query = QueryTerms.of(term_ids, self.query_bigram_ids(tokens), table)
+            matches = {name: field_matches(field, query, doc_indices, self.settings)
+                       for name, field in self.fields.items() if name != COMBINED_FIELD}
+        finally:
+            table[term_ids[known]] = -1
+        if COMBINED_FIELD in self.fields:
+            matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, term_ids, doc_indices, self.settings)
         bm25, tfs, idfs, lengths = {}, {}, {}, {}
         for name, field in self.fields.items():
-            weights, freqs = gather_postings(field.weights, field.term_freqs, term_ids, doc_indices)
+            weights, tfs[name] = matches[name].weights, matches[name].term_freqs
             bm25[name] = (weights * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(doc_indices), np.float32)
-            tfs[name] = freqs
             # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
             # is the base generation's, so its features agree with its scores).
             unseen = lucene_idf(np.zeros(1), field.doc_count).astype(np.float32)  # df 0, as Lucene reports it
             idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], unseen).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
-        bigrams = {
-            name: bigram_coverage(self.query_bigram_ids(tokens), field.token_ids, field.token_offsets, doc_indices)
-            for name, field in self.fields.items() if name != COMBINED_FIELD
-        }
         return CandidateStats(
             doc_indices=doc_indices,
             terms=tuple(distinct),
@@ -173,8 +200,16 @@ class BM25Index:
             term_freqs=tfs,
             idf=idfs,
             field_lengths=lengths,
-            bigram_coverage=bigrams,
+            bigram_coverage={name: m.bigram_coverage for name, m in matches.items() if name != COMBINED_FIELD},
         )
+
+    def _column_table(self) -> np.ndarray:
+        """This thread's term id -> query column table (all -1 between queries): mapping a window's
+        tokens to query terms is one gather instead of a search per token."""
+        table = getattr(self._scratch, "columns", None)
+        if table is None:
+            table = self._scratch.columns = np.full(len(self.vocabulary), -1, dtype=np.int32)
+        return table
 
     def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
         """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
@@ -203,12 +238,14 @@ class BM25Index:
                 "tf": field.term_freqs,
                 "doclen": field.doc_lengths,
             }
-            if field.token_ids is not None:
+            positions = field.positions()  # stored, so a large generation never derives them at query time
+            if field.token_ids is not None and positions is not None:
                 arrays["seq"] = field.token_ids
+                arrays["occ"], arrays["occptr"] = positions
             for suffix, values in arrays.items():
                 np.save(directory / f"{name}.{suffix}.npy", values)
             fields[name] = {"doc_count": field.doc_count, "avg_length": field.avg_length, "postings": int(field.weights.nnz),
-                            "token_sequence": field.token_ids is not None}
+                            "token_sequence": field.token_ids is not None, "positions": positions is not None}
         return {"settings": self.settings.to_dict(), "vocabulary": len(self.vocabulary), "documents": self.n_docs, "fields": fields}
 
     @classmethod
@@ -219,7 +256,9 @@ class BM25Index:
         fields = {}
         for name, info in description["fields"].items():
             def part(suffix: str) -> np.ndarray:
-                return np.load(directory / f"{name}.{suffix}.npy", mmap_mode=mode)
+                # a plain ndarray view of the mapping: np.memmap's per-slice Python hooks cost more
+                # than the small slices the query path takes (the view keeps the mapping alive)
+                return np.asarray(np.load(directory / f"{name}.{suffix}.npy", mmap_mode=mode))
 
             indptr = part("indptr")
             if len(indptr) != len(vocabulary) + 1:
@@ -229,6 +268,7 @@ class BM25Index:
             doc_count = int(info["doc_count"])
             doc_lengths = part("doclen")
             token_ids = part("seq") if info.get("token_sequence") else None
+            stored_positions = info.get("positions") and token_ids is not None  # older generations derive them on first use
             fields[name] = FieldIndex(
                 name=name,
                 weights=weights,
@@ -239,6 +279,8 @@ class BM25Index:
                 idf=lucene_idf(np.diff(indptr), doc_count).astype(np.float32),
                 token_ids=token_ids,
                 token_offsets=token_offsets(doc_lengths) if token_ids is not None else None,
+                occurrences=part("occ") if stored_positions else None,
+                occurrence_ptr=part("occptr") if stored_positions else None,
             )
         return cls(vocabulary, fields, BM25Settings.from_dict(description["settings"]))
 
@@ -338,31 +380,242 @@ def bigram_coverage(
     candidate (an ordered-proximity signal that BM25's bag of words cannot see).
 
     NaN when it cannot be measured: no forward index, or a query of fewer than two terms.
-    One vectorised pass: gather the candidates' token runs back to back, encode each adjacent
-    pair as first * 2**32 + second, and look the codes up among the query's pairs.
+    `bigrams` are (first, second) term ids (-1: unknown term). This form reads every candidate
+    token; `BM25Index.candidate_stats` computes the same through `QueryTerms` and, for a long
+    field, the positional postings.
     """
     doc_indices = np.asarray(doc_indices, dtype=np.int64)
     if token_ids is None or offsets is None or len(bigrams) == 0:
         return np.full(len(doc_indices), np.nan, dtype=np.float32)
+    ids = np.unique(bigrams[bigrams >= 0])
+    query = QueryTerms.of(ids, bigrams, columns=None)
+    tokens, owner = candidate_tokens(token_ids, offsets, doc_indices)
+    return bigrams_in_columns(query, query.columns_of_tokens(tokens), owner, len(doc_indices))
+
+
+@dataclass
+class QueryTerms:
+    """A query's distinct terms as columns 0..T-1 and its adjacent pairs as bigram columns,
+    with the lookups that map a token to its column without a search per token."""
+
+    term_ids: np.ndarray  # int64 per column, -1 for a term the index never saw
+    bigrams: np.ndarray  # int64 [pair, 2]: (first, second) term ids
+    pair_columns: np.ndarray  # int64 [first column * T + second column] -> bigram column, -1 if none
+    columns: np.ndarray | None  # term id -> column (-1: not a query term), vocabulary-sized; None: searched
+
+    @classmethod
+    def of(cls, term_ids: np.ndarray, bigrams: np.ndarray, columns: np.ndarray | None) -> "QueryTerms":
+        query = cls(np.asarray(term_ids, dtype=np.int64), bigrams, np.empty(0, np.int64), columns)
+        n = len(query.term_ids)
+        query.pair_columns = np.full(n * n, -1, dtype=np.int64)
+        known = np.flatnonzero((bigrams >= 0).all(axis=1))
+        if len(known):
+            first, second = query.column_of(bigrams[known, 0]), query.column_of(bigrams[known, 1])
+            query.pair_columns[first * n + second] = known
+        return query
+
+    def column_of(self, ids: np.ndarray) -> np.ndarray:
+        """Column of each term id (known query terms only)."""
+        return np.searchsorted(self.term_ids, ids) if self.columns is None else self.columns[ids].astype(np.int64)
+
+    def columns_of_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Column of each token, -1 for tokens that are not query terms."""
+        if self.columns is not None:
+            return self.columns[tokens]
+        # the reference path (`bigram_coverage`): term ids sorted and known, searched per token
+        where = np.minimum(np.searchsorted(self.term_ids, tokens), len(self.term_ids) - 1)
+        return np.where(self.term_ids[where] == tokens, where, -1)
+
+    @property
+    def first_columns(self) -> np.ndarray:
+        """Columns of the terms that start a known bigram."""
+        return np.unique(np.flatnonzero(self.pair_columns >= 0) // max(len(self.term_ids), 1))
+
+
+def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' token runs back to back and the candidate of each token, in one
+    vectorised gather."""
     starts, ends = offsets[doc_indices], offsets[doc_indices + 1]
     lengths = ends - starts
     run_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
     positions = np.arange(int(lengths.sum()), dtype=np.int64) + run_starts
-    tokens = token_ids[positions].astype(np.int64)
-    owner = np.repeat(np.arange(len(doc_indices)), lengths)
-    same_doc = owner[1:] == owner[:-1]
-    codes = (tokens[:-1] << 32) | tokens[1:]
-    known = (bigrams >= 0).all(axis=1)
-    query_codes = (bigrams[known, 0] << 32) | bigrams[known, 1]
-    found = np.zeros((len(doc_indices), len(bigrams)), dtype=bool)
-    if len(query_codes) and len(codes):
-        order = np.argsort(query_codes)
-        sorted_codes = query_codes[order]
-        where = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
-        hit = (sorted_codes[where] == codes) & same_doc
-        columns = np.flatnonzero(known)[order[where[hit]]]
-        found[owner[:-1][hit], columns] = True
-    return (found.sum(axis=1) / len(bigrams)).astype(np.float32)
+    return token_ids[positions], np.repeat(np.arange(len(doc_indices)), lengths)
+
+
+def bigrams_in_columns(query: QueryTerms, columns: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Bigram coverage of `n` candidates from their tokens' columns (`QueryTerms.columns_of_tokens`
+    of `candidate_tokens`): every adjacent pair of tokens within one candidate."""
+    same = owner[1:] == owner[:-1]
+    return bigram_share(query, columns[:-1][same], columns[1:][same], owner[1:][same], n)
+
+
+def bigram_share(query: QueryTerms, first: np.ndarray, second: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Share of the query's bigrams found among the (first, second) column pairs of each owner
+    candidate (-1: not a query term)."""
+    found = np.zeros((n, len(query.bigrams)), dtype=bool)
+    pair = (first >= 0) & (second >= 0)
+    if pair.any():
+        bigram = query.pair_columns[first[pair].astype(np.int64) * len(query.term_ids) + second[pair]]
+        found[owner[pair][bigram >= 0], bigram[bigram >= 0]] = True
+    return (found.sum(axis=1) / len(query.bigrams)).astype(np.float32)
+
+
+@dataclass
+class FieldMatches:
+    """What one field says about a window: [candidate, term] BM25 weights and term frequencies
+    (float32, saturated at TF_MAX as stored), and the bigram coverage (None: not measured here)."""
+
+    weights: np.ndarray
+    term_freqs: np.ndarray
+    bigram_coverage: np.ndarray | None = None
+
+
+# A field is read from its forward index when the candidates hold at most this many tokens per
+# (candidate, known query term) pair, otherwise by binary search in its postings: a scan of
+# short titles costs less than one search per term, a search less than a scan of long texts.
+SCAN_TOKENS_PER_PAIR = 4
+
+
+def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, settings: BM25Settings) -> FieldMatches:
+    """A source field's `FieldMatches` for a window, by a scan of the candidates' tokens or by
+    posting lookups (the same result; whichever reads less)."""
+    n, n_terms = len(doc_indices), len(query.term_ids)
+    no_bigrams = np.full(n, np.nan, dtype=np.float32)
+    if field.token_ids is not None and field.token_offsets is not None and n:
+        n_known = int(np.count_nonzero(query.term_ids >= 0))
+        if int(field.doc_lengths[doc_indices].sum()) <= SCAN_TOKENS_PER_PAIR * max(n_known, 1) * n:
+            tokens, owner = candidate_tokens(field.token_ids, field.token_offsets, doc_indices)
+            columns = query.columns_of_tokens(tokens)
+            is_term = columns >= 0
+            cells = owner[is_term] * n_terms + columns[is_term]
+            true_tf = np.bincount(cells, minlength=n * n_terms).reshape(n, n_terms).astype(np.float32)
+            coverage = bigrams_in_columns(query, columns, owner, n) if len(query.bigrams) else no_bigrams
+            weights = candidate_weights(field, query.term_ids, true_tf, doc_indices, settings)
+            return FieldMatches(weights, np.minimum(true_tf, TF_MAX), coverage)
+    postings = posting_positions(field.weights, query.term_ids, doc_indices)
+    weights, tf = posting_values(field.weights.data, postings), posting_values(field.term_freqs, postings)
+    return FieldMatches(weights, tf, bigram_coverage_of_postings(query, postings, field, doc_indices))
+
+
+def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], term_ids: np.ndarray, doc_indices: np.ndarray,
+                     settings: BM25Settings) -> FieldMatches:
+    """The combined field's `FieldMatches`: its term frequencies are the source fields' sum (the
+    builder adds the count matrices), its weights follow from them. Looked up in its postings
+    when that sum may be saturated (a term over TF_MAX times in a document)."""
+    if sources:
+        tf = sum(m.term_freqs for m in sources.values())
+        if tf.max(initial=0) < TF_MAX:
+            return FieldMatches(candidate_weights(field, term_ids, tf, doc_indices, settings), tf)
+    postings = posting_positions(field.weights, term_ids, doc_indices)
+    return FieldMatches(posting_values(field.weights.data, postings), posting_values(field.term_freqs, postings))
+
+
+def length_norms(lengths: np.ndarray, avg_length: float, settings: BM25Settings) -> np.ndarray:
+    """BM25's per-document length normalisation k1 * (1 - b + b * dl / avgdl), float64."""
+    return settings.k1 * (1.0 - settings.b + settings.b * lengths / max(avg_length, 1e-9))
+
+
+def bm25_weights(idf: np.ndarray, tf: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Lucene BM25 weights idf * tf / (tf + norm) with the index's arithmetic: float32 idf * tf,
+    over float64 tf + norm, rounded to float32. The builder stores exactly these."""
+    return (idf * tf / (tf + norms)).astype(np.float32)
+
+
+def candidate_weights(field: FieldIndex, term_ids: np.ndarray, tf: np.ndarray, doc_indices: np.ndarray,
+                      settings: BM25Settings) -> np.ndarray:
+    """[candidate, term] BM25 weights of a field from exact term frequencies: equal to the
+    stored postings' weights (0 where the term is absent)."""
+    idf = field.idf[np.maximum(term_ids, 0)].astype(np.float32)[None, :]
+    norms = length_norms(field.doc_lengths[doc_indices], field.avg_length, settings)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where an empty document lacks a term
+        weights = bm25_weights(idf, tf, norms)
+    return np.where(tf > 0, weights, np.float32(0)).astype(np.float32, copy=False)
+
+
+def positional_postings(token_ids: np.ndarray, offsets: np.ndarray, n_terms: int, n_postings: int) -> tuple[np.ndarray, np.ndarray]:
+    """A field's positional postings from its forward index: every token's global position
+    (offsets[d] + position in document d), ordered by (term, position), which is the order of the
+    CSR postings (term rows, ascending documents); and where each posting's positions start.
+
+    The grouping by term is a stable counting sort (scipy's COO -> CSR conversion, several times
+    faster than a stable argsort); a posting starts wherever the term or the document changes.
+    """
+    n_tokens = len(token_ids)
+    position_dtype = np.int32 if n_tokens <= np.iinfo(np.int32).max else np.int64
+    by_term = sp.coo_matrix((np.ones(n_tokens, dtype=np.int8), (np.asarray(token_ids), np.arange(n_tokens, dtype=position_dtype))),
+                            shape=(n_terms, n_tokens)).tocsr()
+    occurrences = by_term.indices.astype(position_dtype, copy=False)
+    doc_lengths = np.diff(offsets)
+    doc_of = np.repeat(np.arange(len(doc_lengths), dtype=np.int32), doc_lengths)[occurrences]
+    new_posting = np.ones(n_tokens, dtype=bool)
+    new_posting[1:] = doc_of[1:] != doc_of[:-1]
+    term_starts = by_term.indptr[:-1][np.diff(by_term.indptr) > 0]
+    new_posting[term_starts] = True
+    ptr = np.append(np.flatnonzero(new_posting), n_tokens).astype(np.int64)
+    if len(ptr) - 1 != n_postings:
+        raise ValueError(f"forward index gives {len(ptr) - 1} postings, the field has {n_postings}")
+    return occurrences, ptr
+
+
+def posting_positions(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray) -> np.ndarray:
+    """Where each (candidate, term) pair's posting sits in `matrix`'s data: int64
+    [candidate, term], -1 where the document lacks the term (or the term id is -1).
+
+    One binary search of the sorted candidates per query term (the only loop, over terms), then
+    one vectorised check of every (term, candidate) pair. The needles take the postings' own
+    dtype (int32), so no posting list is converted to int64 for the search."""
+    n, n_terms = len(doc_indices), len(term_ids)
+    if not n or not n_terms:
+        return np.full((n, n_terms), -1, dtype=np.int64)
+    indptr, indices = matrix.indptr, np.asarray(matrix.indices)
+    order = np.argsort(doc_indices, kind="stable")
+    needles = doc_indices[order]
+    if indices.dtype == np.int32 and needles[-1] <= np.iinfo(np.int32).max:
+        needles = needles.astype(np.int32)
+    safe = np.maximum(term_ids, 0)
+    starts = np.where(term_ids >= 0, indptr[safe], 0)
+    ends = np.where(term_ids >= 0, indptr[safe + 1], 0)
+    where = np.empty((n_terms, n), dtype=np.int64)
+    for column, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+        where[column] = indices[start:end].searchsorted(needles)
+    where += starts[:, None]
+    np.minimum(where, np.maximum(ends - 1, 0)[:, None], out=where)
+    hit = (indices[where] == needles[None, :]) & (ends > starts)[:, None] if len(indices) else np.zeros(where.shape, bool)
+    out = np.empty((n, n_terms), dtype=np.int64)  # C order, so row sums add terms as before
+    out[order] = np.where(hit, where, -1).T
+    return out
+
+
+def posting_values(values: np.ndarray, postings: np.ndarray) -> np.ndarray:
+    """float32 values of the postings at `postings` (see `posting_positions`), 0 where -1."""
+    values = np.asarray(values)
+    if not values.size:
+        return np.zeros(postings.shape, dtype=np.float32)
+    return np.where(postings >= 0, values[np.maximum(postings, 0)], 0).astype(np.float32, copy=False)
+
+
+def bigram_coverage_of_postings(query: QueryTerms, postings: np.ndarray, field: FieldIndex, doc_indices: np.ndarray) -> np.ndarray:
+    """`bigram_coverage` from the positional postings: only the occurrences of each pair's first
+    term in the candidates are read (their postings are already found, `postings`), and the token
+    after each is looked up in the forward index; no scan of every candidate token."""
+    n = len(doc_indices)
+    positions = field.positions()
+    if positions is None or len(query.bigrams) == 0:
+        return np.full(n, np.nan, dtype=np.float32)
+    occurrences, ptr = positions
+    first_columns = query.first_columns
+    first_postings = postings[:, first_columns]
+    candidate, first = np.nonzero(first_postings >= 0)
+    posting = first_postings[candidate, first]
+    starts = ptr[posting]
+    counts = ptr[posting + 1] - starts
+    runs = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+    after = occurrences[np.arange(int(counts.sum()), dtype=np.int64) + runs].astype(np.int64) + 1
+    owner = np.repeat(candidate, counts)
+    inside = after < field.token_offsets[doc_indices[owner] + 1]  # the next token is in the same document
+    columns = np.full(len(after), -1, dtype=np.int64)
+    columns[inside] = query.columns_of_tokens(field.token_ids[after[inside]])
+    return bigram_share(query, np.repeat(first_columns[first], counts), columns, owner, n)
 
 
 def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:
@@ -393,13 +646,13 @@ def field_from_counts(name: str, counts: sp.csr_matrix, settings: BM25Settings, 
     tf = counts.data.astype(np.float32, copy=False)
     indices = counts.indices.astype(np.int32, copy=False)
     row_idf = np.repeat(idf, df)
-    doc_norm = settings.k1 * (1.0 - settings.b + settings.b * lengths / max(avg_length, 1e-9))
+    doc_norm = length_norms(lengths, avg_length, settings)
     weights = np.empty(len(tf), dtype=np.float32)
     block = 1 << 22
     for start in range(0, len(tf), block):
         end = min(start + block, len(tf))
         block_tf = tf[start:end]
-        weights[start:end] = row_idf[start:end] * block_tf / (block_tf + doc_norm[indices[start:end]])
+        weights[start:end] = bm25_weights(row_idf[start:end], block_tf, doc_norm[indices[start:end]])
     del row_idf
     matrix = sp.csr_matrix((weights, indices, counts.indptr.astype(np.int64, copy=False)), shape=counts.shape)
     term_freqs = np.minimum(tf, TF_MAX).astype(np.uint16)
@@ -494,19 +747,5 @@ def gather_postings(
     weights: sp.csr_matrix, term_freqs: np.ndarray, term_ids: np.ndarray, doc_indices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights and term frequencies of (candidate, term) pairs; terms with id -1 are all zero."""
-    out_w = np.zeros((len(doc_indices), len(term_ids)), dtype=np.float32)
-    out_tf = np.zeros((len(doc_indices), len(term_ids)), dtype=np.float32)
-    indptr, indices, data = weights.indptr, weights.indices, weights.data
-    for column, term in enumerate(term_ids.tolist()):
-        if term < 0:
-            continue
-        start, end = indptr[term], indptr[term + 1]
-        if start == end:
-            continue
-        row = indices[start:end]
-        where = np.searchsorted(row, doc_indices)
-        where_clipped = np.minimum(where, len(row) - 1)
-        hit = row[where_clipped] == doc_indices
-        out_w[hit, column] = data[start + where_clipped[hit]]
-        out_tf[hit, column] = term_freqs[start + where_clipped[hit]]
-    return out_w, out_tf
+    postings = posting_positions(weights, term_ids, np.asarray(doc_indices, dtype=np.int64))
+    return posting_values(weights.data, postings), posting_values(term_freqs, postings)

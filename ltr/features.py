@@ -111,7 +111,15 @@ FEATURES: dict[str, tuple[str, str]] = {
     "doc_ctr": ("behaviour", "smoothed click-through rate of this document over all queries (NaN: never shown)"),
     "doc_coec": ("behaviour", "clicks over expected clicks of this document over all queries (NaN: never shown)"),
     "query_impressions": ("behaviour", "impressions of the window's documents for this query: how much history the query has"),
+    # Leave-query-out document history: the document's aggregates minus this query's own. A model
+    # trained on labels made from a query's clicks may read them without seeing its own labels.
+    "doc_other_impressions": ("behaviour", "impressions of this document for OTHER queries than this one"),
+    "doc_other_clicks": ("behaviour", "clicks on this document for other queries than this one"),
+    "doc_other_coec": ("behaviour", "clicks over (expected examinations + 1) of this document for other queries (NaN: never shown)"),
 }
+# The behaviour features a click-trained model may use (`train --from-events`): none of them
+# reads the query's own clicks, from which its labels come.
+LEAVE_QUERY_OUT = ("doc_other_impressions", "doc_other_clicks", "doc_other_coec")
 TEXT_GROUPS = ("text", "dense", "retrieval")
 
 
@@ -125,7 +133,11 @@ FEATURE_SETS: dict[str, FeatureSet] = {
         # The engine's default: every text-match, dense and retrieval feature.
         make_feature_set("text", 1, (n for n, (group, _) in FEATURES.items() if group in TEXT_GROUPS)),
         # `text` plus user behaviour: click aggregates and their confidence (impression counts).
-        make_feature_set("text+behaviour", 1, FEATURES),
+        make_feature_set("text+behaviour", 1, (n for n in FEATURES if n not in LEAVE_QUERY_OUT)),
+        # `text` plus what other queries' users clicked on each document: the default of training
+        # from clicks (a document relevant to one query is often relevant to the next).
+        make_feature_set("text+doc-clicks", 1, (n for n, (group, _) in FEATURES.items()
+                                                if group in TEXT_GROUPS or n in LEAVE_QUERY_OUT)),
         # The ten-feature reference the issue measures against (a plain LambdaMART).
         make_feature_set("basic", 1, (
             "bm25_title", "bm25_text", "bm25_all", "dense_cosine", "rrf_score",
@@ -134,6 +146,7 @@ FEATURE_SETS: dict[str, FeatureSet] = {
     )
 }
 DEFAULT_FEATURE_SET = "text"
+DEFAULT_CLICK_FEATURE_SET = "text+doc-clicks"  # measured: bench/results/bench_click_training.json
 
 
 def feature_set(name: str) -> FeatureSet:
@@ -153,6 +166,12 @@ def uses_behaviour(features: FeatureSet) -> bool:
     return "behaviour" in features.groups
 
 
+def leaves_query_out(features: FeatureSet) -> bool:
+    """True when no behaviour feature of the set reads the query's own history, so rows of a
+    query labelled by its own clicks can take their behaviour features from the live store."""
+    return all(f.name in LEAVE_QUERY_OUT for f in features.features if f.group == "behaviour")
+
+
 def extract_features(backend: SearchBackend, query: str, window: Candidates, features: FeatureSet,
                      behaviour: BehaviourView | None = None, now: float | None = None) -> np.ndarray:
     """The feature matrix of a candidate window: float32, [candidate, feature], NaN = missing.
@@ -168,7 +187,10 @@ def extract_features(backend: SearchBackend, query: str, window: Candidates, fea
     columns = _all_columns(stats, window)
     if uses_behaviour(features):
         columns.update(_behaviour_columns(behaviour, query, window.doc_ids, now))
-    return np.column_stack([np.asarray(columns[name](), dtype=np.float32) for name in features.names])
+    matrix = np.empty((len(window), len(features.features)), dtype=np.float32)
+    for j, name in enumerate(features.names):
+        matrix[:, j] = columns[name]()
+    return matrix
 
 
 def _behaviour_columns(behaviour: BehaviourView | None, query: str, doc_ids: Sequence[str],
@@ -176,15 +198,22 @@ def _behaviour_columns(behaviour: BehaviourView | None, query: str, doc_ids: Seq
     n = len(doc_ids)
     if behaviour is None:  # no history: counts 0, rates unknown
         zeros, missing = np.zeros(n), np.full(n, np.nan)
-        qd = {"impressions": zeros, "clicks": zeros, "ctr": missing, "coec": missing, "last_click_share": missing,
-              "decayed_clicks": zeros}
-        doc = {"impressions": zeros, "ctr": missing, "coec": missing}
+        qd = {"impressions": zeros, "clicks": zeros, "expected_exams": zeros, "ctr": missing, "coec": missing,
+              "last_click_share": missing, "decayed_clicks": zeros}
+        doc = {"impressions": zeros, "clicks": zeros, "expected_exams": zeros, "ctr": missing, "coec": missing}
     else:
         qd = behaviour.query_doc_stats(query, doc_ids, now)
         doc = behaviour.doc_stats(doc_ids, now)
 
     def rate(stats: dict[str, np.ndarray], name: str) -> np.ndarray:
         return np.where(stats["impressions"] > 0, stats[name], np.nan)
+
+    def other(name: str) -> np.ndarray:  # the document's aggregate minus this query's share
+        return np.maximum(doc[name] - qd[name], 0.0)
+
+    def other_coec() -> np.ndarray:
+        shown = other("impressions") > 0
+        return np.where(shown, other("clicks") / (other("expected_exams") + 1.0), np.nan)
 
     return {
         "qd_impressions": lambda: qd["impressions"],
@@ -197,6 +226,9 @@ def _behaviour_columns(behaviour: BehaviourView | None, query: str, doc_ids: Seq
         "doc_ctr": lambda: rate(doc, "ctr"),
         "doc_coec": lambda: rate(doc, "coec"),
         "query_impressions": lambda: np.full(n, float(np.sum(qd["impressions"]))),
+        "doc_other_impressions": lambda: other("impressions"),
+        "doc_other_clicks": lambda: other("clicks"),
+        "doc_other_coec": other_coec,
     }
 
 
@@ -206,22 +238,27 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     distinct = len(stats.terms)  # distinct analysed query terms, known to the index or not
     all_tf = stats.term_freqs[COMBINED_FIELD]
     matched = all_tf > 0
+    matched_by_term = np.ascontiguousarray(matched.T)  # order-free reductions run over candidates, vectorised
+    matched_count = matched_by_term.sum(axis=0)
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
-    matched_idf = np.where(matched, idf[None, :], np.nan)
-    matched_idf_sum = np.where(matched, idf[None, :], 0.0).sum(axis=1)
+    matched_idf_sum = np.where(matched, idf[None, :], 0.0).sum(axis=1)  # float32, as NumPy's nanmean sums
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
 
     def coverage(field: str) -> np.ndarray:
         if not distinct:
             return np.full(n, np.nan)
-        return stats.matched_terms(field) / distinct
+        return (matched_count if field == COMBINED_FIELD else stats.matched_terms(field)) / distinct
 
-    def nan_reduce(reduce: Callable[..., np.ndarray]) -> np.ndarray:
-        out = np.full(n, np.nan)
-        any_match = matched.any(axis=1)
-        if any_match.any():
-            out[any_match] = reduce(matched_idf[any_match], axis=1)
-        return out
+    def idf_max_matched() -> np.ndarray:
+        best = np.where(matched_by_term, idf[:, None], -np.inf).max(axis=0, initial=-np.inf)
+        return np.where(matched_count > 0, best, np.nan)
+
+    def idf_mean_matched() -> np.ndarray:
+        # NumPy's nanmean over the matched IDFs, without its NaN masks: the float32 sum over a
+        # float64 division by the count, rounded to float32
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (matched_idf_sum.astype(np.float64) / matched_count).astype(np.float32)
+        return np.where(matched_count > 0, mean, np.nan)
 
     def ratio_to_best(values: np.ndarray) -> np.ndarray:
         best = np.nanmax(values) if np.isfinite(values).any() else np.nan
@@ -234,10 +271,10 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "coverage_title": lambda: coverage("title"),
         "coverage_text": lambda: coverage("text"),
         "coverage_all": lambda: coverage(COMBINED_FIELD),
-        "matched_terms": lambda: stats.matched_terms(COMBINED_FIELD),
+        "matched_terms": lambda: matched_count,
         "idf_sum_matched": lambda: matched_idf_sum,
-        "idf_max_matched": lambda: nan_reduce(np.nanmax),
-        "idf_mean_matched": lambda: nan_reduce(np.nanmean),
+        "idf_max_matched": idf_max_matched,
+        "idf_mean_matched": idf_mean_matched,
         "idf_share_matched": lambda: matched_idf_sum / query_idf
         if query_idf and np.isfinite(query_idf) else np.full(n, np.nan),
         "tfidf_all": lambda: (np.log1p(all_tf) * idf[None, :]).sum(axis=1),

@@ -1,0 +1,146 @@
+"""`BM25Index.candidate_stats`, the vectorised path ranking features come from, against a plain
+per-document reference: term frequencies counted in each document's tokens, BM25 weights read
+from the stored postings, bigrams from each document's adjacent pairs. Both ways of reading a
+field (a scan of the candidates' tokens, binary searches in the postings) must give the same
+numbers, bit for bit, on random corpora with the awkward cases: unknown and repeated query terms,
+a repeated-term bigram, empty fields, duplicate and unsorted candidates, a delta segment scored
+with frozen statistics, and a term frequency past the stored uint16 ceiling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import indexing.bm25 as bm25
+from indexing.bm25 import COMBINED_FIELD, SOURCE_FIELDS, TF_MAX, BM25Builder, BM25Index, BM25Settings, positional_postings
+
+VOCABULARY = [f"w{i}" for i in range(40)]
+
+
+def random_docs(rng: np.random.Generator, n: int) -> list[dict[str, list[str]]]:
+    docs = []
+    for _ in range(n):
+        # a small vocabulary with a skew, so pairs and repeats are common; some fields empty
+        title = [VOCABULARY[int(i)] for i in rng.zipf(1.6, size=rng.integers(0, 6)) % 25]
+        text = [VOCABULARY[int(i)] for i in rng.zipf(1.4, size=rng.integers(0, 60)) % 40]
+        docs.append({"title": title, "text": text})
+    return docs
+
+
+def build(docs, settings=BM25Settings(k1=1.2, b=0.75), frozen: BM25Index | None = None) -> BM25Index:
+    builder = BM25Builder()
+    for doc in docs:
+        builder.add(doc)
+    return builder.build(settings, frozen=frozen)
+
+
+def reference(index: BM25Index, docs, query: list[str], rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    distinct = list(dict.fromkeys(query))
+    counts = np.array([query.count(t) for t in distinct], dtype=np.float32)
+    pairs = list(dict.fromkeys(zip(query, query[1:])))
+    tf, weights, bigrams = {}, {}, {}
+    for field in SOURCE_FIELDS:
+        tf[field] = np.array([[docs[r][field].count(t) for t in distinct] for r in rows.tolist()], dtype=np.float32).reshape(len(rows), len(distinct))
+        present = [set(zip(docs[r][field], docs[r][field][1:])) for r in rows.tolist()]
+        bigrams[field] = np.array([sum(p in seen for p in pairs) / len(pairs) if pairs else np.nan for seen in present], dtype=np.float32)
+    tf[COMBINED_FIELD] = tf["title"] + tf["text"]
+    for field, index_field in index.fields.items():
+        stored = index_field.weights.toarray()
+        weights[field] = np.array([[stored[index.term_to_id[t], r] if t in index.term_to_id else 0.0 for t in distinct]
+                                   for r in rows.tolist()], dtype=np.float32).reshape(len(rows), len(distinct))
+    bm25_scores = {f: (w * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(rows), np.float32)
+                   for f, w in weights.items()}
+    return {"tf": {f: np.minimum(v, TF_MAX) for f, v in tf.items()}, "bm25": bm25_scores, "bigram": bigrams}
+
+
+def assert_matches_reference(index: BM25Index, docs, query: list[str], rows: np.ndarray) -> None:
+    stats = index.candidate_stats(query, rows)
+    expected = reference(index, docs, query, rows)
+    for field in index.fields:
+        np.testing.assert_array_equal(stats.term_freqs[field], expected["tf"][field], err_msg=f"tf {field} {query}")
+        np.testing.assert_array_equal(stats.bm25[field], expected["bm25"][field], err_msg=f"bm25 {field} {query}")
+        np.testing.assert_array_equal(stats.field_lengths[field], index.fields[field].doc_lengths[rows])
+    for field in SOURCE_FIELDS:
+        np.testing.assert_array_equal(stats.bigram_coverage[field], expected["bigram"][field], err_msg=f"bigram {field} {query}")
+
+
+QUERIES = [
+    ["w1", "w2", "w3"],
+    ["w1", "w1", "w2", "w1"],  # repeated terms, a repeated-term bigram
+    ["w0", "nope", "w0", "w5", "w5"],  # an unknown term inside the pairs
+    ["w7"],  # one term: no bigram
+    [],  # nothing left after analysis
+    ["nope", "never"],
+    [f"w{i}" for i in range(12)],  # more terms than NumPy's unrolled sum: the row sums' order matters
+]
+
+
+@pytest.mark.parametrize("scan", [0, 10**9], ids=["postings", "scan"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_candidate_stats_equal_a_plain_reference(monkeypatch, scan, seed):
+    monkeypatch.setattr(bm25, "SCAN_TOKENS_PER_PAIR", scan)  # force one way of reading the source fields
+    rng = np.random.default_rng(seed)
+    docs = random_docs(rng, 60)
+    index = build(docs)
+    rows = np.concatenate([rng.permutation(60)[:45], [3, 3, 59]])  # unsorted, with duplicates
+    for query in QUERIES + [[VOCABULARY[int(i)] for i in rng.integers(0, 40, 8)] for _ in range(5)]:
+        assert_matches_reference(index, docs, query, rows)
+    assert_matches_reference(index, docs, ["w1", "w2"], np.empty(0, np.int64))  # an empty window
+
+
+@pytest.mark.parametrize("scan", [0, 10**9], ids=["postings", "scan"])
+def test_a_delta_segment_with_frozen_statistics(monkeypatch, scan):
+    monkeypatch.setattr(bm25, "SCAN_TOKENS_PER_PAIR", scan)
+    rng = np.random.default_rng(7)
+    base = build(random_docs(rng, 40))
+    docs = random_docs(rng, 15) + [{"title": ["brandnew"], "text": ["brandnew", "w1", "brandnew"]}]
+    delta = build(docs, frozen=base)
+    for query in (["w1", "w2", "w1"], ["brandnew", "w1"], ["w3", "w4", "w5", "w6"]):
+        assert_matches_reference(delta, docs, query, np.arange(len(docs)))
+
+
+def test_a_saturated_term_frequency_reads_the_stored_weight():
+    docs = [{"title": ["spam"], "text": ["spam"] * (TF_MAX + 10) + ["eggs"]}, {"title": ["eggs"], "text": ["spam", "eggs"]}]
+    index = build(docs)
+    stats = index.candidate_stats(["spam", "eggs"], np.array([0, 1]))
+    assert stats.term_freqs["text"][0, 0] == TF_MAX and stats.term_freqs[COMBINED_FIELD][0, 0] == TF_MAX
+    for field in index.fields:  # the weights of the true frequency, as the index stores them
+        np.testing.assert_allclose(stats.bm25[field], index.scores(["spam", "eggs"], field)[[0, 1]], rtol=1e-6)
+
+
+def test_positional_postings_list_every_occurrence_by_posting():
+    rng = np.random.default_rng(3)
+    docs = random_docs(rng, 30)
+    index = build(docs)
+    for name in SOURCE_FIELDS:
+        field = index.fields[name]
+        occurrences, ptr = positional_postings(field.token_ids, field.token_offsets, len(index.vocabulary), field.weights.nnz)
+        indptr, indices = field.weights.indptr, field.weights.indices
+        for term_id in range(len(index.vocabulary)):
+            for p in range(indptr[term_id], indptr[term_id + 1]):
+                doc = int(indices[p])
+                start = int(field.token_offsets[doc])
+                expected = [start + i for i, t in enumerate(docs[doc][name]) if t == index.vocabulary[term_id]]
+                assert occurrences[ptr[p]:ptr[p + 1]].tolist() == expected
+
+
+def test_positions_are_stored_and_an_older_generation_derives_them(tmp_path):
+    import json
+
+    rng = np.random.default_rng(5)
+    docs = random_docs(rng, 25)
+    index = build(docs)
+    description = json.loads(json.dumps(index.save(tmp_path / "bm25")))
+    assert all(description["fields"][name]["positions"] for name in SOURCE_FIELDS)
+    loaded = BM25Index.load(tmp_path / "bm25", description)
+    assert loaded.fields["text"].occurrences is not None  # read from disk, not recomputed
+    for name in SOURCE_FIELDS:
+        np.testing.assert_array_equal(loaded.fields[name].positions()[1], index.fields[name].positions()[1])
+    for name in SOURCE_FIELDS:  # a generation written before positions were stored
+        description["fields"][name].pop("positions")
+        (tmp_path / "bm25" / f"{name}.occ.npy").unlink()
+    older = BM25Index.load(tmp_path / "bm25", description)
+    assert older.fields["text"].occurrences is None
+    query, rows = ["w1", "w2", "w1", "w3"], np.arange(25)
+    np.testing.assert_array_equal(older.candidate_stats(query, rows).bigram_coverage["text"],
+                                  index.candidate_stats(query, rows).bigram_coverage["text"])
+    assert_matches_reference(older, docs, query, rows)
