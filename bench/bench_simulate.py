@@ -4,18 +4,24 @@ behaviour aggregates every update, as before) against batched durable writes (no
 commit, one checkpoint at the end: what the CLI now uses). Same app, same users, same seed; the two modes alternate, back to back, `--rounds`
 times, so machine load hits both alike. Reports sessions/s for each run and their ratio.
 
-    .venv/bin/python bench/bench_simulate.py --source-home H [--queries 50] [--sessions 400] [--rounds 2]
+    .venv/bin/python bench/bench_simulate.py --source-home H [--queries 50] [--sessions 400] [--rounds 2] [--disk-load]
 
 H must hold a `scifact` index with dense vectors (hybrid-convex). The home is copied, so H is
 never written. Each run first warms the app (one session per query: the query-vector cache and
 the page cache) on an empty event store, then times `--sessions` sessions round-robin over `--queries` SciFact train
 queries: the steady state of a long run, where every query has been seen before.
+
+`--disk-load` repeats the comparison while a background process writes and fsyncs 1 MiB at a time
+in the same file system, as another engineer's index build or bench would: an fsync then waits
+behind the other writer's data, which is what made per-commit runs slow on a shared machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +72,38 @@ def one_run(home: Path, durability: str, queries: dict[str, str], qrels: dict, s
             "sessions_per_s": round(sessions / wall, 2), "close_s": round(close_s, 4)}
 
 
+DISK_WRITER = """
+import os, sys
+path = sys.argv[1]
+block = os.urandom(1 << 20)
+with open(path, "wb") as out:
+    while True:
+        for _ in range(64):
+            out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        out.seek(0)
+"""
+
+
+def compare_modes(home: Path, args: argparse.Namespace, queries: dict[str, str], qrels: dict, label: str) -> list[dict]:
+    runs = []
+    for round_ in range(args.rounds):
+        for durability in ("commit", "batched"):
+            run = one_run(home, durability, queries, qrels, args.sessions, args.seed, f"{label}-{durability}-{round_}")
+            run["disk_load"] = label == "disk-load"
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    rate = {d: [r["sessions_per_s"] for r in runs if r["durability"] == d] for d in ("commit", "batched")}
+    mean = {d: sum(v) / len(v) for d, v in rate.items()}
+    return {"mean_sessions_per_s": {d: round(v, 2) for d, v in mean.items()},
+            "speedup_batched_over_commit": round(mean["batched"] / mean["commit"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source-home", required=True, type=Path)
@@ -73,6 +111,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--disk-load", action="store_true", help="also compare under a concurrent fsync-heavy writer")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_simulate.json")
     args = parser.parse_args()
     dataset = load_dataset(DATASET, "train")
@@ -83,24 +122,26 @@ def main() -> None:
         (home / "indexes").mkdir(parents=True)
         shutil.copytree(args.source_home / "indexes" / "scifact", home / "indexes" / "scifact", symlinks=True)
         shutil.copytree(args.source_home / "encoders", home / "encoders", symlinks=True)
-        runs = []
-        for round_ in range(args.rounds):
-            for durability in ("commit", "batched"):
-                run = one_run(home, durability, queries, dataset.qrels, args.sessions, args.seed, f"{durability}-{round_}")
-                print(json.dumps(run), flush=True)
-                runs.append(run)
-    rate = {d: [r["sessions_per_s"] for r in runs if r["durability"] == d] for d in ("commit", "batched")}
-    mean = {d: sum(v) / len(v) for d, v in rate.items()}
-    result = {
-        "what": "in-process simulate, SciFact train, hybrid-convex, PBM users (issue's click probs), exploration = service config",
-        "queries": args.queries, "sessions_per_run": args.sessions, "rounds": args.rounds, "runs": runs,
-        "mean_sessions_per_s": {d: round(v, 2) for d, v in mean.items()},
-        "speedup_batched_over_commit": round(mean["batched"] / mean["commit"], 3),
-        "note": "2-core machine shared with other work: absolute rates vary with load; the ratio is measured back to back",
-    }
+        runs = compare_modes(home, args, queries, dataset.qrels, "as-is")
+        result = {
+            "what": "in-process simulate, SciFact train, hybrid-convex, PBM users (issue's click probs), exploration = service config",
+            "queries": args.queries, "sessions_per_run": args.sessions, "rounds": args.rounds,
+            "machine_load": os.getloadavg()[0], "runs": runs, **summary(runs),
+            "note": "2-core machine shared with other work: absolute rates vary with load; the ratio is measured back to back",
+        }
+        if args.disk_load:
+            writer = subprocess.Popen([sys.executable, "-c", DISK_WRITER, str(Path(tmp) / "disk-load.bin")])
+            try:
+                loaded = compare_modes(home, args, queries, dataset.qrels, "disk-load")
+            finally:
+                writer.kill()
+                writer.wait()
+            result["disk_load"] = {"runs": loaded, **summary(loaded)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("mean_sessions_per_s", "speedup_batched_over_commit")}))
+    if args.disk_load:
+        print("disk load:", json.dumps({k: result["disk_load"][k] for k in ("mean_sessions_per_s", "speedup_batched_over_commit")}))
 
 
 if __name__ == "__main__":
