@@ -229,13 +229,18 @@ def live_scores(base: np.ndarray, delta: np.ndarray | None, dead_rows: np.ndarra
 
 
 def top_k_finite(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best finite scores (dead rows hold -inf), best first, ties by the lower row: the
-    order `indexing.vectors.top_k_rows` gives an exact search."""
+    """The k best finite scores (dead rows hold -inf), best first, ties by the lower row, also at
+    the cut (an argpartition alone would keep an arbitrary part of a tie straddling it)."""
     n = len(scores)
     k = min(k, n)
     if k <= 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    rows = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+    if k < n:
+        cut = scores[np.argpartition(-scores, k - 1)[k - 1]]  # the k-th best score
+        above = np.flatnonzero(scores > cut)
+        rows = np.concatenate([above, np.flatnonzero(scores == cut)[:k - len(above)]])
+    else:
+        rows = np.arange(n)
     rows = rows[np.lexsort((rows, -scores[rows]))]
     top = scores[rows]
     keep = np.isfinite(top)
