@@ -256,9 +256,11 @@ class EventStore:
     def close(self) -> None:
         """Close every connection (a "batched" store syncs first); call once no request handler
         uses the store any more."""
-        if self.durability == "batched" and not self._db.closed:
-            self.sync()
-        self._db.close()
+        try:
+            if self.durability == "batched" and not self._db.closed:
+                self.sync()
+        finally:  # a failed sync still closes: what was committed stays consistent in the WAL
+            self._db.close()
 
     def __enter__(self) -> "EventStore":
         return self

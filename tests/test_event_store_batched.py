@@ -142,3 +142,26 @@ def test_sigkill_mid_batched_run_leaves_a_consistent_prefix(tmp_path):
         stored = sorted(b for r, b in batches if r == run)
         # a process crash loses no commit (the OS holds the WAL); a prefix, at most one batch past the last ack
         assert stored in (list(range(last + 1)), list(range(last + 2))), run
+
+
+def test_a_blocked_final_sync_says_so_and_still_closes(tmp_path, monkeypatch):
+    import indexing.sqlite as sqlite_helper
+    from search.event_store import EventStoreError
+
+    monkeypatch.setattr(sqlite_helper, "BUSY_TIMEOUT_MS", 50)  # the checkpoint gives up quickly
+    path = tmp_path / "events.db"
+    store = EventStore(path, durability="batched")
+    _write_pages(store, 2)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM events").fetchone()  # holds a snapshot: the WAL cannot be fully copied
+        at = time.time() - 30
+        store.log_request(_page("late", at))
+        with pytest.raises(EventStoreError, match="checkpoint blocked by another connection; writes not yet durable"):
+            store.close()
+        assert store._db.closed
+    finally:
+        reader.close()
+    with EventStore(path) as reopened:
+        assert reopened.get_request("late") is not None and sum(reopened.count_events().values()) == 20
