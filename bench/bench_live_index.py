@@ -378,11 +378,12 @@ def merge_results(part: str, result: dict) -> None:
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     stamp = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
              "load_avg_1m": round(os.getloadavg()[0], 2)}
-    if part == "live":  # one kind (bm25, dense), or only its query latency, may be rerun alone: keep the rest
-        merged = existing.get(part, {})
+    if part in ("live", "latency"):  # one kind (bm25, dense), or only its query latency, may be rerun alone: keep the rest
+        merged = existing.get("live", {})
         for key, value in result.items():
-            merged[key] = {**merged.get(key, {}), **value, **stamp} if isinstance(value, dict) else value
-        existing[part] = merged
+            kept = merged.get(key, {}) if part == "latency" else {}
+            merged[key] = {**kept, **value, **stamp} if isinstance(value, dict) else value
+        existing["live"] = merged
     else:
         existing[part] = {**result, **stamp}
     RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
@@ -406,7 +407,7 @@ def main() -> None:
     if args.part in ("live", "latency", "all"):
         result = live_part(scifact, tuple(args.live_kinds.split(",")), latency_only=args.part == "latency")
         print(json.dumps(result, indent=2))
-        merge_results("live", result)
+        merge_results(args.part if args.part == "latency" else "live", result)
 
 
 if __name__ == "__main__":
