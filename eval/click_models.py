@@ -1027,14 +1027,18 @@ class ClickModelTrainingResult:
 def train_on_click_labels(
     backend: Any, pages: Sequence[Any], features: Any, fusion: Any, settings: Any,
     label_settings: ClickLabelSettings = ClickLabelSettings(), history: Any = None,
-    progress: Callable = lambda items: items, log: Callable[[str], None] | None = None,
+    progress: Callable = lambda items: items, log: Callable[[str], None] | None = None, behaviour: Any = None,
 ) -> ClickModelTrainingResult:
     """Labels from a click model fitted on ALL logged pages, a seeded hold-out of the logged
     queries (`settings.valid_fraction`), the judged-training path (`ltr.training.fit_ranker`:
     candidate windows, the one `extract_features`, staged on the fusion with inner CV) on the
-    others, and the off-policy estimate of the result on the held-out queries' pages."""
+    others, and the off-policy estimate of the result on the held-out queries' pages.
+
+    `behaviour`: the live aggregates, read by feature sets whose behaviour features leave the
+    query's own history out (`ltr.features.leaves_query_out`, e.g. `text+doc-clicks`): a query's
+    labels come from its own clicks, its features only from other queries' clicks, as served."""
     from ltr.click_training import off_policy_estimate
-    from ltr.features import uses_behaviour
+    from ltr.features import leaves_query_out
     from ltr.training import build_rows, fit_ranker, split_queries
 
     labels = click_model_labels(pages, label_settings)
@@ -1049,9 +1053,10 @@ def train_on_click_labels(
             + " ".join(f"{g:.2f}" for g in labels.examination)
             + f"; {len(train_keys):,} queries to train on, {len(held_out):,} held out for the off-policy estimate")
     train_queries = {k: queries[k] for k in train_keys}
-    if label_settings.candidates == "shown" and settings.selection == "inner-cv" and not uses_behaviour(features):
+    view = behaviour if leaves_query_out(features) else None
+    if label_settings.candidates == "shown" and settings.selection == "inner-cv" and leaves_query_out(features):
         candidates = _fit_on_shown(backend, train_queries, labels.labels, features, fusion, settings, progress, log,
-                                   logged_orders(pages))
+                                   logged_orders(pages), behaviour=view)
     else:
         candidates = [fit_ranker(backend, train_queries, labels.labels, features, fusion, settings,
                                  progress=progress, log=log, history=history)]
@@ -1059,7 +1064,7 @@ def train_on_click_labels(
     held_pages = [p for p in pages if p.query_key in held and p.clicked]
     if not held_pages:
         return ClickModelTrainingResult(candidates[0], labels, queries, train_keys, held_out, None, label_settings)
-    rows = build_rows(backend, {k: queries[k] for k in held_out}, {}, features, fusion)
+    rows = build_rows(backend, {k: queries[k] for k in held_out}, {}, features, fusion, behaviour=view)
     # Both rankings are compared on the documents the held-out queries' pages showed: a document no
     # page showed can earn no click credit, so ranking it high would only ever count against a
     # model (measured on SciFact: models 0.01 nDCG@10 better on test read 0.01-0.1 worse). The
@@ -1159,7 +1164,7 @@ def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str,
                   fusion: Any, settings: Any, progress: Callable, log: Callable[[str], None] | None,
                   orders: Mapping[str, Sequence[str]] | None = None,
                   scales: Sequence[float] = DEFAULT_SHOWN_SCALES,
-                  weak_negatives: int = DEFAULT_WEAK_NEGATIVES) -> list[Any]:
+                  weak_negatives: int = DEFAULT_WEAK_NEGATIVES, behaviour: Any = None) -> list[Any]:
     """`fit_ranker`'s inner-CV path on the logged documents of each query's window, plus the
     best `weak_negatives` unshown candidates of the logging policy's score at grade 0.
 
@@ -1176,7 +1181,7 @@ def _fit_on_shown(backend: Any, queries: Mapping[str, str], labels: Mapping[str,
     from ltr.training import FittedRanker, build_rows, inner_cross_validation, train_ranker
 
     started = time.perf_counter()
-    rows = build_rows(backend, queries, labels, features, fusion, progress=progress)
+    rows = build_rows(backend, queries, labels, features, fusion, progress=progress, behaviour=behaviour)
     if orders:
         key, agreement = logging_base(rows, orders)
         rows.first_stage = {key: rows.first_stage[key]}  # the only base the inner CV may choose

@@ -402,6 +402,7 @@ def _stats(rows: dict[str, Aggregate], doc_ids: Sequence[str], now: float | None
         return {
             "impressions": imp,
             "clicks": clk,
+            "expected_exams": exp,
             "ctr": (clk + PRIOR_STRENGTH * prior) / (imp + PRIOR_STRENGTH),
             "coec": np.where(exp > 0, clk / exp, np.nan),
             "last_click_share": np.where(clk > 0, last / clk, np.nan),

@@ -245,9 +245,10 @@ def concat_first_stage(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndar
 
 def build_rows(
     backend: SearchBackend, queries: Mapping[str, str], qrels: Qrels, features: FeatureSet, fusion: FusionSettings,
-    progress: Callable[[Iterable], Iterable] = lambda items: items,
+    progress: Callable[[Iterable], Iterable] = lambda items: items, behaviour: Any = None,
 ) -> RankingRows:
-    """One group of rows per query, labelled from qrels (graded; unjudged = 0)."""
+    """One group of rows per query, labelled from qrels (graded; unjudged = 0). `behaviour`: the
+    view behaviour features are read from (None: their no-history values)."""
     query_ids, doc_ids, blocks, labels, sizes, first = [], [], [], [], [], []
     missed = 0
     for query_id in progress(list(queries)):
@@ -256,7 +257,7 @@ def build_rows(
         missed += outside
         query_ids.append(query_id)
         doc_ids += window.doc_ids
-        blocks.append(extract_features(backend, queries[query_id], window, features))
+        blocks.append(extract_features(backend, queries[query_id], window, features, behaviour))
         first.append(first_stage_columns(window, fusion))
         labels.append(grades)
         sizes.append(len(window))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from indexing.bm25 import bigram_coverage
-from ltr.features import FEATURES, FEATURE_SETS, extract_features, feature_set
+from ltr.features import FEATURES, FEATURE_SETS, extract_features, feature_set, leaves_query_out, make_feature_set
 from ltr.training import candidate_window
 from search.embedded import EmbeddedIndex
 from search.fusion import fuse_reciprocal_rank
@@ -63,8 +63,7 @@ def test_forward_index_round_trips_the_analysed_text(bm25_index):
 def test_feature_values_against_their_definitions(dense_index):
     query = "dogs chase cats in the garden"
     window = candidate_window(dense_index, query, WINDOW)
-    features = feature_set("text+behaviour")
-    assert set(features.names) == set(FEATURES)  # the largest set computes every feature
+    features = make_feature_set("every feature", 1, FEATURES)
     matrix = extract_features(dense_index, query, window, features)
     assert matrix.dtype == np.float32 and matrix.shape == (len(window), len(FEATURES))
     column = {name: matrix[:, i] for i, name in enumerate(features.names)}
@@ -85,9 +84,10 @@ def test_feature_values_against_their_definitions(dense_index):
     assert column["coverage_all"].max() <= 1.0 and column["bm25_ratio_to_best"].max() == pytest.approx(1.0)
     assert column["dense_gap_to_best"].max() == 0.0
     assert (column["query_terms"] == len(stats.terms)).all()
-    for name in ("qd_impressions", "qd_clicks", "qd_decayed_clicks", "doc_impressions", "query_impressions"):
+    for name in ("qd_impressions", "qd_clicks", "qd_decayed_clicks", "doc_impressions", "query_impressions",
+                 "doc_other_impressions", "doc_other_clicks"):
         assert (column[name] == 0).all(), name  # no history: counts are 0 ...
-    for name in ("qd_ctr", "qd_coec", "qd_last_click_share", "doc_ctr", "doc_coec"):
+    for name in ("qd_ctr", "qd_coec", "qd_last_click_share", "doc_ctr", "doc_coec", "doc_other_coec"):
         assert np.isnan(column[name]).all(), name  # ... and rates unknown
 
 
@@ -122,6 +122,31 @@ def test_behaviour_features_read_the_aggregates_of_the_query(dense_index, tmp_pa
     assert column["query_impressions"][0] == 3
     never_shown = [i for d, i in row.items() if d not in shown]
     assert np.isnan(column["qd_ctr"][never_shown]).all() and (column["qd_impressions"][never_shown] == 0).all()
+
+
+def test_leave_query_out_document_features_never_read_the_querys_own_clicks(dense_index, tmp_path):
+    from ltr.behaviour import BehaviourStore
+    from search.event_store import Event, EventStore, ServedRequest, ServedResult
+
+    query = "dogs chase cats in the garden"
+    window = candidate_window(dense_index, query, WINDOW)
+    doc = window.doc_ids[0]
+    now = time.time()
+    events = EventStore(tmp_path / "events.sqlite3")
+    for r, text, clicked in (("own1", query, True), ("own2", query, True), ("other", "cats", True), ("other2", "dogs", False)):
+        events.log_request(ServedRequest(r, now - 100, text, "hybrid", "i", "g", None, None, None, 0, [ServedResult(doc, 1, 1.0)]))
+        events.append_events([Event(r, "click" if clicked else "impression", doc, 1, now - 50)])
+    behaviour = BehaviourStore(tmp_path / "behaviour.sqlite3")
+    behaviour.update(events)
+    features = feature_set("text+doc-clicks")
+    assert leaves_query_out(features) and not leaves_query_out(feature_set("text+behaviour"))
+    column = dict(zip(features.names, extract_features(dense_index, query, window, features, behaviour, now=now).T))
+    assert column["doc_other_impressions"][0] == 2 and column["doc_other_clicks"][0] == 1  # "cats" and "dogs" only
+    assert column["doc_other_coec"][0] == pytest.approx(1 / (2 + 1))  # no propensities fitted: one exam per impression
+    unseen = extract_features(dense_index, "cats", window, features, behaviour, now=now)
+    assert dict(zip(features.names, unseen.T))["doc_other_clicks"][0] == 2  # for "cats", the two own-query clicks are other
+    cold = dict(zip(features.names, extract_features(dense_index, query, window, features).T))
+    assert (cold["doc_other_impressions"] == 0).all() and np.isnan(cold["doc_other_coec"]).all()
 
 
 def test_extraction_is_deterministic_and_per_candidate(dense_index):

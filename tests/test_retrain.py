@@ -57,9 +57,9 @@ def test_train_from_events_learns_from_pages_a_non_model_pipeline_served(logged)
     assert training["source"] == "events" and training["method"] == "click-model"
     assert training["pages"]["pipelines"] == {"bm25": 240} and training["clicked_pages"] > 0
     assert training["off_policy"]["pages"] > 0 and len(training["off_policy"]["ci"]) == 2
-    # point in time through the one feature path: the model was trained on the text feature set
-    # extracted from the windows of the logged queries, and loads with its parity sample
-    assert manifest.feature_set["name"] == "text" and ModelRegistry(home).load("m0001").version == "m0001"
+    # point in time through the one feature path: the model was trained on the default click feature set
+    # (text plus other queries' clicks per document) extracted from the windows of the logged queries, and loads with its parity sample
+    assert manifest.feature_set["name"] == "text+doc-clicks" and ModelRegistry(home).load("m0001").version == "m0001"
     # model:latest is the newest registry model in eval
     evaluated = run_cli(home, "eval", "--dataset", str(logged["dataset"]), "--split", "test", "--name", "topics",
                         "--pipeline", "bm25,model:latest", "--json", str(home / "eval.json"))

@@ -39,7 +39,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     from ltr.click_training import DEBIAS, IPS_MAX_WEIGHT, NEGATIVES  # here for start-up time: loads xgboost
-    from ltr.features import DEFAULT_FEATURE_SET
+    from ltr.features import DEFAULT_CLICK_FEATURE_SET, DEFAULT_FEATURE_SET
     from ltr.training import REGULARISATIONS, SELECTIONS, TrainingSettings  # lazy: start-up time
 
     defaults = TrainingSettings()
@@ -48,8 +48,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--split", default="train", help="judged split to learn from (default train)")
     train.add_argument("--name", help="index (default: the dataset's name when such an index exists; with "
                                       "--from-events the service's index)")
-    train.add_argument("--feature-set", help=f"default {DEFAULT_FEATURE_SET}; with --from-events the feature set "
-                                             "the request log's rows were logged with")
+    train.add_argument("--feature-set", help=f"default {DEFAULT_FEATURE_SET}; with --from-events {DEFAULT_CLICK_FEATURE_SET} "
+                                             "(text plus other queries' clicks on each document), or with "
+                                             "--method pairs the feature set the request log's rows were logged with")
     clicks = train.add_argument_group("training from clicks (no qrels): the request log joined with click events")
     clicks.add_argument("--from-events", action="store_true",
                         help="learn from logged requests and their clicks instead of judged queries")

@@ -83,7 +83,9 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
 
     from eval.click_models import ClickLabelSettings, train_on_click_labels  # lazy: start-up time
     from ltr.click_training import iso_time, parse_time, read_logged_pages  # lazy: start-up time
-    from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: start-up time
+    from ltr.features import DEFAULT_CLICK_FEATURE_SET, feature_set, leaves_query_out, uses_behaviour  # lazy: start-up time
+    from indexing.home import behaviour_store_path  # lazy: start-up time
+    from ltr.behaviour import BehaviourStore  # lazy: start-up time
     from ltr.point_in_time import BehaviourHistory  # lazy: start-up time
     from ltr.ranker import index_description  # lazy: start-up time
     from ltr.registry import ModelRegistry  # lazy: start-up time
@@ -99,7 +101,7 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
                          "`ltr-search simulate`) to log requests and clicks, or pass --events PATH")
     index = open_index(home, name, args, name)
     fusion = config.fusion_for(index.name)
-    features = feature_set(args.feature_set or DEFAULT_FEATURE_SET)
+    features = feature_set(args.feature_set or DEFAULT_CLICK_FEATURE_SET)
     settings = training_settings(args)
     labels = ClickLabelSettings(model=args.label_model, thresholds=tuple(args.label_thresholds),
                                 candidates=args.label_candidates)
@@ -119,12 +121,22 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     log(f"request log {events_path}: {stats.read:,} pages read, {len(pages):,} used ({clicked:,} with clicks, "
         f"{stats.explored:,} explored) served by " + ", ".join(f"{k} x{v:,}" for k, v in stats.pipelines.items())
         + f"; {stats.interleaved:,} interleaved pages skipped")
-    history = None
-    if uses_behaviour(features):
+    history = aggregates = None
+    if uses_behaviour(features) and leaves_query_out(features):
+        # Other queries' clicks on each document, as the service reads them (caught up first).
+        aggregates = BehaviourStore(behaviour_store_path(home, index.name))
+        with EventStore(events_path) as store:
+            aggregates.update(store)
+    elif uses_behaviour(features):
         history = BehaviourHistory.open(home, index.name, events_path=events_path)
     progress = (lambda items: items) if quiet else (
         lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
-    result = train_on_click_labels(index, pages, features, fusion, settings, labels, history, progress, log)
+    try:
+        result = train_on_click_labels(index, pages, features, fusion, settings, labels, history, progress, log,
+                                       behaviour=aggregates)
+    finally:
+        if aggregates is not None:
+            aggregates.close()
     fitted, trained = result.fitted, result.fitted.trained
     rows, cv = fitted.rows, trained.inner_cv
     picked = np.random.default_rng(settings.seed).choice(len(rows.labels), min(SAMPLE_ROWS, len(rows.labels)), replace=False)
