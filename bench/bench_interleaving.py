@@ -128,8 +128,12 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
     )
 
 
-def simulate(pages: PairPages, sessions: int, seed: int) -> dict[str, np.ndarray]:
-    """Per-session outcomes of one seed's users, for both experiments (int8/bool arrays)."""
+def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-session outcomes of one seed's users, for both experiments (int8/bool arrays).
+
+    `spread` > 0: heterogeneous users (sensitivity only): each session's user multiplies every
+    click probability by an activity drawn from a mean-1 log-normal with that sigma (capped at
+    probability 1); 0 keeps the issue's identical users and their random stream."""
     rng = np.random.default_rng([seed, 16])  # the users of seed s, whatever the pair
     n_queries, patterns = pages.interleaved_p.shape[:2]
     out = {key: np.empty(sessions, dtype=np.int8) for key in ("pref", "arm", "clicks")}
@@ -139,13 +143,24 @@ def simulate(pages: PairPages, sessions: int, seed: int) -> dict[str, np.ndarray
         uniforms = rng.random((size, DEPTH))  # the user's draws: shared by both experiments
         pattern = rng.integers(0, patterns, size)
         arm_a = rng.random(size) < 0.5
-        clicked = uniforms < pages.interleaved_p[query, pattern]
+        activity = rng.lognormal(-spread**2 / 2, spread, size)[:, None] if spread > 0 else 1.0
+        clicked = uniforms < np.minimum(activity * pages.interleaved_p[query, pattern], 1.0)
         credit = (clicked * pages.interleaved_team[query, pattern]).sum(axis=1)  # A's clicks minus B's
         out["pref"][start : start + size] = np.sign(credit)
         ab_p = np.where(arm_a[:, None], pages.a_p[query], pages.b_p[query])
         out["arm"][start : start + size] = arm_a
-        out["clicks"][start : start + size] = (uniforms < ab_p).sum(axis=1)
+        out["clicks"][start : start + size] = (uniforms < np.minimum(activity * ab_p, 1.0)).sum(axis=1)
     return out
+
+
+def study_pair(pages: PairPages, better: int, counts: list[int], seeds: int, spread: float) -> dict:
+    """Sessions needed by each experiment over `seeds` seeds, and the A/B-to-interleaving ratios."""
+    per_seed = [tests_at(simulate(pages, counts[-1], seed, spread), counts) for seed in range(seeds)]
+    summary = summarise(per_seed, counts, better, counts[-1])
+    inter = summary["interleaving"]["median_sessions_needed"]
+    return {**summary,
+            "ab_clicks_over_interleaving": ratio(summary["ab_clicks"]["median_sessions_needed"], inter),
+            "ab_ctr_over_interleaving": ratio(summary["ab_ctr"]["median_sessions_needed"], inter)}
 
 
 def expected(pages: PairPages) -> dict[str, float]:
@@ -290,6 +305,8 @@ def main() -> None:
     parser.add_argument("--pair", action="append", required=True, help="NAME_A,NAME_B (two --run names)")
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--max-sessions", type=int, default=1 << 20)
+    parser.add_argument("--spread", type=float, action="append", default=[],
+                        help="also run heterogeneous users with this activity spread (sensitivity; repeatable)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_interleaving.json")
     args = parser.parse_args()
     if args.seeds < 1:
@@ -314,6 +331,9 @@ def main() -> None:
         "alpha": ALPHA, "seeds": args.seeds, "grid": counts, "max_sessions": counts[-1],
         "runs": {name: {"path": str(path), "nDCG@10": round(ndcg[name], 4)} for name, path in paths.items()},
         "pairs": [],
+        "heterogeneous_users": [],
+        "heterogeneous_users_note": "sensitivity only, not the issue's users: each session's click probabilities "
+                                    "times a mean-1 log-normal activity with sigma = spread (capped at 1)",
     }
     for spec in args.pair:
         name_a, _, name_b = spec.partition(",")
@@ -321,22 +341,29 @@ def main() -> None:
             raise SystemExit(f"--pair {spec!r}: name two different --run names")
         pages = pair_pages(name_a, name_b, rankings, dataset.qrels, queries, max_grade)
         better = 1 if ndcg[name_a] > ndcg[name_b] else -1
-        per_seed = [tests_at(simulate(pages, counts[-1], seed), counts) for seed in range(args.seeds)]
-        summary = summarise(per_seed, counts, better, counts[-1])
-        inter = summary["interleaving"]["median_sessions_needed"]
+        study = study_pair(pages, better, counts, args.seeds, 0.0)
+        closed_form = expected(pages)
+        power50 = closed_form["power50_sessions"]
         pair = {
             "a": name_a, "b": name_b, "better": name_a if better > 0 else name_b,
             "ndcg_gap": round(abs(ndcg[name_a] - ndcg[name_b]), 4),
-            **summary,
-            "expected": expected(pages),
-            "ab_clicks_over_interleaving": ratio(summary["ab_clicks"]["median_sessions_needed"], inter),
-            "ab_ctr_over_interleaving": ratio(summary["ab_ctr"]["median_sessions_needed"], inter),
+            **study,
+            "expected": closed_form,
+            "expected_ab_clicks_over_interleaving": ratio(power50["ab_clicks"], power50["interleaving"]),
+            "expected_ab_ctr_over_interleaving": ratio(power50["ab_ctr"], power50["interleaving"]),
         }
         report["pairs"].append(pair)
         print(f"{name_a} vs {name_b} (nDCG@10 {ndcg[name_a]:.4f} vs {ndcg[name_b]:.4f}): median sessions to p < {ALPHA}: "
-              f"interleaving {inter}, A/B clicks@10 {summary['ab_clicks']['median_sessions_needed']} "
-              f"({pair['ab_clicks_over_interleaving']}x), A/B CTR {summary['ab_ctr']['median_sessions_needed']} "
-              f"({pair['ab_ctr_over_interleaving']}x)", flush=True)
+              f"interleaving {study['interleaving']['median_sessions_needed']}, "
+              f"A/B clicks@10 {study['ab_clicks']['median_sessions_needed']} ({study['ab_clicks_over_interleaving']}x), "
+              f"A/B CTR {study['ab_ctr']['median_sessions_needed']} ({study['ab_ctr_over_interleaving']}x); "
+              f"closed form at 50% power: {power50}", flush=True)
+        for spread in args.spread:
+            hetero = study_pair(pages, better, counts, args.seeds, spread)
+            report["heterogeneous_users"].append({"a": name_a, "b": name_b, "spread": spread, **hetero})
+            print(f"  users with activity spread {spread}: interleaving {hetero['interleaving']['median_sessions_needed']}, "
+                  f"A/B clicks@10 {hetero['ab_clicks']['median_sessions_needed']} ({hetero['ab_clicks_over_interleaving']}x), "
+                  f"A/B CTR {hetero['ab_ctr']['median_sessions_needed']} ({hetero['ab_ctr_over_interleaving']}x)", flush=True)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

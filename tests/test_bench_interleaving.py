@@ -70,3 +70,11 @@ def test_welch_and_two_proportion_tests_match_scipy(bench):
     pooled = 105 / 200
     z = 0.15 / np.sqrt(pooled * (1 - pooled) * (2 / 100))
     assert p == pytest.approx(2 * stats.norm.sf(z)) and direction == 1
+
+
+def test_heterogeneous_users_only_when_asked_and_they_spread_the_clicks(bench):
+    pages, *_ = _toy(bench)
+    same = bench.simulate(pages, 20_000, seed=2)
+    assert all(np.array_equal(same[k], bench.simulate(pages, 20_000, seed=2, spread=0.0)[k]) for k in same)
+    spread = bench.simulate(pages, 20_000, seed=2, spread=1.0)
+    assert spread["clicks"].var() > 1.2 * same["clicks"].var()
