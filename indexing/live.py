@@ -23,7 +23,7 @@ import numpy as np
 
 from indexing.analysis import Analyzer
 from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Index, BM25Settings, CandidateStats
-from indexing.delta import DELETE, Update, journal_path, read_updates
+from indexing.delta import DELETE, JournalTruncatedError, Update, journal_path, read_updates
 
 DEAD = -1  # an id's row in `LiveView.rows` when it is deleted
 
@@ -130,8 +130,12 @@ class DeltaSegment:
     `refresh` is cheap when nothing changed (one stat); threads share one segment."""
 
     def __init__(self, index_dir: Path, through: int, base_ids: Sequence[str], base_row_of: dict[str, int],
-                 analyzer: Analyzer, base_bm25: BM25Index, bm25_settings: BM25Settings, dim: int | None):
+                 analyzer: Analyzer, base_bm25: BM25Index, bm25_settings: BM25Settings, dim: int | None,
+                 source: int | None = None):
+        """`source`: the generation's source offset, where a truncated journal's folded net
+        operations start (a segment that fell behind a truncation catches up from them)."""
         self.index_dir = Path(index_dir)
+        self._source = source
         self._path = journal_path(self.index_dir)
         self._base_ids, self._base_row_of = base_ids, base_row_of
         self._analyzer, self._frozen, self._settings, self._dim = analyzer, base_bm25, bm25_settings, dim
@@ -160,7 +164,15 @@ class DeltaSegment:
         if (stat.st_ino, stat.st_size, stat.st_mtime_ns) == self._seen:
             return self.view
         with self._lock:
-            updates, offset = read_updates(self.index_dir, self._offset)
+            try:
+                updates, offset = read_updates(self.index_dir, self._offset)
+            except JournalTruncatedError:
+                if self._source is None:
+                    raise
+                # Compaction dropped batches this segment had not read yet. The folded net operations
+                # of (source, base] give every id they touched its state at base; applied over what
+                # was read, they only re-add rows (the old ones die), so the live documents are exact.
+                updates, offset = read_updates(self.index_dir, self._source)
             if offset != self._offset:
                 for update in updates:
                     self._apply(update)

@@ -57,10 +57,11 @@ class EmbeddedIndex:
             self.vectors = load_vector_index(generation.path / VECTORS_DIR, dense["vectors"])
             encoder_settings = EncoderSettings.from_dict(manifest["build"]["encoder"])
             self.encoder = open_query_encoder(home, dense["encoder"], encoder_settings, encoder_threads)
-        through = int((manifest.get("updates") or {}).get("through", 0))
-        self.segment = DeltaSegment(generation.path.parent.parent, through, self.docs.ids, self.docs.index_of, self.analyzer,
-                                    self.bm25, BM25Settings.from_dict(manifest["bm25"]["settings"]),
-                                    self.vectors.dim if self.vectors is not None else None)
+        recorded = manifest.get("updates") or {}
+        self.segment = DeltaSegment(generation.path.parent.parent, int(recorded.get("through", 0)), self.docs.ids,
+                                    self.docs.index_of, self.analyzer, self.bm25,
+                                    BM25Settings.from_dict(manifest["bm25"]["settings"]),
+                                    self.vectors.dim if self.vectors is not None else None, int(recorded.get("source", 0)))
 
     @classmethod
     def open(cls, home: Path, name: str, generation: str | None = None, verify: bool = True,

@@ -106,8 +106,13 @@ def test_compaction_truncates_the_journal_and_rebuilds_still_replay_it(tmp_path:
     updates_now = apply_updates(base, updates)
     assert _served(EmbeddedIndex.open(home, "t")) == _expected(list(updates_now.values()))
     assert list(apply_updates(base, read_updates(index_dir, 0)[0]).items()) == list(updates_now.items())
+    # the follower is now behind the journal's base (z2 and the delete of n0 were dropped unread):
+    # it catches up from the folded net operations, never serving a stale row
+    assert read_updates(index_dir, 0)[1] == journal_end(index_dir)
+    assert _served(follower) == _expected(list(updates_now.values()))
+    assert follower.document("n0") is None and follower.retrieve_bm25("one more", 3).doc_ids == ["z2"]
     with pytest.raises(JournalTruncatedError, match="reopen the index's active generation"):
-        follower.retrieve_bm25("zebra", 3)  # two compactions behind and pruned: it fails, never serves stale rows
+        read_updates(index_dir, end)  # an offset that is neither kept nor the folded source
 
 
 KILLED_TRUNCATION = """
