@@ -19,6 +19,7 @@ import json
 import threading
 from array import array
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -73,24 +74,24 @@ class FieldIndex:
     # proximity features; None for the combined field and for generations built without it.
     token_ids: np.ndarray | None = None  # int32, every document's tokens back to back
     token_offsets: np.ndarray | None = None  # int64, n_docs + 1: document d is token_ids[o[d]:o[d+1]]
-    # Positional postings, parallel to `weights` (see `positional_postings`): derived from the
+    # Successor postings, parallel to `weights` (see `successor_postings`): derived from the
     # forward index on first use unless the generation stored them.
-    occurrences: np.ndarray | None = None  # global token positions, grouped by posting
-    occurrence_ptr: np.ndarray | None = None  # nnz + 1: posting p's positions are occurrences[ptr[p]:ptr[p+1]]
+    successors: np.ndarray | None = None  # int32: the term after each occurrence, grouped by posting
+    successor_ptr: np.ndarray | None = None  # nnz + 1: posting p's are successors[ptr[p]:ptr[p+1]]
 
     @property
     def document_frequencies(self) -> np.ndarray:
         return np.diff(self.weights.indptr)
 
-    def positions(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(occurrences, occurrence_ptr), made once from the forward index (None without one).
+    def successor_postings(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(successors, successor_ptr), made once from the forward index (None without one).
         Two threads racing here both compute the same arrays; either result is kept."""
         if self.token_ids is None or self.token_offsets is None:
             return None
-        if self.occurrences is None or self.occurrence_ptr is None:
-            self.occurrences, self.occurrence_ptr = positional_postings(
+        if self.successors is None or self.successor_ptr is None:
+            self.successors, self.successor_ptr = successor_postings(
                 self.token_ids, self.token_offsets, self.weights.shape[0], self.weights.nnz)
-        return self.occurrences, self.occurrence_ptr
+        return self.successors, self.successor_ptr
 
 
 @dataclass
@@ -160,11 +161,11 @@ class BM25Index:
 
     def candidate_stats(self, tokens: Sequence[str], doc_indices: np.ndarray) -> CandidateStats:
         """Per-field statistics of (query, candidate) pairs, as array operations over the whole
-        window (no Python loop over candidates). Each source field is read once, whichever way is
-        cheaper (`field_matches`); the combined field's term frequencies are the sum of the source
-        fields' (as the builder makes them) and every BM25 weight is recomputed from its term
-        frequency with the builder's own arithmetic (`bm25_weights`), bit for bit what the index
-        stores, so the combined field costs no posting lookup at all."""
+        window (no Python loop over candidates). Each source field's postings are searched once
+        (`field_matches`); the combined field's term frequencies are the sum of the source fields'
+        (as the builder makes them) and its BM25 weights are recomputed from them with the
+        builder's own arithmetic (`bm25_weights`), bit for bit what the index stores, so the
+        combined field costs no posting search at all."""
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
         occurrences = Counter(tokens)
         distinct = list(occurrences)  # first-occurrence order
@@ -175,7 +176,7 @@ class BM25Index:
         table[term_ids[known]] = np.flatnonzero(known)
         try:
             query = QueryTerms.of(term_ids, self.query_bigram_ids(tokens), table)
-            matches = {name: field_matches(field, query, doc_indices, self.settings)
+            matches = {name: field_matches(field, query, doc_indices)
                        for name, field in self.fields.items() if name != COMBINED_FIELD}
         finally:
             table[term_ids[known]] = -1
@@ -187,7 +188,7 @@ class BM25Index:
             bm25[name] = (weights * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(doc_indices), np.float32)
             # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
             # is the base generation's, so its features agree with its scores).
-            unseen = lucene_idf(np.zeros(1), field.doc_count).astype(np.float32)  # df 0, as Lucene reports it
+            unseen = np.float32(np.log1p((field.doc_count + 0.5) / 0.5))  # lucene_idf of df 0, as Lucene reports it
             idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], unseen).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
         return CandidateStats(
@@ -208,7 +209,8 @@ class BM25Index:
         tokens to query terms is one gather instead of a search per token."""
         table = getattr(self._scratch, "columns", None)
         if table is None:
-            table = self._scratch.columns = np.full(len(self.vocabulary), -1, dtype=np.int32)
+            # one slot more than the vocabulary: the successor of a document's last token
+            table = self._scratch.columns = np.full(len(self.vocabulary) + 1, -1, dtype=np.int32)
         return table
 
     def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
@@ -238,14 +240,14 @@ class BM25Index:
                 "tf": field.term_freqs,
                 "doclen": field.doc_lengths,
             }
-            positions = field.positions()  # stored, so a large generation never derives them at query time
-            if field.token_ids is not None and positions is not None:
+            successors = field.successor_postings()  # stored: a large generation never derives them at query time
+            if field.token_ids is not None and successors is not None:
                 arrays["seq"] = field.token_ids
-                arrays["occ"], arrays["occptr"] = positions
+                arrays["next"], arrays["nextptr"] = successors
             for suffix, values in arrays.items():
                 np.save(directory / f"{name}.{suffix}.npy", values)
             fields[name] = {"doc_count": field.doc_count, "avg_length": field.avg_length, "postings": int(field.weights.nnz),
-                            "token_sequence": field.token_ids is not None, "positions": positions is not None}
+                            "token_sequence": field.token_ids is not None, "successors": successors is not None}
         return {"settings": self.settings.to_dict(), "vocabulary": len(self.vocabulary), "documents": self.n_docs, "fields": fields}
 
     @classmethod
@@ -268,7 +270,7 @@ class BM25Index:
             doc_count = int(info["doc_count"])
             doc_lengths = part("doclen")
             token_ids = part("seq") if info.get("token_sequence") else None
-            stored_positions = info.get("positions") and token_ids is not None  # older generations derive them on first use
+            stored_successors = info.get("successors") and token_ids is not None  # older generations derive them on first use
             fields[name] = FieldIndex(
                 name=name,
                 weights=weights,
@@ -279,8 +281,8 @@ class BM25Index:
                 idf=lucene_idf(np.diff(indptr), doc_count).astype(np.float32),
                 token_ids=token_ids,
                 token_offsets=token_offsets(doc_lengths) if token_ids is not None else None,
-                occurrences=part("occ") if stored_positions else None,
-                occurrence_ptr=part("occptr") if stored_positions else None,
+                successors=part("next") if stored_successors else None,
+                successor_ptr=part("nextptr") if stored_successors else None,
             )
         return cls(vocabulary, fields, BM25Settings.from_dict(description["settings"]))
 
@@ -381,8 +383,8 @@ def bigram_coverage(
 
     NaN when it cannot be measured: no forward index, or a query of fewer than two terms.
     `bigrams` are (first, second) term ids (-1: unknown term). This form reads every candidate
-    token; `BM25Index.candidate_stats` computes the same through `QueryTerms` and, for a long
-    field, the positional postings.
+    token (a single document's check, or a reference); `BM25Index.candidate_stats` gets the same
+    from the successor postings of the query terms (`bigram_coverage_of_postings`).
     """
     doc_indices = np.asarray(doc_indices, dtype=np.int64)
     if token_ids is None or offsets is None or len(bigrams) == 0:
@@ -401,17 +403,20 @@ class QueryTerms:
     term_ids: np.ndarray  # int64 per column, -1 for a term the index never saw
     bigrams: np.ndarray  # int64 [pair, 2]: (first, second) term ids
     pair_columns: np.ndarray  # int64 [first column * T + second column] -> bigram column, -1 if none
-    columns: np.ndarray | None  # term id -> column (-1: not a query term), vocabulary-sized; None: searched
+    columns: np.ndarray | None  # term id -> column (-1: not a query term), vocabulary size + 1; None: searched
+    starts_bigram: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, bool))  # per column: first term of a known bigram
 
     @classmethod
     def of(cls, term_ids: np.ndarray, bigrams: np.ndarray, columns: np.ndarray | None) -> "QueryTerms":
         query = cls(np.asarray(term_ids, dtype=np.int64), bigrams, np.empty(0, np.int64), columns)
         n = len(query.term_ids)
         query.pair_columns = np.full(n * n, -1, dtype=np.int64)
+        query.starts_bigram = np.zeros(n, dtype=bool)
         known = np.flatnonzero((bigrams >= 0).all(axis=1))
         if len(known):
             first, second = query.column_of(bigrams[known, 0]), query.column_of(bigrams[known, 1])
             query.pair_columns[first * n + second] = known
+            query.starts_bigram[first] = True
         return query
 
     def column_of(self, ids: np.ndarray) -> np.ndarray:
@@ -423,13 +428,11 @@ class QueryTerms:
         if self.columns is not None:
             return self.columns[tokens]
         # the reference path (`bigram_coverage`): term ids sorted and known, searched per token
+        if not len(self.term_ids):
+            return np.full(len(tokens), -1, dtype=np.int64)
         where = np.minimum(np.searchsorted(self.term_ids, tokens), len(self.term_ids) - 1)
         return np.where(self.term_ids[where] == tokens, where, -1)
 
-    @property
-    def first_columns(self) -> np.ndarray:
-        """Columns of the terms that start a known bigram."""
-        return np.unique(np.flatnonzero(self.pair_columns >= 0) // max(len(self.term_ids), 1))
 
 
 def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -470,31 +473,13 @@ class FieldMatches:
     bigram_coverage: np.ndarray | None = None
 
 
-# A field is read from its forward index when the candidates hold at most this many tokens per
-# (candidate, known query term) pair, otherwise by binary search in its postings: a scan of
-# short titles costs less than one search per term, a search less than a scan of long texts.
-SCAN_TOKENS_PER_PAIR = 4
-
-
-def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, settings: BM25Settings) -> FieldMatches:
-    """A source field's `FieldMatches` for a window, by a scan of the candidates' tokens or by
-    posting lookups (the same result; whichever reads less)."""
-    n, n_terms = len(doc_indices), len(query.term_ids)
-    no_bigrams = np.full(n, np.nan, dtype=np.float32)
-    if field.token_ids is not None and field.token_offsets is not None and n:
-        n_known = int(np.count_nonzero(query.term_ids >= 0))
-        if int(field.doc_lengths[doc_indices].sum()) <= SCAN_TOKENS_PER_PAIR * max(n_known, 1) * n:
-            tokens, owner = candidate_tokens(field.token_ids, field.token_offsets, doc_indices)
-            columns = query.columns_of_tokens(tokens)
-            is_term = columns >= 0
-            cells = owner[is_term] * n_terms + columns[is_term]
-            true_tf = np.bincount(cells, minlength=n * n_terms).reshape(n, n_terms).astype(np.float32)
-            coverage = bigrams_in_columns(query, columns, owner, n) if len(query.bigrams) else no_bigrams
-            weights = candidate_weights(field, query.term_ids, true_tf, doc_indices, settings)
-            return FieldMatches(weights, np.minimum(true_tf, TF_MAX), coverage)
-    postings = posting_positions(field.weights, query.term_ids, doc_indices)
-    weights, tf = posting_values(field.weights.data, postings), posting_values(field.term_freqs, postings)
-    return FieldMatches(weights, tf, bigram_coverage_of_postings(query, postings, field, doc_indices))
+def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray) -> FieldMatches:
+    """A source field's `FieldMatches` for a window: its postings of the query terms in the
+    candidates, read once for the weights, the term frequencies and the bigrams."""
+    shape = (len(doc_indices), len(query.term_ids))
+    hits = posting_hits(field.weights, query.term_ids, doc_indices)
+    return FieldMatches(hits.dense(field.weights.data, shape), hits.dense(field.term_freqs, shape),
+                        bigram_coverage_of_postings(query, hits, field, doc_indices))
 
 
 def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], term_ids: np.ndarray, doc_indices: np.ndarray,
@@ -506,8 +491,9 @@ def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], ter
         tf = sum(m.term_freqs for m in sources.values())
         if tf.max(initial=0) < TF_MAX:
             return FieldMatches(candidate_weights(field, term_ids, tf, doc_indices, settings), tf)
-    postings = posting_positions(field.weights, term_ids, doc_indices)
-    return FieldMatches(posting_values(field.weights.data, postings), posting_values(field.term_freqs, postings))
+    hits = posting_hits(field.weights, term_ids, doc_indices)
+    shape = (len(doc_indices), len(term_ids))
+    return FieldMatches(hits.dense(field.weights.data, shape), hits.dense(field.term_freqs, shape))
 
 
 def length_norms(lengths: np.ndarray, avg_length: float, settings: BM25Settings) -> np.ndarray:
@@ -532,42 +518,64 @@ def candidate_weights(field: FieldIndex, term_ids: np.ndarray, tf: np.ndarray, d
     return np.where(tf > 0, weights, np.float32(0)).astype(np.float32, copy=False)
 
 
-def positional_postings(token_ids: np.ndarray, offsets: np.ndarray, n_terms: int, n_postings: int) -> tuple[np.ndarray, np.ndarray]:
-    """A field's positional postings from its forward index: every token's global position
-    (offsets[d] + position in document d), ordered by (term, position), which is the order of the
-    CSR postings (term rows, ascending documents); and where each posting's positions start.
+def successor_postings(token_ids: np.ndarray, offsets: np.ndarray, n_terms: int, n_postings: int) -> tuple[np.ndarray, np.ndarray]:
+    """A field's successor postings, from its forward index: for every occurrence of every term,
+    the term id that follows it in its document (`n_terms` at a document's end), ordered by
+    (term, document, position), which is the order of the CSR postings; and where each posting's
+    successors start. Adjacent pairs are then a gather away: the pairs starting with term a in
+    document d are (a, successors[ptr[p]:ptr[p+1]]) for a's posting p in d.
 
     The grouping by term is a stable counting sort (scipy's COO -> CSR conversion, several times
     faster than a stable argsort); a posting starts wherever the term or the document changes.
     """
     n_tokens = len(token_ids)
     position_dtype = np.int32 if n_tokens <= np.iinfo(np.int32).max else np.int64
-    by_term = sp.coo_matrix((np.ones(n_tokens, dtype=np.int8), (np.asarray(token_ids), np.arange(n_tokens, dtype=position_dtype))),
+    token_ids = np.asarray(token_ids)
+    by_term = sp.coo_matrix((np.ones(n_tokens, dtype=np.int8), (token_ids, np.arange(n_tokens, dtype=position_dtype))),
                             shape=(n_terms, n_tokens)).tocsr()
-    occurrences = by_term.indices.astype(position_dtype, copy=False)
+    positions = by_term.indices
     doc_lengths = np.diff(offsets)
-    doc_of = np.repeat(np.arange(len(doc_lengths), dtype=np.int32), doc_lengths)[occurrences]
+    following = np.full(n_tokens, n_terms, dtype=np.int32)  # n_terms: the document ends here
+    following[:-1] = token_ids[1:]
+    following[offsets[1:][doc_lengths > 0] - 1] = n_terms
+    doc_of = np.repeat(np.arange(len(doc_lengths), dtype=np.int32), doc_lengths)[positions]
     new_posting = np.ones(n_tokens, dtype=bool)
     new_posting[1:] = doc_of[1:] != doc_of[:-1]
-    term_starts = by_term.indptr[:-1][np.diff(by_term.indptr) > 0]
-    new_posting[term_starts] = True
+    new_posting[by_term.indptr[:-1][np.diff(by_term.indptr) > 0]] = True
     ptr = np.append(np.flatnonzero(new_posting), n_tokens).astype(np.int64)
     if len(ptr) - 1 != n_postings:
         raise ValueError(f"forward index gives {len(ptr) - 1} postings, the field has {n_postings}")
-    return occurrences, ptr
+    return following[positions], ptr
 
 
-def posting_positions(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray) -> np.ndarray:
-    """Where each (candidate, term) pair's posting sits in `matrix`'s data: int64
-    [candidate, term], -1 where the document lacks the term (or the term id is -1).
+@dataclass
+class PostingHits:
+    """The (candidate, term) pairs of a window that have a posting, as parallel arrays: the
+    candidate's position in the window, the term's column and the posting's position in the
+    field's data."""
+
+    candidate: np.ndarray
+    column: np.ndarray
+    posting: np.ndarray
+
+    def dense(self, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """float32 [candidate, term] matrix of the postings' `values`, 0 where no posting."""
+        out = np.zeros(shape, dtype=np.float32)
+        out[self.candidate, self.column] = np.asarray(values)[self.posting]
+        return out
+
+
+def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray) -> PostingHits:
+    """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none).
 
     One binary search of the sorted candidates per query term (the only loop, over terms), then
     one vectorised check of every (term, candidate) pair. The needles take the postings' own
     dtype (int32), so no posting list is converted to int64 for the search."""
     n, n_terms = len(doc_indices), len(term_ids)
-    if not n or not n_terms:
-        return np.full((n, n_terms), -1, dtype=np.int64)
     indptr, indices = matrix.indptr, np.asarray(matrix.indices)
+    if not n or not n_terms or not len(indices):
+        empty = np.empty(0, dtype=np.int64)
+        return PostingHits(empty, empty, empty)
     order = np.argsort(doc_indices, kind="stable")
     needles = doc_indices[order]
     if indices.dtype == np.int32 and needles[-1] <= np.iinfo(np.int32).max:
@@ -580,42 +588,28 @@ def posting_positions(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: 
         where[column] = indices[start:end].searchsorted(needles)
     where += starts[:, None]
     np.minimum(where, np.maximum(ends - 1, 0)[:, None], out=where)
-    hit = (indices[where] == needles[None, :]) & (ends > starts)[:, None] if len(indices) else np.zeros(where.shape, bool)
-    out = np.empty((n, n_terms), dtype=np.int64)  # C order, so row sums add terms as before
-    out[order] = np.where(hit, where, -1).T
-    return out
+    hit = indices[where] == needles
+    hit &= (ends > starts)[:, None]
+    column, position = np.nonzero(hit)
+    return PostingHits(order[position], column, where[column, position])
 
 
-def posting_values(values: np.ndarray, postings: np.ndarray) -> np.ndarray:
-    """float32 values of the postings at `postings` (see `posting_positions`), 0 where -1."""
-    values = np.asarray(values)
-    if not values.size:
-        return np.zeros(postings.shape, dtype=np.float32)
-    return np.where(postings >= 0, values[np.maximum(postings, 0)], 0).astype(np.float32, copy=False)
-
-
-def bigram_coverage_of_postings(query: QueryTerms, postings: np.ndarray, field: FieldIndex, doc_indices: np.ndarray) -> np.ndarray:
-    """`bigram_coverage` from the positional postings: only the occurrences of each pair's first
-    term in the candidates are read (their postings are already found, `postings`), and the token
-    after each is looked up in the forward index; no scan of every candidate token."""
+def bigram_coverage_of_postings(query: QueryTerms, hits: PostingHits, field: FieldIndex, doc_indices: np.ndarray) -> np.ndarray:
+    """`bigram_coverage` from the successor postings: only the successors of each pair's first
+    term in the candidates are read (their postings are already found, `hits`); no scan of
+    every candidate token."""
     n = len(doc_indices)
-    positions = field.positions()
-    if positions is None or len(query.bigrams) == 0:
+    successors = field.successor_postings()
+    if successors is None or len(query.bigrams) == 0:
         return np.full(n, np.nan, dtype=np.float32)
-    occurrences, ptr = positions
-    first_columns = query.first_columns
-    first_postings = postings[:, first_columns]
-    candidate, first = np.nonzero(first_postings >= 0)
-    posting = first_postings[candidate, first]
+    following, ptr = successors
+    first = query.starts_bigram[hits.column]
+    posting = hits.posting[first]
     starts = ptr[posting]
     counts = ptr[posting + 1] - starts
     runs = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-    after = occurrences[np.arange(int(counts.sum()), dtype=np.int64) + runs].astype(np.int64) + 1
-    owner = np.repeat(candidate, counts)
-    inside = after < field.token_offsets[doc_indices[owner] + 1]  # the next token is in the same document
-    columns = np.full(len(after), -1, dtype=np.int64)
-    columns[inside] = query.columns_of_tokens(field.token_ids[after[inside]])
-    return bigram_share(query, np.repeat(first_columns[first], counts), columns, owner, n)
+    second = query.columns_of_tokens(following[np.arange(int(counts.sum()), dtype=np.int64) + runs])
+    return bigram_share(query, np.repeat(hits.column[first], counts), second, np.repeat(hits.candidate[first], counts), n)
 
 
 def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:
@@ -747,5 +741,7 @@ def gather_postings(
     weights: sp.csr_matrix, term_freqs: np.ndarray, term_ids: np.ndarray, doc_indices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights and term frequencies of (candidate, term) pairs; terms with id -1 are all zero."""
-    postings = posting_positions(weights, term_ids, np.asarray(doc_indices, dtype=np.int64))
-    return posting_values(weights.data, postings), posting_values(term_freqs, postings)
+    doc_indices = np.asarray(doc_indices, dtype=np.int64)
+    hits = posting_hits(weights, term_ids, doc_indices)
+    shape = (len(doc_indices), len(term_ids))
+    return hits.dense(weights.data, shape), hits.dense(term_freqs, shape)
