@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -82,12 +83,16 @@ class ReloadStamp:
 
 
 class ServingState:
-    def __init__(self, config: ServiceConfig, reload_stamp: Path | None = None):
+    """`opening`: the configured index already being opened (`serve` starts that before it imports
+    the web stack, so the two overlap); the first load takes it instead of opening the index again."""
+
+    def __init__(self, config: ServiceConfig, reload_stamp: Path | None = None, opening: Future[SearchBackend] | None = None):
         self.config = config
         self._snapshot: Snapshot | None = None
         self._reload_lock = threading.Lock()
         self.load_error: str | None = None
         self._stamp = ReloadStamp(reload_stamp) if reload_stamp is not None else None
+        self._opening = opening
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -131,7 +136,11 @@ class ServingState:
 
     def _load(self) -> tuple[str | None, Snapshot]:
         previous = self._snapshot.index.generation_id if self._snapshot else None
-        index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
+        opening, self._opening = self._opening, None  # used once: a reload opens the generation active then
+        if opening is not None:
+            index = opening.result()  # raises what opening raised, as open_backend would here
+        else:
+            index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
         self._snapshot = self._build(index)
         self.load_error = None
         return previous, self._snapshot

@@ -12,11 +12,17 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.app.cli.common import CliError, add_backend_arguments, log
+
+if TYPE_CHECKING:
+    from search.app.config import ServiceConfig
+    from search.backend import SearchBackend
 
 MAX_WORKERS = 64
 SERVE_SPEC_ENV = "LTR_SEARCH_SERVE_SPEC"  # how `serve --workers N` tells its workers what to serve
@@ -101,7 +107,30 @@ def run(home: Path, args: argparse.Namespace) -> int:
         spec = ServeSpec(str(home), str(config_file) if config_file else None, {**overrides, "index": config.index})
         serve_workers(spec, args.workers, args.host, args.port, config.access_log)
     else:
+        opening = open_in_background(config)  # the index loads while the web stack imports
         from search.app.service import serve  # lazy: the app, in this process only without workers
 
-        serve(config, args.host, args.port)
+        serve(config, args.host, args.port, opening)
     return 0
+
+
+def open_in_background(config: ServiceConfig) -> Future[SearchBackend]:
+    """Start opening the configured index in a thread and return its future.
+
+    Opening is mostly file reads, checksums and ONNX Runtime's session set-up, which release the
+    GIL, while importing FastAPI and the app is Python holding it: overlapped, `serve` is ready
+    sooner. The modules the opening needs are imported here first, so the thread imports nothing
+    the main thread is importing at the same time."""
+    from search.backend_factory import open_backend  # lazy: start-up time (this and the next)
+    import search.embedded  # noqa: F401
+
+    future: Future[SearchBackend] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(open_backend(config.home, config.index, config.backend, encoder_threads=config.threads))
+        except BaseException as exc:  # the service's first load raises it, as if it had opened the index itself
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="open-index", daemon=True).start()
+    return future

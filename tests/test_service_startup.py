@@ -1,0 +1,107 @@
+"""Start-up of the query service (issue 17: `serve` ready in <= 2 s on SciFact): the app imports
+XGBoost without scikit-learn's scipy.stats, the index opened in the background before the app
+existed is the one the first load serves (or its error is the one /ready reports), and a real
+`serve` process opens it that way and answers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from indexing.build import BuildSettings, build_index
+from indexing.corpus import CorpusSpec
+from search.app.config import load_service_config
+from search.backend_factory import open_backend
+from tests.conftest import ROOT, SMALL_DOCS, running_service, write_jsonl
+
+PROBE = """
+import sys
+import search.app.service
+print('LOADED', 'xgboost' in sys.modules, 'sklearn' in sys.modules, 'scipy.stats' in sys.modules)
+try:
+    import sklearn  # hidden from XGBoost only: still importable for anyone else
+    print('SKLEARN', sklearn.__name__)
+except ImportError:
+    print('SKLEARN', 'not installed')
+"""
+
+
+def test_the_app_imports_xgboost_without_scikit_learn():
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert "LOADED True False False" in result.stdout, result.stdout + result.stderr
+    assert "SKLEARN sklearn" in result.stdout or "SKLEARN not installed" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("startup")
+    home = root / "home"
+    corpus = write_jsonl(root / "corpus.jsonl", SMALL_DOCS)
+    build_index(home, "lex", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=lambda m: None)
+    return home
+
+
+def test_the_first_load_serves_the_index_opened_in_the_background(home, monkeypatch):
+    from search.app import state
+    from search.app.service import create_app
+
+    config = load_service_config(home, None, {"index": "lex"})
+    opened: Future = Future()
+    opened.set_result(open_backend(home, "lex", config.backend))
+    calls = []
+    monkeypatch.setattr(state, "open_backend", lambda *a, **k: calls.append(a) or open_backend(*a, **k))
+    with TestClient(create_app(config, opening=opened)) as client:
+        assert client.get("/ready").json()["ready"] is True
+        assert client.app.state.serving.snapshot.index is opened.result()  # the very object, not a second opening
+        assert calls == []
+        assert client.get("/search", params={"q": "cats", "pipeline": "bm25"}).status_code == 200
+        client.app.state.serving.reload()  # later reloads open the active generation afresh
+        assert len(calls) == 1
+
+
+def test_an_opening_that_failed_is_what_ready_reports(home):
+    from search.app.service import create_app
+
+    config = load_service_config(home, None, {"index": "lex"})
+    failed: Future = Future()
+    failed.set_exception(FileNotFoundError("index 'lex' vanished while opening"))
+    with TestClient(create_app(config, opening=failed)) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert "vanished while opening" in response.json()["reason"]
+
+
+def test_serve_opens_in_the_background_and_answers(home):
+    with running_service(home, "--name", "lex", "--no-access-log") as (url, process):
+        assert httpx.get(f"{url}/ready", timeout=10).json()["index"]["name"] == "lex"
+        hits = httpx.get(f"{url}/search", params={"q": "cats", "pipeline": "bm25"}, timeout=10).json()
+        assert hits["results"], hits
+
+
+def test_serve_reports_a_missing_index_on_ready(tmp_path):
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "search.app.cli", "--home", str(tmp_path / "empty"), "serve",
+                                "--port", str(port), "--name", "nope"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.time() < deadline
+                time.sleep(0.2)
+        assert response.status_code == 503 and "nope" in response.json()["reason"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
