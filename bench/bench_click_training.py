@@ -3,13 +3,14 @@ the CLI as a user runs it (no qrels are read by training):
 
     ltr-search simulate --dataset D --split train --sessions N --click-model M --pipeline hybrid-convex \\
         --exploration 0.1 --eta 1 --click-probs 0:0.05,1:0.95,2:0.95 --noise 0.1 --seed S
-    ltr-search train --from-events                  (defaults; --until T for the curve's prefixes)
+    ltr-search train --from-events                  (defaults)
     ltr-search eval --dataset D --split test --pipeline hybrid-convex,model:latest --json F
 
 The logging policy is fixed and `simulate` deals sessions round-robin over a seeded shuffle of the
 train queries, so the first k x |queries| sessions of one run with the largest k are exactly a run
-with k sessions per query: one simulation gives every point of the curve (training reads the log
-up to that session's timestamp). Each point: nDCG@10 of the click-trained model and of
+with k sessions per query: one simulation gives every point of the curve. Each smaller point is
+trained in a home of its own whose event store holds only that prefix (and whose behaviour
+aggregates are built from it), so no document click feature sees a later session. Each point: nDCG@10 of the click-trained model and of
 hybrid-convex on the test split, the paired difference with its 95% CI and Holm-corrected
 p-values (the eval's own significance block), the off-policy estimate train printed, and wall
 times. The machine is shared: times are indicative; the figures that matter are the nDCG pairs,
@@ -79,9 +80,37 @@ def prefix_end(events: Path, sessions: int) -> float | None:
     return None if row is None else float(row[0])
 
 
-def point(home: Path, dataset: Path, until: float | None, log: Path, out: Path) -> dict[str, Any]:
-    args = ["train", "--from-events", "--quiet"] + (["--until", repr(until)] if until is not None else [])
-    trained = cli(home, *args, log=log)
+def prefix_home(home: Path, target: Path, until: float) -> Path:
+    """A home sharing `home`'s index and encoder whose event store holds only the requests logged
+    before `until` (and their events); no behaviour aggregates, no models."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for part in ("indexes", "encoders"):
+        if (home / part).exists():
+            (target / part).symlink_to((home / part).resolve(), target_is_directory=True)
+    (target / "events").mkdir()
+    for events in (home / "events").glob("*.sqlite3"):
+        copy = target / "events" / events.name
+        source = sqlite3.connect(f"file:{events}?mode=ro", uri=True)
+        try:
+            source.backup(sqlite3.connect(copy))
+        finally:
+            source.close()
+        connection = sqlite3.connect(copy)
+        try:
+            with connection:
+                late = "SELECT seq FROM requests WHERE timestamp >= ?"
+                connection.execute(f"DELETE FROM events WHERE request_seq IN ({late})", (until,))
+                connection.execute(f"DELETE FROM request_results WHERE request_seq IN ({late})", (until,))
+                connection.execute("DELETE FROM requests WHERE timestamp >= ?", (until,))
+        finally:
+            connection.close()
+    return target
+
+
+def point(home: Path, dataset: Path, log: Path, out: Path) -> dict[str, Any]:
+    trained = cli(home, "train", "--from-events", "--quiet", log=log)
     estimate = next((line for line in trained.stdout.splitlines() if line.startswith("off-policy estimate")), None)
     model = next((line.split(":")[0].split()[1] for line in trained.stdout.splitlines() if line.startswith("model m")), None)
     evaluated = cli(home, "eval", "--dataset", str(dataset), "--split", "test", "--pipeline", "hybrid-convex,model:latest",
@@ -114,7 +143,8 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     points = {}
     for k in sorted(args.sessions_per_query):
         until = prefix_end(events, k * n_queries) if k < biggest else None
-        points[str(k)] = point(home, dataset, until, log, work / name / f"eval-{k}.json")
+        where = home if until is None else prefix_home(home, work / name / f"prefix-{k}", until)
+        points[str(k)] = point(where, dataset, log, work / name / f"eval-{k}.json")
         print(f"{args.dataset} {args.click_model} {k}/query: {json.dumps(points[str(k)]['ndcg@10'])} "
               f"diff {points[str(k)]['vs_hybrid_convex']}", file=sys.stderr)
     return {"dataset": args.dataset, "click_model": args.click_model, "seed": args.seed, "train_queries": n_queries,

@@ -215,12 +215,10 @@ def _ranking_from_json(text: str) -> tuple[tuple[str, float], ...]:
 
 def scoring_problem(served: "LtrPipeline", other: "LtrPipeline") -> str | None:
     """Why `other` cannot score the windows `served` ranks, or None when it can. A served window
-    carries no candidates, so a model reading another feature set is refused up front."""
+    carries its candidates, so another feature set or base stage is computed from them; another
+    candidate window (fusion settings) is not the served one."""
     if getattr(other, "fusion", None) != getattr(served, "fusion", None):
         return "it would rank another candidate window (other fusion settings)"
-    if tuple(other.feature_names) != tuple(served.feature_names):
-        return (f"it reads feature set {other.features.name}, the active model {served.features.name}; computing "
-                "its features for the served window needs the window's candidates on ScoredWindow")
     return None
 
 
@@ -248,10 +246,15 @@ def window_scores(other: "LtrPipeline", query: str, window: "ScoredWindow") -> n
     if not len(window):
         return np.empty(0)
     stage = other.model.stage
-    if stage is not None and stage != window.stage:
-        raise ExperimentScoringError(f"model {other.version} is staged on {stage.name}, which the served window "
-                                     "does not carry; serve it on a model with the same base stage")
-    base = window.base if stage is not None else None
+    base = None
+    if stage is not None and stage == window.stage:
+        base = window.base
+    elif stage is not None:  # another base stage: its margin, from the served window's candidates
+        candidates = getattr(window, "candidates", None)
+        if candidates is None:
+            raise ExperimentScoringError(f"model {other.version} is staged on {stage.name}, and the served window "
+                                         "carries no candidates to compute that base from")
+        base = stage.margin(candidates)
     return np.asarray(other.model.predict(window_features(other, query, window), base), dtype=np.float64)
 
 

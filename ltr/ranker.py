@@ -70,11 +70,13 @@ class ScoredWindow:
 
     The window is held as arrays (backend rows and fused scores); `hits` - one `Hit` per
     candidate, with its string id - is made on first use only, for callers that walk the whole
-    window (filters and rules in `search.ranking`). `page(k)` makes `Hit`s for the top k only."""
+    window (filters and rules in `search.ranking`). `page(k)` makes `Hit`s for the top k only.
+    `candidates` is the window itself (aligned with `rows`): shadow and challenger models that read
+    another feature set, or stand on another base stage, compute theirs from it."""
 
     def __init__(self, rows: np.ndarray, first_stage: np.ndarray, id_table: Sequence[str], scores: np.ndarray,
                  features: np.ndarray, feature_names: tuple[str, ...], timings_ms: dict[str, float] | None = None,
-                 base: np.ndarray | None = None, stage: BaseStage | None = None):
+                 base: np.ndarray | None = None, stage: BaseStage | None = None, candidates: Candidates | None = None):
         self.rows = rows  # int64 backend rows, first-stage order
         self.first_stage = first_stage  # fused RRF score, aligned with rows
         self.id_table = id_table
@@ -84,6 +86,7 @@ class ScoredWindow:
         self.timings_ms = timings_ms if timings_ms is not None else {}
         self.base = base  # a staged model's base margin, aligned with rows (None: a plain model)
         self.stage = stage  # the stage `base` is the margin of
+        self.candidates = candidates  # the candidate window, first-stage order (None: not kept)
         self._hits: list[Hit] | None = None
 
     def __len__(self) -> int:
@@ -113,7 +116,7 @@ class ScoredWindow:
     def replayed(self) -> "ScoredWindow":
         """The same window answered from the cache (its own timings)."""
         return ScoredWindow(self.rows, self.first_stage, self.id_table, self.scores, self.features,
-                            self.feature_names, {"cached": 0.0}, self.base, self.stage)
+                            self.feature_names, {"cached": 0.0}, self.base, self.stage, self.candidates)
 
 
 class LtrPipeline:
@@ -220,7 +223,7 @@ class LtrPipeline:
         scores = self.model.predict(features, base) if len(features) else np.empty(0)
         timings["score"] = _ms_since(started)
         scored = ScoredWindow(window.rows, window.rrf, window.id_table, scores, features, self.features.names, timings, base,
-                              self.model.stage)
+                              self.model.stage, window)
         if not self.uses_behaviour:
             with self._cache_lock:
                 self._cache[key] = scored

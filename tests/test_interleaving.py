@@ -406,17 +406,15 @@ def test_unusable_experiment_models_never_break_serving(two_models, tmp_path):
 
 
 def test_other_feature_sets_score_the_served_window_through_the_one_feature_path(two_models):
-    """A model reading other features gets them for the SAME window via extract_features, once
-    the window carries its candidates; until then it is refused up front, not per request."""
+    """A model reading other features gets them for the SAME window via extract_features: the
+    served window keeps its candidates (a cached replay too). A window without them is refused."""
     from types import SimpleNamespace
 
     from ltr.experiments import ExperimentScoringError, scoring_problem, window_features
     from ltr.features import feature_set
     from ltr.ranker import LtrPipeline, registry_pipeline
-    from ltr.training import build_rows, candidate_window
+    from ltr.training import build_rows
     from search.embedded import EmbeddedIndex
-    from search.fusion import DEFAULT_RRF_K, fuse_reciprocal_rank
-    from search.hybrid import Candidates
     from tests.test_ltr import WINDOW
 
     home = two_models["home"]
@@ -424,19 +422,18 @@ def test_other_feature_sets_score_the_served_window_through_the_one_feature_path
     served = registry_pipeline(index, home, "m0001")
     basic = LtrPipeline(index, features=feature_set("basic"), fusion=WINDOW)
     assert scoring_problem(served, registry_pipeline(index, home, "m0002")) is None
-    problem = scoring_problem(served, basic)
-    assert problem is None or "candidates" in problem
     query = "comet dust tail"
     scored = served.rank_window(query)
-    with pytest.raises(ExperimentScoringError, match="no candidates"):
-        window_features(basic, query, scored)
-    window = candidate_window(index, query, WINDOW)
-    order = np.argsort(-fuse_reciprocal_rank([window.bm25_rank, window.dense_rank], DEFAULT_RRF_K), kind="stable")
-    in_order = window.take(order)
-    with_candidates = SimpleNamespace(hits=scored.hits, features=scored.features, feature_names=scored.feature_names,
-                                      candidates=in_order)
-    assert window_features(served, query, with_candidates) is scored.features  # same set: the matrix is reused
-    computed = window_features(basic, query, with_candidates)
-    rows = build_rows(index, {"q": query}, {}, feature_set("basic"), WINDOW)  # the training path
+    if served.fusion != WINDOW:
+        assert "fusion" in scoring_problem(served, basic)
+        basic = LtrPipeline(index, features=feature_set("basic"), fusion=served.fusion)
+    assert scoring_problem(served, basic) is None
+    assert scored.candidates is not None and list(scored.candidates.doc_ids) == [hit.doc_id for hit in scored.hits]
+    assert window_features(served, query, scored) is scored.features  # same set: the matrix is reused
+    rows = build_rows(index, {"q": query}, {}, feature_set("basic"), served.fusion)  # the training path
     expected = rows.features[[rows.doc_ids.index(hit.doc_id) for hit in scored.hits]]
-    assert computed.tobytes() == expected.tobytes()
+    for window in (scored, served.rank_window(query)):  # computed, then replayed from the window cache
+        assert window_features(basic, query, window).tobytes() == expected.tobytes()
+    bare = SimpleNamespace(hits=scored.hits, features=scored.features, feature_names=scored.feature_names)
+    with pytest.raises(ExperimentScoringError, match="no candidates"):
+        window_features(basic, query, bare)
