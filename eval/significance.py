@@ -63,7 +63,7 @@ def paired_randomisation_test(
 ) -> float:
     """Two-sided p-value of the mean difference under random sign flips of each query's difference."""
     difference = np.asarray(scores, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    if len(difference) == 0:
+    if len(difference) < 2:  # one query: no test (NaN), as the t-test; `significant` is then False
         return float("nan")
     if not np.any(difference):
         return 1.0

@@ -335,6 +335,20 @@ def test_cli_eval_compares_two_pipelines_with_significance(small_dataset: Path, 
     assert (tmp_path / "rep" / "x-per-query-ndcg-10.png").is_file()
 
 
+def test_cli_eval_with_one_judged_query_reports_no_test_instead_of_crashing(small_dataset: Path, home: Path,
+                                                                          tmp_path: Path):
+    first = SMALL_QRELS.strip().splitlines()[1]  # the header, then one judgment of one query
+    (small_dataset / "qrels" / "test.tsv").write_text(SMALL_QRELS.strip().splitlines()[0] + "\n" + first + "\n")
+    run_cli(home, "index", "build", "--dataset", str(small_dataset), "--name", "smallds", "--no-dense", "--quiet")
+    poor = tmp_path / "poor.run"
+    poor.write_text("q1 Q0 nope 1 1.0 poor\n")
+    payload = json.loads(run_cli(home, "eval", "--dataset", str(small_dataset), "--pipeline", "bm25", "--run-file", str(poor),
+                                 "--baseline", "poor", "--json", "-").stdout)
+    assert payload["queries"] == 1
+    comparison = payload["significance"]["comparisons"]["bm25"]["nDCG@10"]
+    assert comparison["significant"] is False and comparison["wins"] == 1  # one query decides nothing
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
