@@ -536,6 +536,11 @@ class ModelRegistry:
     def active(self) -> str | None:
         return self._read_active()["active"]
 
+    def rollback_target(self) -> str | None:
+        """The version `rollback` would re-activate (the last one on the history), or None."""
+        history = self._read_active()["history"]
+        return history[-1] if history else None
+
     # ----- writing ---------------------------------------------------------------------------
     def save(
         self,

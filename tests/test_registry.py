@@ -218,10 +218,12 @@ def test_promote_and_rollback_keep_history(registry, booster):
     pointer_path = registry_dir(registry.home) / "active.json"
     pointer = json.loads(pointer_path.read_text())
     assert pointer == {"active": "m0003", "history": ["m0001", "m0002"]}
+    assert registry.rollback_target() == "m0002"  # what the dashboard marks as "previous"
     assert registry.rollback() == "m0002"
     assert registry.active() == "m0002"
     assert registry.rollback() == "m0001"
     assert json.loads(pointer_path.read_text()) == {"active": "m0001", "history": []}
+    assert registry.rollback_target() is None
     with pytest.raises(RegistryError, match="no previous model to roll back to \\(active: m0001"):
         registry.rollback()
     assert registry.active() == "m0001"

@@ -42,11 +42,10 @@ def model_rows(home: Path) -> tuple[list[ModelRow], str | None]:
     registry = ModelRegistry(home)
     try:
         active = registry.active()
-        history = registry._read_active().get("history") or []  # the rollback target; no public reader yet
+        previous = registry.rollback_target()
         manifests: list[ModelManifest] = registry.versions()
     except (RegistryError, OSError, ValueError) as exc:
         return [], str(exc)
-    previous = history[-1] if history else None
     rows = [ModelRow(m.version, m.created_at, "active" if m.version == active else "previous" if m.version == previous else "",
                      f"{m.feature_set.get('name', '?')} v{m.feature_set.get('version', '?')}",
                      {k: v for k, v in m.metrics.items() if isinstance(v, (int, float))})
