@@ -176,7 +176,8 @@ class BM25Index:
         table[term_ids[known]] = np.flatnonzero(known)
         try:
             query = QueryTerms.of(term_ids, self.query_bigram_ids(tokens), table)
-            matches = {name: field_matches(field, query, doc_indices)
+            window = SortedWindow.of(doc_indices)
+            matches = {name: field_matches(field, query, doc_indices, window)
                        for name, field in self.fields.items() if name != COMBINED_FIELD}
         finally:
             table[term_ids[known]] = -1
@@ -402,7 +403,7 @@ class QueryTerms:
 
     term_ids: np.ndarray  # int64 per column, -1 for a term the index never saw
     bigrams: np.ndarray  # int64 [pair, 2]: (first, second) term ids
-    pair_columns: np.ndarray  # int64 [first column * T + second column] -> bigram column, -1 if none
+    pair_columns: np.ndarray  # int64 [first column * (T + 1) + second column + 1] -> bigram column, -1 if none
     columns: np.ndarray | None  # term id -> column (-1: not a query term), vocabulary size + 1; None: searched
     starts_bigram: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, bool))  # per column: first term of a known bigram
 
@@ -410,12 +411,12 @@ class QueryTerms:
     def of(cls, term_ids: np.ndarray, bigrams: np.ndarray, columns: np.ndarray | None) -> "QueryTerms":
         query = cls(np.asarray(term_ids, dtype=np.int64), bigrams, np.empty(0, np.int64), columns)
         n = len(query.term_ids)
-        query.pair_columns = np.full(n * n, -1, dtype=np.int64)
+        query.pair_columns = np.full(n * (n + 1), -1, dtype=np.int64)  # second column -1 (not a query term) has a slot
         query.starts_bigram = np.zeros(n, dtype=bool)
         known = np.flatnonzero((bigrams >= 0).all(axis=1))
         if len(known):
             first, second = query.column_of(bigrams[known, 0]), query.column_of(bigrams[known, 1])
-            query.pair_columns[first * n + second] = known
+            query.pair_columns[first * (n + 1) + second + 1] = known
             query.starts_bigram[first] = True
         return query
 
@@ -448,19 +449,19 @@ def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np
 def bigrams_in_columns(query: QueryTerms, columns: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     """Bigram coverage of `n` candidates from their tokens' columns (`QueryTerms.columns_of_tokens`
     of `candidate_tokens`): every adjacent pair of tokens within one candidate."""
-    same = owner[1:] == owner[:-1]
-    return bigram_share(query, columns[:-1][same], columns[1:][same], owner[1:][same], n)
+    pair = (owner[1:] == owner[:-1]) & (columns[:-1] >= 0)
+    return bigram_share(query, columns[:-1][pair].astype(np.int64), columns[1:][pair].astype(np.int64), owner[1:][pair], n)
 
 
 def bigram_share(query: QueryTerms, first: np.ndarray, second: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     """Share of the query's bigrams found among the (first, second) column pairs of each owner
-    candidate (-1: not a query term)."""
-    found = np.zeros((n, len(query.bigrams)), dtype=bool)
-    pair = (first >= 0) & (second >= 0)
-    if pair.any():
-        bigram = query.pair_columns[first[pair].astype(np.int64) * len(query.term_ids) + second[pair]]
-        found[owner[pair][bigram >= 0], bigram[bigram >= 0]] = True
-    return (found.sum(axis=1) / len(query.bigrams)).astype(np.float32)
+    candidate (`second` -1: not a query term; `first` is one)."""
+    found = np.zeros((len(query.bigrams), n), dtype=bool)  # [bigram, candidate]: the count runs over candidates
+    if len(first):
+        bigram = query.pair_columns[first * (len(query.term_ids) + 1) + second + 1]
+        is_pair = bigram >= 0
+        found[bigram[is_pair], owner[is_pair]] = True
+    return (found.sum(axis=0) / len(query.bigrams)).astype(np.float32)
 
 
 @dataclass
@@ -473,11 +474,11 @@ class FieldMatches:
     bigram_coverage: np.ndarray | None = None
 
 
-def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray) -> FieldMatches:
+def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, window: SortedWindow | None = None) -> FieldMatches:
     """A source field's `FieldMatches` for a window: its postings of the query terms in the
     candidates, read once for the weights, the term frequencies and the bigrams."""
     shape = (len(doc_indices), len(query.term_ids))
-    hits = posting_hits(field.weights, query.term_ids, doc_indices)
+    hits = posting_hits(field.weights, query.term_ids, doc_indices, window)
     return FieldMatches(hits.dense(field.weights.data, shape), hits.dense(field.term_freqs, shape),
                         bigram_coverage_of_postings(query, hits, field, doc_indices))
 
@@ -513,9 +514,10 @@ def candidate_weights(field: FieldIndex, term_ids: np.ndarray, tf: np.ndarray, d
     stored postings' weights (0 where the term is absent)."""
     idf = field.idf[np.maximum(term_ids, 0)].astype(np.float32)[None, :]
     norms = length_norms(field.doc_lengths[doc_indices], field.avg_length, settings)[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where an empty document lacks a term
-        weights = bm25_weights(idf, tf, norms)
-    return np.where(tf > 0, weights, np.float32(0)).astype(np.float32, copy=False)
+    if (norms > 0).all():  # an absent term (tf 0) weighs 0 / norm = 0 exactly
+        return bm25_weights(idf, tf, norms)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where a norm is 0 (k1 = 0, or b = 1 and no tokens)
+        return np.where(tf > 0, bm25_weights(idf, tf, norms), np.float32(0)).astype(np.float32, copy=False)
 
 
 def successor_postings(token_ids: np.ndarray, offsets: np.ndarray, n_terms: int, n_postings: int) -> tuple[np.ndarray, np.ndarray]:
@@ -565,7 +567,24 @@ class PostingHits:
         return out
 
 
-def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray) -> PostingHits:
+@dataclass(frozen=True)
+class SortedWindow:
+    """A window's candidates in document order, sorted once for every field's posting search."""
+
+    order: np.ndarray  # candidate positions by ascending document
+    needles: np.ndarray  # their documents, int32 (the postings' dtype) when they fit
+
+    @classmethod
+    def of(cls, doc_indices: np.ndarray) -> "SortedWindow":
+        order = np.argsort(doc_indices, kind="stable")
+        needles = doc_indices[order]
+        if len(needles) and needles[-1] <= np.iinfo(np.int32).max:
+            needles = needles.astype(np.int32)
+        return cls(order, needles)
+
+
+def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray,
+                 window: SortedWindow | None = None) -> PostingHits:
     """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none).
 
     One binary search of the sorted candidates per query term (the only loop, over terms), then
@@ -576,10 +595,10 @@ def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.nd
     if not n or not n_terms or not len(indices):
         empty = np.empty(0, dtype=np.int64)
         return PostingHits(empty, empty, empty)
-    order = np.argsort(doc_indices, kind="stable")
-    needles = doc_indices[order]
-    if indices.dtype == np.int32 and needles[-1] <= np.iinfo(np.int32).max:
-        needles = needles.astype(np.int32)
+    window = window or SortedWindow.of(doc_indices)
+    order, needles = window.order, window.needles
+    if needles.dtype != indices.dtype:
+        needles = needles.astype(np.int64)
     safe = np.maximum(term_ids, 0)
     starts = np.where(term_ids >= 0, indptr[safe], 0)
     ends = np.where(term_ids >= 0, indptr[safe + 1], 0)

@@ -78,10 +78,12 @@ QUERIES = [
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_candidate_stats_equal_a_plain_reference(seed):
+@pytest.mark.parametrize("settings", [BM25Settings(k1=1.2, b=0.75), BM25Settings(k1=0.9, b=1.0), BM25Settings(k1=0.0, b=0.4)],
+                         ids=["lucene", "b=1: an empty field has norm 0", "k1=0: every norm is 0"])
+def test_candidate_stats_equal_a_plain_reference(seed, settings):
     rng = np.random.default_rng(seed)
     docs = random_docs(rng, 60)
-    index = build(docs)
+    index = build(docs, settings)
     rows = np.concatenate([rng.permutation(60)[:45], [3, 3, 59]])  # unsorted, with duplicates
     for query in QUERIES + [[VOCABULARY[int(i)] for i in rng.integers(0, 40, 8)] for _ in range(5)]:
         assert_matches_reference(index, docs, query, rows)
