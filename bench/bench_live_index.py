@@ -4,6 +4,7 @@
     python bench/bench_live_index.py --part rebuild      # cold build vs rebuild after a 1% change
     python bench/bench_live_index.py --part live         # upserts, deltas, query latency, compaction, churn nDCG
     python bench/bench_live_index.py --part latency --live-kinds bm25   # only the query latency at 0/1/10/30%
+    python bench/bench_live_index.py --part latency --live-kinds bm25 --synthetic-docs 50000  # and a larger base
 
 Part "rebuild" (dense, the costly case; issue 18 goal: <= 10% of a cold build, same result):
   1. cold build of SciFact in a fresh home (empty vector cache)               -> cold_s
@@ -280,7 +281,8 @@ def _label(fraction: float) -> str:
 
 
 def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, dense: bool,
-                 train_queries: int = 200, repeat: int = 2) -> dict:
+                 train_queries: int = 200, repeat: int = 3, corpus: Path | None = None,
+                 fractions: tuple[float, ...] = FRACTIONS, label: str | None = None) -> dict:
     """Query latency with a delta of 0% (compacted: a build of the same final corpus, which is
     what compaction yields), 1%, 10% and 30% of the corpus, all four indexes open in one process
     and measured per query back to back, in a rotating order (machine load hits all alike):
@@ -289,8 +291,12 @@ def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, den
         page's stored fields) for `bm25`, and on a dense index `hybrid-convex` and `ltr` (a
         LambdaMART fitted here on `train_queries` SciFact train queries; its window cache is
         cleared before each request, query vectors come from the warm encoder LRU, the same for all).
+    `corpus`: build from this corpus instead of SciFact's (BM25 only; `synthetic_latency`).
     The deltas re-upsert unchanged documents, so every index holds the same final corpus; then
-    each delta is compacted (compaction_s). Overheads are ratios to the 0% index minus 1."""
+    each delta is compacted (compaction_s). Overheads are ratios to the 0% index minus 1: of the
+    means and medians of all samples, and `paired`: the median over queries of (the query's fastest
+    of `repeat` runs on this index / its fastest on the 0% index) - 1, the figure least moved by
+    other processes' load on a shared machine."""
     from eval.datasets import read_qrels, read_queries
     from indexing.build import BuildSettings, build_index, compact_index
     from indexing.corpus import CorpusSpec
@@ -302,13 +308,13 @@ def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, den
     from search.limits import DEFAULT_RERANK_WINDOW
     from search.ranking import RankingPipeline, RankingRequest
 
-    label = "dense" if dense else "bm25"
+    label = label or ("dense" if dense else "bm25")
     home = LIVE_HOME
     rng = np.random.default_rng(3)
     indexes = {}
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         name = f"lat-{label}-{round(fraction * 100)}"
-        built = build_index(home, name, BuildSettings(corpus=CorpusSpec(str(scifact)), dense=dense, keep=1),
+        built = build_index(home, name, BuildSettings(corpus=CorpusSpec(str(corpus or scifact)), dense=dense, keep=1),
                             progress=False, log=quiet)
         print(f"built {name}: {built.vectors_encoded} vectors encoded, {built.vectors_cached} from the cache", flush=True)
         picked = rng.choice(len(documents), size=round(fraction * len(documents)), replace=False)
@@ -363,14 +369,34 @@ def latency_part(scifact: Path, documents: list, queries: dict, qrels: dict, den
         out[key] = {"delta_rows": indexes[key].live_status()["delta_rows"],
                     **{metric: _percentiles(values) for metric, values in samples[key].items()}}
     peer = out["0%"]
+
+    def fastest(key: str, metric: str) -> np.ndarray:  # per query, its fastest run (samples are round-major)
+        return np.asarray(samples[key][metric]).reshape(repeat, len(queries)).min(axis=0)
+
     for key in keys[1:]:
         out[key]["overhead"] = {metric: {"mean": round(out[key][metric]["mean_ms"] / peer[metric]["mean_ms"] - 1, 3),
-                                         "p50": round(out[key][metric]["p50_ms"] / peer[metric]["p50_ms"] - 1, 3)}
+                                         "p50": round(out[key][metric]["p50_ms"] / peer[metric]["p50_ms"] - 1, 3),
+                                         "paired": round(float(np.median(fastest(key, metric) / fastest("0%", metric))) - 1, 3)}
                                 for metric in samples[key]}
         _, seconds = _timed(compact_index, home, f"lat-{label}-{key.rstrip('%')}", log=quiet)
         out[key]["compaction_s"] = round(seconds, 2)
     print(json.dumps({f"{label} overheads": {k: out[k]["overhead"] for k in keys[1:]}}, indent=2), flush=True)
     return out
+
+
+def synthetic_latency(docs: int, n_queries: int = 300) -> dict:
+    """BM25 query latency at delta 0% and 10% on a synthetic corpus of `docs` documents
+    (bench/synthetic_corpus.py, 2-8 word queries): how the delta's fixed per-query cost weighs
+    against a larger base than SciFact's 5k documents."""
+    from bench.synthetic_corpus import SyntheticSpec, ensure_corpus, ensure_queries, read_queries as read_synthetic
+    from indexing.corpus import CorpusSpec, read_corpus
+
+    spec = SyntheticSpec(docs=docs)
+    corpus = ensure_corpus(spec, log=quiet)
+    queries = dict(read_synthetic(ensure_queries(spec, n_queries, log=quiet)))
+    documents = read_corpus(CorpusSpec(str(corpus))).documents
+    return {"documents": len(documents), **latency_part(DATASETS / "scifact", documents, queries, {}, False, repeat=3,
+                                                         corpus=corpus, fractions=(0.0, 0.10), label=f"bm25-syn{docs}")}
 
 
 def merge_results(part: str, result: dict) -> None:
@@ -395,6 +421,8 @@ def main() -> None:
                         help="latency: only the live part's query latency at delta 0/1/10/30%%")
     parser.add_argument("--fraction", type=float, default=0.01, help="share of documents changed before the rebuild")
     parser.add_argument("--live-kinds", default="bm25,dense", help="live part: bm25, dense or both (comma-separated)")
+    parser.add_argument("--synthetic-docs", type=int, default=0,
+                        help="latency part: also BM25 at delta 0%% and 10%% on a synthetic corpus of this many documents")
     args = parser.parse_args()
     scifact = DATASETS / "scifact"
     if not (scifact / "corpus.jsonl").is_file():
@@ -407,6 +435,8 @@ def main() -> None:
     if args.part in ("live", "latency", "all"):
         result = live_part(scifact, tuple(args.live_kinds.split(",")), latency_only=args.part == "latency")
         print(json.dumps(result, indent=2))
+        if args.synthetic_docs:
+            result[f"bm25_synthetic_{args.synthetic_docs}"] = {"query_latency": synthetic_latency(args.synthetic_docs)}
         merge_results(args.part if args.part == "latency" else "live", result)
 
 
