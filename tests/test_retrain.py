@@ -101,6 +101,30 @@ def test_retrain_exit_codes_and_the_lock(logged, tmp_path):
     assert broken.returncode == EXIT_ERROR and "no event store" in broken.stderr
 
 
+def test_retrain_with_judgments_trains_both_candidates_and_promotes_the_better_by_the_gate(logged, tmp_path):
+    home, dataset = logged["home"], logged["dataset"]
+    registry = ModelRegistry(home)
+    state = home / "retrain" / "topics.json"
+    state.unlink(missing_ok=True)  # every logged page counts as new
+    refused = retrain(home, "--train-dataset", str(dataset))
+    assert refused.returncode == EXIT_ERROR and "--dataset PATH --split SPLIT" in refused.stderr
+    before = set(registry.version_ids())
+    run = retrain(home, "--train-dataset", str(dataset), "--dataset", str(dataset), "--split", "test",
+                  "--json", str(tmp_path / "run.json"), "--force")
+    assert run.returncode == EXIT_PROMOTED, run.stderr
+    report = json.loads((tmp_path / "run.json").read_text())
+    candidates = report["candidates"]
+    assert set(candidates) == set(registry.version_ids()) - before and len(candidates) == 2
+    assert sorted(c["trained_on"].split()[0] for c in candidates.values()) == ["clicks", "judgments"]
+    means = {v: c["gate"]["means"][v] for v, c in candidates.items()}
+    eligible = [v for v, c in candidates.items() if not c["gate"]["worse_than"]] or [report["click_candidate"]]
+    assert report["candidate"] == max(eligible, key=means.get) == registry.active()
+    state.unlink()
+    trained_on_test = retrain(home, "--train-dataset", str(dataset), "--train-split", "test", "--dataset", str(dataset),
+                              "--split", "test")
+    assert trained_on_test.returncode == EXIT_ERROR and "neither model has seen" in trained_on_test.stderr
+
+
 def test_kill_9_during_retrain_leaves_the_active_model_and_events_intact(logged):
     home = logged["home"]
     registry = ModelRegistry(home)

@@ -234,6 +234,10 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--force", action="store_true", help="promote even when the gate refuses")
     job.add_argument("--min-new-pages", type=int, default=1,
                      help="clicked pages logged since the last run needed to train (default 1)")
+    job.add_argument("--train-dataset", metavar="PATH",
+                     help="judgments too: also train a candidate on this BEIR dataset's --train-split (as `train "
+                          "--dataset`); the gate (--dataset/--split, required then) promotes the better candidate")
+    job.add_argument("--train-split", default="train", help="the judged split of --train-dataset (default train)")
     job.add_argument("--report", metavar="DIR", help="where the markdown report and plot go (default HOME/reports)")
     job.add_argument("--json", dest="json_out", metavar="OUT", help="also write the report as JSON")
 
@@ -334,12 +338,20 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
             "last run")
         if new_pages < max(args.min_new_pages, 1):
             return _finish(home, args, report, EXIT_NOTHING_NEW, state_path, state, None)
+        if args.train_dataset and not (args.dataset and args.split):
+            raise ValueError("--train-dataset needs the gate's held-out judged queries (--dataset PATH --split SPLIT) "
+                             "to choose between the click-trained and the judgment-trained candidate")
+        if args.train_dataset and (Path(args.train_dataset).resolve(), args.train_split) == (Path(args.dataset).resolve(), args.split):
+            raise ValueError(f"--train-split {args.train_split} is the gate's --split: the gate needs queries neither "
+                             "model has seen (another split)")
         manifest, result, record = train_click_model(home, args, quiet=True)
-        report["candidate"] = manifest.version
+        report["candidate"] = report["click_candidate"] = manifest.version
         report["training"] = {k: record[k] for k in ("clicked_pages", "queries", "labels", "off_policy", "time_range")}
         report["trees"] = result.fitted.trained.trees
         if result.estimate is not None:
             log(result.estimate.line())
+        if args.train_dataset:
+            manifest = _better_candidate(home, args, manifest, report)
         promote_args = argparse.Namespace(
             version=manifest.version, dataset=args.dataset, split=args.split if args.dataset else None,
             name=index, force=args.force, quiet=True, json=False, backend=getattr(args, "backend", None),
@@ -354,6 +366,37 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         return _finish(home, args, report, EXIT_PROMOTED, state_path, new_state, result)
     finally:
         lock.release()
+
+
+def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report: dict[str, Any]) -> Any:
+    """Train a candidate on the judged `--train-dataset` too (the `train --dataset` path), gate
+    both on the held-out `--dataset/--split`, and return the one with the higher gate metric of
+    those not significantly worse than a reference (the click candidate when neither is)."""
+    import contextlib
+
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+    from search.app.cli.models import cmd_train, promotion_gate  # lazy: start-up time
+
+    judged_args = argparse.Namespace(**{**vars(args), "dataset": args.train_dataset, "split": args.train_split,
+                                        "from_events": False, "feature_set": None, "base_model": None})
+    registry = ModelRegistry(home)
+    with contextlib.redirect_stdout(sys.stderr):  # its training report goes to the log
+        cmd_train(home, judged_args)
+    judged = registry.manifest(registry.version_ids()[-1])
+    active = registry.active()
+    active_manifest = registry.manifest(active) if active else None
+    gates = {m.version: promotion_gate(home, args, m, active_manifest) for m in (clicked, judged)}
+    report["candidates"] = {version: {"trained_on": "clicks" if version == clicked.version else
+                                      f"judgments ({args.train_dataset}, {args.train_split})", "gate": gate.to_dict()}
+                            for version, gate in gates.items()}
+    eligible = [m for m in (clicked, judged) if not gates[m.version].worse_than()] or [clicked]
+    chosen = max(eligible, key=lambda m: gates[m.version].means[m.version])
+    for version, gate in gates.items():
+        log(f"retrain[{report['index']}]: candidate {version} ({report['candidates'][version]['trained_on']}): gate "
+            f"nDCG@10 {gate.means[version]:.4f}" + (f", worse than {', '.join(gate.worse_than())}" if gate.worse_than() else ""))
+    log(f"retrain[{report['index']}]: the better candidate is {chosen.version}")
+    report["candidate"] = chosen.version
+    return chosen
 
 
 def _clicked_pages_since(events: Any, since: float | None) -> int:
@@ -398,7 +441,7 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
              f"- clicked pages since the last run: {report['new_clicked_pages']:,}"]
     if report.get("candidate"):
         training = report["training"]
-        lines += [f"- candidate: `{report['candidate']}` ({report['trees']} trees), from {training['clicked_pages']:,} "
+        lines += [f"- click-trained candidate: `{report['click_candidate']}` ({report['trees']} trees), from {training['clicked_pages']:,} "
                   f"clicked pages of {training['queries']:,} queries, click model {training['labels']['model']}, "
                   f"grades {training['labels']['grades']}"]
         estimate = training.get("off_policy")
@@ -407,6 +450,13 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
                       f"{estimate['model']:.4f} vs logging policy {estimate['logging']:.4f}, difference "
                       f"{estimate['difference']:+.4f} (95% CI {estimate['ci'][0]:+.4f} .. {estimate['ci'][1]:+.4f}): "
                       f"{estimate['verdict']}"]
+    for version, candidate in (report.get("candidates") or {}).items():
+        gate = candidate["gate"]
+        lines += [f"- candidate `{version}` trained on {candidate['trained_on']}: gate {gate['metric']} "
+                  f"{gate['means'][version]:.4f} on {gate['queries']:,} held-out queries"
+                  + (f", significantly worse than {', '.join(gate['worse_than'])}" if gate["worse_than"] else "")]
+    if report.get("candidates"):
+        lines += [f"- chosen: `{report['candidate']}`"]
     if report.get("refused"):
         lines += [f"- refused: {report['refused']}"]
     if plot is not None:
