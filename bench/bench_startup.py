@@ -6,7 +6,8 @@
 - `ltr-search --help`: wall time of the whole process (goal <= 0.3 s);
 - `ltr-search serve` on 127.0.0.1 and a free port: from spawning the process to the first
   GET /ready answering 200 (goal <= 2 s on SciFact), then to the first answered `ltr` search
-  (`/search?q=...`, what a client waits for after /ready), each polled every 10 ms;
+  (`/search?q=...`, what a client waits for after /ready), each polled every 10 ms; and the CPU
+  time the serve process had used when /ready first answered (all threads; robust to load);
 - floors, in the same run: `python -c pass` (the interpreter alone) and `python -c "import fastapi,
   uvicorn"` (the web stack alone), what any Python service pays;
 - with `--peer-tree DIR`, the same commands run from another source tree (e.g. the commit before,
@@ -89,6 +90,7 @@ def serve_once(tree: Path, home: Path, name: str | None, query: str, timeout_s: 
             status, _ = get(f"{base}/ready")
             if status == 200:
                 out["ready_s"] = time.perf_counter() - started
+                out["ready_cpu_s"] = process_cpu_seconds(process.pid)
             else:
                 time.sleep(POLL_S)
         while "first_search_s" not in out:
@@ -108,6 +110,13 @@ def serve_once(tree: Path, home: Path, name: str | None, query: str, timeout_s: 
             process.kill()
             process.wait()
     return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, all its threads (Linux /proc): what
+    its start-up costs whatever else the machine runs, unlike the wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -138,6 +147,7 @@ def main() -> None:
             samples.setdefault(f"{label}: ltr-search --help", []).append(timed_process(cli("--help"), tree))
             served = serve_once(tree, args.home, args.name, args.query, args.timeout)
             samples.setdefault(f"{label}: serve ready", []).append(served["ready_s"])
+            samples.setdefault(f"{label}: serve CPU until ready", []).append(served["ready_cpu_s"])
             samples.setdefault(f"{label}: serve first search", []).append(served["first_search_s"])
             pipelines.add(served.get("pipeline"))
             log(f"run {run + 1} {label}: --help {samples[f'{label}: ltr-search --help'][-1]:.3f} s, ready {served['ready_s']:.3f} s, "
@@ -145,7 +155,7 @@ def main() -> None:
     results = {name: summary(values) for name, values in samples.items()}
     ratios = {}
     if "peer" in trees:
-        for what in ("ltr-search --help", "serve ready", "serve first search"):
+        for what in ("ltr-search --help", "serve ready", "serve CPU until ready", "serve first search"):
             ratios[what] = round(results[f"ours: {what}"]["median"] / results[f"peer: {what}"]["median"], 3)
     report = {
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),

@@ -15,11 +15,11 @@ once per occurrence, like a Lucene BooleanQuery of their term queries.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from array import array
 from collections import Counter
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -128,7 +128,8 @@ class BM25Index:
         self.fields = fields
         self.settings = settings
         self.n_docs = len(next(iter(fields.values())).doc_lengths)
-        self._scratch = threading.local()
+        self._tables: list[np.ndarray] = []  # spare term -> query column tables (`_borrow_table`)
+        self._tables_lock = threading.Lock()
 
     # ----- query side -------------------------------------------------------------------------
     def query_term_ids(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +173,7 @@ class BM25Index:
         counts = np.array([occurrences[t] for t in distinct], dtype=np.float32)
         known = np.array([t in self.term_to_id for t in distinct], dtype=bool)
         term_ids = np.array([self.term_to_id.get(t, -1) for t in distinct], dtype=np.int64)
-        table = self._column_table()
+        table = self._borrow_table()
         table[term_ids[known]] = np.flatnonzero(known)
         try:
             query = QueryTerms.of(term_ids, self.query_bigram_ids(tokens), table)
@@ -181,6 +182,8 @@ class BM25Index:
                        for name, field in self.fields.items() if name != COMBINED_FIELD}
         finally:
             table[term_ids[known]] = -1
+            with self._tables_lock:
+                self._tables.append(table)
         if COMBINED_FIELD in self.fields:
             matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, term_ids, doc_indices, self.settings)
         bm25, tfs, idfs, lengths = {}, {}, {}, {}
@@ -205,14 +208,15 @@ class BM25Index:
             bigram_coverage={name: m.bigram_coverage for name, m in matches.items() if name != COMBINED_FIELD},
         )
 
-    def _column_table(self) -> np.ndarray:
-        """This thread's term id -> query column table (all -1 between queries): mapping a window's
-        tokens to query terms is one gather instead of a search per token."""
-        table = getattr(self._scratch, "columns", None)
-        if table is None:
-            # one slot more than the vocabulary: the successor of a document's last token
-            table = self._scratch.columns = np.full(len(self.vocabulary) + 1, -1, dtype=np.int32)
-        return table
+    def _borrow_table(self) -> np.ndarray:
+        """A term id -> query column table, all -1, for one call's use (give it back with all -1):
+        mapping tokens to query terms is then one gather instead of a search per token. Tables
+        are reused, so there are only as many as calls ever ran at once, not one per thread."""
+        with self._tables_lock:
+            if self._tables:
+                return self._tables.pop()
+        # one slot more than the vocabulary: the successor of a document's last token
+        return np.full(len(self.vocabulary) + 1, -1, dtype=np.int32)
 
     def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
         """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
@@ -433,7 +437,6 @@ class QueryTerms:
             return np.full(len(tokens), -1, dtype=np.int64)
         where = np.minimum(np.searchsorted(self.term_ids, tokens), len(self.term_ids) - 1)
         return np.where(self.term_ids[where] == tokens, where, -1)
-
 
 
 def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

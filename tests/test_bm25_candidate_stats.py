@@ -147,3 +147,22 @@ def test_successors_are_stored_and_an_older_generation_derives_them(tmp_path):
     np.testing.assert_array_equal(older.candidate_stats(query, rows).bigram_coverage["text"],
                                   index.candidate_stats(query, rows).bigram_coverage["text"])
     assert_matches_reference(older, docs, query, rows)
+
+
+def test_concurrent_windows_get_their_own_column_tables():
+    """Threads extracting at once (the service's request threads) never see each other's query
+    columns, and the tables are reused afterwards rather than multiplied per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    docs = random_docs(rng, 50)
+    index = build(docs)
+    rows = np.arange(50)
+    queries = [[VOCABULARY[int(i)] for i in rng.integers(0, 40, 6)] for _ in range(24)]
+    expected = [reference(index, docs, q, rows) for q in queries]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: index.candidate_stats(q, rows), queries * 4))
+    for stats, want in zip(got, expected * 4):
+        np.testing.assert_array_equal(stats.bm25["all"], want["bm25"]["all"])
+        np.testing.assert_array_equal(stats.bigram_coverage["text"], want["bigram"]["text"])
+    assert 1 <= len(index._tables) <= 8 and all((t == -1).all() for t in index._tables)
