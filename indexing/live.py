@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from indexing.analysis import Analyzer
-from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Index, BM25Settings, CandidateStats
+from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Index, BM25Settings, CandidateStats, accumulate_scores
 from indexing.delta import DELETE, JournalTruncatedError, Update, journal_path, read_updates
 
 DEAD = -1  # an id's row in `LiveView.rows` when it is deleted
@@ -85,14 +85,15 @@ class LiveView:
             return False
         return None if row == DEAD else self.docs[row - self.n_base]
 
-    def bm25_scores(self, tokens: Sequence[str], field_name: str) -> np.ndarray:
+    def bm25_scores(self, tokens: Sequence[str], field_name: str, out: np.ndarray | None = None) -> np.ndarray:
         """The delta rows' BM25 (`self.bm25.scores(tokens, field_name)`, bit for bit) at a fraction
         of its cost on a small segment, where one `np.add.at` per term was mostly call overhead:
         the query's term ids are counted in Python (no `np.unique` for a few tokens), each term's
         postings are sliced once per view, and all go through one `np.add.at` (element order =
-        term order, so each row's float32 sum is added in the per-term loop's order)."""
+        term order, so each row's float32 sum is added in the per-term loop's order). `out`: add
+        into these zeros (the delta's part of a live score vector) instead of a new array."""
         index = self.bm25
-        scores = np.zeros(self.n_delta, dtype=np.float32)
+        scores = np.zeros(self.n_delta, dtype=np.float32) if out is None else out
         if index is None:
             return scores
         counts: dict[int, int] = {}
@@ -230,6 +231,19 @@ def _postings(index: BM25Index, field_name: str, term: int) -> tuple[np.ndarray,
     weights = index.fields[field_name].weights  # an unknown field was refused by the base's scores first
     start, end = weights.indptr[term], weights.indptr[term + 1]
     return None if start == end else (weights.indices[start:end], weights.data[start:end])
+
+
+def live_bm25_scores(base: BM25Index, view: LiveView, tokens: Sequence[str], field_name: str) -> np.ndarray:
+    """BM25 of every live row, the generation's then the delta's, dead rows 0 (what a top k of
+    positive scores drops). The base's postings are summed as `BM25Index.scores` sums them
+    (`accumulate_scores`, same order, same float32 values) straight into a vector with room for
+    the delta rows, whose scores are added in place: no concatenated copy per query."""
+    term_ids, counts = base.query_term_ids(tokens)
+    scores = accumulate_scores(base._field(field_name).weights, term_ids, counts, view.n_rows)
+    if view.n_delta:
+        view.bm25_scores(tokens, field_name, out=scores[view.n_base:])
+    scores[view.dead_rows] = 0.0
+    return scores
 
 
 def live_scores(base: np.ndarray, delta: np.ndarray | None, dead_rows: np.ndarray, fill: float) -> np.ndarray:

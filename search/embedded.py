@@ -19,7 +19,7 @@ from indexing.home import encoders_dir
 from indexing.corpus import Document
 from indexing.docstore import DocStore
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder
-from indexing.live import DeltaSegment, LiveView, live_scores, merge_candidate_stats, top_k_finite
+from indexing.live import DeltaSegment, LiveView, live_bm25_scores, live_scores, merge_candidate_stats, top_k_finite
 from indexing.updates import MAX_BATCH, UpdateReceipt, pending_updates, read_upsert_file, write_updates
 from indexing.vectors import load_vector_index, top_k_rows
 from search.backend import AnalysedQuery, QueryInput, Retrieved
@@ -126,8 +126,7 @@ class EmbeddedIndex:
             return Retrieved(rows, scores.astype(np.float32, copy=False), view.ids)
         # one score vector over base + delta rows, dead rows zeroed (top_k_positive keeps only
         # positive scores), one top k: ties fall to the lower row, as in a single index
-        scores = live_scores(self.bm25.scores(terms, field), view.bm25_scores(terms, field), view.dead_rows, 0.0)
-        rows, top = top_k_positive(scores, k)
+        rows, top = top_k_positive(live_bm25_scores(self.bm25, view, terms, field), k)
         return Retrieved(rows, top.astype(np.float32, copy=False), view.ids)
 
     def encode_query(self, query: str) -> np.ndarray:
