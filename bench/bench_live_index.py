@@ -407,8 +407,12 @@ def merge_results(part: str, result: dict) -> None:
     if part in ("live", "latency"):  # one kind (bm25, dense), or only its query latency, may be rerun alone: keep the rest
         merged = existing.get("live", {})
         for key, value in result.items():
-            kept = merged.get(key, {}) if part == "latency" else {}
-            merged[key] = {**kept, **value, **stamp} if isinstance(value, dict) else value
+            if not isinstance(value, dict):
+                merged[key] = value
+            elif part == "latency":  # the kind's other figures keep their own stamp
+                merged[key] = {**merged.get(key, {}), "query_latency": {**value["query_latency"], **stamp}}
+            else:
+                merged[key] = {**value, **stamp}
         existing["live"] = merged
     else:
         existing[part] = {**result, **stamp}
