@@ -239,6 +239,8 @@ def truncate_journal(index_dir: Path, lock_path: Path, base: int, source: int | 
                 return None
             if source is not None and source >= base:
                 source = None
+            if source is not None and source < old.base and source != old.source:
+                return None  # its batches were folded for another source: keep the journal as it is
             folded = net_updates(read_updates(index_dir, source, base)[0]) if source is not None else []
             handle.seek(old.physical(base))
             tail = handle.read(old.physical(end) - old.physical(base))

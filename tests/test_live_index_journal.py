@@ -174,3 +174,27 @@ def test_kill_9_during_journal_truncation_leaves_the_old_journal_or_the_new(tmp_
     rebuilt = rebuild_index(home, "t", progress=False, log=quiet)
     assert rebuilt.documents == len(expected)
     assert _served(EmbeddedIndex.open(home, "t")) == _expected(list(expected.values()))
+
+
+def test_truncation_after_a_new_source_folds_from_that_source(tmp_path: Path, small_corpus: Path):
+    home = tmp_path / "home"
+    _build(home, small_corpus, keep=1)
+    index_dir = IndexStore(home).index_dir("t")
+    for round_ in range(3):  # keep=1: a truncation lags two compactions
+        write_updates(home, "t", [Document(f"a{round_}", "", f"old source {round_}")])
+        compact_index(home, "t", log=quiet)
+    assert journal_path(index_dir).read_bytes().startswith(b'{"base"')
+    other = write_jsonl(tmp_path / "other.jsonl", SMALL_DOCS[:2])
+    rebuild_index(home, "t", progress=False, log=quiet, dataset=other)  # a new source at the journal's end
+    source = IndexStore(home).open("t").manifest["updates"]["source"]
+    expected = {d["_id"]: d["text"] for d in SMALL_DOCS[:2]}
+    for round_ in range(4):
+        write_updates(home, "t", [Document(f"b{round_}", "", f"new source {round_}")], ["d1"] if round_ == 0 else [])
+        expected.pop("d1", None)
+        expected[f"b{round_}"] = f"new source {round_}"
+        compact_index(home, "t", log=quiet)
+    layout = json.loads(journal_path(index_dir).read_bytes()[:128])
+    assert layout["source"] == source and layout["base"] > source  # folded from the new source, not the old one
+    assert _served(EmbeddedIndex.open(home, "t")) == dict(sorted(expected.items()))
+    rebuilt = rebuild_index(home, "t", progress=False, log=quiet)  # re-reads other.jsonl + the folded operations
+    assert rebuilt.documents == len(expected) and _served(EmbeddedIndex.open(home, "t")) == dict(sorted(expected.items()))
