@@ -26,6 +26,8 @@ from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Index, BM25Settings, C
 from indexing.delta import DELETE, JournalTruncatedError, Update, journal_path, read_updates
 
 DEAD = -1  # an id's row in `LiveView.rows` when it is deleted
+DENSE_DELTA_ROWS = 4096  # up to this many delta rows, a query term's delta weights are summed as dense rows
+DENSE_CACHE_BYTES = 32 << 20  # per view, the most those cached dense rows take
 
 
 class LiveIds(Sequence[str]):
@@ -62,6 +64,7 @@ class LiveView:
     # (field, delta term id) -> that term's delta postings (rows, weights) or None: filled by
     # queries, dropped with the view (a write publishes a new view, so it is never stale)
     _postings: dict[tuple[str, int], tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict, repr=False)
+    _dense: dict[tuple[str, int], np.ndarray | None] = field(default_factory=dict, repr=False)  # the same, as dense rows
 
     @property
     def n_rows(self) -> int:
@@ -87,11 +90,13 @@ class LiveView:
 
     def bm25_scores(self, tokens: Sequence[str], field_name: str, out: np.ndarray | None = None) -> np.ndarray:
         """The delta rows' BM25 (`self.bm25.scores(tokens, field_name)`, bit for bit) at a fraction
-        of its cost on a small segment, where one `np.add.at` per term was mostly call overhead:
-        the query's term ids are counted in Python (no `np.unique` for a few tokens), each term's
-        postings are sliced once per view, and all go through one `np.add.at` (element order =
-        term order, so each row's float32 sum is added in the per-term loop's order). `out`: add
-        into these zeros (the delta's part of a live score vector) instead of a new array."""
+        of its cost on a small segment, where one `np.add.at` per term was mostly call overhead.
+        The query's term ids are counted in Python (no `np.unique` for a few tokens); terms are
+        added in id order, as the per-term loop adds them, so every row's float32 sum is the same:
+        - up to DENSE_DELTA_ROWS rows, each term's delta weights are a dense row vector (made once
+          per view), added with one `+=` (adding the 0.0 of a row without the term changes nothing);
+        - beyond, each term's postings are sliced once per view and all go through one `np.add.at`.
+        `out`: add into these zeros (the delta's part of a live score vector), not a new array."""
         index = self.bm25
         scores = np.zeros(self.n_delta, dtype=np.float32) if out is None else out
         if index is None:
@@ -102,6 +107,12 @@ class LiveView:
             term = lookup(token)
             if term is not None:
                 counts[term] = counts.get(term, 0) + 1
+        if self.n_delta <= DENSE_DELTA_ROWS:
+            for term in sorted(counts):
+                row = self._dense_row(field_name, term)
+                if row is not None:
+                    scores += row if counts[term] == 1 else float(counts[term]) * row
+            return scores
         rows: list[np.ndarray] = []
         values: list[np.ndarray] = []
         cache = self._postings
@@ -119,6 +130,22 @@ class LiveView:
         elif rows:
             np.add.at(scores, np.concatenate(rows), np.concatenate(values))
         return scores
+
+    def _dense_row(self, field_name: str, term: int) -> np.ndarray | None:
+        """A term's weight in every delta row (0 where absent), cached for this view; the cache is
+        emptied when it would pass DENSE_CACHE_BYTES."""
+        key = (field_name, term)
+        row = self._dense.get(key, False)
+        if row is False:
+            postings = _postings(self.bm25, field_name, term)
+            row = None
+            if postings is not None:
+                row = np.zeros(self.n_delta, dtype=np.float32)
+                row[postings[0]] = postings[1]
+            if (len(self._dense) + 1) * 4 * self.n_delta > DENSE_CACHE_BYTES:
+                self._dense.clear()
+            self._dense[key] = row
+        return row
 
     def describe(self) -> dict[str, Any]:
         return {"journal_offset": self.offset, "upserts": self.upserts, "deletes": self.deletes,

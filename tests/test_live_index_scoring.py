@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,3 +94,31 @@ def test_one_dense_top_k_over_base_and_delta_ranks_every_live_row_ties_by_the_lo
     want_top, want_rows = top_k_rows(scores[None, :], np.arange(30), 10)
     rows, top = top_k_finite(scores.copy(), 10)
     assert rows.tolist() == want_rows[0].tolist() and np.array_equal(top, want_top[0])
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense-evicting"])
+def test_both_delta_scoring_paths_equal_each_segment_scored_alone(tmp_path: Path, monkeypatch, mode: str):
+    import indexing.live as live
+
+    if mode == "sparse":  # the path of deltas over DENSE_DELTA_ROWS rows
+        monkeypatch.setattr(live, "DENSE_DELTA_ROWS", 0)
+    else:  # a dense-row cache that fills up after two rows and is emptied
+        monkeypatch.setattr(live, "DENSE_CACHE_BYTES", 2 * 4 * 40)
+    rng = np.random.default_rng(11)
+    words = np.array(WORDS)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words, size=rng.integers(1, 12)))
+
+    home = tmp_path / "home"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"d{i}", "title": sentence(), "text": sentence()} for i in range(30)])
+    build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=quiet)
+    index = EmbeddedIndex.open(home, "t")
+    for step in range(12):
+        write_updates(home, "t", [Document(f"d{rng.integers(0, 40)}", sentence(), sentence()) for _ in range(3)],
+                      [f"d{step}"] if step % 3 == 0 else [])
+        for query in [sentence() + " " + sentence() for _ in range(4)]:
+            for field in ("all", "title", "text"):
+                got = index.retrieve_bm25(query, 8, field)
+                rows, scores = _reference(index, query, 8, field)
+                assert got.rows.tolist() == rows and np.array_equal(got.scores, scores.astype(np.float32))
