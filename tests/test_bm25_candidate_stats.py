@@ -166,3 +166,20 @@ def test_concurrent_windows_get_their_own_column_tables():
         np.testing.assert_array_equal(stats.bm25["all"], want["bm25"]["all"])
         np.testing.assert_array_equal(stats.bigram_coverage["text"], want["bigram"]["text"])
     assert 1 <= len(index._tables) <= 8 and all((t == -1).all() for t in index._tables)
+
+
+def test_a_generation_without_forward_index_reads_weights_from_postings():
+    """Fields built before forward indexes existed: weights and frequencies come from the stored
+    postings, bigrams are missing (NaN), never zero."""
+    rng = np.random.default_rng(13)
+    docs = random_docs(rng, 30)
+    index = build(docs)
+    for name in SOURCE_FIELDS:
+        index.fields[name].token_ids = index.fields[name].token_offsets = None
+    query, rows = ["w1", "w2", "w1", "w3"], np.arange(30)
+    stats = index.candidate_stats(query, rows)
+    expected = reference(index, docs, query, rows)
+    for field in index.fields:
+        np.testing.assert_array_equal(stats.term_freqs[field], expected["tf"][field])
+        np.testing.assert_array_equal(stats.bm25[field], expected["bm25"][field])
+    assert all(np.isnan(stats.bigram_coverage[name]).all() for name in SOURCE_FIELDS)
