@@ -124,3 +124,31 @@ def test_bulk_refuses_a_bad_line_by_number_and_writes_nothing(client, home, body
     assert response.status_code == status, response.text
     assert where in response.json()["error"]["message"]
     assert pending_updates(home, "t")["operations"] == 0 and client.get("/documents/a").status_code == 404
+
+
+def test_a_generation_retired_under_the_service_is_reloaded_and_answered_503_not_500(client, home, tmp_path,
+                                                                                     monkeypatch):
+    """When the served generation can no longer follow the update journal (`JournalTruncatedError`:
+    a compaction folded batches of another source it never read), the search answers 503 with a
+    retry hint after reloading the active generation; the retry is served by it. The journal state
+    that raises it is reached by racing processes, so the served index raises it here once."""
+    from indexing.build import rebuild_index
+    from indexing.delta import JournalTruncatedError
+    from search.embedded import EmbeddedIndex
+
+    other = write_jsonl(tmp_path / "other.jsonl", SMALL_DOCS[:3] + [{"_id": "b1", "title": "B", "text": "walrus colony"}])
+    rebuild_index(home, "t", progress=False, log=lambda m: None, dataset=other)  # g2, not served yet
+    assert _ids(client, "walrus") == []
+    original, raised = EmbeddedIndex.retrieve_bm25, []
+
+    def retrieve_once_retired(self, *args, **kwargs):
+        if not raised:
+            raised.append(self.generation_id)
+            raise JournalTruncatedError("updates.log: the batches from offset 7 were folded into a generation")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddedIndex, "retrieve_bm25", retrieve_once_retired)
+    retired = client.get("/search", params={"q": "walrus", "pipeline": "bm25"})
+    assert retired.status_code == 503 and retired.json()["error"]["code"] == "generation_retired", retired.text
+    assert retired.headers["Retry-After"] == "1" and "now serving g000002" in retired.json()["error"]["message"]
+    assert raised == ["g000001"] and _ids(client, "walrus") == ["b1"]

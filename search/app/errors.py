@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from indexing.delta import JournalTruncatedError
 from indexing.elastic import ElasticsearchError
 from indexing.sqlite import SqliteStoreError
 
@@ -54,6 +55,21 @@ async def _backend_error(request: Request, exc: ElasticsearchError) -> JSONRespo
     return error_response(503, "backend_unavailable", str(exc))
 
 
+async def _generation_retired(request: Request, exc: JournalTruncatedError) -> JSONResponse:
+    """The served generation's update journal was folded into a newer generation (a compaction after
+    `rebuild --dataset` started another source): reload the active generation, ask for a retry."""
+    from starlette.concurrency import run_in_threadpool
+
+    logger.warning("served generation retired by a compaction; reloading the active one: %s", exc)
+    try:
+        _, snapshot = await run_in_threadpool(request.app.state.serving.reload)
+        message = f"the served index generation was retired; now serving {snapshot.index.generation_id}: retry"
+    except Exception as reload_error:  # noqa: BLE001 - still answered as 503 with the reason
+        logger.error("reload after a retired generation failed: %s", reload_error)
+        message = f"the served index generation was retired and reloading failed: {reload_error}"
+    return error_response(503, "generation_retired", message, headers={"Retry-After": "1"})
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "invalid_request", "the request does not match the schema", validation_details(exc.errors()))
 
@@ -65,6 +81,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ElasticsearchError, _backend_error)
+    app.add_exception_handler(JournalTruncatedError, _generation_retired)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
