@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, sha256_file, write_json_durably
+from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, write_json_durably
+from indexing.verified import VerifiedStamps, file_matches
 from indexing.config import DEFAULT_LOCK_TIMEOUT_S, INDEX_SCHEMA_VERSION
 from indexing.home import indexes_dir
 
@@ -148,8 +149,12 @@ class IndexStore:
         generation_number(value)
         return value
 
-    def open(self, name: str, generation: str | None = None, verify: bool = True) -> IndexGeneration:
-        """Load a generation (the active one by default), refusing it if any file is off."""
+    def open(self, name: str, generation: str | None = None, verify: bool = True, rehash: bool = False) -> IndexGeneration:
+        """Load a generation (the active one by default), refusing it if any file is off.
+
+        `verify`: SHA-256 of every file, each trusted from the generation's verification stamp
+        while the file is unchanged since it was hashed (indexing/verified.py); `rehash`: hash
+        every file regardless (`index status --verify`). Without `verify`, sizes only."""
         if generation is None:
             generation = self.active_generation(name)
             if generation is None:
@@ -162,7 +167,7 @@ class IndexStore:
         if not path.is_dir():
             raise GenerationNotFoundError(self._no_such_generation(name, generation))
         manifest = read_manifest(path)
-        check_files(path, manifest, full=verify)
+        check_files(path, manifest, full=verify, stamped=not rehash)
         return IndexGeneration(name, generation, path, manifest)
 
     # ----- writing -----------------------------------------------------------------------------
@@ -339,8 +344,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_files(path: Path, manifest: dict[str, Any], full: bool = True) -> None:
-    """Sizes always; SHA-256 too when `full` (the default for every load)."""
+def check_files(path: Path, manifest: dict[str, Any], full: bool = True, stamped: bool = True) -> None:
+    """Sizes always; SHA-256 too when `full` (the default for every load). `stamped`: a file
+    unchanged since a full check recorded in the generation's stamp is not hashed again, and the
+    files hashed now are stamped (see indexing/verified.py)."""
+    stamps = VerifiedStamps(path) if full and stamped else None
     for relative, expected in manifest["files"].items():
         file = path / relative
         try:
@@ -349,8 +357,10 @@ def check_files(path: Path, manifest: dict[str, Any], full: bool = True) -> None
             raise IndexCorruptError(path, f"{relative} is missing") from None
         if size != expected["bytes"]:
             raise IndexCorruptError(path, f"{relative} has {size} bytes, manifest says {expected['bytes']} (truncated?)")
-        if full and sha256_file(file) != expected["sha256"]:
+        if full and not file_matches(file, relative, expected["sha256"], stamps):
             raise IndexCorruptError(path, f"{relative} does not match its SHA-256 checksum")
+    if stamps is not None:
+        stamps.save()
 
 
 def describe_files(directory: Path) -> dict[str, dict[str, Any]]:

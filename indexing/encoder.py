@@ -51,6 +51,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from indexing.durable import fsync_dir, fsync_tree, sha256_file
+from indexing.verified import FileIdentity, VerifiedStamps
 from indexing.config import settings_from_dict
 from indexing.home import encoders_dir
 
@@ -218,6 +219,22 @@ def _is_valid_encoder_dir(encoder_dir: Path) -> bool:
     except EncoderError:
         return False
     return sha256_file(encoder_dir / MODEL_FILE) == meta["sha256"]
+
+
+def _read_verified_model(encoder_dir: Path, expected: str) -> tuple[bytes, str]:
+    """model.onnx's bytes and their sha256: the expected one without hashing when the file is
+    unchanged (same identity before and after the read) since a full hash stamped it
+    (indexing/verified.py), else hashed exactly the bytes loaded, and stamped when they match."""
+    path = encoder_dir / MODEL_FILE
+    stamps, before = VerifiedStamps(encoder_dir), FileIdentity.of(path)
+    model_bytes = path.read_bytes()
+    if stamps.matches(MODEL_FILE, expected, before) and FileIdentity.of(path) == before:
+        return model_bytes, expected
+    digest = sha256_bytes(model_bytes)
+    if digest == expected and FileIdentity.of(path) == before:
+        stamps.record(MODEL_FILE, expected, before)
+        stamps.save()
+    return model_bytes, digest
 
 
 def _check_tokenizer(encoder_dir: Path, meta: dict[str, Any]) -> None:
@@ -570,8 +587,7 @@ class OnnxEncoder:
         """
         self.encoder_dir = Path(encoder_dir)
         self.metadata: dict[str, Any] = read_encoder_metadata(self.encoder_dir)
-        model_bytes = (self.encoder_dir / MODEL_FILE).read_bytes()
-        self.sha256: str = sha256_bytes(model_bytes)  # hash exactly the bytes we load
+        model_bytes, self.sha256 = _read_verified_model(self.encoder_dir, self.metadata["sha256"])
         if self.sha256 != self.metadata["sha256"]:
             raise EncoderError(
                 f"{self.encoder_dir / MODEL_FILE} does not match encoder.json "

@@ -165,7 +165,7 @@ class EmbeddedAdmin:
             for generation in store.generations(index):
                 entry: dict[str, Any] = {"generation": generation, "active": generation == active}
                 try:
-                    bundle = store.open(index, generation, verify=verify)
+                    bundle = store.open(index, generation, verify=verify, rehash=verify)  # every byte, stamps aside
                 except IndexBundleError as exc:
                     entry.update(status="corrupt", error=str(exc))
                 else:
