@@ -1,7 +1,7 @@
 """Start-up of the query service (issue 17: `serve` ready in <= 2 s on SciFact): the app imports
-XGBoost without scikit-learn's scipy.stats, the index opened in the background before the app
-existed is the one the first load serves (or its error is the one /ready reports), and a real
-`serve` process opens it that way and answers."""
+XGBoost without scikit-learn's scipy.stats, the index opened and the active model loaded in the
+background before the app existed are the ones the first load serves (or their errors are the ones
+the service reports), and a real `serve` process opens them that way and answers."""
 from __future__ import annotations
 
 import subprocess
@@ -105,3 +105,59 @@ def test_serve_reports_a_missing_index_on_ready(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model_home(tmp_path_factory, shared_encoder_home) -> Path:
+    """The topics collection indexed with dense vectors, one model trained and promoted."""
+    from tests.conftest import run_cli
+    from tests.test_ltr import indexed_topics
+
+    home, dataset = indexed_topics(tmp_path_factory.mktemp("startup-model"), shared_encoder_home)
+    run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--valid-fraction", "0.25", "--quiet")
+    run_cli(home, "models", "promote", "m0001")
+    return home
+
+
+def test_the_first_load_serves_the_model_loaded_in_the_background(model_home, monkeypatch):
+    from search.app import state
+    from search.app.preload import load_model
+    from search.app.service import create_app
+
+    config = load_service_config(model_home, None, {"index": "topics"})
+    index = open_backend(model_home, "topics", config.backend)
+    opened, preloaded = Future(), Future()
+    opened.set_result(index)
+    preloaded.set_result(load_model(index, model_home, config.event_store_path))
+    calls = []
+    monkeypatch.setattr(state, "load_model", lambda *a, **k: calls.append(a) or load_model(*a, **k))
+    with TestClient(create_app(config, opening=opened, model=preloaded)) as client:
+        assert client.get("/ready").json()["ready"] is True
+        snapshot = client.app.state.serving.snapshot
+        assert snapshot.model_version == "m0001" and snapshot.pipelines["ltr"].first_stage is preloaded.result()
+        assert calls == []  # not loaded a second time
+        assert client.get("/search", params={"q": "volcano lava", "pipeline": "ltr"}).json()["pipeline"] == "ltr"
+        client.app.state.serving.reload()  # later reloads load the model active then
+        assert len(calls) == 1 and client.app.state.serving.snapshot.model_version == "m0001"
+
+
+def test_a_model_that_failed_to_load_in_the_background_is_what_the_service_reports(model_home):
+    from ltr.ranker import ModelUnavailableError
+    from search.app.service import create_app
+
+    config = load_service_config(model_home, None, {"index": "topics"})
+    opened, preloaded = Future(), Future()
+    opened.set_result(open_backend(model_home, "topics", config.backend))
+    preloaded.set_exception(ModelUnavailableError("no active model (as the background loading found)"))
+    with TestClient(create_app(config, opening=opened, model=preloaded)) as client:
+        snapshot = client.app.state.serving.snapshot
+        assert "ltr" not in snapshot.pipelines and snapshot.default_pipeline == "hybrid"
+        assert snapshot.model_error == "no active model (as the background loading found)"
+
+
+def test_serve_loads_the_active_model_in_the_background_and_ranks_with_it(model_home):
+    with running_service(model_home, "--name", "topics", "--no-access-log") as (url, process):
+        ready = httpx.get(f"{url}/ready", timeout=10).json()
+        assert ready["ready"] is True, ready
+        hits = httpx.get(f"{url}/search", params={"q": "volcano lava"}, timeout=10).json()
+        assert hits["pipeline"] == "ltr" and hits["model_version"] == "m0001" and hits["results"], hits

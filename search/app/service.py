@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-
-def import_xgboost_without_sklearn() -> None:
-    """Import XGBoost with scikit-learn hidden from it, unless either is imported already.
-
-    XGBoost imports scikit-learn at its own import time, when it is installed (here only for
-    benches and peers: it is no dependency of the engine), to base its estimator wrappers on it;
-    that pulls in scipy.stats and costs about 1.1 s of the service's start-up. The engine uses
-    only `Booster` and `train`, which need none of it. Only XGBoost's view is affected: scikit-
-    learn stays importable for anyone else."""
-    if "xgboost" in sys.modules or "sklearn" in sys.modules:
-        return
-    sys.modules["sklearn"] = None  # type: ignore[assignment]  # `import sklearn` fails: XGBoost goes without
-    try:
-        import xgboost  # noqa: F401
-    finally:
-        del sys.modules["sklearn"]
-
+from search.app.preload import import_xgboost_without_sklearn
 
 import_xgboost_without_sklearn()  # before the imports below load XGBoost (ltr.ranker, ltr.registry)
 
@@ -54,6 +38,9 @@ from search.app.routers import admin, documents, events, operations, search  # n
 from search.app.state import RELOAD_ERRORS, JobRunner, ServingState, Snapshot  # noqa: F401, E402 - ServingState: used by tests and benches
 from search.backend import SearchBackend  # noqa: E402
 from search.event_store import EventStore  # noqa: E402
+
+if TYPE_CHECKING:
+    from ltr.ranker import LtrPipeline
 
 logger = logging.getLogger("ltr_search.service")
 DOCS_ASSETS = "/docs-assets"  # Swagger UI from the swagger-ui-bundle package: /docs works offline
@@ -115,11 +102,12 @@ class BodyLimitMiddleware:
 
 def create_app(config: ServiceConfig, event_store: EventStore | None = None,
                experiment_log: ExperimentLog | None = None, run_dir: Path | None = None,
-               behaviour_store: BehaviourStore | None = None, opening: Future[SearchBackend] | None = None) -> FastAPI:
+               behaviour_store: BehaviourStore | None = None, opening: Future[SearchBackend] | None = None,
+               model: Future[LtrPipeline | None] | None = None) -> FastAPI:
     """The app over `config`; a given `event_store`, `experiment_log` or `behaviour_store` is the caller's to close.
     `run_dir`: the folder the workers of one `serve --workers N` share (reload stamp, job statuses).
-    `opening`: the configured index, already being opened (see `ServingState`)."""
-    state = ServingState(config, run_dir / "reload.stamp" if run_dir is not None else None, opening)
+    `opening`, `model`: the configured index and its active model, already being opened (see `ServingState`)."""
+    state = ServingState(config, run_dir / "reload.stamp" if run_dir is not None else None, opening, model)
     metrics = ServiceMetrics()
     metrics.model_info.labels("none").set(1)
     if event_store is None:
@@ -223,11 +211,12 @@ def app_from_environment() -> FastAPI:
     return create_app(config, run_dir=Path(spec.run_dir) if spec.run_dir else None)
 
 
-def serve(config: ServiceConfig, host: str, port: int, opening: Future[SearchBackend] | None = None) -> None:
+def serve(config: ServiceConfig, host: str, port: int, opening: Future[SearchBackend] | None = None,
+          model: Future[LtrPipeline | None] | None = None) -> None:
     """Run the app under uvicorn, one process; its access log (one line per request) follows
     `config.access_log`. Several worker processes: search/app/cli/serve.py `serve_workers`.
-    `opening`: the configured index, already being opened (see `ServingState`)."""
+    `opening`, `model`: the configured index and its active model, already being opened (see `ServingState`)."""
     import uvicorn  # only `serve` needs the server: the CLI's other commands start faster without it
 
     limit_native_threads()
-    uvicorn.run(create_app(config, opening=opening), host=host, port=port, log_level="info", access_log=config.access_log)
+    uvicorn.run(create_app(config, opening=opening, model=model), host=host, port=port, log_level="info", access_log=config.access_log)

@@ -21,10 +21,11 @@ from indexing.bundle import IndexBundleError, IndexBusyError
 from indexing.elastic import ElasticsearchError
 from ltr.drift import DriftMonitor
 from ltr.experiments import ServedExperiments, scoring_problem
-from ltr.ranker import LtrPipeline, ModelUnavailableError, registry_pipeline
+from ltr.ranker import LtrPipeline, ModelUnavailableError
 from ltr.registry import RegistryError
 from search.app.config import ServiceConfig
 from search.app.errors import ApiError
+from search.app.preload import load_model
 from search.app.pipelines import create_pipeline, pipeline_names, pipeline_spec
 from search.app.schemas import JobStatus
 from search.backend import SearchBackend
@@ -84,15 +85,19 @@ class ReloadStamp:
 
 class ServingState:
     """`opening`: the configured index already being opened (`serve` starts that before it imports
-    the web stack, so the two overlap); the first load takes it instead of opening the index again."""
+    the web stack, so the two overlap); the first load takes it instead of opening the index again.
+    `model`: the active model already being loaded onto that index (None when it has no dense
+    vectors); its errors are taken as if the first load had raised them itself."""
 
-    def __init__(self, config: ServiceConfig, reload_stamp: Path | None = None, opening: Future[SearchBackend] | None = None):
+    def __init__(self, config: ServiceConfig, reload_stamp: Path | None = None, opening: Future[SearchBackend] | None = None,
+                 model: Future[LtrPipeline | None] | None = None):
         self.config = config
         self._snapshot: Snapshot | None = None
         self._reload_lock = threading.Lock()
         self.load_error: str | None = None
         self._stamp = ReloadStamp(reload_stamp) if reload_stamp is not None else None
         self._opening = opening
+        self._model = model
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -137,11 +142,13 @@ class ServingState:
     def _load(self) -> tuple[str | None, Snapshot]:
         previous = self._snapshot.index.generation_id if self._snapshot else None
         opening, self._opening = self._opening, None  # used once: a reload opens the generation active then
+        model, self._model = self._model, None
         if opening is not None:
             index = opening.result()  # raises what opening raised, as open_backend would here
         else:
-            index = open_backend(self.config.home, self.config.index, self.config.backend, encoder_threads=self.config.threads)
-        self._snapshot = self._build(index)
+            index, model = open_backend(self.config.home, self.config.index, self.config.backend,
+                                        encoder_threads=self.config.threads), None
+        self._snapshot = self._build(index, model)
         self.load_error = None
         return previous, self._snapshot
 
@@ -151,7 +158,8 @@ class ServingState:
         return RankingPipeline(index, first_stage, self.config.rerank_window, epsilon=exploration.epsilon,
                                protected_top=exploration.protected_top, seed=exploration.seed, exploration=exploration.mode)
 
-    def _build(self, index: SearchBackend) -> Snapshot:
+    def _build(self, index: SearchBackend, preloaded: Future[LtrPipeline | None] | None = None) -> Snapshot:
+        """`preloaded`: the active model already loaded onto `index`, else it is loaded here."""
         config = self.config
         pipelines: dict[str, RankingPipeline] = {}
         for name in pipeline_names():
@@ -165,8 +173,8 @@ class ServingState:
         model_version, model_error, experiments, drift = None, None, None, None
         if index.has_dense:
             try:
-                learned = registry_pipeline(index, config.home, "active", warn=logger.warning,
-                                            events_path=config.event_store_path)
+                loaded = preloaded.result() if preloaded is not None else None  # raises what loading raised
+                learned = loaded or load_model(index, config.home, config.event_store_path)
                 pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
                 drift = DriftMonitor.for_manifest(learned.model.manifest)
@@ -199,8 +207,7 @@ class ServingState:
                 continue
             try:
                 if version not in loaded:
-                    loaded[version] = registry_pipeline(index, self.config.home, version, name=experiment, warn=logger.warning,
-                                                        events_path=self.config.event_store_path)
+                    loaded[version] = load_model(index, self.config.home, self.config.event_store_path, version, name=experiment)
                 other = loaded[version]
                 problem = scoring_problem(served, other)
                 if problem is None and experiment == "interleave" and other.version == served.version:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from search.app.cli.common import CliError, add_backend_arguments, log
 
 if TYPE_CHECKING:
+    from ltr.ranker import LtrPipeline
     from search.app.config import ServiceConfig
     from search.backend import SearchBackend
 
@@ -107,30 +108,44 @@ def run(home: Path, args: argparse.Namespace) -> int:
         spec = ServeSpec(str(home), str(config_file) if config_file else None, {**overrides, "index": config.index})
         serve_workers(spec, args.workers, args.host, args.port, config.access_log)
     else:
-        opening = open_in_background(config)  # the index loads while the web stack imports
+        opening, model = open_in_background(config)  # the index and model load while the web stack imports
         from search.app.service import serve  # lazy: the app, in this process only without workers
 
-        serve(config, args.host, args.port, opening)
+        serve(config, args.host, args.port, opening, model)
     return 0
 
 
-def open_in_background(config: ServiceConfig) -> Future[SearchBackend]:
-    """Start opening the configured index in a thread and return its future.
+def open_in_background(config: ServiceConfig) -> tuple[Future[SearchBackend], Future[LtrPipeline | None]]:
+    """Start opening the configured index, then loading its active model, in a thread; return
+    their futures (the model's is None for an index without dense vectors, and is the index's
+    error when the index did not open).
 
-    Opening is mostly file reads, checksums and ONNX Runtime's session set-up, which release the
-    GIL, while importing FastAPI and the app is Python holding it: overlapped, `serve` is ready
-    sooner. The modules the opening needs are imported here first, so the thread imports nothing
-    the main thread is importing at the same time."""
-    from search.backend_factory import open_backend  # lazy: start-up time (this and the next)
+    Opening is mostly file reads, ONNX Runtime's session set-up and XGBoost's model parsing and
+    parity scoring (ctypes calls), which release the GIL, while importing FastAPI and the app is
+    Python holding it: overlapped, `serve` is ready sooner. The modules the opening needs are
+    imported here first, so the thread imports nothing the main thread is importing at the same
+    time, except the ranker's modules, which it imports after the index is open (the main thread
+    imports them too, for the app; Python's per-module import locks make either wait for the
+    other, and XGBoost is imported once, without scikit-learn, under search/app/preload.py's lock)."""
+    from search.backend_factory import open_backend  # lazy: start-up time (this and the next two)
     import search.embedded  # noqa: F401
+    from search.app.preload import load_model
 
-    future: Future[SearchBackend] = Future()
+    opening: Future[SearchBackend] = Future()
+    model: Future[LtrPipeline | None] = Future()
 
     def work() -> None:
         try:
-            future.set_result(open_backend(config.home, config.index, config.backend, encoder_threads=config.threads))
+            index = open_backend(config.home, config.index, config.backend, encoder_threads=config.threads)
         except BaseException as exc:  # the service's first load raises it, as if it had opened the index itself
-            future.set_exception(exc)
+            opening.set_exception(exc)
+            model.set_exception(exc)
+            return
+        opening.set_result(index)
+        try:
+            model.set_result(load_model(index, config.home, config.event_store_path) if index.has_dense else None)
+        except BaseException as exc:  # the first load reports it as it reports its own loading errors
+            model.set_exception(exc)
 
     threading.Thread(target=work, name="open-index", daemon=True).start()
-    return future
+    return opening, model
