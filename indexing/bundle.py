@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, write_json_durably
-from indexing.verified import VerifiedStamps, file_matches
+from indexing.verified import VerifiedStamps, file_matches, stamp_path
 from indexing.config import DEFAULT_LOCK_TIMEOUT_S, INDEX_SCHEMA_VERSION
 from indexing.home import indexes_dir
 
@@ -273,7 +273,9 @@ class IndexStore:
                 else:
                     kept.append(generation)
                     continue
-            shutil.rmtree(self.index_dir(name) / GENERATIONS_DIR / generation)
+            path = self.index_dir(name) / GENERATIONS_DIR / generation
+            shutil.rmtree(path)
+            stamp_path(path).unlink(missing_ok=True)  # its verification stamp, beside it
             deleted.append(generation)
         return PruneReport(sorted(deleted, key=generation_number), corrupt)
 
@@ -346,7 +348,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def check_files(path: Path, manifest: dict[str, Any], full: bool = True, stamped: bool = True) -> None:
     """Sizes always; SHA-256 too when `full` (the default for every load). `stamped`: a file
-    unchanged since a full check recorded in the generation's stamp is not hashed again, and the
+    unchanged since a full check recorded in the generation's stamp (a hidden file beside its
+    directory) is not hashed again, and the
     files hashed now are stamped (see indexing/verified.py)."""
     stamps = VerifiedStamps(path) if full and stamped else None
     for relative, expected in manifest["files"].items():

@@ -1,7 +1,8 @@
 """Verified-file stamps: a full SHA-256 check remembered per file identity, so that loading the
 same unchanged files again (every `serve` start, every reload) need not read and hash them again.
 
-A stamp file (`.verified.json`, in the directory it covers) records, per file, the checksum the
+A stamp file (`.NAME.verified.json`, beside the directory NAME it covers, so that the directory
+holds only what its manifest lists) records, per file, the checksum the
 file matched and the file's identity when it was hashed: size, mtime_ns, ctime_ns, inode and
 device. Writing to a file changes its ctime, which no user-space call can set back (unlike the
 mtime), and replacing it gives another inode: a file whose identity still matches its stamp is
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from indexing.durable import sha256_file
 
-STAMP_FILE = ".verified.json"
+STAMP_SUFFIX = ".verified.json"
 STAMP_FORMAT = 1
 logger = logging.getLogger("ltr_search.verified")
 
@@ -45,11 +46,17 @@ class FileIdentity:
         return cls(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
 
 
+def stamp_path(directory: Path) -> Path:
+    """Where the stamps of `directory`'s files live: a hidden file beside it."""
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}{STAMP_SUFFIX}"
+
+
 class VerifiedStamps:
     """The stamps of one directory: relative path -> (sha256, identity) of a verified file."""
 
     def __init__(self, directory: Path):
-        self.path = Path(directory) / STAMP_FILE
+        self.path = stamp_path(directory)
         self._entries = self._read()
         self._changed = False
 
@@ -76,7 +83,7 @@ class VerifiedStamps:
         """Write the stamp if anything was recorded; a failure only costs the next load a full hash."""
         if not self._changed:
             return
-        temporary = self.path.with_name(f"{STAMP_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             temporary.write_text(json.dumps({"format": STAMP_FORMAT, "files": self._entries}), encoding="utf-8")
             os.replace(temporary, self.path)

@@ -20,7 +20,7 @@ from indexing.bundle import IndexCorruptError, IndexStore
 from indexing.build import BuildSettings, build_index
 from indexing.corpus import CorpusSpec
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder, encoder_dir_for
-from indexing.verified import STAMP_FILE
+from indexing.verified import stamp_path
 from tests.conftest import ROOT, SMALL_DOCS, free_port, write_jsonl
 
 CORRUPTED = "docs/docs.jsonl"
@@ -55,7 +55,7 @@ def corrupt_keeping_size_and_mtime(file: Path) -> None:
 
 def test_the_build_stamps_its_generation_and_a_load_hashes_nothing_unchanged(lex_home, hashed):
     generation = IndexStore(lex_home).open("lex")
-    stamp = json.loads((generation.path / STAMP_FILE).read_text())
+    stamp = json.loads(stamp_path(generation.path).read_text())
     assert set(stamp["files"]) == set(generation.manifest["files"])  # commit's full check stamped them all
     assert hashed == []
     IndexStore(lex_home).open("lex", rehash=True)  # index status --verify: every byte, stamps aside
@@ -70,6 +70,17 @@ def test_a_corrupted_file_is_refused_though_it_kept_its_size_and_mtime(lex_home,
     assert hashed == [generation.path / CORRUPTED]  # only the changed file was hashed again
     with pytest.raises(IndexCorruptError):  # and again: a refused file is never stamped
         IndexStore(lex_home).open("lex")
+
+
+def test_pruning_a_generation_removes_its_stamp(lex_home, tmp_path):
+    store = IndexStore(lex_home)
+    first = store.open("lex")
+    corpus = write_jsonl(tmp_path / "again.jsonl", SMALL_DOCS)
+    for _ in range(2):
+        build_index(lex_home, "lex", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False, keep=1), progress=False,
+                    log=lambda m: None)
+    assert "g000001" not in store.generations("lex")
+    assert not stamp_path(first.path).exists() and stamp_path(store.open("lex").path).exists()
 
 
 def test_a_replaced_file_is_hashed_again(lex_home, hashed):
@@ -87,20 +98,19 @@ def test_a_replaced_file_is_hashed_again(lex_home, hashed):
 
 def test_an_unwritable_stamp_only_costs_hashing(lex_home, hashed):
     generation = IndexStore(lex_home).open("lex")
-    (generation.path / STAMP_FILE).unlink()
-    (generation.path / STAMP_FILE).mkdir()  # neither readable nor replaceable as a file
+    stamp_path(generation.path).unlink()
+    stamp_path(generation.path).mkdir()  # neither readable nor replaceable as a file
     IndexStore(lex_home).open("lex")
     IndexStore(lex_home).open("lex")
     assert len(hashed) == 2 * len(generation.manifest["files"])
-    assert not [p for p in generation.path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in generation.path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_the_encoder_model_is_stamped_and_a_corrupted_one_refused(tmp_path, shared_encoder_home):
     directory = tmp_path / "encoder"
     shutil.copytree(encoder_dir_for(shared_encoder_home, EncoderSettings()), directory, symlinks=False)
-    (directory / STAMP_FILE).unlink(missing_ok=True)
     first = OnnxEncoder(directory)
-    stamp = json.loads((directory / STAMP_FILE).read_text())
+    stamp = json.loads(stamp_path(directory).read_text())
     assert stamp["files"]["model.onnx"][0] == first.sha256
     assert OnnxEncoder(directory).sha256 == first.sha256  # from the stamp
     corrupt_keeping_size_and_mtime(directory / "model.onnx")
@@ -110,7 +120,7 @@ def test_the_encoder_model_is_stamped_and_a_corrupted_one_refused(tmp_path, shar
 
 def test_serve_refuses_a_generation_corrupted_after_it_was_stamped(lex_home):
     generation = IndexStore(lex_home).open("lex")
-    assert (generation.path / STAMP_FILE).exists()
+    assert stamp_path(generation.path).exists() and not list(generation.path.glob(".*"))
     corrupt_keeping_size_and_mtime(generation.path / CORRUPTED)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "search.app.cli", "--home", str(lex_home), "serve", "--port", str(port),
