@@ -13,7 +13,12 @@
 - with `--peer-tree DIR`, the same commands run from another source tree (e.g. the commit before,
   `git archive COMMIT | tar -x -C DIR`) on the same venv, as the peer the ratios compare with.
 
-Both trees run as `python -m search.app.cli` with PYTHONPATH at the tree. Runs alternate between
+Both trees run as `python -m search.app.cli` with PYTHONPATH at the tree. Before the runs each
+tree's packages are byte-compiled (`compileall`), as an installed package is (pip compiles at
+install; an editable install writes its .pyc on first import): a process started under
+PYTHONDONTWRITEBYTECODE=1 (as on this machine) would otherwise compile every module changed since
+its last .pyc from source at every start, and the figures would measure edits, not start-up.
+`--bytecode as-is` measures the trees as they are. Runs alternate between
 all measured commands, so machine load hits them alike; the load average is recorded. The home must hold the index, with an active model for `ltr` (else /search answers
 with the fallback pipeline, which the report notes).
 """
@@ -35,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POLL_S = 0.01
+PACKAGES = ("indexing", "search", "ltr", "eval")  # the engine's packages in a source tree
 
 
 def log(message: str) -> None:
@@ -51,6 +57,14 @@ def timed_process(argv: list[str], tree: Path = ROOT) -> float:
     started = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=tree_env(tree))
     return time.perf_counter() - started
+
+
+def byte_compile(tree: Path) -> None:
+    """Write the .pyc of every module of the tree's packages (what an installed package has)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    packages = [str(tree / name) for name in PACKAGES if (tree / name).is_dir()]
+    subprocess.run([str(BIN / "python"), "-m", "compileall", "-q", *packages], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
 
 
 def tree_env(tree: Path) -> dict[str, str]:
@@ -132,11 +146,16 @@ def main() -> None:
     parser.add_argument("--query", default="vitamin D deficiency and bone density")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--peer-tree", type=Path, default=None, help="another source tree to run the same commands from")
+    parser.add_argument("--bytecode", choices=("compile", "as-is"), default="compile",
+                        help="byte-compile each tree's packages before the runs (default), or measure them as they are")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     python = str(BIN / "python")
     trees = {"ours": ROOT, **({"peer": args.peer_tree.resolve()} if args.peer_tree else {})}
+    if args.bytecode == "compile":
+        for tree in trees.values():
+            byte_compile(tree)
     samples: dict[str, list[float]] = {"python -c pass": [], "import fastapi, uvicorn": []}
     pipelines = set()
     for run in range(args.runs):
@@ -160,6 +179,7 @@ def main() -> None:
     report = {
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "peer_tree": str(args.peer_tree) if args.peer_tree else None, "home": str(args.home), "runs": args.runs,
+        "bytecode": args.bytecode,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average": os.getloadavg()[0],
         "unit": "seconds, process spawn to answer (medians)", "first_search_pipelines": sorted(map(str, pipelines)),
         "goals": {"ltr-search --help": 0.3, "serve ready": 2.0},
