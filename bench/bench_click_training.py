@@ -131,14 +131,18 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     dataset = DATASETS / args.dataset
     work = Path(args.work)
     name = f"{args.dataset}-{args.click_model}-s{args.seed}"
-    home = fresh_home(Path(args.base_home), work, name)
+    home = work / name / "home" if args.reuse_simulation else fresh_home(Path(args.base_home), work, name)
     log = work / name / "commands.log"
     n_queries = train_queries(dataset)
     biggest = max(args.sessions_per_query)
     simulate = ["simulate", "--dataset", str(dataset), "--split", "train", "--sessions", str(biggest * n_queries),
                 "--click-model", args.click_model, "--pipeline", "hybrid-convex", "--exploration", "0.1", "--eta", "1",
                 "--click-probs", CLICK_PROBS, "--noise", "0.1", "--seed", str(args.seed), "--quiet"]
-    simulated = cli(home, *simulate, log=log)
+    stored = list((home / "events").glob("*.sqlite3"))
+    if args.reuse_simulation and stored and prefix_end(stored[0], biggest * n_queries - 1) is not None:
+        simulated = None  # the log of an earlier run of this command (the same arguments)
+    else:
+        simulated = cli(home, *simulate, log=log)
     events = next(iter((home / "events").glob("*.sqlite3")))
     points = {}
     for k in sorted(args.sessions_per_query):
@@ -148,7 +152,8 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{args.dataset} {args.click_model} {k}/query: {json.dumps(points[str(k)]['ndcg@10'])} "
               f"diff {points[str(k)]['vs_hybrid_convex']}", file=sys.stderr)
     return {"dataset": args.dataset, "click_model": args.click_model, "seed": args.seed, "train_queries": n_queries,
-            "simulate": " ".join(simulate), "simulate_s": round(simulated.wall_s, 1),  # type: ignore[attr-defined]
+            "simulate": " ".join(simulate),
+            "simulate_s": None if simulated is None else round(simulated.wall_s, 1),  # type: ignore[attr-defined]
             "points": points}
 
 
@@ -162,6 +167,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/bench_click_training")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_click_training.json"))
     parser.add_argument("--merge", action="store_true", help="add to the runs already in --out")
+    parser.add_argument("--reuse-simulation", action="store_true",
+                        help="train and evaluate again on the log an earlier run left in --work (no new simulation)")
     args = parser.parse_args()
     out = Path(args.out)
     runs = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []

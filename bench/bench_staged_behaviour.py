@@ -108,8 +108,9 @@ def main() -> int:
     if args.text_model:
         shutil.copytree(source / "models" / args.text_model, home / "models" / args.text_model)
         text_manifest = registry.manifest(args.text_model)
-        if text_manifest.feature_set["name"] != "text" or text_manifest.training.get("split") != "train":
-            raise SystemExit(f"{args.text_model} is not a text model trained on a train split")
+        from_clicks = text_manifest.training.get("source") == "events"  # `train --from-events`: a train-split click log
+        if text_manifest.feature_set["name"] != "text" or not (from_clicks or text_manifest.training.get("split") == "train"):
+            raise SystemExit(f"{args.text_model} is not a text model trained on a train split (judgments or clicks)")
     else:
         text_fit = fit_ranker(index, train.queries, train.qrels, text_set, fusion, settings, log=log)
         context = {"dataset": str(DATASET), "dataset_name": "scifact", "split": "train", "window": fusion.to_dict(),
@@ -118,6 +119,7 @@ def main() -> int:
     registry.promote(text_manifest.version)
     text_model = registry.load(text_manifest.version)
     report["text_model"] = {"version": text_manifest.version, "trees": text_manifest.trees,
+                            "trained_on": "clicks" if text_manifest.training.get("source") == "events" else "judgments",
                             "seconds": time.perf_counter() - started}
     text_pipeline = LtrPipeline(index, text_model, text_set, fusion)
     text_run = ranked(text_pipeline, test.queries)

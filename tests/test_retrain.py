@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def test_train_from_events_learns_from_pages_a_non_model_pipeline_served(logged)
         requests = list(events.iter_requests())
     assert {r.pipeline for r in requests} == {"bm25"} and all(res.features is None for r in requests for res in r.results)
     assert all(r.explored is not None and r.interleaved is False for r in requests)  # the explicit flags
+    shutil.rmtree(home / "behaviour")  # a home with events and no aggregates yet: training builds them
     result = run_cli(home, "train", "--from-events", "--name", "topics", *FAST)
+    assert (home / "behaviour" / "topics.sqlite3").is_file()
     assert "no judgments read" in result.stdout and "off-policy estimate on" in result.stdout
     assert "bm25 x240" in result.stderr
     manifest = ModelRegistry(home).manifest("m0001")

@@ -124,7 +124,9 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     history = aggregates = None
     if uses_behaviour(features) and leaves_query_out(features):
         # Other queries' clicks on each document, as the service reads them (caught up first).
-        aggregates = BehaviourStore(behaviour_store_path(home, index.name))
+        store_path = behaviour_store_path(home, index.name)
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        aggregates = BehaviourStore(store_path)
         with EventStore(events_path) as store:
             aggregates.update(store)
     elif uses_behaviour(features):
