@@ -1053,8 +1053,9 @@ def train_on_click_labels(
             + " ".join(f"{g:.2f}" for g in labels.examination)
             + f"; {len(train_keys):,} queries to train on, {len(held_out):,} held out for the off-policy estimate")
     train_queries = {k: queries[k] for k in train_keys}
-    view = behaviour if leaves_query_out(features) else None
-    if label_settings.candidates == "shown" and settings.selection == "inner-cv" and leaves_query_out(features):
+    label_safe = leaves_query_out(features)  # no feature reads the query's own clicks (its labels)
+    view = behaviour if label_safe else None
+    if label_settings.candidates == "shown" and settings.selection == "inner-cv" and label_safe:
         candidates = _fit_on_shown(backend, train_queries, labels.labels, features, fusion, settings, progress, log,
                                    logged_orders(pages), behaviour=view)
     else:

@@ -405,11 +405,12 @@ def cmd_show(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_promote(home: Path, args: argparse.Namespace) -> int:
+def cmd_promote(home: Path, args: argparse.Namespace, gated: Any = None) -> int:
     """Make a model active if the gate lets it: on held-out queries it must not be significantly
     worse than the fusion baseline nor than the active model (`eval.gate`); without held-out
     queries, its inner-CV evidence from training decides, and replacing an active model needs a
-    split or --force."""
+    split or --force. `gated`: the gate's result for this candidate and the current active model,
+    already computed by the caller (`retrain` choosing between candidates), not run again."""
     from eval.gate import training_evidence  # lazy: start-up time (eval and xgboost)
     from ltr.registry import ModelRegistry  # lazy: start-up time
 
@@ -435,7 +436,7 @@ def cmd_promote(home: Path, args: argparse.Namespace) -> int:
             f"(95% CI {off_policy['ci'][0]:+.4f} .. {off_policy['ci'][1]:+.4f}) on {off_policy['pages']} held-out pages"
             + (" (--force: promoted although significantly worse)" if refusal else ""))
     if args.dataset and args.split:
-        result = promotion_gate(home, args, candidate, registry.manifest(active) if active else None)
+        result = gated or promotion_gate(home, args, candidate, registry.manifest(active) if active else None)
         gate = result.to_dict()
         for line in result.describe():
             log(f"gate: {line}")

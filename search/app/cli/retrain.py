@@ -352,8 +352,9 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         report["trees"] = result.fitted.trained.trees
         if result.estimate is not None:
             log(result.estimate.line())
+        gated = None  # the gate's result when choosing between candidates ran it already
         if args.train_dataset:
-            manifest = _better_candidate(home, args, manifest, report)
+            manifest, gated = _better_candidate(home, args, manifest, report)
         promote_args = argparse.Namespace(
             version=manifest.version, dataset=args.dataset, split=args.split if args.dataset else None,
             name=index, force=args.force, quiet=True, json=False, backend=getattr(args, "backend", None),
@@ -361,7 +362,7 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         new_state = {**state, "last_request_ts": record["time_range"]["last_ts"], "last_event_seq": last_seq,
                      "last_candidate": manifest.version}
         try:
-            cmd_promote(home, promote_args)
+            cmd_promote(home, promote_args, gated)
         except PromotionRefused as exc:
             report["refused"] = str(exc)
             return _finish(home, args, report, EXIT_REFUSED, state_path, new_state, result)
@@ -370,10 +371,11 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         lock.release()
 
 
-def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report: dict[str, Any]) -> Any:
+def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report: dict[str, Any]) -> tuple[Any, Any]:
     """Train a candidate on the judged `--train-dataset` too (the `train --dataset` path), gate
     both on the held-out `--dataset/--split`, and return the one with the higher gate metric of
-    those not significantly worse than a reference (the click candidate when neither is)."""
+    those not significantly worse than a reference (the click candidate when neither is), with its
+    gate result (so promoting it does not run the gate again)."""
     import contextlib
 
     from ltr.registry import ModelRegistry  # lazy: start-up time
@@ -398,7 +400,7 @@ def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report
             f"nDCG@10 {gate.means[version]:.4f}" + (f", worse than {', '.join(gate.worse_than())}" if gate.worse_than() else ""))
     log(f"retrain[{report['index']}]: the better candidate is {chosen.version}")
     report["candidate"] = chosen.version
-    return chosen
+    return chosen, gates[chosen.version]
 
 
 def _clicked_pages_since(events: Any, since: float | None) -> int:
