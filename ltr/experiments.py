@@ -4,7 +4,9 @@ another model, team-draft interleaving of served pages, shadow scoring, and the 
 
     HOME/experiments/INDEX.sqlite3
         interleaved      one row per team-draft interleaved page: the two models and, per shown
-                         position, the document and the team (A = the active model) that put it there
+                         position, the document and the team (A = the active model) that put it there,
+                         or "=" for the two rankings' common prefix (credited to neither; older logs
+                         hold only A and B)
         shadow_rankings  one row per (request, shadow model): the shadow's ranking of the served
                          window's top, next to the served model's ranking of the same window
 
@@ -36,7 +38,7 @@ from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
 from search.backend import Hit
 from search.ranking import WindowView
 from search.event_store import Event
-from search.interleaving import team_draft
+from search.interleaving import TEAM_A, TEAM_B, TEAM_SHARED, TEAMS, team_draft
 from search.rules import request_rng
 
 if TYPE_CHECKING:  # ltr.ranker loads xgboost: `models compare` and `--help` never need it
@@ -61,7 +63,8 @@ _SCHEMA: tuple[str, ...] = (
         model_a     TEXT NOT NULL,  -- the active model (team A)
         model_b     TEXT NOT NULL,  -- the challenger (team B)
         page_offset INTEGER NOT NULL CHECK (page_offset >= 0),
-        teams       TEXT NOT NULL   -- JSON [{"position": 1, "doc_id": "d", "team": "A"}, ...], shown positions
+        teams       TEXT NOT NULL   -- JSON [{"position": 1, "doc_id": "d", "team": "A"}, ...], shown positions;
+                                    -- team "A", "B" or "=" (the rankings' common prefix, credited to neither)
     )
     """,
     "CREATE INDEX interleaved_by_time ON interleaved (timestamp, seq)",
@@ -93,7 +96,7 @@ class ExperimentScoringError(ValueError):
 class TeamPick:
     position: int  # absolute, 1-based, as on the page and in click events
     doc_id: str
-    team: str  # "A" (model_a) or "B" (model_b)
+    team: str  # "A" (model_a), "B" (model_b) or "=" (both rankings' common prefix: no credit)
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,9 @@ class ExperimentLog:
 
     def log_interleaved(self, record: InterleavedRequest) -> None:
         teams = [dataclasses.asdict(pick) for pick in record.teams]
-        if any(pick["team"] not in ("A", "B") for pick in teams):
-            raise ValueError(f"{record.request_id}: teams must be 'A' or 'B'")
+        wrong = sorted({str(pick["team"]) for pick in teams} - set(TEAMS))
+        if wrong:
+            raise ValueError(f"{record.request_id}: teams must be 'A', 'B' or '=' (shared), got {', '.join(map(repr, wrong))}")
         with self._write() as connection:
             connection.execute(
                 "INSERT INTO interleaved (request_id, timestamp, model_a, model_b, page_offset, teams) VALUES (?, ?, ?, ?, ?, ?)",
@@ -319,13 +323,15 @@ class WindowCapture:
 class TeamDraftRanker:
     """The `Ranker` of an interleaved request: it sees the window after filters and exclusions
     and orders it as the team-draft interleaving of the active model's (A) and the challenger's
-    (B) rankings of those same documents; diversity then applies to that order. Returns
-    descending pseudo-scores; the service shows A's scores. If B fails, A's order is served."""
+    (B) rankings of those same documents; diversity then applies to that order. The documents
+    both rankings hold at the same top ranks come first, labelled "=" (credited to neither team:
+    on the page whatever the coins); the draft starts after them. Returns descending
+    pseudo-scores; the service shows A's scores. If B fails, A's order is served."""
 
     def __init__(self, capture: WindowCapture, challenger: "LtrPipeline", rng: np.random.Generator):
         self.capture, self.challenger, self.rng = capture, challenger, rng
         self.a_scores: dict[int, float] = {}  # first-stage window position -> A's score
-        self.teams: dict[int, str] | None = None  # window position -> "A" | "B"; None when not interleaved
+        self.teams: dict[int, str] | None = None  # window position -> "A" | "B" | "="; None when not interleaved
         self.error: str | None = None
         self.version = f"team-draft({capture.version},{challenger.version})"
 
@@ -386,6 +392,7 @@ class RequestOutcome:
     request_id: str
     clicks_a: int
     clicks_b: int
+    clicks_shared: int = 0  # on the rankings' common prefix ("="): credited to neither, outcome unchanged
 
     @property
     def outcome(self) -> str:
@@ -442,7 +449,8 @@ class InterleavingComparison:
             return None
         decided = self.wins + self.losses
         if decided == 0:
-            return "sample too small to decide: no request with more clicks for one model (no clicks, or only ties)"
+            return ("sample too small to decide: no request with more clicks for one model "
+                    "(no clicks, only ties, or clicks only on results both rank alike)")
         if decided < MIN_DECIDED:
             return (f"sample too small to decide: {decided} decided request(s); even {decided}-0 gives p = "
                     f"{2 * 0.5 ** decided:.3g}, at least {MIN_DECIDED} are needed for p < {ALPHA}")
@@ -457,11 +465,12 @@ class InterleavingComparison:
                 f"p < {ALPHA}; {decided:,} so far")
 
     def to_dict(self) -> dict[str, Any]:
-        clicked = [r for r in self.requests if r.clicks_a or r.clicks_b]
+        clicked = [r for r in self.requests if r.clicks_a or r.clicks_b or r.clicks_shared]
         return {
             "model_a": self.model_a, "model_b": self.model_b, "requests": len(self.requests),
             "requests_with_clicks": len(clicked), "wins_a": self.wins, "wins_b": self.losses, "ties": self.ties,
             "clicks_a": sum(r.clicks_a for r in self.requests), "clicks_b": sum(r.clicks_b for r in self.requests),
+            "clicks_shared": sum(r.clicks_shared for r in self.requests),
             "unmatched_clicks": self.unmatched_clicks, "p_value": self.p_value, "alpha": ALPHA,
             "preferred": self.preferred, "verdict": self.verdict(), "note": self.note(), "shadow": self.shadow,
             "per_request": [{**asdict(r), "outcome": r.outcome} for r in self.requests],
@@ -471,14 +480,15 @@ class InterleavingComparison:
 def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedRequest],
                         clicks: Iterable[Event]) -> InterleavingComparison:
     """Credit clicks to teams. `pages` of the pair in either order: team labels are turned so that
-    'A' is `model_a` here; pages of other pairs are ignored."""
+    'A' is `model_a` here ("=" stays); pages of other pairs are ignored. A click on a shared
+    ("=") document is counted but credited to neither team."""
     oriented: dict[str, tuple[InterleavedRequest, bool]] = {}  # request id -> (page, swapped)
     for page in pages:
         if (page.model_a, page.model_b) == (model_a, model_b):
             oriented[page.request_id] = (page, False)
         elif (page.model_a, page.model_b) == (model_b, model_a):
             oriented[page.request_id] = (page, True)
-    credited: dict[str, dict[str, set[str]]] = {rid: {"A": set(), "B": set()} for rid in oriented}
+    credited: dict[str, dict[str, set[str]]] = {rid: {team: set() for team in TEAMS} for rid in oriented}
     unmatched = 0
     for click in clicks:
         if click.request_id not in oriented or click.type != "click":
@@ -488,9 +498,10 @@ def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedR
         if pick is None or pick.doc_id != click.doc_id:
             unmatched += 1
             continue
-        team = pick.team if not swapped else ("B" if pick.team == "A" else "A")
+        team = pick.team if not swapped else {TEAM_A: TEAM_B, TEAM_B: TEAM_A}.get(pick.team, pick.team)
         credited[click.request_id][team].add(click.doc_id)
-    outcomes = [RequestOutcome(rid, len(credited[rid]["A"]), len(credited[rid]["B"])) for rid in oriented]
+    outcomes = [RequestOutcome(rid, len(credited[rid][TEAM_A]), len(credited[rid][TEAM_B]), len(credited[rid][TEAM_SHARED]))
+                for rid in oriented]
     return InterleavingComparison(model_a, model_b, outcomes, unmatched)
 
 
@@ -555,10 +566,14 @@ def render(report: dict[str, Any]) -> str:
              f"{report['requests_with_clicks']} with clicks"
              + (f" (since {datetime.fromtimestamp(report['since'], timezone.utc).isoformat()})" if report["since"] else "")]
     for r in report["per_request"]:
-        if r["clicks_a"] or r["clicks_b"]:
-            lines.append(f"  {r['request_id']}  A {r['clicks_a']}  B {r['clicks_b']}  {r['outcome']}")
+        shared = r.get("clicks_shared", 0)
+        if r["clicks_a"] or r["clicks_b"] or shared:
+            lines.append(f"  {r['request_id']}  A {r['clicks_a']}  B {r['clicks_b']}"
+                         + (f"  shared {shared}" if shared else "") + f"  {r['outcome']}")
+    shared = report.get("clicks_shared", 0)
     lines.append(f"wins {a}: {report['wins_a']}, wins {b}: {report['wins_b']}, ties: {report['ties']}; "
                  f"clicks A {report['clicks_a']}, B {report['clicks_b']}"
+                 + (f", {shared} on results both rank alike (credited to neither)" if shared else "")
                  + (f"; {report['unmatched_clicks']} clicks not on a logged page position" if report["unmatched_clicks"] else ""))
     p = report["p_value"]
     lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")

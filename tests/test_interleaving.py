@@ -20,7 +20,7 @@ from ltr.experiments import (
 from search.app.cli.compare import add_compare_parser, cmd_models_compare
 from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from search.app.config import ExplorationSettings, OnlineExperimentSettings, load_service_config
-from search.interleaving import team_draft
+from search.interleaving import TEAM_SHARED, shared_prefix, team_draft
 from tests.conftest import home_sharing_encoder, run_cli, running_service
 from tests.test_ltr import _collection
 
@@ -41,29 +41,53 @@ def _rankings(seed: int, n: int, overlap: bool = True) -> tuple[list[str], list[
 @given(seed=st.integers(0, 10_000), n=st.integers(0, 30), k=st.integers(0, 40), overlap=st.booleans())
 def test_team_draft_properties(seed, n, k, overlap):
     a, b = _rankings(seed, n, overlap) if n else ([], [])
+    if seed % 3 == 0 and n:  # a common prefix of random length (often none otherwise)
+        head = int(seed // 3 % (n + 1))
+        b = a[:head] + [d for d in b if d not in a[:head]]
     docs, teams = team_draft(a, b, k, np.random.default_rng(seed))
     assert len(docs) == len(teams) == min(k, len(set(a) | set(b)))
     assert len(set(docs)) == len(docs)  # no duplicates
     assert all(d in a or d in b for d in docs)
+    shared = min(k, shared_prefix(a, b))
+    assert teams[:shared] == [TEAM_SHARED] * shared and docs[:shared] == a[:shared] == b[:shared]
+    assert TEAM_SHARED not in teams[shared:]  # "=" only for the common prefix, placed first
     for team, ranking in (("A", a), ("B", b)):
         picked = [d for d, t in zip(docs, teams) if t == team]
         assert all(d in ranking for d in picked)
         assert picked == sorted(picked, key=ranking.index)  # each team keeps its ranking's order
-    if set(a) == set(b):  # both can always pick: the teams stay balanced on every prefix
-        for prefix in range(1, len(teams) + 1):
-            assert abs(teams[:prefix].count("A") - teams[:prefix].count("B")) <= 1
+    if set(a) == set(b):  # both can always pick: the teams stay balanced on every prefix of the draft
+        for prefix in range(shared + 1, len(teams) + 1):
+            assert abs(teams[shared:prefix].count("A") - teams[shared:prefix].count("B")) <= 1
     again = team_draft(a, b, k, np.random.default_rng(seed))
     assert again == (docs, teams)  # same seed, same page
 
 
-def test_team_draft_identical_rankings_give_the_ranking_and_a_coin_per_round():
+def test_team_draft_identical_rankings_are_all_shared_and_draw_no_coin():
     ranking = [f"d{i}" for i in range(11)]
-    for seed in range(20):
-        docs, teams = team_draft(ranking, list(ranking), 11, np.random.default_rng(seed))
-        assert docs == ranking
-        assert all({teams[i], teams[i + 1]} == {"A", "B"} for i in range(0, 10, 2))  # one pick each per round
-    first = {team_draft(ranking, ranking, 2, np.random.default_rng(seed))[1][0] for seed in range(40)}
-    assert first == {"A", "B"}  # the coin decides who picks first
+    for k in (0, 3, 11, 20):
+        rng = np.random.default_rng(7)
+        docs, teams = team_draft(ranking, list(ranking), k, rng)
+        assert docs == ranking[:k] and teams == [TEAM_SHARED] * min(k, 11)
+        assert rng.random() == np.random.default_rng(7).random()  # no coin drawn: nothing to decide
+
+
+def test_team_draft_shares_the_common_prefix_then_drafts_the_rest_a_coin_per_round():
+    a = ["s1", "s2", "s3"] + [f"d{i}" for i in range(8)]
+    b = ["s1", "s2", "s3"] + [f"d{i}" for i in reversed(range(8))]
+    firsts = set()
+    for seed in range(40):
+        docs, teams = team_draft(a, b, 11, np.random.default_rng(seed))
+        assert docs[:3] == ["s1", "s2", "s3"] and teams[:3] == ["=", "=", "="]
+        assert all({teams[i], teams[i + 1]} == {"A", "B"} for i in range(3, 11, 2))  # one pick each per round
+        firsts.add(teams[3])
+        assert docs[3] == ("d0" if teams[3] == "A" else "d7")
+    assert firsts == {"A", "B"}  # the coin decides who picks first after the prefix
+    # the prefix is the SAME document at the SAME rank: a swap ends it, a later agreement is drafted
+    assert shared_prefix(["x", "y", "z"], ["x", "z", "y"]) == 1 and shared_prefix(["x", "y"], ["y", "x"]) == 0
+    docs, teams = team_draft(["x", "y", "z"], ["y", "x", "z"], 3, np.random.default_rng(0))
+    assert TEAM_SHARED not in teams  # z is third in both, but after a disagreement
+    assert shared_prefix(["x", "x", "y"], ["x", "x", "y"]) == 1  # a repeated document ends it: no duplicates
+    assert team_draft(["s", "a"], ["s"], 2, np.random.default_rng(0)) == (["s", "a"], ["=", "A"])  # B has nothing left
 
 
 def test_team_draft_example_and_errors():
@@ -150,7 +174,7 @@ def test_an_undecided_comparison_says_when_the_sample_is_too_small():
 
     nothing = compare_interleaved("m1", "m2", pages[:3], [])
     assert nothing.note() == ("sample too small to decide: no request with more clicks for one model "
-                              "(no clicks, or only ties)")
+                              "(no clicks, only ties, or clicks only on results both rank alike)")
     unanimous_but_few = compared(5, 0)
     assert unanimous_but_few.verdict() == "no significant preference"
     assert unanimous_but_few.note() == ("sample too small to decide: 5 decided request(s); even 5-0 gives p = 0.0625, "
@@ -175,6 +199,37 @@ def test_pages_logged_in_either_order_are_oriented():
     clicks = [_click(pages[0], 1), _click(pages[1], 1)]
     result = compare_interleaved("m1", "m2", pages, clicks)
     assert {r.request_id: r.outcome for r in result.requests} == {"x": "loss", "y": "win"}
+
+
+def test_clicks_on_the_shared_prefix_credit_neither_team_in_either_order():
+    pages = [_page("s", "==AB"), _page("t", "=BA", models=("m2", "m1")), _page("u", "AB")]
+    clicks = [_click(pages[0], 1), _click(pages[0], 2),  # shared only: a tie, not a win
+              _click(pages[1], 1), _click(pages[1], 2),  # shared + B's: B is m1 on this page
+              _click(pages[2], 2)]  # an older page with only A and B: still credited
+    for a, b, wins, losses in (("m1", "m2", 1, 1), ("m2", "m1", 1, 1)):
+        result = compare_interleaved(a, b, pages, clicks)
+        outcomes = {r.request_id: (r.clicks_a, r.clicks_b, r.clicks_shared, r.outcome) for r in result.requests}
+        assert outcomes["s"] == (0, 0, 2, "tie")
+        assert outcomes["t"] == ((1, 0, 1, "win") if a == "m1" else (0, 1, 1, "loss"))  # "=" stays when turned
+        assert outcomes["u"] == ((0, 1, 0, "loss") if a == "m1" else (1, 0, 0, "win"))
+        assert (result.wins, result.losses, result.ties, result.unmatched_clicks) == (wins, losses, 1, 0)
+    report = {**compare_interleaved("m1", "m2", pages, clicks).to_dict(), "since": None}
+    assert (report["clicks_a"], report["clicks_b"], report["clicks_shared"], report["requests_with_clicks"]) == (1, 1, 3, 3)
+    text = render(report)
+    assert "  s  A 0  B 0  shared 2  tie" in text and "clicks A 1, B 1, 3 on results both rank alike (credited to neither)" in text
+    only_shared = compare_interleaved("m1", "m2", pages[:1], clicks)
+    assert only_shared.preferred is None and "clicks only on results both rank alike" in only_shared.note()
+    old_style = render({**compare_interleaved("m1", "m2", pages[2:], clicks).to_dict(), "since": None})
+    assert "both rank alike" not in old_style and "shared" not in old_style
+
+
+def test_the_experiment_log_keeps_shared_labels_and_refuses_unknown_teams(tmp_path):
+    with ExperimentLog(tmp_path / "experiments.sqlite3") as log:
+        log.log_interleaved(_page("r", "=AB"))
+        with pytest.raises(ValueError, match=re.escape("bad: teams must be 'A', 'B' or '=' (shared), got 'C'")):
+            log.log_interleaved(_page("bad", "=CA"))
+        assert [p.team for p in next(log.iter_interleaved()).teams] == ["=", "A", "B"]
+        assert [row.request_id for row in log.iter_interleaved()] == ["r"]
 
 
 def test_shadow_agreement_measures():
@@ -313,7 +368,9 @@ def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
         assert (row.model_a, row.model_b, row.page_offset) == ("m0001", "m0002", 0)
         assert [(p.position, p.doc_id) for p in row.teams] == [(r["position"], r["id"]) for r in page["results"]]
         teams = [p.team for p in row.teams]
-        assert set(teams) <= {"A", "B"} and abs(teams.count("A") - teams.count("B")) <= 1
+        shared = teams.count("=")  # the models' common prefix, first on the page, credited to neither
+        assert set(teams) <= {"A", "B", "="} and teams[:shared] == ["="] * shared
+        assert abs(teams.count("A") - teams.count("B")) <= 1
         shadow = shadows[page["request_id"]]  # interleaved requests are shadowed too
         assert shadow.model_version == "m0002" and shadow.served_model == "m0001" and len(shadow.ranking) > 0
     settings = load_service_config(home, two_models["experiments"]).experiments
@@ -335,10 +392,54 @@ def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
     outcomes = {r["request_id"]: r for r in report["per_request"]}
     assert report["requests"] == 6 and report["requests_with_clicks"] == 1
     credited = outcomes[pages[1]["request_id"]]
-    assert (credited["clicks_a"], credited["clicks_b"]) == ((1, 0) if team == "A" else (0, 1))
-    assert credited["outcome"] == ("win" if team == "A" else "loss")
+    assert (credited["clicks_a"], credited["clicks_b"], credited["clicks_shared"]) == {
+        "A": (1, 0, 0), "B": (0, 1, 0), "=": (0, 0, 1)}[team]
+    assert credited["outcome"] == {"A": "win", "B": "loss", "=": "tie"}[team]
     assert report["p_value"] == 1.0 and report["verdict"] == "no significant preference"
     assert report["shadow"]["requests"] >= 6 and 0.0 <= report["shadow"]["mean_rbo@10"] <= 1.0 + 1e-9
+
+
+def _save_copy(home: Path, version: str) -> str:
+    """Another version with the same trees: it ranks every window exactly as `version` does."""
+    from ltr.registry import ModelRegistry
+
+    registry = ModelRegistry(home)
+    model = registry.load(version)
+    m = model.manifest
+    return registry.save(
+        model.booster, feature_set=m.feature_set, index=m.index, training={**m.training, "note": f"a copy of {version}"},
+        params=m.params, metrics=m.metrics, importance=m.importance, sample_features=m.sample_array(),
+        best_iteration=None, reference=m.reference, stage=m.base_stage, sample_base=m.sample_base(),
+    ).version
+
+
+def test_a_challenger_ranking_alike_shares_every_result_and_its_clicks_credit_nobody(two_models, tmp_path, capsys):
+    """Through a real `ltr-search serve`: interleaved against a copy of itself, every shown result
+    is the models' common prefix ("="), logged so, and a click on it is credited to neither."""
+    home = two_models["home"]
+    twin = _save_copy(home, "m0001")
+    events = tmp_path / "events.sqlite3"  # its own event store; the experiment log is the index's (rows by pair)
+    config = tmp_path / "twin.toml"
+    config.write_text(f'events_path = "{events}"\n' + two_models["plain"].read_text()
+                      + f'[experiments]\ninterleave_model = "{twin}"\ninterleave_share = 1.0\nseed = 5\n')
+    with running_service(home, "--name", "topics", "--config", str(config), "--threads", "1") as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            pages = [client.post("/search", json={"query": q, "size": 10}).json() for q in QUERIES[:2]]
+            stored = client.post("/events", json={"events": [
+                {"request_id": pages[0]["request_id"], "type": "click", "doc_id": pages[0]["results"][0]["id"],
+                 "position": 1}]})
+            assert stored.status_code == 200, stored.text
+    with ExperimentLog(home / "experiments" / "topics.sqlite3", create=False) as log:
+        logged = {row.request_id: row for row in log.iter_interleaved(models=("m0001", twin))}
+    for page in pages:
+        assert page["interleaved"] is True and len(page["results"]) > 1
+        row = logged[page["request_id"]]
+        assert [(p.position, p.doc_id, p.team) for p in row.teams] == [(r["position"], r["id"], "=") for r in page["results"]]
+    assert cmd_models_compare(home, _compare_args("m0001", twin, "--name", "topics", "--events", str(events), "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests"], report["requests_with_clicks"], report["ties"]) == (2, 1, 2)
+    assert (report["clicks_a"], report["clicks_b"], report["clicks_shared"], report["unmatched_clicks"]) == (0, 0, 1, 0)
+    assert report["preferred"] is None and "both rank alike" in report["note"]
 
 
 def test_shadow_scoring_logs_and_never_changes_the_page(two_models, tmp_path):

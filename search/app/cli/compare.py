@@ -5,7 +5,8 @@
 Reads the team-draft interleaved pages of the pair (in either order) from the experiment log
 (ltr/experiments.py) and the click events on those pages from the event store. Each click is
 credited to the team whose model put the clicked document at that position (a document clicked
-twice counts once). Per request, more credited clicks for A is a win for A, more for B a loss,
+twice counts once); a click on the rankings' common prefix (team "=", the top results both models
+rank alike) is counted but credited to neither. Per request, more credited clicks for A is a win for A, more for B a loss,
 equal (no clicks included) a tie. A two-sided binomial sign test on wins vs losses (ties left out)
 says whether the preference is significant; an undecided verdict comes with a note when the sample is too
 small to decide (no decided request, fewer than the 6 a unanimous result needs, or how many decided
