@@ -17,10 +17,14 @@ the same query and the same uniform draws per position in both experiments (comm
 numbers: the same users), so the two differ only in the page each user sees.
 
 Interleaving. The page is the team draft (search/interleaving.py, the function the service runs)
-of the two rankings; with 10 results it has 5 rounds, so one of 2**5 coin patterns, drawn
-uniformly per session (every page is precomputed through `team_draft` with those coins). A
-session is a win for the ranker whose team got more clicks (ties, no clicks included, are left
-out), as `ltr-search models compare` credits them. Test: two-sided binomial sign test of wins
+of the two rankings: their common prefix (the same document at the same rank from rank 1 down)
+first, labelled "=" and credited to neither team, then the draft of the rest; with 10 results
+that is at most 5 rounds, so one of 2**5 coin patterns, drawn uniformly per session (every page
+is precomputed through `team_draft` with those coins; a page with a prefix uses fewer coins). A
+session is a win for the ranker whose team got more clicks (ties, no clicks and clicks only on
+"=" results included, are left out), as `ltr-search models compare` credits them. Before the
+shared prefix (plain team draft, a random team for those results too) interleaving needed 2-3x
+fewer sessions than A/B here; the JSON keeps those figures under "before_shared_prefix". Test: two-sided binomial sign test of wins
 against losses (p = 1/2 under no preference), what `models compare` reports.
 
 A/B. Each session is assigned to A or B by a fair coin and shown that ranker's top 10.
@@ -55,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from eval.click_models import UserBehaviour  # noqa: E402
 from eval.datasets import load_dataset, read_run, trec_order  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
-from search.interleaving import TEAM_A, team_draft  # noqa: E402
+from search.interleaving import TEAM_A, TEAM_B, TEAM_SHARED, team_draft  # noqa: E402
 
 DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
 RESULTS = ROOT / "bench" / "results"
@@ -64,10 +68,12 @@ ROUNDS = DEPTH // 2  # team-draft rounds on a page of DEPTH: one coin each
 ALPHA = 0.05
 USERS = UserBehaviour("pbm", eta=1.0, click_probs={0: 0.05, 1: 0.95, 2: 0.95}, noise=0.1)
 CHUNK = 1 << 16
+CREDIT = {TEAM_A: 1, TEAM_B: -1, TEAM_SHARED: 0}  # a click's sign in A's clicks minus B's: "=" counts for neither
 
 
 class _Coins:
-    """A scripted generator for `team_draft`: round r's coin says A first when bit r is 0."""
+    """A scripted generator for `team_draft`: the draft's round r (after any shared prefix) has A
+    pick first when bit r is 0."""
 
     def __init__(self, pattern: int):
         self.pattern, self.used = pattern, 0
@@ -86,7 +92,7 @@ class PairPages:
     name_a: str
     name_b: str
     interleaved_p: np.ndarray  # (queries, patterns, DEPTH) click probability, 0 past the page
-    interleaved_team: np.ndarray  # (queries, patterns, DEPTH) +1 A, -1 B, 0 past the page
+    interleaved_team: np.ndarray  # (queries, patterns, DEPTH) +1 A, -1 B, 0 shared ("=": no credit) or past the page
     a_p: np.ndarray  # (queries, DEPTH)
     b_p: np.ndarray  # (queries, DEPTH)
 
@@ -118,7 +124,7 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
             if coins.used > ROUNDS:
                 raise AssertionError(f"query {query}: team draft used {coins.used} coins for {DEPTH} results")
             grades[i, pattern, : len(docs)] = [judged.get(d, 0) for d in docs]
-            teams[i, pattern, : len(docs)] = [1 if t == TEAM_A else -1 for t in team]
+            teams[i, pattern, : len(docs)] = [CREDIT[t] for t in team]
             shown[i, pattern, : len(docs)] = True
     return PairPages(
         name_a, name_b,
@@ -365,6 +371,10 @@ def main() -> None:
                   f"A/B clicks@10 {hetero['ab_clicks']['median_sessions_needed']} ({hetero['ab_clicks_over_interleaving']}x), "
                   f"A/B CTR {hetero['ab_ctr']['median_sessions_needed']} ({hetero['ab_ctr_over_interleaving']}x)", flush=True)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.json.is_file():  # a rerun keeps the figures of plain team draft (before the shared prefix)
+        before = json.loads(args.json.read_text()).get("before_shared_prefix")
+        if before is not None:
+            report["before_shared_prefix"] = before
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"json: {args.json}")

@@ -1,6 +1,6 @@
 """The interleaving study's machinery (bench/bench_interleaving.py): its enumerated team-draft pages
-are exactly the pages the service's `team_draft` serves, its simulated users agree with the closed
-form, and the A/B tests read the right direction."""
+are exactly the pages the service's `team_draft` serves (the shared prefix credited to nobody), its
+simulated users agree with the closed form, and the A/B tests read the right direction."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.interleaving import team_draft
+from search.interleaving import shared_prefix, team_draft
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_interleaving.py"
 
@@ -34,6 +34,8 @@ def _toy(bench):
     for q in queries:  # A puts two relevant documents on top: the better ranker
         relevant = [d for d, g in qrels[q].items() if g > 0][:2]
         a[q] = relevant + [d for d in a[q] if d not in relevant]
+    for q in queries[:2]:  # two queries where B agrees on A's top 3: a shared prefix
+        b[q] = a[q][:3] + [d for d in b[q] if d not in a[q][:3]]
     return bench.pair_pages("A", "B", {"A": a, "B": b}, qrels, queries, 2), a, b, qrels, queries
 
 
@@ -43,7 +45,24 @@ def test_enumerated_pages_are_the_served_team_drafts(bench):
         enumerated = {tuple(pages.interleaved_team[i, c]) for c in range(pages.interleaved_team.shape[1])}
         for seed in range(40):
             _, teams = team_draft(a[q], b[q], bench.DEPTH, np.random.default_rng(seed))
-            assert tuple(1 if t == "A" else -1 for t in teams) in enumerated
+            assert tuple({"A": 1, "B": -1, "=": 0}[t] for t in teams) in enumerated
+
+
+def test_the_shared_prefix_is_on_every_page_and_credited_to_nobody(bench):
+    pages, a, b, qrels, queries = _toy(bench)
+    prefixes = [shared_prefix(a[q], b[q]) for q in queries]
+    assert prefixes[:2] == [3, 3]  # B agrees on A's top 3 for the first two queries
+    for i, prefix in enumerate(prefixes):  # zero exactly on the prefix, on every page, whatever the coins
+        assert (pages.interleaved_team[i, :, :prefix] == 0).all() and (pages.interleaved_team[i, :, prefix:] != 0).all()
+    assert (pages.interleaved_p[:2, :, :3] == pages.a_p[:2, None, :3]).all()  # same documents, same places
+    drafted = pages.interleaved_team[:2, :, 3:].sum(axis=-1)
+    assert (np.abs(drafted) <= 1).all()  # the draft after the prefix: 7 picks, balanced within one
+    # crediting the prefix at random (plain team draft) only adds noise: the same win/loss gap, more decided
+    plain = pages.interleaved_team.copy()
+    plain[:2, :, :3] = np.where(np.arange(plain.shape[1])[None, :, None] % 2 == 0, 1, -1)
+    noisy = bench.expected(bench.PairPages("A", "B", pages.interleaved_p, plain, pages.a_p, pages.b_p))
+    shared = bench.expected(pages)
+    assert shared["power50_sessions"]["interleaving"] < noisy["power50_sessions"]["interleaving"]
 
 
 def test_simulated_users_match_the_closed_form_and_favour_the_better_ranker(bench):
