@@ -12,7 +12,7 @@ retriever, cut to the first 400 in RRF order).
 
 The peer is the same stage as it stood at `--before` (default: the commit before the vectorised
 path): indexing/bm25.py and ltr/features.py of that commit are loaded from git as modules of their
-own and run on the same index object. Every window is extracted by both, alternating which goes
+own and run on the same loaded postings. Every window is extracted by both, alternating which goes
 first, for `--repeat` rounds, so machine load hits both alike; ratios are from this run. The
 feature matrices of both are compared: they must be equal (max |difference| is reported).
 """
@@ -58,14 +58,16 @@ def module_at(commit: str, path: str, name: str) -> types.ModuleType:
 
 
 class BeforeBackend:
-    """The index with `candidate_stats` as the old indexing/bm25.py computed it."""
+    """The index with `candidate_stats` as the old indexing/bm25.py computed it: an index of the
+    old module's class over the same loaded fields (so the old code finds the private state its
+    constructor made)."""
 
     def __init__(self, index: EmbeddedIndex, old_bm25: types.ModuleType):
-        self.index, self.old = index, old_bm25
+        self.index = index
+        self.bm25 = old_bm25.BM25Index(index.bm25.vocabulary, index.bm25.fields, index.bm25.settings)
 
     def candidate_stats(self, query: Any, rows: np.ndarray) -> Any:
-        terms = self.index._terms(query)
-        return self.old.BM25Index.candidate_stats(self.index.bm25, terms, np.asarray(rows, dtype=np.int64))
+        return self.bm25.candidate_stats(self.index._terms(query), np.asarray(rows, dtype=np.int64))
 
 
 def window_of_400(index: EmbeddedIndex, query: str) -> Candidates:

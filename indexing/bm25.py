@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from array import array
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -78,10 +76,22 @@ class FieldIndex:
     # forward index on first use unless the generation stored them.
     successors: np.ndarray | None = None  # int32: the term after each occurrence, grouped by posting
     successor_ptr: np.ndarray | None = None  # nnz + 1: posting p's are successors[ptr[p]:ptr[p+1]]
+    # (settings, every document's length norm, whether all are > 0), made on first use
+    _norms: tuple[BM25Settings, np.ndarray, bool] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def document_frequencies(self) -> np.ndarray:
         return np.diff(self.weights.indptr)
+
+    def length_norms(self, settings: BM25Settings) -> tuple[np.ndarray, bool]:
+        """`length_norms` of every document (float64, computed once: elementwise, so a window's
+        gather of them is bit for bit what the window's own computation gives) and whether all are
+        > 0. Threads racing here compute the same array; either is kept."""
+        cached = self._norms
+        if cached is None or cached[0] != settings:
+            norms = length_norms(self.doc_lengths, self.avg_length, settings)
+            cached = self._norms = (settings, norms, bool((norms > 0).all()))
+        return cached[1], cached[2]
 
     def successor_postings(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(successors, successor_ptr), made once from the forward index (None without one).
@@ -128,8 +138,6 @@ class BM25Index:
         self.fields = fields
         self.settings = settings
         self.n_docs = len(next(iter(fields.values())).doc_lengths)
-        self._tables: list[np.ndarray] = []  # spare term -> query column tables (`_borrow_table`)
-        self._tables_lock = threading.Lock()
 
     # ----- query side -------------------------------------------------------------------------
     def query_term_ids(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -168,36 +176,32 @@ class BM25Index:
         builder's own arithmetic (`bm25_weights`), bit for bit what the index stores, so the
         combined field costs no posting search at all."""
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
-        occurrences = Counter(tokens)
-        distinct = list(occurrences)  # first-occurrence order
-        counts = np.array([occurrences[t] for t in distinct], dtype=np.float32)
-        known = np.array([t in self.term_to_id for t in distinct], dtype=bool)
-        term_ids = np.array([self.term_to_id.get(t, -1) for t in distinct], dtype=np.int64)
-        table = self._borrow_table()
-        table[term_ids[known]] = np.flatnonzero(known)
-        try:
-            query = QueryTerms.of(term_ids, self.query_bigram_ids(tokens), table)
-            window = SortedWindow.of(doc_indices)
-            matches = {name: field_matches(field, query, doc_indices, window)
-                       for name, field in self.fields.items() if name != COMBINED_FIELD}
-        finally:
-            table[term_ids[known]] = -1
-            with self._tables_lock:
-                self._tables.append(table)
+        query = QueryTerms.of(tokens, self.term_to_id)
+        window = SortedWindow.of(doc_indices)
+        matches = {name: field_matches(field, query, doc_indices, window)
+                   for name, field in self.fields.items() if name != COMBINED_FIELD}
         if COMBINED_FIELD in self.fields:
-            matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, term_ids, doc_indices, self.settings)
+            matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, query.term_ids, doc_indices, self.settings)
+        known, term_ids, counts = query.known, query.term_ids, query.counts
+        all_known = bool(known.all())
         bm25, tfs, idfs, lengths = {}, {}, {}, {}
         for name, field in self.fields.items():
             weights, tfs[name] = matches[name].weights, matches[name].term_freqs
-            bm25[name] = (weights * counts).sum(axis=1, dtype=np.float32) if len(distinct) else np.zeros(len(doc_indices), np.float32)
+            if not len(term_ids):
+                bm25[name] = np.zeros(len(doc_indices), np.float32)
+            else:  # a term counted once weighs w * 1 = w: the product is skipped, the sum's order is not changed
+                bm25[name] = (weights * counts if query.repeated else weights).sum(axis=1, dtype=np.float32)
             # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
             # is the base generation's, so its features agree with its scores).
-            unseen = np.float32(np.log1p((field.doc_count + 0.5) / 0.5))  # lucene_idf of df 0, as Lucene reports it
-            idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], unseen).astype(np.float32)
+            if all_known:
+                idfs[name] = field.idf[term_ids]
+            else:
+                unseen = np.float32(np.log1p((field.doc_count + 0.5) / 0.5))  # lucene_idf of df 0, as Lucene reports it
+                idfs[name] = np.where(known, field.idf[np.maximum(term_ids, 0)], unseen).astype(np.float32)
             lengths[name] = field.doc_lengths[doc_indices]
         return CandidateStats(
             doc_indices=doc_indices,
-            terms=tuple(distinct),
+            terms=query.terms,
             term_counts=counts,
             known=known,
             query_length=len(tokens),
@@ -207,16 +211,6 @@ class BM25Index:
             field_lengths=lengths,
             bigram_coverage={name: m.bigram_coverage for name, m in matches.items() if name != COMBINED_FIELD},
         )
-
-    def _borrow_table(self) -> np.ndarray:
-        """A term id -> query column table, all -1, for one call's use (give it back with all -1):
-        mapping tokens to query terms is then one gather instead of a search per token. Tables
-        are reused, so there are only as many as calls ever ran at once, not one per thread."""
-        with self._tables_lock:
-            if self._tables:
-                return self._tables.pop()
-        # one slot more than the vocabulary: the successor of a document's last token
-        return np.full(len(self.vocabulary) + 1, -1, dtype=np.int32)
 
     def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
         """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
@@ -394,49 +388,60 @@ def bigram_coverage(
     doc_indices = np.asarray(doc_indices, dtype=np.int64)
     if token_ids is None or offsets is None or len(bigrams) == 0:
         return np.full(len(doc_indices), np.nan, dtype=np.float32)
-    ids = np.unique(bigrams[bigrams >= 0])
-    query = QueryTerms.of(ids, bigrams, columns=None)
+    bigrams = np.asarray(bigrams, dtype=np.int64).reshape(-1, 2)
+    known = bigrams[(bigrams >= 0).all(axis=1)]
     tokens, owner = candidate_tokens(token_ids, offsets, doc_indices)
-    return bigrams_in_columns(query, query.columns_of_tokens(tokens), owner, len(doc_indices))
+    within = owner[1:] == owner[:-1]  # adjacent tokens of one candidate
+    keys = pair_keys(tokens[:-1][within], tokens[1:][within])
+    return bigram_share(np.unique(pair_keys(known[:, 0], known[:, 1])), len(bigrams), keys, owner[1:][within], len(doc_indices))
 
 
-@dataclass
+PAIR_SHIFT = 32  # a pair of term ids (int32) as one int64 key: first << 32 | second
+
+
+def pair_keys(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """int64 keys of (first, second) term id pairs, ordered by first, then second."""
+    return (np.asarray(first, dtype=np.int64) << PAIR_SHIFT) | second
+
+
+@dataclass(frozen=True)
 class QueryTerms:
-    """A query's distinct terms as columns 0..T-1 and its adjacent pairs as bigram columns,
-    with the lookups that map a token to its column without a search per token."""
+    """An analysed query as a window's columns: its distinct terms in query order (id -1: a term
+    the index never saw), and its distinct adjacent pairs, the known ones as sorted `pair_keys`,
+    so that a pair of term ids is found with one binary search (no term -> column table)."""
 
+    terms: tuple[str, ...]
     term_ids: np.ndarray  # int64 per column, -1 for a term the index never saw
-    bigrams: np.ndarray  # int64 [pair, 2]: (first, second) term ids
-    pair_columns: np.ndarray  # int64 [first column * (T + 1) + second column + 1] -> bigram column, -1 if none
-    columns: np.ndarray | None  # term id -> column (-1: not a query term), vocabulary size + 1; None: searched
-    starts_bigram: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, bool))  # per column: first term of a known bigram
+    counts: np.ndarray  # float32: occurrences of each column's term in the query
+    repeated: bool  # some term occurs more than once
+    n_bigrams: int  # distinct adjacent pairs, known or not: the coverage's denominator
+    pair_keys: np.ndarray  # int64, sorted: the known pairs (`pair_keys`)
+    starts_bigram: np.ndarray  # bool per column: the first term of a known pair
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.term_ids >= 0
 
     @classmethod
-    def of(cls, term_ids: np.ndarray, bigrams: np.ndarray, columns: np.ndarray | None) -> "QueryTerms":
-        query = cls(np.asarray(term_ids, dtype=np.int64), bigrams, np.empty(0, np.int64), columns)
-        n = len(query.term_ids)
-        query.pair_columns = np.full(n * (n + 1), -1, dtype=np.int64)  # second column -1 (not a query term) has a slot
-        query.starts_bigram = np.zeros(n, dtype=bool)
-        known = np.flatnonzero((bigrams >= 0).all(axis=1))
-        if len(known):
-            first, second = query.column_of(bigrams[known, 0]), query.column_of(bigrams[known, 1])
-            query.pair_columns[first * (n + 1) + second + 1] = known
-            query.starts_bigram[first] = True
-        return query
-
-    def column_of(self, ids: np.ndarray) -> np.ndarray:
-        """Column of each term id (known query terms only)."""
-        return np.searchsorted(self.term_ids, ids) if self.columns is None else self.columns[ids].astype(np.int64)
-
-    def columns_of_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Column of each token, -1 for tokens that are not query terms."""
-        if self.columns is not None:
-            return self.columns[tokens]
-        # the reference path (`bigram_coverage`): term ids sorted and known, searched per token
-        if not len(self.term_ids):
-            return np.full(len(tokens), -1, dtype=np.int64)
-        where = np.minimum(np.searchsorted(self.term_ids, tokens), len(self.term_ids) - 1)
-        return np.where(self.term_ids[where] == tokens, where, -1)
+    def of(cls, tokens: Sequence[str], term_to_id: Mapping[str, int]) -> "QueryTerms":
+        """One pass over the (few) tokens in plain Python, then one array of each kind: cheaper
+        than array operations on arrays this small."""
+        occurrences: dict[str, int] = {}
+        for token in tokens:
+            occurrences[token] = occurrences.get(token, 0) + 1
+        lookup = term_to_id.get
+        ids = [lookup(t, -1) for t in occurrences]
+        pairs = dict.fromkeys(zip(tokens, tokens[1:]))  # distinct, in query order
+        keys, starts = [], [False] * len(ids)
+        for a, b in pairs:
+            first, second = lookup(a, -1), lookup(b, -1)
+            if first >= 0 and second >= 0:
+                keys.append(first << PAIR_SHIFT | second)
+                starts[ids.index(first)] = True
+        counts = list(occurrences.values())
+        return cls(tuple(occurrences), np.array(ids, dtype=np.int64), np.array(counts, dtype=np.float32),
+                   any(c > 1 for c in counts), len(pairs), np.array(sorted(keys), dtype=np.int64),
+                   np.array(starts, dtype=bool))
 
 
 def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -449,22 +454,15 @@ def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np
     return token_ids[positions], np.repeat(np.arange(len(doc_indices)), lengths)
 
 
-def bigrams_in_columns(query: QueryTerms, columns: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Bigram coverage of `n` candidates from their tokens' columns (`QueryTerms.columns_of_tokens`
-    of `candidate_tokens`): every adjacent pair of tokens within one candidate."""
-    pair = (owner[1:] == owner[:-1]) & (columns[:-1] >= 0)
-    return bigram_share(query, columns[:-1][pair].astype(np.int64), columns[1:][pair].astype(np.int64), owner[1:][pair], n)
-
-
-def bigram_share(query: QueryTerms, first: np.ndarray, second: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Share of the query's bigrams found among the (first, second) column pairs of each owner
-    candidate (`second` -1: not a query term; `first` is one)."""
-    found = np.zeros((len(query.bigrams), n), dtype=bool)  # [bigram, candidate]: the count runs over candidates
-    if len(first):
-        bigram = query.pair_columns[first * (len(query.term_ids) + 1) + second + 1]
-        is_pair = bigram >= 0
-        found[bigram[is_pair], owner[is_pair]] = True
-    return (found.sum(axis=0) / len(query.bigrams)).astype(np.float32)
+def bigram_share(query_keys: np.ndarray, n_bigrams: int, keys: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Share of the query's `n_bigrams` pairs (the known ones as sorted `query_keys`) found
+    among the pair `keys` of each `owner` candidate, for `n` candidates."""
+    found = np.zeros((len(query_keys), n), dtype=bool)  # [bigram, candidate]: the count runs over candidates
+    if len(keys) and len(query_keys):
+        slot = np.minimum(query_keys.searchsorted(keys), len(query_keys) - 1)
+        is_pair = query_keys[slot] == keys
+        found[slot[is_pair], owner[is_pair]] = True
+    return (found.sum(axis=0) / n_bigrams).astype(np.float32)
 
 
 @dataclass
@@ -483,7 +481,7 @@ def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray,
     shape = (len(doc_indices), len(query.term_ids))
     hits = posting_hits(field.weights, query.term_ids, doc_indices, window)
     return FieldMatches(hits.dense(field.weights.data, shape), hits.dense(field.term_freqs, shape),
-                        bigram_coverage_of_postings(query, hits, field, doc_indices))
+                        bigram_coverage_of_postings(query, hits, field, len(doc_indices)))
 
 
 def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], term_ids: np.ndarray, doc_indices: np.ndarray,
@@ -492,7 +490,8 @@ def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], ter
     builder adds the count matrices), its weights follow from them. Looked up in its postings
     when that sum may be saturated (a term over TF_MAX times in a document)."""
     if sources:
-        tf = sum(m.term_freqs for m in sources.values())
+        first, *others = (m.term_freqs for m in sources.values())
+        tf = sum(others[1:], first + others[0]) if others else first.copy()
         if tf.max(initial=0) < TF_MAX:
             return FieldMatches(candidate_weights(field, term_ids, tf, doc_indices, settings), tf)
     hits = posting_hits(field.weights, term_ids, doc_indices)
@@ -515,9 +514,10 @@ def candidate_weights(field: FieldIndex, term_ids: np.ndarray, tf: np.ndarray, d
                       settings: BM25Settings) -> np.ndarray:
     """[candidate, term] BM25 weights of a field from exact term frequencies: equal to the
     stored postings' weights (0 where the term is absent)."""
-    idf = field.idf[np.maximum(term_ids, 0)].astype(np.float32)[None, :]
-    norms = length_norms(field.doc_lengths[doc_indices], field.avg_length, settings)[:, None]
-    if (norms > 0).all():  # an absent term (tf 0) weighs 0 / norm = 0 exactly
+    idf = field.idf[np.maximum(term_ids, 0)][None, :]  # float32, as stored
+    every_norm, all_positive = field.length_norms(settings)
+    norms = every_norm[doc_indices][:, None]
+    if all_positive:  # an absent term (tf 0) weighs 0 / norm = 0 exactly
         return bm25_weights(idf, tf, norms)
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where a norm is 0 (k1 = 0, or b = 1 and no tokens)
         return np.where(tf > 0, bm25_weights(idf, tf, norms), np.float32(0)).astype(np.float32, copy=False)
@@ -576,6 +576,7 @@ class SortedWindow:
 
     order: np.ndarray  # candidate positions by ascending document
     needles: np.ndarray  # their documents, int32 (the postings' dtype) when they fit
+    distinct: bool  # no document is a candidate twice
 
     @classmethod
     def of(cls, doc_indices: np.ndarray) -> "SortedWindow":
@@ -583,55 +584,88 @@ class SortedWindow:
         needles = doc_indices[order]
         if len(needles) and needles[-1] <= np.iinfo(np.int32).max:
             needles = needles.astype(np.int32)
-        return cls(order, needles)
+        return cls(order, needles, bool((needles[1:] != needles[:-1]).all()))
 
 
 def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray,
                  window: SortedWindow | None = None) -> PostingHits:
     """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none).
 
-    One binary search of the sorted candidates per query term (the only loop, over terms), then
-    one vectorised check of every (term, candidate) pair. The needles take the postings' own
-    dtype (int32), so no posting list is converted to int64 for the search."""
-    n, n_terms = len(doc_indices), len(term_ids)
+    Two ways, each term taking the cheaper: the window's n candidates are binary-searched in a
+    posting list longer than n (one search per such term, the only loop, over terms), and the
+    postings of all the shorter lists are binary-searched in the sorted candidates at once (a
+    search costs log2 of what is searched in, so each way searches the fewer items in the larger
+    list). A window that repeats a candidate has every list searched the first way (a posting
+    finds one of equal candidates). Needles take the postings' own dtype (int32), so no posting
+    list is converted to int64."""
+    n = len(doc_indices)
     indptr, indices = matrix.indptr, np.asarray(matrix.indices)
-    if not n or not n_terms or not len(indices):
+    # (column, first posting, end) of each query term with postings, as Python ints
+    spans = [(column, int(indptr[t]), int(indptr[t + 1])) for column, t in enumerate(term_ids.tolist()) if t >= 0]
+    spans = [span for span in spans if span[2] > span[1]]
+    if not n or not spans:
         empty = np.empty(0, dtype=np.int64)
         return PostingHits(empty, empty, empty)
     window = window or SortedWindow.of(doc_indices)
-    order, needles = window.order, window.needles
-    if needles.dtype != indices.dtype:
-        needles = needles.astype(np.int64)
-    safe = np.maximum(term_ids, 0)
-    starts = np.where(term_ids >= 0, indptr[safe], 0)
-    ends = np.where(term_ids >= 0, indptr[safe + 1], 0)
-    where = np.empty((n_terms, n), dtype=np.int64)
-    for column, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-        where[column] = indices[start:end].searchsorted(needles)
+    needles = window.needles if window.needles.dtype == indices.dtype else window.needles.astype(np.int64)
+    short = [span for span in spans if span[2] - span[1] < n] if window.distinct else []
+    long = [span for span in spans if span[2] - span[1] >= n] if short else spans
+    parts = ([candidates_in_postings(indices, long, window.order, needles)] if long else []) + \
+            ([postings_in_candidates(indices, short, window.order, needles)] if short else [])
+    if len(parts) == 1:
+        return parts[0]
+    return PostingHits(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("candidate", "column", "posting")))
+
+
+def candidates_in_postings(indices: np.ndarray, spans: list[tuple[int, int, int]], order: np.ndarray,
+                           needles: np.ndarray) -> "PostingHits":
+    """Hits of the sorted candidates `needles` (window positions `order`) in the posting lists
+    `spans`: each list searched for every candidate."""
+    where = np.empty((len(spans), len(needles)), dtype=np.int64)
+    for row, (_, start, end) in enumerate(spans):
+        where[row] = indices[start:end].searchsorted(needles)
+    columns, starts, ends = np.array(spans, dtype=np.int64).T
     where += starts[:, None]
-    np.minimum(where, np.maximum(ends - 1, 0)[:, None], out=where)
-    hit = indices[where] == needles
-    hit &= (ends > starts)[:, None]
-    column, position = np.nonzero(hit)
-    return PostingHits(order[position], column, where[column, position])
+    np.minimum(where, (ends - 1)[:, None], out=where)  # past a list's end: its last posting, which is no hit
+    row, position = np.nonzero(indices[where] == needles)
+    return PostingHits(order[position], columns[row], where[row, position])
 
 
-def bigram_coverage_of_postings(query: QueryTerms, hits: PostingHits, field: FieldIndex, doc_indices: np.ndarray) -> np.ndarray:
-    """`bigram_coverage` from the successor postings: only the successors of each pair's first
-    term in the candidates are read (their postings are already found, `hits`); no scan of
-    every candidate token."""
-    n = len(doc_indices)
+def postings_in_candidates(indices: np.ndarray, spans: list[tuple[int, int, int]], order: np.ndarray,
+                           needles: np.ndarray) -> "PostingHits":
+    """Hits of the posting lists `spans` in the sorted, distinct candidates `needles` (window
+    positions `order`): every posting of every list searched among the candidates at once."""
+    columns, starts, ends = np.array(spans, dtype=np.int64).T
+    lengths = ends - starts
+    offsets = np.cumsum(lengths)
+    positions = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts - offsets + lengths, lengths)
+    documents = indices[positions]
+    slot = np.minimum(needles.searchsorted(documents), len(needles) - 1)
+    hit = needles[slot] == documents
+    return PostingHits(order[slot[hit]], np.repeat(columns, lengths)[hit], positions[hit])
+
+
+def bigram_coverage_of_postings(query: QueryTerms, hits: PostingHits, field: FieldIndex, n: int) -> np.ndarray:
+    """`bigram_coverage` of `n` candidates from the successor postings: only the successors of
+    each pair's first term in the candidates are read (their postings are already found,
+    `hits`); no scan of every candidate token."""
     successors = field.successor_postings()
-    if successors is None or len(query.bigrams) == 0:
+    if successors is None or not query.n_bigrams:
         return np.full(n, np.nan, dtype=np.float32)
     following, ptr = successors
     first = query.starts_bigram[hits.column]
     posting = hits.posting[first]
     starts = ptr[posting]
     counts = ptr[posting + 1] - starts
-    runs = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-    second = query.columns_of_tokens(following[np.arange(int(counts.sum()), dtype=np.int64) + runs])
-    return bigram_share(query, np.repeat(hits.column[first], counts), second, np.repeat(hits.candidate[first], counts), n)
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    first_keys = query.term_ids[hits.column[first]] << PAIR_SHIFT
+    owner = hits.candidate[first]
+    if total == len(posting):  # one occurrence per posting (titles, mostly): no runs to expand
+        return bigram_share(query.pair_keys, query.n_bigrams, first_keys | following[starts], owner, n)
+    positions = np.arange(total, dtype=np.int64) + np.repeat(starts - ends + counts, counts)
+    keys = np.repeat(first_keys, counts) | following[positions]
+    return bigram_share(query.pair_keys, query.n_bigrams, keys, np.repeat(owner, counts), n)
 
 
 def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:

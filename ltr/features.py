@@ -59,7 +59,7 @@ class FeatureSet:
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
-    @property
+    @cached_property  # read per window on the hot path (`uses_behaviour`)
     def groups(self) -> tuple[str, ...]:
         return tuple(g for g in FEATURE_GROUPS if any(f.group == g for f in self.features))
 
@@ -189,7 +189,7 @@ def extract_features(backend: SearchBackend, query: str, window: Candidates, fea
         columns.update(_behaviour_columns(behaviour, query, window.doc_ids, now))
     matrix = np.empty((len(window), len(features.features)), dtype=np.float32)
     for j, name in enumerate(features.names):
-        matrix[:, j] = columns[name]()
+        matrix[:, j] = columns[name]()  # a column, or one value for every candidate
     return matrix
 
 
@@ -232,8 +232,9 @@ def _behaviour_columns(behaviour: BehaviourView | None, query: str, doc_ids: Seq
     }
 
 
-def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callable[[], np.ndarray]]:
-    """Every feature as a lazily computed column, so a set pays only for what it uses."""
+def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callable[[], np.ndarray | float]]:
+    """Every feature as a lazily computed column (or one value for the whole window), so a set
+    pays only for what it uses."""
     n = len(window)
     distinct = len(stats.terms)  # distinct analysed query terms, known to the index or not
     all_tf = stats.term_freqs[COMBINED_FIELD]
@@ -244,9 +245,9 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     matched_idf_sum = np.where(matched, idf[None, :], 0.0).sum(axis=1)  # float32, as NumPy's nanmean sums
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
 
-    def coverage(field: str) -> np.ndarray:
+    def coverage(field: str) -> np.ndarray | float:
         if not distinct:
-            return np.full(n, np.nan)
+            return np.nan
         return (matched_count if field == COMBINED_FIELD else stats.matched_terms(field)) / distinct
 
     def idf_max_matched() -> np.ndarray:
@@ -255,14 +256,17 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
 
     def idf_mean_matched() -> np.ndarray:
         # NumPy's nanmean over the matched IDFs, without its NaN masks: the float32 sum over a
-        # float64 division by the count, rounded to float32
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (matched_idf_sum.astype(np.float64) / matched_count).astype(np.float32)
-        return np.where(matched_count > 0, mean, np.nan)
+        # float64 division by the count, rounded to float32 (when the matrix is filled)
+        return np.divide(matched_idf_sum.astype(np.float64), matched_count, out=np.full(n, np.nan), where=matched_count > 0)
 
-    def ratio_to_best(values: np.ndarray) -> np.ndarray:
-        best = np.fmax.reduce(values) if np.isfinite(values).any() else np.nan  # fmax skips NaN, as nanmax, in one pass
-        return values / best if best and np.isfinite(best) and best > 0 else np.full(n, np.nan)
+    def gap_to_best(values: np.ndarray) -> np.ndarray | float:
+        best = np.fmax.reduce(values)  # fmax skips NaN, as nanmax, in one pass: NaN only when all are
+        # a finite best is a finite value; an infinite one needs a finite value to be measured from
+        return values - best if np.isfinite(best) or (np.isinf(best) and np.isfinite(values).any()) else np.nan
+
+    def ratio_to_best(values: np.ndarray) -> np.ndarray | float:
+        best = np.fmax.reduce(values)  # the finite best, or NaN or an infinity, which give no ratio
+        return values / best if np.isfinite(best) and best > 0 else np.nan
 
     return {
         "bm25_title": lambda: stats.bm25["title"],
@@ -275,18 +279,16 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "idf_sum_matched": lambda: matched_idf_sum,
         "idf_max_matched": idf_max_matched,
         "idf_mean_matched": idf_mean_matched,
-        "idf_share_matched": lambda: matched_idf_sum / query_idf
-        if query_idf and np.isfinite(query_idf) else np.full(n, np.nan),
+        "idf_share_matched": lambda: matched_idf_sum / query_idf if query_idf and np.isfinite(query_idf) else np.nan,
         "tfidf_all": lambda: (np.log1p(all_tf) * idf[None, :]).sum(axis=1),
         "bigram_title": lambda: stats.bigram_coverage["title"],
         "bigram_text": lambda: stats.bigram_coverage["text"],
         "length_title": lambda: stats.field_lengths["title"],
         "length_text": lambda: stats.field_lengths["text"],
-        "query_terms": lambda: np.full(n, float(distinct) if distinct else np.nan),
-        "query_idf_sum": lambda: np.full(n, query_idf),
+        "query_terms": lambda: float(distinct) if distinct else np.nan,
+        "query_idf_sum": lambda: query_idf,
         "dense_cosine": lambda: window.dense,
-        "dense_gap_to_best": lambda: window.dense - np.fmax.reduce(window.dense)
-        if np.isfinite(window.dense).any() else np.full(n, np.nan),
+        "dense_gap_to_best": lambda: gap_to_best(window.dense),
         "bm25_rank": lambda: window.bm25_rank,
         "dense_rank": lambda: window.dense_rank,
         "rrf_score": lambda: window.rrf,  # fused once, when the window was made

@@ -185,6 +185,8 @@ class EmbeddedIndex:
         """Per-field BM25, term frequencies, IDF and lengths for (query, candidate) pairs."""
         terms = self._terms(query)
         view, rows = self._live(), self._checked(rows)
+        if not view.n_delta:  # every row is the generation's: no mask to make
+            return self.bm25.candidate_stats(terms, rows)
         base = rows < view.n_base
         if base.all():
             return self.bm25.candidate_stats(terms, rows)

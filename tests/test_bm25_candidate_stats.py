@@ -149,9 +149,9 @@ def test_successors_are_stored_and_an_older_generation_derives_them(tmp_path):
     assert_matches_reference(older, docs, query, rows)
 
 
-def test_concurrent_windows_get_their_own_column_tables():
-    """Threads extracting at once (the service's request threads) never see each other's query
-    columns, and the tables are reused afterwards rather than multiplied per thread."""
+def test_concurrent_windows_do_not_see_each_others_queries():
+    """Threads extracting at once (the service's request threads) share no per-query state: each
+    gets the statistics of its own query."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(11)
@@ -165,7 +165,6 @@ def test_concurrent_windows_get_their_own_column_tables():
     for stats, want in zip(got, expected * 4):
         np.testing.assert_array_equal(stats.bm25["all"], want["bm25"]["all"])
         np.testing.assert_array_equal(stats.bigram_coverage["text"], want["bigram"]["text"])
-    assert 1 <= len(index._tables) <= 8 and all((t == -1).all() for t in index._tables)
 
 
 def test_a_generation_without_forward_index_reads_weights_from_postings():
