@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from array import array
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -138,6 +140,8 @@ class BM25Index:
         self.fields = fields
         self.settings = settings
         self.n_docs = len(next(iter(fields.values())).doc_lengths)
+        self._tables: list[np.ndarray] = []  # spare document -> window position tables (`_borrow_table`)
+        self._tables_lock = threading.Lock()
 
     # ----- query side -------------------------------------------------------------------------
     def query_term_ids(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,10 +180,20 @@ class BM25Index:
         builder's own arithmetic (`bm25_weights`), bit for bit what the index stores, so the
         combined field costs no posting search at all."""
         doc_indices = np.asarray(doc_indices, dtype=np.int64)
+        if len(doc_indices) and doc_indices.min() < 0:
+            raise IndexError(f"negative document index {int(doc_indices.min())}")
         query = QueryTerms.of(tokens, self.term_to_id)
-        window = SortedWindow.of(doc_indices)
-        matches = {name: field_matches(field, query, doc_indices, window)
-                   for name, field in self.fields.items() if name != COMBINED_FIELD}
+        table, positions = self._borrow_table(), np.arange(len(doc_indices), dtype=np.int32)
+        try:
+            table[doc_indices] = positions
+            distinct = bool((table[doc_indices] == positions).all())  # else a later repeat took the slot
+            window = CandidateWindow(doc_indices, table if distinct else None)
+            matches = {name: field_matches(field, query, doc_indices, window)
+                       for name, field in self.fields.items() if name != COMBINED_FIELD}
+        finally:
+            table[doc_indices] = -1
+            with self._tables_lock:
+                self._tables.append(table)
         if COMBINED_FIELD in self.fields:
             matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, query.term_ids, doc_indices, self.settings)
         known, term_ids, counts = query.known, query.term_ids, query.counts
@@ -211,6 +225,15 @@ class BM25Index:
             field_lengths=lengths,
             bigram_coverage={name: m.bigram_coverage for name, m in matches.items() if name != COMBINED_FIELD},
         )
+
+    def _borrow_table(self) -> np.ndarray:
+        """A document -> window position table, all -1, for one call's use (give it back with
+        all -1): finding the candidates in a posting list is then one gather. Tables are reused,
+        so there are only as many as calls ever ran at once, not one per thread."""
+        with self._tables_lock:
+            if self._tables:
+                return self._tables.pop()
+        return np.full(self.n_docs, -1, dtype=np.int32)
 
     def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
         """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
@@ -475,7 +498,7 @@ class FieldMatches:
     bigram_coverage: np.ndarray | None = None
 
 
-def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, window: SortedWindow | None = None) -> FieldMatches:
+def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, window: CandidateWindow | None = None) -> FieldMatches:
     """A source field's `FieldMatches` for a window: its postings of the query terms in the
     candidates, read once for the weights, the term frequencies and the bigrams."""
     shape = (len(doc_indices), len(query.term_ids))
@@ -576,7 +599,6 @@ class SortedWindow:
 
     order: np.ndarray  # candidate positions by ascending document
     needles: np.ndarray  # their documents, int32 (the postings' dtype) when they fit
-    distinct: bool  # no document is a candidate twice
 
     @classmethod
     def of(cls, doc_indices: np.ndarray) -> "SortedWindow":
@@ -584,20 +606,36 @@ class SortedWindow:
         needles = doc_indices[order]
         if len(needles) and needles[-1] <= np.iinfo(np.int32).max:
             needles = needles.astype(np.int32)
-        return cls(order, needles, bool((needles[1:] != needles[:-1]).all()))
+        return cls(order, needles)
+
+
+SCAN_FACTOR = 16  # posting lists up to 16 x the window are read whole through the window's table (`posting_hits`)
+
+
+class CandidateWindow:
+    """A window's candidates as every field's posting search reads them: `table[doc]` is the
+    document's position in the window, -1 for the other documents (None when a candidate is
+    repeated: a table holds one position per document), and the candidates sorted by document,
+    made on first use, for the lists too long to read whole."""
+
+    def __init__(self, doc_indices: np.ndarray, table: np.ndarray | None):
+        self.doc_indices, self.table = doc_indices, table
+
+    @cached_property
+    def sorted(self) -> SortedWindow:
+        return SortedWindow.of(self.doc_indices)
 
 
 def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray,
-                 window: SortedWindow | None = None) -> PostingHits:
+                 window: CandidateWindow | None = None) -> PostingHits:
     """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none).
 
-    Two ways, each term taking the cheaper: the window's n candidates are binary-searched in a
-    posting list longer than n (one search per such term, the only loop, over terms), and the
-    postings of all the shorter lists are binary-searched in the sorted candidates at once (a
-    search costs log2 of what is searched in, so each way searches the fewer items in the larger
-    list). A window that repeats a candidate has every list searched the first way (a posting
-    finds one of equal candidates). Needles take the postings' own dtype (int32), so no posting
-    list is converted to int64."""
+    A posting list up to SCAN_FACTOR times the window's size is read whole, every posting's
+    document looked up in the window's table (one gather for all such lists: a lookup is
+    cheaper than the log2(list) steps of a binary search per candidate). A longer list, or any
+    list when the window has no table (a repeated candidate), has the sorted candidates
+    binary-searched in it: one search per such term, the only loop, over terms. Needles take the
+    postings' own dtype (int32), so no posting list is converted to int64."""
     n = len(doc_indices)
     indptr, indices = matrix.indptr, np.asarray(matrix.indices)
     # (column, first posting, end) of each query term with postings, as Python ints
@@ -606,21 +644,24 @@ def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.nd
     if not n or not spans:
         empty = np.empty(0, dtype=np.int64)
         return PostingHits(empty, empty, empty)
-    window = window or SortedWindow.of(doc_indices)
-    needles = window.needles if window.needles.dtype == indices.dtype else window.needles.astype(np.int64)
-    short = [span for span in spans if span[2] - span[1] < n] if window.distinct else []
-    long = [span for span in spans if span[2] - span[1] >= n] if short else spans
-    parts = ([candidates_in_postings(indices, long, window.order, needles)] if long else []) + \
-            ([postings_in_candidates(indices, short, window.order, needles)] if short else [])
+    window = window or CandidateWindow(doc_indices, None)
+    scanned = [span for span in spans if span[2] - span[1] <= SCAN_FACTOR * n] if window.table is not None else []
+    searched = [span for span in spans if span[2] - span[1] > SCAN_FACTOR * n] if scanned else spans
+    parts = []
+    if searched:
+        order, needles = window.sorted.order, window.sorted.needles
+        parts.append(candidates_in_postings(indices, searched, order, needles if needles.dtype == indices.dtype else needles.astype(np.int64)))
+    if scanned:
+        parts.append(postings_in_window(indices, scanned, window.table))
     if len(parts) == 1:
         return parts[0]
     return PostingHits(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("candidate", "column", "posting")))
 
 
 def candidates_in_postings(indices: np.ndarray, spans: list[tuple[int, int, int]], order: np.ndarray,
-                           needles: np.ndarray) -> "PostingHits":
+                           needles: np.ndarray) -> PostingHits:
     """Hits of the sorted candidates `needles` (window positions `order`) in the posting lists
-    `spans`: each list searched for every candidate."""
+    `spans` (column, start, end): each list searched for every candidate."""
     where = np.empty((len(spans), len(needles)), dtype=np.int64)
     for row, (_, start, end) in enumerate(spans):
         where[row] = indices[start:end].searchsorted(needles)
@@ -631,18 +672,16 @@ def candidates_in_postings(indices: np.ndarray, spans: list[tuple[int, int, int]
     return PostingHits(order[position], columns[row], where[row, position])
 
 
-def postings_in_candidates(indices: np.ndarray, spans: list[tuple[int, int, int]], order: np.ndarray,
-                           needles: np.ndarray) -> "PostingHits":
-    """Hits of the posting lists `spans` in the sorted, distinct candidates `needles` (window
-    positions `order`): every posting of every list searched among the candidates at once."""
+def postings_in_window(indices: np.ndarray, spans: list[tuple[int, int, int]], table: np.ndarray) -> PostingHits:
+    """Hits of the posting lists `spans` (column, start, end) in a window whose `table` gives
+    each document's position (-1: not a candidate): every posting of every list at once."""
     columns, starts, ends = np.array(spans, dtype=np.int64).T
     lengths = ends - starts
     offsets = np.cumsum(lengths)
     positions = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts - offsets + lengths, lengths)
-    documents = indices[positions]
-    slot = np.minimum(needles.searchsorted(documents), len(needles) - 1)
-    hit = needles[slot] == documents
-    return PostingHits(order[slot[hit]], np.repeat(columns, lengths)[hit], positions[hit])
+    candidate = table[indices[positions]]
+    hit = np.flatnonzero(candidate >= 0)
+    return PostingHits(candidate[hit], np.repeat(columns, lengths)[hit], positions[hit])
 
 
 def bigram_coverage_of_postings(query: QueryTerms, hits: PostingHits, field: FieldIndex, n: int) -> np.ndarray:

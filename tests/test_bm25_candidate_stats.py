@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexing.bm25 import (COMBINED_FIELD, SOURCE_FIELDS, TF_MAX, BM25Builder, BM25Index, BM25Settings, bigram_coverage,
-                           successor_postings)
+from indexing.bm25 import (COMBINED_FIELD, SCAN_FACTOR, SOURCE_FIELDS, TF_MAX, BM25Builder, BM25Index, BM25Settings,
+                           bigram_coverage, successor_postings)
 
 VOCABULARY = [f"w{i}" for i in range(40)]
 
@@ -90,6 +90,30 @@ def test_candidate_stats_equal_a_plain_reference(seed, settings):
     assert_matches_reference(index, docs, ["w1", "w2"], np.empty(0, np.int64))  # an empty window
 
 
+def test_windows_small_enough_that_long_posting_lists_are_searched_not_read():
+    """A list longer than SCAN_FACTOR x the window is binary-searched, shorter ones are read
+    through the window's table, both in one window: the hits of both ways agree with the reference."""
+    rng = np.random.default_rng(21)
+    docs = random_docs(rng, 60)
+    index = build(docs)
+    frequent = [t for t in VOCABULARY if t in index.term_to_id
+                and index.fields["text"].document_frequencies[index.term_to_id[t]] > SCAN_FACTOR * 2]
+    rare = [t for t in VOCABULARY if t in index.term_to_id
+            and 0 < index.fields["text"].document_frequencies[index.term_to_id[t]] <= SCAN_FACTOR]
+    assert frequent and rare
+    for size in (1, 2, 3):
+        for _ in range(10):
+            rows = rng.permutation(60)[:size]
+            assert_matches_reference(index, docs, [frequent[0], rare[0], frequent[-1], rare[-1], "nope"], rows)
+            assert_matches_reference(index, docs, [VOCABULARY[int(i)] for i in rng.integers(0, 40, 8)], rows)
+
+
+def test_a_negative_document_index_is_refused():
+    index = build(random_docs(np.random.default_rng(4), 10))
+    with pytest.raises(IndexError, match="negative document index -1"):
+        index.candidate_stats(["w1", "w2"], np.array([0, -1]))
+
+
 def test_a_delta_segment_with_frozen_statistics():
     rng = np.random.default_rng(7)
     base = build(random_docs(rng, 40))
@@ -149,22 +173,23 @@ def test_successors_are_stored_and_an_older_generation_derives_them(tmp_path):
     assert_matches_reference(older, docs, query, rows)
 
 
-def test_concurrent_windows_do_not_see_each_others_queries():
-    """Threads extracting at once (the service's request threads) share no per-query state: each
-    gets the statistics of its own query."""
+def test_concurrent_windows_get_their_own_document_tables():
+    """Threads extracting at once (the service's request threads) never see each other's window
+    positions, and the tables are reused afterwards rather than multiplied per thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(11)
     docs = random_docs(rng, 50)
     index = build(docs)
-    rows = np.arange(50)
     queries = [[VOCABULARY[int(i)] for i in rng.integers(0, 40, 6)] for _ in range(24)]
-    expected = [reference(index, docs, q, rows) for q in queries]
+    windows = [rng.permutation(50)[:int(rng.integers(5, 50))] for _ in queries]  # each its own positions
+    expected = [reference(index, docs, q, rows) for q, rows in zip(queries, windows)]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda q: index.candidate_stats(q, rows), queries * 4))
+        got = list(pool.map(lambda job: index.candidate_stats(*job), list(zip(queries, windows)) * 4))
     for stats, want in zip(got, expected * 4):
         np.testing.assert_array_equal(stats.bm25["all"], want["bm25"]["all"])
         np.testing.assert_array_equal(stats.bigram_coverage["text"], want["bigram"]["text"])
+    assert 1 <= len(index._tables) <= 8 and all((t == -1).all() for t in index._tables)
 
 
 def test_a_generation_without_forward_index_reads_weights_from_postings():
