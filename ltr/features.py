@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexing.bm25 import COMBINED_FIELD, CandidateStats
+from indexing.bm25 import COMBINED_FIELD, CandidateStats, term_sums
 from search.backend import SearchBackend
 from search.hybrid import Candidates
 
@@ -237,12 +237,13 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     pays only for what it uses."""
     n = len(window)
     distinct = len(stats.terms)  # distinct analysed query terms, known to the index or not
-    all_tf = stats.term_freqs[COMBINED_FIELD]
-    matched = all_tf > 0
-    matched_by_term = np.ascontiguousarray(matched.T)  # order-free reductions run over candidates, vectorised
+    # [term, candidate] (the embedded backend's own layout: no copy), so that reductions over
+    # terms are window-wide vector operations; sums as `term_sums`, bit for bit a row sum
+    tf_by_term = np.ascontiguousarray(stats.term_freqs[COMBINED_FIELD].T)
+    matched_by_term = tf_by_term > 0
     matched_count = matched_by_term.sum(axis=0)
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
-    matched_idf_sum = np.where(matched, idf[None, :], 0.0).sum(axis=1)  # float32, as NumPy's nanmean sums
+    matched_idf_sum = term_sums(np.where(matched_by_term, idf[:, None], 0.0))  # float32, as NumPy's nanmean sums
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
 
     def coverage(field: str) -> np.ndarray | float:
@@ -280,7 +281,7 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "idf_max_matched": idf_max_matched,
         "idf_mean_matched": idf_mean_matched,
         "idf_share_matched": lambda: matched_idf_sum / query_idf if query_idf and np.isfinite(query_idf) else np.nan,
-        "tfidf_all": lambda: (np.log1p(all_tf) * idf[None, :]).sum(axis=1),
+        "tfidf_all": lambda: term_sums(np.log1p(tf_by_term) * idf[:, None]),
         "bigram_title": lambda: stats.bigram_coverage["title"],
         "bigram_text": lambda: stats.bigram_coverage["text"],
         "length_title": lambda: stats.field_lengths["title"],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from indexing.bm25 import (COMBINED_FIELD, SCAN_FACTOR, SOURCE_FIELDS, TF_MAX, BM25Builder, BM25Index, BM25Settings,
-                           bigram_coverage, successor_postings)
+                           bigram_coverage, successor_postings, term_sums)
 
 VOCABULARY = [f"w{i}" for i in range(40)]
 
@@ -207,3 +207,16 @@ def test_a_generation_without_forward_index_reads_weights_from_postings():
         np.testing.assert_array_equal(stats.term_freqs[field], expected["tf"][field])
         np.testing.assert_array_equal(stats.bm25[field], expected["bm25"][field])
     assert all(np.isnan(stats.bigram_coverage[name]).all() for name in SOURCE_FIELDS)
+
+
+@pytest.mark.parametrize("n_terms", [0, 1, 2, 7, 8, 9, 12, 15, 16, 17, 24, 31, 128, 129, 130, 300])
+def test_term_sums_are_numpys_row_sums_bit_for_bit(n_terms):
+    """Features are sums over terms of [term, candidate] arrays; they must be the very float32
+    values NumPy's `sum(axis=1)` gives for the [candidate, term] matrix (its pairwise order)."""
+    rng = np.random.default_rng(n_terms)
+    matrix = (rng.random((300, n_terms)) * 10.0 ** rng.uniform(-4, 4, (300, n_terms))).astype(np.float32)
+    matrix[rng.random(matrix.shape) < 0.4] = 0  # absent terms
+    expected = matrix.sum(axis=1, dtype=np.float32)
+    got = term_sums(np.ascontiguousarray(matrix.T))
+    assert got.dtype == np.float32 and got.shape == (300,)
+    np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))  # the bits, signed zeros too
