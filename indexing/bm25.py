@@ -128,7 +128,7 @@ class CandidateStats:
 
     def matched_terms(self, field: str) -> np.ndarray:
         """How many distinct query terms occur in each candidate's field."""
-        return np.ascontiguousarray(self.term_freqs[field].T > 0).sum(axis=0)  # a vectorised sum over candidates
+        return matched_counts(np.ascontiguousarray(self.term_freqs[field].T))  # no copy of the embedded backend's
 
 
 class BM25Index:
@@ -223,7 +223,8 @@ class BM25Index:
             term_freqs=tfs,
             idf=idfs,
             field_lengths=lengths,
-            bigram_coverage={name: m.bigram_coverage for name, m in matches.items() if name != COMBINED_FIELD},
+            bigram_coverage=bigram_coverages(query, {name: m.bigram_pairs for name, m in matches.items() if name != COMBINED_FIELD},
+                                             len(doc_indices)),
         )
 
     def _borrow_table(self) -> np.ndarray:
@@ -406,7 +407,7 @@ def bigram_coverage(
     NaN when it cannot be measured: no forward index, or a query of fewer than two terms.
     `bigrams` are (first, second) term ids (-1: unknown term). This form reads every candidate
     token (a single document's check, or a reference); `BM25Index.candidate_stats` gets the same
-    from the successor postings of the query terms (`bigram_coverage_of_postings`).
+    from the successor postings of the query terms (`successor_pairs`, `bigram_coverages`).
     """
     doc_indices = np.asarray(doc_indices, dtype=np.int64)
     if token_ids is None or offsets is None or len(bigrams) == 0:
@@ -491,13 +492,13 @@ def bigram_share(query_keys: np.ndarray, n_bigrams: int, keys: np.ndarray, owner
 @dataclass
 class FieldMatches:
     """What one field says about a window: [term, candidate] BM25 weights and term frequencies
-    (float32, saturated at TF_MAX as stored), and the bigram coverage (None: not measured here).
+    (float32, saturated at TF_MAX as stored), and its `successor_pairs` (None: not measured here).
     Term-major, so that a reduction over terms is a few whole-window vector operations
     (`term_sums`) rather than one short reduction per candidate."""
 
     weights: np.ndarray
     term_freqs: np.ndarray
-    bigram_coverage: np.ndarray | None = None
+    bigram_pairs: tuple[np.ndarray, np.ndarray] | None = None  # `successor_pairs`
 
 
 def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, window: CandidateWindow | None = None) -> FieldMatches:
@@ -506,7 +507,7 @@ def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray,
     shape = (len(query.term_ids), len(doc_indices))
     hits = posting_hits(field.weights, query.term_ids, doc_indices, window)
     return FieldMatches(hits.by_term(field.weights.data, shape), hits.by_term(field.term_freqs, shape),
-                        bigram_coverage_of_postings(query, hits, field, len(doc_indices)))
+                        successor_pairs(query, hits, field))
 
 
 def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], term_ids: np.ndarray, doc_indices: np.ndarray,
@@ -527,6 +528,15 @@ def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], ter
 def length_norms(lengths: np.ndarray, avg_length: float, settings: BM25Settings) -> np.ndarray:
     """BM25's per-document length normalisation k1 * (1 - b + b * dl / avgdl), float64."""
     return settings.k1 * (1.0 - settings.b + settings.b * lengths / max(avg_length, 1e-9))
+
+
+def matched_counts(tf_by_term: np.ndarray) -> np.ndarray:
+    """How many of the terms of a [term, candidate] array occur (tf > 0) in each candidate: a
+    vectorised count over candidates, in bytes while it cannot overflow (an unsigned integer)."""
+    matched = tf_by_term > 0
+    if len(matched) < 256:
+        return np.add.reduce(matched.view(np.uint8), axis=0, dtype=np.uint8)
+    return matched.sum(axis=0)
 
 
 def term_sums(by_term: np.ndarray) -> np.ndarray:
@@ -718,34 +728,48 @@ def postings_in_window(indices: np.ndarray, spans: list[tuple[int, int, int]], t
     each document's position (-1: not a candidate): every posting of every list at once."""
     columns, starts, ends = np.array(spans, dtype=np.int64).T
     lengths = ends - starts
-    offsets = np.cumsum(lengths)
-    positions = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts - offsets + lengths, lengths)
+    offsets = lengths.cumsum()
+    positions = np.arange(int(offsets[-1]), dtype=np.int64) + (starts - offsets + lengths).repeat(lengths)
     candidate = table[indices[positions]]
     hit = np.flatnonzero(candidate >= 0)
-    return PostingHits(candidate[hit], np.repeat(columns, lengths)[hit], positions[hit])
+    return PostingHits(candidate[hit], columns.repeat(lengths)[hit], positions[hit])
 
 
-def bigram_coverage_of_postings(query: QueryTerms, hits: PostingHits, field: FieldIndex, n: int) -> np.ndarray:
-    """`bigram_coverage` of `n` candidates from the successor postings: only the successors of
-    each pair's first term in the candidates are read (their postings are already found,
-    `hits`); no scan of every candidate token."""
+def successor_pairs(query: QueryTerms, hits: PostingHits, field: FieldIndex) -> tuple[np.ndarray, np.ndarray] | None:
+    """The adjacent pairs (`pair_keys`) that start with the first term of a query bigram in the
+    candidates, and each pair's candidate, from the successor postings: only the successors of
+    those terms' postings in the candidates are read (found already, `hits`); no scan of every
+    candidate token. None without a forward index (the bigrams cannot be measured)."""
     successors = field.successor_postings()
-    if successors is None or not query.n_bigrams:
-        return np.full(n, np.nan, dtype=np.float32)
+    if successors is None:
+        return None
     following, ptr = successors
     first = query.starts_bigram[hits.column]
     posting = hits.posting[first]
     starts = ptr[posting]
     counts = ptr[posting + 1] - starts
-    ends = np.cumsum(counts)
+    ends = counts.cumsum()
     total = int(ends[-1]) if len(ends) else 0
     first_keys = query.term_ids[hits.column[first]] << PAIR_SHIFT
     owner = hits.candidate[first]
     if total == len(posting):  # one occurrence per posting (titles, mostly): no runs to expand
-        return bigram_share(query.pair_keys, query.n_bigrams, first_keys | following[starts], owner, n)
-    positions = np.arange(total, dtype=np.int64) + np.repeat(starts - ends + counts, counts)
-    keys = np.repeat(first_keys, counts) | following[positions]
-    return bigram_share(query.pair_keys, query.n_bigrams, keys, np.repeat(owner, counts), n)
+        return first_keys | following[starts], owner
+    positions = np.arange(total, dtype=np.int64) + (starts - ends + counts).repeat(counts)
+    return first_keys.repeat(counts) | following[positions], owner.repeat(counts)
+
+
+def bigram_coverages(query: QueryTerms, pairs: Mapping[str, tuple[np.ndarray, np.ndarray] | None], n: int) -> dict[str, np.ndarray]:
+    """Each field's bigram coverage of `n` candidates from its `successor_pairs`, every field's
+    in one `bigram_share` (a field's candidates numbered after the previous field's); NaN where
+    it cannot be measured: no forward index, or a query without a bigram."""
+    measured = [name for name, found in pairs.items() if found is not None] if query.n_bigrams else []
+    coverage = {name: np.full(n, np.nan, dtype=np.float32) for name in pairs if name not in measured}
+    if measured:
+        keys = np.concatenate([pairs[name][0] for name in measured])
+        owner = np.concatenate([pairs[name][1] + i * n for i, name in enumerate(measured)])
+        shares = bigram_share(query.pair_keys, query.n_bigrams, keys, owner, len(measured) * n)
+        coverage.update({name: shares[i * n:(i + 1) * n] for i, name in enumerate(measured)})
+    return coverage
 
 
 def term_document_counts(term_ids: np.ndarray, lengths: np.ndarray, n_terms: int, n_docs: int) -> sp.csr_matrix:

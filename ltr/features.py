@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexing.bm25 import COMBINED_FIELD, CandidateStats, term_sums
+from indexing.bm25 import COMBINED_FIELD, CandidateStats, matched_counts, term_sums
 from search.backend import SearchBackend
 from search.hybrid import Candidates
 
@@ -241,9 +241,10 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     # terms are window-wide vector operations; sums as `term_sums`, bit for bit a row sum
     tf_by_term = np.ascontiguousarray(stats.term_freqs[COMBINED_FIELD].T)
     matched_by_term = tf_by_term > 0
-    matched_count = matched_by_term.sum(axis=0)
+    matched_count = matched_counts(tf_by_term)
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
-    matched_idf_sum = term_sums(np.where(matched_by_term, idf[:, None], 0.0))  # float32, as NumPy's nanmean sums
+    matched_idf = np.where(matched_by_term, idf[:, None], np.float32(0))  # [term, candidate], 0 where unmatched
+    matched_idf_sum = term_sums(matched_idf)  # float32, as NumPy's nanmean sums
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
 
     def coverage(field: str) -> np.ndarray | float:
@@ -251,8 +252,13 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
             return np.nan
         return (matched_count if field == COMBINED_FIELD else stats.matched_terms(field)) / distinct
 
-    def idf_max_matched() -> np.ndarray:
-        best = np.where(matched_by_term, idf[:, None], -np.inf).max(axis=0, initial=-np.inf)
+    def idf_max_matched() -> np.ndarray | float:
+        if not distinct:
+            return np.nan
+        if idf.min() > 0:  # (Lucene's idf always is) an unmatched term's 0 never beats a matched idf
+            best = matched_idf.max(axis=0)
+        else:
+            best = np.where(matched_by_term, idf[:, None], -np.inf).max(axis=0)
         return np.where(matched_count > 0, best, np.nan)
 
     def idf_mean_matched() -> np.ndarray:

@@ -108,6 +108,20 @@ def test_windows_small_enough_that_long_posting_lists_are_searched_not_read():
             assert_matches_reference(index, docs, [VOCABULARY[int(i)] for i in rng.integers(0, 40, 8)], rows)
 
 
+def test_a_field_without_forward_index_beside_one_with_it():
+    """Bigrams of both fields are shared out of one computation: a field that cannot measure
+    them is NaN, the other still equals the reference."""
+    rng = np.random.default_rng(17)
+    docs = random_docs(rng, 40)
+    index = build(docs)
+    index.fields["title"].token_ids = index.fields["title"].token_offsets = index.fields["title"].successors = None
+    rows = rng.permutation(40)[:30]
+    for query in (["w1", "w2", "w1", "w3"], [f"w{i}" for i in range(12)]):
+        stats = index.candidate_stats(query, rows)
+        assert np.isnan(stats.bigram_coverage["title"]).all()
+        np.testing.assert_array_equal(stats.bigram_coverage["text"], reference(index, docs, query, rows)["bigram"]["text"])
+
+
 def test_a_negative_document_index_is_refused():
     index = build(random_docs(np.random.default_rng(4), 10))
     with pytest.raises(IndexError, match="negative document index -1"):
