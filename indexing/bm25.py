@@ -553,18 +553,22 @@ def term_sums(by_term: np.ndarray) -> np.ndarray:
 
 def _pairwise_rows(rows: np.ndarray) -> np.ndarray:
     m = len(rows)
-    if m < 8:
-        total = rows[0].copy()  # NumPy starts at -0.0, and -0.0 + x is x
-        for i in range(1, m):
+    if m == 1:
+        return rows[0].copy()
+    if m < 8:  # NumPy starts at -0.0, and -0.0 + x is x: a sequential sum from the first row
+        total = rows[0] + rows[1]
+        for i in range(2, m):
             total += rows[i]
         return total
     if m <= 128:
-        partial = rows[:8].copy()
         end = m - m % 8
-        for i in range(8, end, 8):
+        partial = rows[:8] if end == 8 else rows[:8] + rows[8:16]  # 8 running sums, one per row mod 8
+        for i in range(16, end, 8):
             partial += rows[i:i + 8]
-        total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]))
-        for i in range(end, m):
+        pairs = partial[0::2] + partial[1::2]  # ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), by halves
+        total = pairs[0::2] + pairs[1::2]
+        total = total[0] + total[1]
+        for i in range(end, m):  # the rows past the last block of 8, in order
             total += rows[i]
         return total
     half = m // 2
