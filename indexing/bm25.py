@@ -462,9 +462,8 @@ class QueryTerms:
             if first >= 0 and second >= 0:
                 keys.append(first << PAIR_SHIFT | second)
                 starts[ids.index(first)] = True
-        counts = list(occurrences.values())
-        return cls(tuple(occurrences), np.array(ids, dtype=np.int64), np.array(counts, dtype=np.float32),
-                   any(c > 1 for c in counts), len(pairs), np.array(sorted(keys), dtype=np.int64),
+        return cls(tuple(occurrences), np.array(ids, dtype=np.int64), np.array(list(occurrences.values()), dtype=np.float32),
+                   len(occurrences) < len(tokens), len(pairs), np.array(sorted(keys), dtype=np.int64),
                    np.array(starts, dtype=bool))
 
 
@@ -486,7 +485,7 @@ def bigram_share(query_keys: np.ndarray, n_bigrams: int, keys: np.ndarray, owner
         slot = np.minimum(query_keys.searchsorted(keys), len(query_keys) - 1)
         is_pair = query_keys[slot] == keys
         found[slot[is_pair], owner[is_pair]] = True
-    return (found.sum(axis=0) / n_bigrams).astype(np.float32)
+    return (true_counts(found) / n_bigrams).astype(np.float32)
 
 
 @dataclass
@@ -531,12 +530,16 @@ def length_norms(lengths: np.ndarray, avg_length: float, settings: BM25Settings)
 
 
 def matched_counts(tf_by_term: np.ndarray) -> np.ndarray:
-    """How many of the terms of a [term, candidate] array occur (tf > 0) in each candidate: a
-    vectorised count over candidates, in bytes while it cannot overflow (an unsigned integer)."""
-    matched = tf_by_term > 0
-    if len(matched) < 256:
-        return np.add.reduce(matched.view(np.uint8), axis=0, dtype=np.uint8)
-    return matched.sum(axis=0)
+    """How many of the terms of a [term, candidate] array occur (tf > 0) in each candidate."""
+    return true_counts(tf_by_term > 0)
+
+
+def true_counts(flags: np.ndarray) -> np.ndarray:
+    """Per-column count of the True values of a [row, column] bool array: a vectorised count
+    over columns, in bytes while it cannot overflow (an unsigned integer)."""
+    if len(flags) < 256:
+        return np.add.reduce(flags.view(np.uint8), axis=0, dtype=np.uint8)
+    return flags.sum(axis=0)
 
 
 def term_sums(by_term: np.ndarray) -> np.ndarray:
