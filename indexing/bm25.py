@@ -188,8 +188,10 @@ class BM25Index:
             table[doc_indices] = positions
             distinct = bool((table[doc_indices] == positions).all())  # else a later repeat took the slot
             window = CandidateWindow(doc_indices, table if distinct else None)
-            matches = {name: field_matches(field, query, doc_indices, window)
-                       for name, field in self.fields.items() if name != COMBINED_FIELD}
+            sources = {name: field for name, field in self.fields.items() if name != COMBINED_FIELD}
+            hits = fields_posting_hits([field.weights for field in sources.values()], query.term_ids, doc_indices, window)
+            matches = {name: field_matches(field, query, field_hits, len(doc_indices))
+                       for (name, field), field_hits in zip(sources.items(), hits)}
         finally:
             table[doc_indices] = -1
             with self._tables_lock:
@@ -500,11 +502,11 @@ class FieldMatches:
     bigram_pairs: tuple[np.ndarray, np.ndarray] | None = None  # `successor_pairs`
 
 
-def field_matches(field: FieldIndex, query: QueryTerms, doc_indices: np.ndarray, window: CandidateWindow | None = None) -> FieldMatches:
-    """A source field's `FieldMatches` for a window: its postings of the query terms in the
-    candidates, read once for the weights, the term frequencies and the bigrams."""
-    shape = (len(query.term_ids), len(doc_indices))
-    hits = posting_hits(field.weights, query.term_ids, doc_indices, window)
+def field_matches(field: FieldIndex, query: QueryTerms, hits: PostingHits, n: int) -> FieldMatches:
+    """A source field's `FieldMatches` for a window of `n` candidates from its postings of the
+    query terms in the candidates (`hits`), read once for the weights, the term frequencies and
+    the bigrams."""
+    shape = (len(query.term_ids), n)
     return FieldMatches(hits.by_term(field.weights.data, shape), hits.by_term(field.term_freqs, shape),
                         successor_pairs(query, hits, field))
 
@@ -686,34 +688,46 @@ class CandidateWindow:
 
 def posting_hits(matrix: sp.csr_matrix, term_ids: np.ndarray, doc_indices: np.ndarray,
                  window: CandidateWindow | None = None) -> PostingHits:
-    """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none).
+    """Every (candidate, term) posting of a window in `matrix` (terms with id -1 have none):
+    `fields_posting_hits` of one field."""
+    return fields_posting_hits([matrix], term_ids, doc_indices, window)[0]
+
+
+def fields_posting_hits(matrices: Sequence[sp.csr_matrix], term_ids: np.ndarray, doc_indices: np.ndarray,
+                        window: CandidateWindow | None = None) -> list[PostingHits]:
+    """`PostingHits` of a window in each of `matrices` (the fields' postings).
 
     A posting list up to SCAN_FACTOR times the window's size is read whole, every posting's
-    document looked up in the window's table (one gather for all such lists: a lookup is
-    cheaper than the log2(list) steps of a binary search per candidate). A longer list, or any
-    list when the window has no table (a repeated candidate), has the sorted candidates
-    binary-searched in it: one search per such term, the only loop, over terms. Needles take the
-    postings' own dtype (int32), so no posting list is converted to int64."""
+    document looked up in the window's table: one gather for all such lists of all fields (a
+    lookup is cheaper than the log2(list) steps of a binary search per candidate). A longer
+    list, or any list when the window has no table (a repeated candidate), has the sorted
+    candidates binary-searched in it: one search per such term, the only loop, over terms.
+    Needles take the postings' own dtype (int32), so no posting list is converted to int64."""
     n = len(doc_indices)
-    indptr, indices = matrix.indptr, np.asarray(matrix.indices)
-    # (column, first posting, end) of each query term with postings, as Python ints
-    spans = [(column, int(indptr[t]), int(indptr[t + 1])) for column, t in enumerate(term_ids.tolist()) if t >= 0]
-    spans = [span for span in spans if span[2] > span[1]]
-    if not n or not spans:
-        empty = np.empty(0, dtype=np.int64)
-        return PostingHits(empty, empty, empty)
     window = window or CandidateWindow(doc_indices, None)
-    scanned = [span for span in spans if span[2] - span[1] <= SCAN_FACTOR * n] if window.table is not None else []
-    searched = [span for span in spans if span[2] - span[1] > SCAN_FACTOR * n] if scanned else spans
-    parts = []
-    if searched:
-        order, needles = window.sorted.order, window.sorted.needles
-        parts.append(candidates_in_postings(indices, searched, order, needles if needles.dtype == indices.dtype else needles.astype(np.int64)))
-    if scanned:
-        parts.append(postings_in_window(indices, scanned, window.table))
-    if len(parts) == 1:
-        return parts[0]
-    return PostingHits(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("candidate", "column", "posting")))
+    known = [(column, t) for column, t in enumerate(term_ids.tolist()) if t >= 0]
+    scanned, searched = [], []
+    for matrix in matrices:
+        indptr = matrix.indptr
+        # (column, first posting, end) of each query term with postings, as Python ints
+        spans = [span for span in ((column, int(indptr[t]), int(indptr[t + 1])) for column, t in known) if span[2] > span[1]]
+        short = [span for span in spans if span[2] - span[1] <= SCAN_FACTOR * n] if window.table is not None and n else []
+        scanned.append(short)
+        searched.append([span for span in spans if span[2] - span[1] > SCAN_FACTOR * n] if short else spans if n else [])
+    read = postings_in_window([np.asarray(m.indices) for m in matrices], scanned, window.table) if any(scanned) else None
+    found = []
+    for f, matrix in enumerate(matrices):
+        parts = [read[f]] if read is not None and scanned[f] else []
+        if searched[f]:
+            indices, order, needles = np.asarray(matrix.indices), window.sorted.order, window.sorted.needles
+            parts.append(candidates_in_postings(indices, searched[f], order,
+                                                needles if needles.dtype == indices.dtype else needles.astype(np.int64)))
+        if not parts:
+            empty = np.empty(0, dtype=np.int64)
+            parts.append(PostingHits(empty, empty, empty))
+        found.append(parts[0] if len(parts) == 1 else
+                     PostingHits(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("candidate", "column", "posting"))))
+    return found
 
 
 def candidates_in_postings(indices: np.ndarray, spans: list[tuple[int, int, int]], order: np.ndarray,
@@ -730,16 +744,27 @@ def candidates_in_postings(indices: np.ndarray, spans: list[tuple[int, int, int]
     return PostingHits(order[position], columns[row], where[row, position])
 
 
-def postings_in_window(indices: np.ndarray, spans: list[tuple[int, int, int]], table: np.ndarray) -> PostingHits:
-    """Hits of the posting lists `spans` (column, start, end) in a window whose `table` gives
-    each document's position (-1: not a candidate): every posting of every list at once."""
-    columns, starts, ends = np.array(spans, dtype=np.int64).T
-    lengths = ends - starts
-    offsets = lengths.cumsum()
-    positions = np.arange(int(offsets[-1]), dtype=np.int64) + (starts - offsets + lengths).repeat(lengths)
-    candidate = table[indices[positions]]
+def postings_in_window(indices: Sequence[np.ndarray], spans: Sequence[list[tuple[int, int, int]]], table: np.ndarray) -> list[PostingHits]:
+    """Hits of the posting lists `spans[f]` (column, start, end) of each field f (postings
+    `indices[f]`) in a window whose `table` gives each document's position (-1: not a
+    candidate): every posting of every list of every field read back to back, at once."""
+    documents = np.concatenate([indices[f][start:end] for f, field_spans in enumerate(spans) for _, start, end in field_spans])
+    candidate = table[documents]
     hit = np.flatnonzero(candidate >= 0)
-    return PostingHits(candidate[hit], columns.repeat(lengths)[hit], positions[hit])
+    run_ends, columns, shifts, field_ends = [], [], [], []
+    end_of_run = 0
+    for field_spans in spans:
+        for column, start, end in field_spans:
+            shifts.append(start - end_of_run)  # a posting read at run position p is posting p + shift
+            end_of_run += end - start
+            run_ends.append(end_of_run)
+            columns.append(column)
+        field_ends.append(end_of_run)
+    run_ends_, columns_, shifts_ = np.array([run_ends, columns, shifts], dtype=np.int64)
+    span = run_ends_.searchsorted(hit, side="right")
+    candidate, column, posting = candidate[hit], columns_[span], hit + shifts_[span]
+    cuts = [0, *hit.searchsorted(field_ends).tolist()]
+    return [PostingHits(candidate[a:b], column[a:b], posting[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
 def successor_pairs(query: QueryTerms, hits: PostingHits, field: FieldIndex) -> tuple[np.ndarray, np.ndarray] | None:
