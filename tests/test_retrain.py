@@ -161,3 +161,25 @@ def test_kill_9_during_retrain_leaves_the_active_model_and_events_intact(logged)
     assert retrain(home, "--force").returncode in (EXIT_PROMOTED, EXIT_REFUSED)
     if state_before is not None:
         assert state.exists()
+
+
+def test_too_little_click_evidence_trains_nothing_and_says_why(tmp_path, shared_encoder_home):
+    """A log too thin to learn from (a few sessions, most queries never clicked): `train
+    --from-events` fails with the reason, `retrain` reports "nothing new" (exit 4) with it, no
+    model is stored, and the next run looks at the same pages again."""
+    dataset = _collection(tmp_path / "topics")
+    home = home_sharing_encoder(tmp_path / "home", shared_encoder_home)
+    run_cli(home, "index", "build", "--dataset", str(dataset), "--name", "topics", "--quiet")
+    run_cli(home, "simulate", "--dataset", str(dataset), "--split", "train", "--sessions", "6", "--click-model", "pbm",
+            "--pipeline", "bm25", "--exploration", "0.1", "--name", "topics", "--depth", "5", "--quiet")
+    trained = run_cli(home, "train", "--from-events", "--name", "topics", *FAST, check=False)
+    assert trained.returncode == 2 and "too little click evidence" in trained.stderr
+    assert "at least 10 are needed" in trained.stderr
+    registry = ModelRegistry(home)
+    assert registry.version_ids() == []
+    run = retrain(home, "--report", str(tmp_path / "reports"), "--json", str(tmp_path / "run.json"))
+    assert run.returncode == EXIT_NOTHING_NEW, run.stderr
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["outcome"] == "nothing new" and "too little click evidence" in report["reason"]
+    assert "nothing trained: too little click evidence" in next((tmp_path / "reports").glob("*.md")).read_text()
+    assert registry.version_ids() == [] and not (home / "retrain" / "topics.json").exists()

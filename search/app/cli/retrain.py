@@ -212,7 +212,7 @@ def cmd_train_from_events(home: Path, args: argparse.Namespace) -> int:
 EXIT_PROMOTED = 0
 EXIT_ERROR = 1  # anything unexpected; 2 stays argparse's usage error
 EXIT_REFUSED = 3  # a candidate was trained and the gate refused it: the active model is unchanged
-EXIT_NOTHING_NEW = 4  # no clicked page since the last run: nothing trained
+EXIT_NOTHING_NEW = 4  # no clicked page since the last run, or too little click evidence: nothing trained
 EXIT_BUSY = 5  # another retrain of this index holds the lock
 OUTCOMES = {EXIT_PROMOTED: "promoted", EXIT_ERROR: "error", EXIT_REFUSED: "refused", EXIT_NOTHING_NEW: "nothing new",
             EXIT_BUSY: "busy"}
@@ -306,6 +306,7 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
     import json
     import time
 
+    from eval.click_models import NotEnoughClicksError  # lazy: start-up time
     from indexing.home import behaviour_store_path, reports_dir  # lazy: start-up time
     from ltr.behaviour import BehaviourStore  # lazy: start-up time
     from search.app.cli.models import PromotionRefused, cmd_promote  # lazy: start-up time
@@ -346,7 +347,12 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         if args.train_dataset and (Path(args.train_dataset).resolve(), args.train_split) == (Path(args.dataset).resolve(), args.split):
             raise ValueError(f"--train-split {args.train_split} is the gate's --split: the gate needs queries neither "
                              "model has seen (another split)")
-        manifest, result, record = train_click_model(home, args, quiet=True)
+        try:
+            manifest, result, record = train_click_model(home, args, quiet=True)
+        except NotEnoughClicksError as exc:  # nothing trained: the next run may have enough
+            report["reason"] = str(exc)
+            log(f"retrain[{index}]: {exc}")
+            return _finish(home, args, report, EXIT_NOTHING_NEW, state_path, state, None)
         report["candidate"] = report["click_candidate"] = manifest.version
         report["training"] = {k: record[k] for k in ("clicked_pages", "queries", "labels", "off_policy", "time_range")}
         report["trees"] = result.fitted.trained.trees
@@ -463,6 +469,8 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
         lines += [f"- chosen: `{report['candidate']}`"]
     if report.get("refused"):
         lines += [f"- refused: {report['refused']}"]
+    if report.get("reason"):
+        lines += [f"- nothing trained: {report['reason']}"]
     if plot is not None:
         lines += ["", f"![examination by position and label grades]({plot.name})"]
     return "\n".join(lines) + "\n"
