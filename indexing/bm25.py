@@ -418,8 +418,9 @@ def bigram_coverage(
     known = bigrams[(bigrams >= 0).all(axis=1)]
     tokens, owner = candidate_tokens(token_ids, offsets, doc_indices)
     within = owner[1:] == owner[:-1]  # adjacent tokens of one candidate
-    keys = pair_keys(tokens[:-1][within], tokens[1:][within])
-    return bigram_share(np.unique(pair_keys(known[:, 0], known[:, 1])), len(bigrams), keys, owner[1:][within], len(doc_indices))
+    query_keys = np.unique(pair_keys(known[:, 0], known[:, 1]))
+    slot, is_pair = find_pairs(query_keys, pair_keys(tokens[:-1][within], tokens[1:][within]))
+    return bigram_share(len(query_keys), len(bigrams), slot[is_pair], owner[1:][within][is_pair], len(doc_indices))
 
 
 PAIR_SHIFT = 32  # a pair of term ids (int32) as one int64 key: first << 32 | second
@@ -443,6 +444,10 @@ class QueryTerms:
     n_bigrams: int  # distinct adjacent pairs, known or not: the coverage's denominator
     pair_keys: np.ndarray  # int64, sorted: the known pairs (`pair_keys`)
     starts_bigram: np.ndarray  # bool per column: the first term of a known pair
+    # per column, the second term id of the one known pair its term starts (-1: none), and that
+    # pair's slot in `pair_keys`; None when a term starts two pairs (the pairs are then searched)
+    second_ids: np.ndarray | None
+    pair_slots: np.ndarray
 
     @property
     def known(self) -> np.ndarray:
@@ -458,15 +463,20 @@ class QueryTerms:
         lookup = term_to_id.get
         ids = [lookup(t, -1) for t in occurrences]
         pairs = dict.fromkeys(zip(tokens, tokens[1:]))  # distinct, in query order
-        keys, starts = [], [False] * len(ids)
+        keys, seconds, one_each = [], [-1] * len(ids), True
         for a, b in pairs:
             first, second = lookup(a, -1), lookup(b, -1)
             if first >= 0 and second >= 0:
                 keys.append(first << PAIR_SHIFT | second)
-                starts[ids.index(first)] = True
+                column = ids.index(first)
+                one_each &= seconds[column] < 0
+                seconds[column] = second
+        keys.sort()
+        slots = [keys.index(ids[c] << PAIR_SHIFT | second) if second >= 0 else -1 for c, second in enumerate(seconds)]
         return cls(tuple(occurrences), np.array(ids, dtype=np.int64), np.array(list(occurrences.values()), dtype=np.float32),
-                   len(occurrences) < len(tokens), len(pairs), np.array(sorted(keys), dtype=np.int64),
-                   np.array(starts, dtype=bool))
+                   len(occurrences) < len(tokens), len(pairs), np.array(keys, dtype=np.int64),
+                   np.array([second >= 0 for second in seconds], dtype=bool),
+                   np.array(seconds, dtype=np.int64) if one_each else None, np.array(slots, dtype=np.int64))
 
 
 def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,14 +489,19 @@ def candidate_tokens(token_ids: np.ndarray, offsets: np.ndarray, doc_indices: np
     return token_ids[positions], np.repeat(np.arange(len(doc_indices)), lengths)
 
 
-def bigram_share(query_keys: np.ndarray, n_bigrams: int, keys: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Share of the query's `n_bigrams` pairs (the known ones as sorted `query_keys`) found
-    among the pair `keys` of each `owner` candidate, for `n` candidates."""
-    found = np.zeros((len(query_keys), n), dtype=bool)  # [bigram, candidate]: the count runs over candidates
-    if len(keys) and len(query_keys):
-        slot = np.minimum(query_keys.searchsorted(keys), len(query_keys) - 1)
-        is_pair = query_keys[slot] == keys
-        found[slot[is_pair], owner[is_pair]] = True
+def find_pairs(query_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which pair `keys` are query pairs (sorted `query_keys`), and their slots there."""
+    if not len(query_keys):
+        return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
+    slot = np.minimum(query_keys.searchsorted(keys), len(query_keys) - 1)
+    return slot, query_keys[slot] == keys
+
+
+def bigram_share(n_known: int, n_bigrams: int, slot: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Share of the query's `n_bigrams` pairs found in each of `n` candidates, from the query
+    pairs found (`slot` among the `n_known` known ones) and their `owner` candidates."""
+    found = np.zeros((n_known, n), dtype=bool)  # [bigram, candidate]: the count runs over candidates
+    found[slot, owner] = True
     return (true_counts(found) / n_bigrams).astype(np.float32)
 
 
@@ -768,9 +783,9 @@ def postings_in_window(indices: Sequence[np.ndarray], spans: Sequence[list[tuple
 
 
 def successor_pairs(query: QueryTerms, hits: PostingHits, field: FieldIndex) -> tuple[np.ndarray, np.ndarray] | None:
-    """The adjacent pairs (`pair_keys`) that start with the first term of a query bigram in the
-    candidates, and each pair's candidate, from the successor postings: only the successors of
-    those terms' postings in the candidates are read (found already, `hits`); no scan of every
+    """The query pairs adjacent in the candidates, as their slots in `query.pair_keys` and their
+    candidates, from the successor postings: only the successors of the pairs' first terms in
+    the candidates are read (their postings are found already, `hits`); no scan of every
     candidate token. None without a forward index (the bigrams cannot be measured)."""
     successors = field.successor_postings()
     if successors is None:
@@ -781,13 +796,17 @@ def successor_pairs(query: QueryTerms, hits: PostingHits, field: FieldIndex) -> 
     starts = ptr[posting]
     counts = ptr[posting + 1] - starts
     ends = counts.cumsum()
-    total = int(ends[-1]) if len(ends) else 0
-    first_keys = query.term_ids[hits.column[first]] << PAIR_SHIFT
-    owner = hits.candidate[first]
-    if total == len(posting):  # one occurrence per posting (titles, mostly): no runs to expand
-        return first_keys | following[starts], owner
-    positions = np.arange(total, dtype=np.int64) + (starts - ends + counts).repeat(counts)
-    return first_keys.repeat(counts) | following[positions], owner.repeat(counts)
+    column, owner = hits.column[first], hits.candidate[first]
+    if len(ends) and int(ends[-1]) > len(posting):  # some term more than once in a document: expand the runs
+        positions = np.arange(int(ends[-1]), dtype=np.int64) + (starts - ends + counts).repeat(counts)
+        successor, column, owner = following[positions], column.repeat(counts), owner.repeat(counts)
+    else:  # one occurrence per posting (titles, mostly)
+        successor = following[starts]
+    if query.second_ids is not None:  # each first term starts one pair: compare with its second term
+        is_pair = successor == query.second_ids[column]
+        return query.pair_slots[column[is_pair]], owner[is_pair]
+    slot, is_pair = find_pairs(query.pair_keys, (query.term_ids[column] << PAIR_SHIFT) | successor)
+    return slot[is_pair], owner[is_pair]
 
 
 def bigram_coverages(query: QueryTerms, pairs: Mapping[str, tuple[np.ndarray, np.ndarray] | None], n: int) -> dict[str, np.ndarray]:
@@ -797,9 +816,9 @@ def bigram_coverages(query: QueryTerms, pairs: Mapping[str, tuple[np.ndarray, np
     measured = [name for name, found in pairs.items() if found is not None] if query.n_bigrams else []
     coverage = {name: np.full(n, np.nan, dtype=np.float32) for name in pairs if name not in measured}
     if measured:
-        keys = np.concatenate([pairs[name][0] for name in measured])
+        slot = np.concatenate([pairs[name][0] for name in measured])
         owner = np.concatenate([pairs[name][1] + i * n for i, name in enumerate(measured)])
-        shares = bigram_share(query.pair_keys, query.n_bigrams, keys, owner, len(measured) * n)
+        shares = bigram_share(len(query.pair_keys), query.n_bigrams, slot, owner, len(measured) * n)
         coverage.update({name: shares[i * n:(i + 1) * n] for i, name in enumerate(measured)})
     return coverage
 
