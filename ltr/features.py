@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from indexing.bm25 import COMBINED_FIELD, CandidateStats, matched_counts, term_sums
+from indexing.bm25 import COMBINED_FIELD, CandidateStats, term_sums, true_counts
 from search.backend import SearchBackend
 from search.hybrid import Candidates
 
@@ -241,7 +241,7 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     # terms are window-wide vector operations; sums as `term_sums`, bit for bit a row sum
     tf_by_term = np.ascontiguousarray(stats.term_freqs[COMBINED_FIELD].T)
     matched_by_term = tf_by_term > 0
-    matched_count = matched_counts(tf_by_term)
+    matched_count = true_counts(matched_by_term)
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
     matched_idf = np.where(matched_by_term, idf[:, None], np.float32(0))  # [term, candidate], 0 where unmatched
     matched_idf_sum = term_sums(matched_idf)  # float32, as NumPy's nanmean sums
