@@ -15,6 +15,8 @@ path): indexing/bm25.py and ltr/features.py of that commit are loaded from git a
 own and run on the same loaded postings. Every window is extracted by both, alternating which goes
 first, for `--repeat` rounds, so machine load hits both alike; ratios are from this run. The
 feature matrices of both are compared: they must be equal (max |difference| is reported).
+`--before a79df29` measures against the stage as it stood before the window table, term-major
+matrices and shared bigram pass (bench/results/bench_features_vs_a79df29.json).
 """
 from __future__ import annotations
 

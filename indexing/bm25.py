@@ -720,12 +720,13 @@ def fields_posting_hits(matrices: Sequence[sp.csr_matrix], term_ids: np.ndarray,
     Needles take the postings' own dtype (int32), so no posting list is converted to int64."""
     n = len(doc_indices)
     window = window or CandidateWindow(doc_indices, None)
-    known = [(column, t) for column, t in enumerate(term_ids.tolist()) if t >= 0]
+    known = term_ids >= 0
+    columns, ids = np.flatnonzero(known).tolist(), term_ids[known]
     scanned, searched = [], []
     for matrix in matrices:
-        indptr = matrix.indptr
         # (column, first posting, end) of each query term with postings, as Python ints
-        spans = [span for span in ((column, int(indptr[t]), int(indptr[t + 1])) for column, t in known) if span[2] > span[1]]
+        starts, ends = matrix.indptr[ids].tolist(), matrix.indptr[ids + 1].tolist()
+        spans = [span for span in zip(columns, starts, ends) if span[2] > span[1]]
         short = [span for span in spans if span[2] - span[1] <= SCAN_FACTOR * n] if window.table is not None and n else []
         scanned.append(short)
         searched.append([span for span in spans if span[2] - span[1] > SCAN_FACTOR * n] if short else spans if n else [])
