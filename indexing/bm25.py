@@ -522,8 +522,7 @@ def field_matches(field: FieldIndex, query: QueryTerms, hits: PostingHits, n: in
     query terms in the candidates (`hits`), read once for the weights, the term frequencies and
     the bigrams."""
     shape = (len(query.term_ids), n)
-    return FieldMatches(hits.by_term(field.weights.data, shape), hits.by_term(field.term_freqs, shape),
-                        successor_pairs(query, hits, field))
+    return FieldMatches(*hits.by_term(shape, field.weights.data, field.term_freqs), successor_pairs(query, hits, field))
 
 
 def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], term_ids: np.ndarray, doc_indices: np.ndarray,
@@ -538,7 +537,7 @@ def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], ter
             return FieldMatches(candidate_weights(field, term_ids, tf, doc_indices, settings), tf)
     hits = posting_hits(field.weights, term_ids, doc_indices)
     shape = (len(term_ids), len(doc_indices))
-    return FieldMatches(hits.by_term(field.weights.data, shape), hits.by_term(field.term_freqs, shape))
+    return FieldMatches(*hits.by_term(shape, field.weights.data, field.term_freqs))
 
 
 def length_norms(lengths: np.ndarray, avg_length: float, settings: BM25Settings) -> np.ndarray:
@@ -661,11 +660,16 @@ class PostingHits:
         out[self.candidate, self.column] = np.asarray(values)[self.posting]
         return out
 
-    def by_term(self, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """The same, [term, candidate]."""
-        out = np.zeros(shape, dtype=np.float32)
-        out[self.column, self.candidate] = np.asarray(values)[self.posting]
-        return out
+    def by_term(self, shape: tuple[int, int], *values: np.ndarray) -> list[np.ndarray]:
+        """float32 [term, candidate] matrices of the postings' `values` (one per array), 0 where
+        no posting: the flat position of every hit computed once for all of them."""
+        flat = self.column * shape[1] + self.candidate
+        matrices = []
+        for array in values:
+            out = np.zeros(shape[0] * shape[1], dtype=np.float32)
+            out[flat] = np.asarray(array)[self.posting]
+            matrices.append(out.reshape(shape))
+        return matrices
 
 
 @dataclass(frozen=True)
