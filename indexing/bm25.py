@@ -200,13 +200,16 @@ class BM25Index:
             matches[COMBINED_FIELD] = combined_matches(self.fields[COMBINED_FIELD], matches, query.term_ids, doc_indices, self.settings)
         known, term_ids, counts = query.known, query.term_ids, query.counts
         all_known = bool(known.all())
-        bm25, tfs, idfs, lengths = {}, {}, {}, {}
+        # every field's (weights * counts).sum(axis=1) of [candidate, term] weights, bit for bit, in
+        # one `term_sums` of the fields' weights side by side ([term, field, candidate]); a term
+        # counted once weighs w * 1 = w, so the product is skipped
+        weights = np.stack([matches[name].weights for name in self.fields], axis=1)
+        if query.repeated:
+            weights *= counts[:, None, None]
+        bm25 = dict(zip(self.fields, term_sums(weights)))
+        tfs, idfs, lengths = {}, {}, {}
         for name, field in self.fields.items():
-            weights = matches[name].weights
             tfs[name] = matches[name].term_freqs.T  # [candidate, term], as CandidateStats has them
-            # as (weights * counts).sum(axis=1) of [candidate, term] weights, bit for bit; a term
-            # counted once weighs w * 1 = w, so the product is skipped
-            bm25[name] = term_sums(weights * counts[:, None] if query.repeated else weights)
             # The field's own idf (equal to lucene_idf(df, doc_count) as built; a delta segment's
             # is the base generation's, so its features agree with its scores).
             if all_known:
@@ -559,14 +562,15 @@ def true_counts(flags: np.ndarray) -> np.ndarray:
 
 
 def term_sums(by_term: np.ndarray) -> np.ndarray:
-    """Per-candidate sums of a float32 [term, candidate] array, bit for bit NumPy's
+    """Per-candidate sums of a float32 [term, candidate] array (or [term, ..., candidate]: the
+    sums of every array side by side, each bit for bit as alone), bit for bit NumPy's
     `sum(axis=1)` of the [candidate, term] matrix, so features stay equal to a plain
     `matrix.sum(axis=1)`: NumPy reduces each contiguous row by pairwise summation (sequentially
     under 8 terms, in 8 interleaved partial sums up to 128, by halves beyond), here applied to
     whole term rows at once: a dozen window-wide adds instead of one short reduction per candidate
     (a test pins this against NumPy's own sum)."""
     if not len(by_term):
-        return np.zeros(by_term.shape[1], dtype=np.float32)
+        return np.zeros(by_term.shape[1:], dtype=np.float32)
     return _pairwise_rows(by_term)
 
 

@@ -234,3 +234,8 @@ def test_term_sums_are_numpys_row_sums_bit_for_bit(n_terms):
     got = term_sums(np.ascontiguousarray(matrix.T))
     assert got.dtype == np.float32 and got.shape == (300,)
     np.testing.assert_array_equal(got.view(np.int32), expected.view(np.int32))  # the bits, signed zeros too
+    other = (rng.random((300, n_terms)) * 3).astype(np.float32)
+    side_by_side = term_sums(np.stack([matrix.T, other.T], axis=1))  # [term, array, candidate]: each as alone
+    assert side_by_side.shape == (2, 300)
+    np.testing.assert_array_equal(side_by_side[0].view(np.int32), expected.view(np.int32))
+    np.testing.assert_array_equal(side_by_side[1].view(np.int32), other.sum(axis=1, dtype=np.float32).view(np.int32))
