@@ -110,7 +110,16 @@ def prefix_home(home: Path, target: Path, until: float) -> Path:
 
 
 def point(home: Path, dataset: Path, log: Path, out: Path) -> dict[str, Any]:
-    trained = cli(home, "train", "--from-events", "--quiet", log=log)
+    try:
+        trained = cli(home, "train", "--from-events", "--quiet", log=log)
+    except RuntimeError as exc:  # too thin a log: nothing is trained, the logging policy stays
+        if "too little click evidence" not in str(exc):
+            raise
+        cli(home, "eval", "--dataset", str(dataset), "--split", "test", "--pipeline", "hybrid-convex", "--json", str(out),
+            "--quiet", log=log)
+        pipes = json.loads(out.read_text())["pipelines"]
+        return {"model": None, "not_trained": str(exc).split("ltr-search: error: ")[-1].strip(),
+                "ndcg@10": {"hybrid-convex": pipes["hybrid-convex"]["metrics"]["nDCG@10"]}}
     estimate = next((line for line in trained.stdout.splitlines() if line.startswith("off-policy estimate")), None)
     model = next((line.split(":")[0].split()[1] for line in trained.stdout.splitlines() if line.startswith("model m")), None)
     evaluated = cli(home, "eval", "--dataset", str(dataset), "--split", "test", "--pipeline", "hybrid-convex,model:latest",
@@ -150,7 +159,7 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
         where = home if until is None else prefix_home(home, work / name / f"prefix-{k}", until)
         points[str(k)] = point(where, dataset, log, work / name / f"eval-{k}.json")
         print(f"{args.dataset} {args.click_model} {k}/query: {json.dumps(points[str(k)]['ndcg@10'])} "
-              f"diff {points[str(k)]['vs_hybrid_convex']}", file=sys.stderr)
+              f"diff {points[str(k)].get('vs_hybrid_convex', points[str(k)].get('not_trained'))}", file=sys.stderr)
     return {"dataset": args.dataset, "click_model": args.click_model, "seed": args.seed, "train_queries": n_queries,
             "simulate": " ".join(simulate),
             "simulate_s": None if simulated is None else round(simulated.wall_s, 1),  # type: ignore[attr-defined]
