@@ -155,7 +155,7 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     events = next(iter((home / "events").glob("*.sqlite3")))
     points = {}
     for k in sorted(args.sessions_per_query):
-        until = prefix_end(events, k * n_queries) if k < biggest else None
+        until = prefix_end(events, k * n_queries)  # None: the log holds no more than k per query (a reused longer log is cut)
         where = home if until is None else prefix_home(home, work / name / f"prefix-{k}", until)
         points[str(k)] = point(where, dataset, log, work / name / f"eval-{k}.json")
         print(f"{args.dataset} {args.click_model} {k}/query: {json.dumps(points[str(k)]['ndcg@10'])} "
