@@ -22,7 +22,7 @@ trained on and refuse to serve against another.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -244,8 +244,15 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     matched_count = true_counts(matched_by_term)
     idf = stats.idf[COMBINED_FIELD]  # per distinct query term
     matched_idf = np.where(matched_by_term, idf[:, None], np.float32(0))  # [term, candidate], 0 where unmatched
-    matched_idf_sum = term_sums(matched_idf)  # float32, as NumPy's nanmean sums
     query_idf = float(idf[stats.known].sum()) if stats.known.any() else np.nan
+
+    @cache
+    def sums_over_terms() -> np.ndarray:
+        """[matched idf sum (float32, as NumPy's nanmean sums), tf-idf], from one `term_sums`."""
+        return term_sums(np.stack([matched_idf, np.log1p(tf_by_term) * idf[:, None]], axis=1))
+
+    def matched_idf_sum() -> np.ndarray:
+        return sums_over_terms()[0]
 
     def coverage(field: str) -> np.ndarray | float:
         if not distinct:
@@ -264,7 +271,7 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
     def idf_mean_matched() -> np.ndarray:
         # NumPy's nanmean over the matched IDFs, without its NaN masks: the float32 sum over a
         # float64 division by the count, rounded to float32 (when the matrix is filled)
-        return np.divide(matched_idf_sum.astype(np.float64), matched_count, out=np.full(n, np.nan), where=matched_count > 0)
+        return np.divide(matched_idf_sum().astype(np.float64), matched_count, out=np.full(n, np.nan), where=matched_count > 0)
 
     def gap_to_best(values: np.ndarray) -> np.ndarray | float:
         best = np.fmax.reduce(values)  # fmax skips NaN, as nanmax, in one pass: NaN only when all are
@@ -283,11 +290,11 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
         "coverage_text": lambda: coverage("text"),
         "coverage_all": lambda: coverage(COMBINED_FIELD),
         "matched_terms": lambda: matched_count,
-        "idf_sum_matched": lambda: matched_idf_sum,
+        "idf_sum_matched": matched_idf_sum,
         "idf_max_matched": idf_max_matched,
         "idf_mean_matched": idf_mean_matched,
-        "idf_share_matched": lambda: matched_idf_sum / query_idf if query_idf and np.isfinite(query_idf) else np.nan,
-        "tfidf_all": lambda: term_sums(np.log1p(tf_by_term) * idf[:, None]),
+        "idf_share_matched": lambda: matched_idf_sum() / query_idf if query_idf and np.isfinite(query_idf) else np.nan,
+        "tfidf_all": lambda: sums_over_terms()[1],
         "bigram_title": lambda: stats.bigram_coverage["title"],
         "bigram_text": lambda: stats.bigram_coverage["text"],
         "length_title": lambda: stats.field_lengths["title"],
