@@ -437,8 +437,9 @@ def pair_keys(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class QueryTerms:
     """An analysed query as a window's columns: its distinct terms in query order (id -1: a term
-    the index never saw), and its distinct adjacent pairs, the known ones as sorted `pair_keys`,
-    so that a pair of term ids is found with one binary search (no term -> column table)."""
+    the index never saw), and its distinct adjacent pairs, the known ones as sorted `pair_keys`:
+    a pair of term ids is then one comparison with the first term's second (`second_ids`) or,
+    when a term starts two pairs, one binary search (no vocabulary-sized lookup table)."""
 
     terms: tuple[str, ...]
     term_ids: np.ndarray  # int64 per column, -1 for a term the index never saw
