@@ -100,9 +100,10 @@ class Server:
         ready: set[str] = set()
         while len(ready) < workers:
             if self.process.poll() is not None or time.perf_counter() - started > 120:
-                self.stop()
                 self.output.seek(0)
-                raise RuntimeError(f"serve did not become ready:\n{self.output.read().decode()[-3000:]}")
+                printed = self.output.read().decode()[-3000:]
+                self.stop()
+                raise RuntimeError(f"serve did not become ready:\n{printed}")
             try:
                 status, worker = get("127.0.0.1", self.port, "/ready", timeout=2)
                 if status == 200:
