@@ -1072,7 +1072,8 @@ def train_on_click_labels(
     relevant = sum(1 for k in train_keys if any(g > 0 for g in labels.labels.get(k, {}).values()))
     if relevant < MIN_RELEVANT_QUERIES:
         raise NotEnoughClicksError(
-            f"too little click evidence: {relevant} of the {len(train_keys):,} logged training queries have a document "
+            f"too little click evidence: {relevant} of the {len(train_keys):,} logged training queries "
+            f"{'has' if relevant == 1 else 'have'} a document "
             f"the {label_settings.model} click model grades relevant (attractiveness >= {label_settings.thresholds[0]}; "
             f"{labels.sessions:,} logged pages); at least {MIN_RELEVANT_QUERIES} are needed to learn and cross-validate "
             "anything: keep serving and collecting events, then train again")
