@@ -18,6 +18,11 @@ MAX_RESULTS_PER_REQUEST = 1_000
 MAX_FEATURES_PER_RESULT = 512
 # Requests.
 MAX_BODY_BYTES = 64 * 1024
+# Request line + headers the HTTP server buffers (uvicorn's h11 `max_incomplete_event_size`, 16 KiB
+# by default). Past it the server answers a bare 400 and closes while the client is still sending,
+# which the client sees as a connection reset; below it every oversized URL reaches the app and
+# gets its JSON 4xx (a `q` over MAX_QUERY_CHARS: 422).
+MAX_REQUEST_HEAD_BYTES = 1024 * 1024
 MAX_BATCH_EVENTS = 1_000
 MAX_EXCLUDE_IDS = 1_000  # document ids in one exclude list
 MAX_FILTERS = 32  # fields per request

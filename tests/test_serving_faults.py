@@ -193,3 +193,21 @@ def test_an_unwritable_event_store_degrades_logging_but_searches_go_on(served_ho
             {"request_id": again["request_id"], "type": "click", "doc_id": again["results"][0]["id"], "position": 1}]})
         assert posted.status_code == 200 and posted.json()["stored"] == 1, posted.text
         assert client.get("/ready").json().get("degraded") is None
+
+
+def test_an_oversized_url_gets_a_json_4xx_not_a_reset(served_home: Path):
+    """A 240 KB query string (past uvicorn's default 16 KiB request-head buffer, where the server
+    answered a bare 400 and closed mid-request: a connection reset, found by schema fuzzing) reaches
+    the app and gets its JSON answer; the connection stays usable."""
+    with serving(served_home) as url:
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        try:
+            connection.request("GET", "/search?q=" + "%A2%A1%F2%BB" * 20000)
+            response = connection.getresponse()
+            payload = json.loads(response.read())
+            assert response.status == 422 and payload["error"]["details"][0]["field"] == "query.q", payload
+            connection.request("GET", "/search?q=cats")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["results"]
+        finally:
+            connection.close()

@@ -34,6 +34,7 @@ from search.app.config import ServiceConfig, load_service_config  # noqa: E402
 from search.app.errors import InternalErrorMiddleware, add_error_handlers, error_response  # noqa: E402
 from search.app.metrics import ServiceMetrics, multiprocess_dir, refresh_generation_metrics  # noqa: E402
 from search.app import pages  # noqa: E402
+from search.limits import MAX_REQUEST_HEAD_BYTES  # noqa: E402
 from search.app.routers import admin, documents, events, operations, search  # noqa: E402
 from search.app.state import RELOAD_ERRORS, JobRunner, ServingState, Snapshot  # noqa: F401, E402 - ServingState: used by tests and benches
 from search.backend import SearchBackend  # noqa: E402
@@ -219,4 +220,5 @@ def serve(config: ServiceConfig, host: str, port: int, opening: Future[SearchBac
     import uvicorn  # only `serve` needs the server: the CLI's other commands start faster without it
 
     limit_native_threads()
-    uvicorn.run(create_app(config, opening=opening, model=model), host=host, port=port, log_level="info", access_log=config.access_log)
+    uvicorn.run(create_app(config, opening=opening, model=model), host=host, port=port, log_level="info",
+                access_log=config.access_log, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)

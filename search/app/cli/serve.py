@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.app.cli.common import CliError, add_backend_arguments, log
+from search.limits import MAX_REQUEST_HEAD_BYTES
 
 if TYPE_CHECKING:
     from ltr.ranker import LtrPipeline
@@ -57,7 +58,7 @@ def serve_workers(spec: ServeSpec, workers: int, host: str, port: int, access_lo
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / "metrics")
         os.environ[SERVE_SPEC_ENV] = json.dumps(asdict(spec) | {"run_dir": str(run_dir)})
         uvicorn.run("search.app.service:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                    log_level="info", access_log=access_log)
+                    log_level="info", access_log=access_log, h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
