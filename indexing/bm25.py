@@ -241,13 +241,6 @@ class BM25Index:
                 return self._tables.pop()
         return np.full(self.n_docs, -1, dtype=np.int32)
 
-    def query_bigram_ids(self, tokens: Sequence[str]) -> np.ndarray:
-        """Distinct ordered pairs of adjacent analysed query tokens, as (first, second) term ids;
-        -1 for a term the index has never seen (such a pair matches nothing)."""
-        pairs = dict.fromkeys(zip(tokens, tokens[1:]))
-        ids = [(self.term_to_id.get(a, -1), self.term_to_id.get(b, -1)) for a, b in pairs]
-        return np.array(ids, dtype=np.int64).reshape(-1, 2)
-
     def _field(self, field: str) -> FieldIndex:
         try:
             return self.fields[field]
@@ -536,7 +529,9 @@ def combined_matches(field: FieldIndex, sources: Mapping[str, FieldMatches], ter
     when that sum may be saturated (a term over TF_MAX times in a document)."""
     if sources:
         first, *others = (m.term_freqs for m in sources.values())
-        tf = sum(others[1:], first + others[0]) if others else first.copy()
+        tf = first.copy()  # added in field order, as the builder adds them
+        for other in others:
+            tf += other
         if tf.max(initial=0) < TF_MAX:
             return FieldMatches(candidate_weights(field, term_ids, tf, doc_indices, settings), tf)
     hits = posting_hits(field.weights, term_ids, doc_indices)

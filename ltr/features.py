@@ -275,8 +275,8 @@ def _all_columns(stats: CandidateStats, window: Candidates) -> dict[str, Callabl
 
     def gap_to_best(values: np.ndarray) -> np.ndarray | float:
         best = np.fmax.reduce(values)  # fmax skips NaN, as nanmax, in one pass: NaN only when all are
-        # a finite best is a finite value; an infinite one needs a finite value to be measured from
-        return values - best if np.isfinite(best) or (np.isinf(best) and np.isfinite(values).any()) else np.nan
+        # a finite best is a finite value; otherwise a gap needs some finite value to be measured from
+        return values - best if np.isfinite(best) or np.isfinite(values).any() else np.nan
 
     def ratio_to_best(values: np.ndarray) -> np.ndarray | float:
         best = np.fmax.reduce(values)  # the finite best, or NaN or an infinity, which give no ratio

@@ -103,6 +103,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def lexical_home(root: Path, name: str) -> Path:
+    """SMALL_DOCS indexed with BM25 only (no encoder needed) as index `name` in ROOT/home."""
+    from indexing.build import BuildSettings, build_index
+    from indexing.corpus import CorpusSpec
+
+    home = root / "home"
+    corpus = write_jsonl(root / "corpus.jsonl", SMALL_DOCS)
+    build_index(home, name, BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=lambda m: None)
+    return home
+
+
+def first_ready_answer(port: int, process: subprocess.Popen, timeout: float = 60):
+    """The first answer of a spawned `serve` to GET /ready, whatever its status (an
+    `httpx.Response`); fails if the process exits or `timeout` passes before it answers."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+        except httpx.TransportError:
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+
+
 @contextmanager
 def running_service(home: Path, *serve_args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `ltr-search serve` (uvicorn on 127.0.0.1, a free port), ready when yielded."""

@@ -59,7 +59,9 @@ def assert_matches_reference(index: BM25Index, docs, query: list[str], rows: np.
         np.testing.assert_array_equal(stats.term_freqs[field], expected["tf"][field], err_msg=f"tf {field} {query}")
         np.testing.assert_array_equal(stats.bm25[field], expected["bm25"][field], err_msg=f"bm25 {field} {query}")
         np.testing.assert_array_equal(stats.field_lengths[field], index.fields[field].doc_lengths[rows])
-    bigrams = index.query_bigram_ids(query)
+    # the query's distinct adjacent pairs as (first, second) term ids, -1 for an unknown term
+    bigrams = np.array([(index.term_to_id.get(a, -1), index.term_to_id.get(b, -1))
+                        for a, b in dict.fromkeys(zip(query, query[1:]))], dtype=np.int64).reshape(-1, 2)
     for field in SOURCE_FIELDS:
         np.testing.assert_array_equal(stats.bigram_coverage[field], expected["bigram"][field], err_msg=f"bigram {field} {query}")
         scanned = bigram_coverage(bigrams, index.fields[field].token_ids, index.fields[field].token_offsets, rows)

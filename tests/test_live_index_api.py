@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from indexing.build import BuildSettings, build_index
-from indexing.corpus import CorpusSpec
 from indexing.updates import pending_updates
 from search.app.config import load_service_config
 from search.app.service import create_app
-from tests.conftest import SMALL_DOCS, write_jsonl
+from tests.conftest import SMALL_DOCS, lexical_home, write_jsonl
 
 TOKEN = "live-index-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,10 +20,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", SMALL_DOCS)
-    build_index(home, "t", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=lambda m: None)
-    return home
+    return lexical_home(tmp_path, "t")
 
 
 @pytest.fixture

@@ -14,11 +14,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from indexing.build import BuildSettings, build_index
-from indexing.corpus import CorpusSpec
 from search.app.config import load_service_config
 from search.backend_factory import open_backend
-from tests.conftest import ROOT, SMALL_DOCS, running_service, write_jsonl
+from tests.conftest import ROOT, lexical_home, running_service
 
 PROBE = """
 import sys
@@ -43,11 +41,7 @@ def test_the_app_imports_xgboost_without_scikit_learn():
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("startup")
-    home = root / "home"
-    corpus = write_jsonl(root / "corpus.jsonl", SMALL_DOCS)
-    build_index(home, "lex", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=lambda m: None)
-    return home
+    return lexical_home(tmp_path_factory.mktemp("startup"), "lex")
 
 
 def test_the_first_load_serves_the_index_opened_in_the_background(home, monkeypatch):
@@ -88,23 +82,14 @@ def test_serve_opens_in_the_background_and_answers(home):
 
 
 def test_serve_reports_a_missing_index_on_ready(tmp_path):
-    import time
-
-    from tests.conftest import free_port
+    from tests.conftest import first_ready_answer, free_port
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "search.app.cli", "--home", str(tmp_path / "empty"), "serve",
                                 "--port", str(port), "--name", "nope"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.time() < deadline
-                time.sleep(0.2)
+        response = first_ready_answer(port, process)
         assert response.status_code == 503 and "nope" in response.json()["reason"]
     finally:
         process.terminate()

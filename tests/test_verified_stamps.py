@@ -9,10 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 import indexing.verified as verified
@@ -21,17 +19,14 @@ from indexing.build import BuildSettings, build_index
 from indexing.corpus import CorpusSpec
 from indexing.encoder import EncoderError, EncoderSettings, OnnxEncoder, encoder_dir_for
 from indexing.verified import stamp_path
-from tests.conftest import ROOT, SMALL_DOCS, free_port, write_jsonl
+from tests.conftest import ROOT, SMALL_DOCS, first_ready_answer, free_port, lexical_home, write_jsonl
 
 CORRUPTED = "docs/docs.jsonl"
 
 
 @pytest.fixture
 def lex_home(tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", SMALL_DOCS)
-    build_index(home, "lex", BuildSettings(corpus=CorpusSpec(str(corpus)), dense=False), progress=False, log=lambda m: None)
-    return home
+    return lexical_home(tmp_path, "lex")
 
 
 @pytest.fixture
@@ -126,14 +121,7 @@ def test_serve_refuses_a_generation_corrupted_after_it_was_stamped(lex_home):
     process = subprocess.Popen([sys.executable, "-m", "search.app.cli", "--home", str(lex_home), "serve", "--port", str(port),
                                 "--name", "lex", "--no-access-log"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.time() < deadline
-                time.sleep(0.2)
+        response = first_ready_answer(port, process)
         assert response.status_code == 503
         assert "docs.jsonl does not match its SHA-256" in response.json()["reason"]
     finally:
