@@ -59,7 +59,7 @@ demo: install
 	$(BIN)/ltr-search index status --name scifact
 	$(BIN)/ltr-search search "microstructural development of white matter in newborns" --name scifact -k 5
 	$(BIN)/ltr-search search "vitamin D deficiency and cancer risk" --name scifact -k 5 --pipeline dense
-	$(BIN)/ltr-search search "antibiotic resistance in hospital infections" --name scifact -k 5
+	$(BIN)/ltr-search search "antibiotic resistance in hospital infections" --name scifact -k 5 --pipeline bm25
 	$(BIN)/ltr-search train --dataset $(DATASETS)/scifact --split train --name scifact
 	$(BIN)/ltr-search models promote latest --dataset $(DATASETS)/scifact --split test
 	$(BIN)/ltr-search models list

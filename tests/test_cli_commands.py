@@ -41,6 +41,22 @@ def test_the_only_index_of_a_home_is_used_without_name(tmp_path, small_corpus, c
     assert json.loads(capsys.readouterr().out)["index"] == "mine"
 
 
+def test_search_without_pipeline_falls_back_as_the_service_does(tmp_path, small_corpus, dense_index, capsys):
+    """No --pipeline: the config's default (ltr, the promoted model), else hybrid, else bm25;
+    each pipeline that cannot serve is named on stderr with the reason."""
+    home = tmp_path / "home"
+    build(home, small_corpus, "lexical")  # --no-dense: neither ltr nor hybrid can run
+    capsys.readouterr()
+    assert main(["--home", str(home), "search", "cats", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["pipeline"] == "bm25"
+    assert "ltr" in out.err and "hybrid" in out.err and "dense vectors" in out.err, out.err
+    assert main(["--home", str(dense_index.home), "search", "cats", "--name", "fd", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["pipeline"] == "hybrid"
+    assert "no active model" in out.err and "searching with hybrid" in out.err, out.err
+
+
 def test_several_indexes_without_name_list_them_and_say_name(tmp_path, small_corpus, capsys):
     home = tmp_path / "home"
     build(home, small_corpus, "one")

@@ -234,6 +234,14 @@ def test_ltr_pipeline_without_a_model_says_how_to_get_one(trained):
     assert bad.returncode == 2 and "ltr-search: error:" in bad.stderr
 
 
+def test_search_without_pipeline_ranks_with_the_promoted_model_as_the_service_does(trained):
+    default = run_cli(trained["home"], "search", "comet tail", "--name", "topics", "--json", "-k", "5")
+    chosen = run_cli(trained["home"], "search", "comet tail", "--name", "topics", "--json", "-k", "5", "--pipeline", "ltr")
+    payload = json.loads(default.stdout)
+    assert payload["pipeline"] == "ltr" and "cannot serve" not in default.stderr
+    assert [h["id"] for h in payload["hits"]] == [h["id"] for h in json.loads(chosen.stdout)["hits"]]
+
+
 def test_service_refuses_a_model_that_fails_its_parity_check(trained, tmp_path):
     """A model whose stored sample no longer scores the same is not served; the rest is."""
     import shutil

@@ -24,6 +24,11 @@ from search.pipelines import Pipeline, PipelineFactory, PipelineSpec
 Context = Literal["serve", "fit"]
 CONTEXTS: tuple[str, ...] = ("serve", "fit")
 
+# Served by default, in this order, when the configured default pipeline (`ltr`: the promoted
+# model) cannot be: no model promoted yet, or an index without dense vectors. The service and
+# `ltr-search search` both go down this list (`default_candidates`).
+FALLBACK_PIPELINES: tuple[str, ...] = ("hybrid", "bm25")
+
 _REGISTRY: dict[str, PipelineSpec] = {}
 _DENSE_FREE: set[str] = set()  # pipelines that run on a --no-dense index
 # Parameterised names, "family:argument" (e.g. `ltr:basic`, `model:m0003`): prefix -> spec maker.
@@ -44,6 +49,12 @@ def register_pipeline_family(prefix: str, make_spec: Callable[[str], PipelineSpe
     if prefix in _FAMILIES:
         raise ValueError(f"pipeline family '{prefix}' is already registered")
     _FAMILIES[prefix] = make_spec
+
+
+def default_candidates(configured: str) -> list[str]:
+    """The pipelines a caller without a choice gets, best first: the configured default, then the
+    fallbacks (`FALLBACK_PIPELINES`); the first one that can run on the index serves."""
+    return list(dict.fromkeys((configured, *FALLBACK_PIPELINES)))
 
 
 def pipeline_names() -> list[str]:

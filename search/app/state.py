@@ -26,7 +26,7 @@ from ltr.registry import RegistryError
 from search.app.config import ServiceConfig
 from search.app.errors import ApiError
 from search.app.preload import load_model
-from search.app.pipelines import create_pipeline, pipeline_names, pipeline_spec
+from search.app.pipelines import create_pipeline, default_candidates, pipeline_names, pipeline_spec
 from search.app.schemas import JobStatus
 from search.backend import SearchBackend
 from search.backend_factory import open_backend
@@ -36,7 +36,6 @@ from search.ranking import RankingPipeline
 
 logger = logging.getLogger("ltr_search.service")
 DENSE_PIPELINES = frozenset({"dense", "hybrid", "hybrid-convex", "ltr"})
-FALLBACK_PIPELINES = ("hybrid", "bm25")  # served by default when the configured pipeline cannot be
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ class ServingState:
                 logger.error("%s", model_error)
         else:
             model_error = f"the ltr pipeline needs dense vectors; index '{index.name}' has none"
-        default = next(name for name in (config.default_pipeline, *FALLBACK_PIPELINES) if name in pipelines)
+        default = next(name for name in default_candidates(config.default_pipeline) if name in pipelines)
         if default != config.default_pipeline:
             logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
         return Snapshot(index, pipelines, default, model_version, model_error, experiments, drift)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
-from search.app.pipelines import check_pipelines, create_pipeline, describe_pipelines, resolve_pipeline
+from search.app.pipelines import check_pipelines, create_pipeline, default_candidates, describe_pipelines, resolve_pipeline
 from search.limits import MAX_QUERY_CHARS
 from search.ranking import query_retrievers, retriever_notes
 
@@ -27,7 +27,8 @@ MAX_K = 10_000
 def add_arguments(command: str, search: argparse.ArgumentParser) -> None:
     search.add_argument("query", nargs="?", help="the query (or --queries FILE)")
     search.add_argument("--name", help="index (default: the home's only index, or 'default')")
-    search.add_argument("--pipeline", default="bm25", help=describe_pipelines("serve"))
+    search.add_argument("--pipeline", help=describe_pipelines("serve") + "; default: what the service serves, the "
+                        "config's default_pipeline (ltr, the promoted model), else hybrid, else bm25")
     search.add_argument("-k", type=int, help="results per query (default 10; with --queries 100)")
     search.add_argument("--json", action="store_true", help="one query: print JSON")
     batch = search.add_argument_group("batch: a query file in, a run file out")
@@ -41,13 +42,39 @@ def add_arguments(command: str, search: argparse.ArgumentParser) -> None:
 
 def run(home: Path, args: argparse.Namespace) -> int:
     batch = _check_args(args)
-    name = resolve_pipeline(args.pipeline, "serve")  # an unknown name fails here, before the index loads
-    index = open_index(home, args.name, args)
-    check_pipelines([name], index)
-    pipeline = create_pipeline(name, index)
+    if args.pipeline is None:
+        index = open_index(home, args.name, args)
+        args.pipeline, pipeline = default_pipeline(home, index)
+        name = resolve_pipeline(args.pipeline, "serve")
+    else:
+        name = resolve_pipeline(args.pipeline, "serve")  # an unknown name fails here, before the index loads
+        index = open_index(home, args.name, args)
+        check_pipelines([name], index)
+        pipeline = create_pipeline(name, index)
     if batch:
         return run_batch(args, index, pipeline)
     return run_one(args, index, pipeline, name)
+
+
+def default_pipeline(home: Path, index: Any) -> tuple[str, Any]:
+    """(name, pipeline) a search without --pipeline runs: the first of the service's default
+    candidates (`default_candidates`) that can run on `index`, each skipped one said on stderr,
+    so that `ltr-search search` ranks as the service would."""
+    from search.app.config import load_service_config  # lazy: start-up time
+
+    skipped = []
+    for candidate in default_candidates(load_service_config(home).default_pipeline):
+        name = resolve_pipeline(candidate, "serve")
+        try:
+            check_pipelines([name], index)
+            pipeline = create_pipeline(name, index)
+        except ValueError as exc:  # no promoted model (ModelUnavailableError), no dense vectors
+            skipped.append(f"{candidate} ({exc})")
+            continue
+        for note in skipped:
+            log(f"default pipeline {note} cannot serve; searching with {candidate}")
+        return candidate, pipeline
+    raise CliError("no pipeline can run on index '" + str(index.name) + "': " + "; ".join(skipped))
 
 
 def _check_args(args: argparse.Namespace) -> bool:
