@@ -374,8 +374,18 @@ def prometheus_samples(report: DriftReport | None) -> list[tuple[str, dict[str, 
 
 def set_gauges(gauges: Mapping[str, Any], report: DriftReport | None) -> None:
     """Clear and set prometheus_client Gauges (name -> Gauge, made from PROMETHEUS_GAUGES) from a
-    report, so a feature or model that went away leaves no stale series."""
+    report, so a feature or model that went away leaves no stale value.
+
+    Every series the report does not set reads NaN ("not measured now"), never its last value:
+    an unlabelled gauge (`ltr_search_score_psi`) cannot be cleared, and under `serve --workers N`
+    (prometheus_client's multiprocess mode) `clear()` removes nothing, since each worker's
+    series live on in its sample file. A NaN matches no alert threshold."""
     for gauge in gauges.values():
+        if not gauge._labelnames:  # prometheus_client keeps no public list of labels or children
+            gauge.set(math.nan)
+            continue
+        for child in list(gauge._metrics.values()):
+            child.set(math.nan)
         gauge.clear()
     for name, labels, value in prometheus_samples(report):
         gauge = gauges[name]

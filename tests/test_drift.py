@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from ltr.drift import (
 from search.event_store import EventStore, ServedRequest, ServedResult
 from ltr.registry import FeatureSetMismatchError, ModelManifest, ModelRegistry
 from indexing.home import registry_dir
+from tests.conftest import ROOT
 
 NAMES = ["bm25_all", "coverage_all", "dense_cosine", "constant", "never_set"]
 
@@ -213,7 +217,43 @@ def test_set_gauges_clears_stale_series(reference):
     assert 'ltr_search_feature_missing_share{feature="never_set",source="training"} 1.0' in text
     assert "ltr_search_drift_rows 500.0" in text
     set_gauges(gauges, None)
-    assert "bm25_all" not in prometheus_client.generate_latest(registry).decode()
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "bm25_all" not in text
+    # unlabelled gauges cannot be cleared: they read NaN, not the last report's values
+    assert "ltr_search_drift_rows NaN" in text and "ltr_search_score_psi NaN" in text, text
+
+
+MULTIPROCESS_SCRIPT = """
+from ltr.drift import drift_report, feature_reference, set_gauges
+from search.app.metrics import ServiceMetrics
+from tests.test_drift import NAMES, training_rows
+metrics = ServiceMetrics()
+reference = feature_reference(*training_rows()[:1], NAMES, training_rows()[1])
+x, scores = training_rows(n=500, seed=8)
+set_gauges(metrics.drift, drift_report(reference, x, NAMES, scores))
+before = metrics.exposition().decode()
+set_gauges(metrics.drift, None)
+print(before)
+print("=====")
+print(metrics.exposition().decode())
+"""
+
+
+def test_set_gauges_leaves_no_stale_value_across_workers(tmp_path):
+    """Under `serve --workers N` clear() removes no series (each worker's samples stay in its file):
+    a model or feature that went away must read NaN, not its last drift value."""
+    pytest.importorskip("prometheus_client")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", MULTIPROCESS_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    before, after = out.split("=====")
+    psi = [line for line in before.splitlines() if line.startswith('ltr_search_feature_psi{feature="bm25_all"')]
+    assert psi and not psi[0].endswith("NaN"), before
+    stale = [line for line in after.splitlines() if line.startswith("ltr_search_feature_psi{") or
+             line.startswith("ltr_search_drift_rows") or line.startswith("ltr_search_score_psi")]
+    assert stale and all(line.endswith("NaN") for line in stale), after
 
 
 # ----------------------------------------------------------------------------------- served rows
