@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from eval.click_log import ClickEvent, ClickLog
+from indexing.progress import progress_bar
 
 EPS = 1e-6
 DEFAULT_PRIOR = (1.0, 1.0)  # Beta(a, b) pseudo-counts for per-pair probabilities
@@ -103,9 +104,7 @@ def _last_click(log: ClickLog) -> np.ndarray:
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm  # progress bars only on this path
-
-    return tqdm(total=total, desc=desc, leave=False, unit="it")
+    return progress_bar(total=total, desc=desc, leave=False, unit="it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from eval.datasets import EvalDataset, Run, write_run
 from eval.metrics import DEFAULT_METRICS, HEADLINE_METRICS, Metric, QueryScores, evaluate_run, parse_metric
 from eval.significance import DEFAULT_ALPHA, DEFAULT_RESAMPLES, DEFAULT_SEED, Comparison, compare_to_baseline, mean_confidence_interval
+from indexing.progress import progress_bar
 from search.backend import SearchBackend
 from search.pipelines import LearnedPipeline, PipelineSpec
 
@@ -138,7 +138,7 @@ def run_queries(
         search(next(iter(queries.values())), depth)
     run: Run = {}
     latencies = np.empty(len(queries))
-    items = tqdm(queries.items(), desc=label, unit="q", disable=not progress, leave=False)
+    items = progress_bar(queries.items(), desc=label, unit="q", enabled=progress, leave=False)
     for i, (query_id, text) in enumerate(items):
         started = time.perf_counter()
         hits = search(text, depth)

@@ -13,7 +13,6 @@ and an `event_id` derived from the request id, so a retried batch cannot be stor
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from eval.click_models import UserBehaviour, simulate_page_clicks
+from indexing.progress import progress_bar
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -294,7 +294,5 @@ class _NoBar:
 def _progress_bar(enabled: bool, total: int) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm  # progress bars only on this path
-
-    return tqdm(total=total, desc="sessions", unit="session", file=sys.stderr, mininterval=0.5)
+    return progress_bar(total=total, desc="sessions", unit="session", mininterval=0.5)
 

@@ -23,6 +23,7 @@ from indexing.docstore import DocStore, write_docstore
 from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
 from indexing.vector_cache import KEYS_FILE, VectorCache, content_keys, encoder_fingerprint, live_keys
 from indexing.vectors import EMBEDDINGS_FILE, VectorIndexSettings, build_vector_index
+from indexing.progress import progress_bar
 from indexing.text import plural
 
 BM25_DIR = "bm25"
@@ -385,6 +386,4 @@ def _corpus_entry(corpus: CorpusReadResult) -> dict[str, Any]:
 def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm  # progress bars only on this path
-
-    return tqdm(items, desc=desc, unit="doc", leave=False)
+    return progress_bar(items, desc=desc, unit="doc", leave=False)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexing.progress import progress_bar
 from indexing.text import plural
 
 BEIR_ID_FIELD = "_id"
@@ -236,6 +237,4 @@ def json_type_name(value: Any) -> str:
 def _progress_bar(file: Path, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm  # progress bars only on this path
-
-    return tqdm(total=file.stat().st_size, unit="B", unit_scale=True, desc=f"read {file.name}", leave=False)
+    return progress_bar(total=file.stat().st_size, unit="B", unit_scale=True, desc=f"read {file.name}", leave=False)

@@ -44,6 +44,7 @@ from indexing.bm25 import COMBINED_FIELD
 from indexing.build import BuildSettings, _corpus_entry, encode_documents, summary_tail
 from indexing.bundle import utc_now
 from indexing.corpus import CorpusReadResult, Document, SkippedLine, read_corpus
+from indexing.progress import progress_bar
 from indexing.text import plural
 from indexing.elastic import (
     VECTOR_FIELD,
@@ -328,10 +329,8 @@ def load_documents(client: Any, es: ElasticsearchSettings, index: str, documents
     """Bulk-load every document into `index` (`create` operations, `es.bulk_batch` a request,
     items retried on 429/502/503/504 with back-off). Returns every document Elasticsearch did
     not index; a lost connection raises the explained error."""
-    from tqdm import tqdm  # progress bars only on this path
-
     failures: list[BulkFailure] = []
-    bar = tqdm(total=len(documents), desc=f"bulk {index}", unit="doc", disable=not progress, leave=False)
+    bar = progress_bar(total=len(documents), desc=f"bulk {index}", unit="doc", enabled=progress, leave=False)
     try:
         with cluster_call(es, f"bulk loading documents into {index}"):
             for ok, item in streaming_bulk(

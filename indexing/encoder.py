@@ -54,6 +54,7 @@ from indexing.durable import fsync_dir, fsync_tree, sha256_file
 from indexing.verified import FileIdentity, VerifiedStamps
 from indexing.config import settings_from_dict
 from indexing.home import encoders_dir
+from indexing.progress import progress_bar
 
 ENCODER_FORMAT = 1
 MODEL_FILE = "model.onnx"
@@ -328,9 +329,7 @@ _VERIFY_TEXTS = (
 
 def _export(out_dir: Path, settings: EncoderSettings, version: str, progress: bool) -> None:
     """Export the package's BERT to out_dir/{model.onnx,tokenizer.json,encoder.json}. Needs torch."""
-    from tqdm.auto import tqdm  # progress bars only on this path
-
-    with tqdm(total=4, desc=f"export {settings.model}", unit="step", disable=not progress) as steps:
+    with progress_bar(total=4, desc=f"export {settings.model}", unit="step", enabled=progress) as steps:
         _export_steps(out_dir, settings, version, steps)
 
 
@@ -645,9 +644,7 @@ class OnnxEncoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        from tqdm.auto import tqdm  # progress bars only on this path
-
-        with tqdm(total=len(texts), desc="encode", unit="doc", disable=not progress) as bar:
+        with progress_bar(total=len(texts), desc="encode", unit="doc", enabled=progress) as bar:
             window = batch_size * _WINDOW_BATCHES
             for start in range(0, len(texts), window):
                 chunk = texts[start : start + window]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
+from indexing.progress import progress_bar
 
 SAMPLE_ROWS = 64  # feature rows stored with a model and re-scored on every load
 
@@ -138,7 +138,6 @@ def run(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_train(home: Path, args: argparse.Namespace) -> int:
-    from tqdm import tqdm  # progress bars only on this path
 
     from eval.datasets import load_dataset  # lazy: start-up time
     from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: start-up time
@@ -168,7 +167,7 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
         else:
             log(f"behaviour features point in time from {history.event_store.path}: a cold group and up to "
                 f"{history.moments_per_query} served moments per query")
-    progress = (lambda items: items) if args.quiet else (lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
+    progress = (lambda items: items) if args.quiet else (lambda items: progress_bar(items, desc="features", unit="row group"))
     registry = ModelRegistry(home)
     base_model = base_feature_set = None
     if args.base_model:

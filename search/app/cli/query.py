@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from search.app.cli.common import CliError, add_backend_arguments, log, open_index, plural
+from indexing.progress import progress_bar
 from search.app.pipelines import check_pipelines, create_pipeline, default_candidates, describe_pipelines, resolve_pipeline
 from search.limits import MAX_QUERY_CHARS
 from search.ranking import query_retrievers, retriever_notes
@@ -160,7 +160,6 @@ def read_query_file(path: Path) -> dict[str, str]:
 
 
 def run_batch(args: argparse.Namespace, index: Any, pipeline: Any) -> int:
-    from tqdm import tqdm  # here for start-up time
 
     queries = read_query_file(Path(args.queries))
     for query_id, query in queries.items():
@@ -172,7 +171,7 @@ def run_batch(args: argparse.Namespace, index: Any, pipeline: Any) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     started = time.perf_counter()
-    bar = tqdm(queries.items(), desc=args.pipeline, unit="q", file=sys.stderr, disable=args.quiet, leave=False)
+    bar = progress_bar(queries.items(), desc=args.pipeline, unit="q", enabled=not args.quiet, leave=False)
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
             for query_id, query in bar:

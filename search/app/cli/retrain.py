@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from search.app.cli.common import add_backend_arguments, log, open_index, plural
+from indexing.progress import progress_bar
 
 SAMPLE_ROWS = 64  # as `train`: feature rows stored with the model and re-scored on every load
 
@@ -79,7 +80,6 @@ def training_settings(args: argparse.Namespace) -> Any:
 def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Train and store a click-model ranker; (manifest, result, training record). Raises
     ValueError (one line for the user) when the log holds nothing to learn from."""
-    from tqdm import tqdm  # progress bars only on this path
 
     from eval.click_models import ClickLabelSettings, train_on_click_labels  # lazy: start-up time
     from ltr.click_training import iso_time, parse_time, read_logged_pages  # lazy: start-up time
@@ -132,7 +132,7 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     elif uses_behaviour(features):
         history = BehaviourHistory.open(home, index.name, events_path=events_path)
     progress = (lambda items: items) if quiet else (
-        lambda items: tqdm(items, desc="features", unit="row group", file=sys.stderr))
+        lambda items: progress_bar(items, desc="features", unit="row group"))
     try:
         result = train_on_click_labels(index, pages, features, fusion, settings, labels, history, progress, log,
                                        behaviour=aggregates)
