@@ -191,6 +191,28 @@ def test_judging_forms_need_the_csrf_token(client):
     assert cross.status_code == 403
 
 
+def test_a_configured_trusted_origin_may_post_the_forms(page_home, tmp_path, monkeypatch):
+    """Behind a proxy that rewrites Host, the browser's Origin is the public address: accepted when
+    it is in `trusted_origins`, still refused otherwise (and the CSRF token is still required)."""
+    from search.app.config import load_service_config
+    from search.app.service import create_app
+
+    monkeypatch.setenv("LTR_SEARCH_ADMIN_TOKEN", ADMIN_TOKEN)
+    config = load_service_config(page_home, None, {"index": "pages", "events_path": tmp_path / "events.sqlite3",
+                                                   "trusted_origins": ("https://search.example",)})
+    with TestClient(create_app(config)) as client:
+        login(client)
+        token = csrf_of(client.get("/judge").text)
+        form = {"csrf": token, "source": "text", "queries": "cats", "pipelines": "bm25", "depth": "3"}
+        public = client.post("/judge/queries", data=form, headers={"origin": "https://search.example"},
+                             follow_redirects=False)
+        assert public.status_code == 303
+        other = client.post("/judge/queries", data=form, headers={"origin": "https://evil.example"})
+        assert other.status_code == 403 and "cross-origin" in other.text
+        tokenless = client.post("/judge/queries", data={**form, "csrf": "x"}, headers={"origin": "https://search.example"})
+        assert tokenless.status_code == 403 and "CSRF" in tokenless.text
+
+
 def test_judge_pool_grade_skip_export(client, page_home):
     login(client, name="alice")
     token = csrf_of(client.get("/judge").text)

@@ -78,6 +78,9 @@ def test_access_log_override_and_file(tmp_path):
     ('[fusion.x]\nmethod = 1\n', "fusion.x.method: expected a string, got 1"),
     ('[fusion.x]\nweight = 1\n', "fusion.x.weight: unknown key"),
     ('fusion = 2\n', "[fusion] must hold one table per index, got 2"),
+    ('trusted_origins = "https://a.example"\n', 'trusted_origins: expected a list of strings, got "https://a.example"'),
+    ('trusted_origins = ["ftp://a.example"]\n', "trusted_origins: 'ftp://a.example' is not an origin"),
+    ('trusted_origins = ["https://a.example/judge"]\n', "trusted_origins: 'https://a.example/judge' is not an origin"),
 ])
 def test_config_errors_name_the_key_and_the_expected_type(tmp_path, text, message):
     path = tmp_path / "service.toml"
@@ -86,3 +89,10 @@ def test_config_errors_name_the_key_and_the_expected_type(tmp_path, text, messag
         load_service_config(tmp_path, path)
     assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value)
     assert "TypeError" not in str(raised.value) and "__init__" not in str(raised.value)
+
+
+def test_trusted_origins_are_normalised_as_browsers_send_them(tmp_path):
+    path = tmp_path / "service.toml"
+    path.write_text('trusted_origins = ["HTTPS://Search.Example:8443/", "http://10.0.0.5"]\n')
+    assert load_service_config(tmp_path, path).trusted_origins == ("https://search.example:8443", "http://10.0.0.5")
+    assert load_service_config(tmp_path).trusted_origins == ()

@@ -122,8 +122,14 @@ class ServiceConfig:
     experiments: OnlineExperimentSettings = field(default_factory=OnlineExperimentSettings)
     fusion: Mapping[str, FusionSettings] = field(default_factory=dict)  # per index name
     backend: BackendChoice = field(default_factory=BackendChoice)
+    # Origins (scheme://host[:port]) besides the request's own Host whose page forms are accepted:
+    # the public address when a reverse proxy rewrites Host (`trusted_origins = ["https://search.example"]`).
+    trusted_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for origin in self.trusted_origins:
+            if parse_origin(origin) != origin:
+                raise ValueError(f"trusted_origins: {origin!r} is not a normalised origin; write it as {parse_origin(origin)!r}")
         if not 1 <= self.rerank_window <= MAX_RERANK_WINDOW:
             raise ValueError(f"rerank_window must be between 1 and {MAX_RERANK_WINDOW}, got {self.rerank_window}")
         if not 1 <= self.max_query_chars <= MAX_QUERY_CHARS:
@@ -161,6 +167,16 @@ def _matches(value: Any, expected: tuple[type, ...]) -> bool:
     if isinstance(value, int) and (int in expected or float in expected):
         return True
     return any(isinstance(value, str if t is Path else t) for t in expected if t is not bool)
+
+
+def parse_origin(text: str) -> str:
+    """'https://Search.Example:8443/' -> 'https://search.example:8443': a browser's Origin header
+    as it is compared (scheme and host lower case, no path); anything else is refused by name."""
+    scheme, sep, rest = text.strip().partition("://")
+    host = rest.rstrip("/").lower()
+    if not sep or scheme.lower() not in ("http", "https") or not host or any(c in host for c in "/?#@ "):
+        raise ValueError(f"trusted_origins: {text!r} is not an origin such as 'https://search.example.com[:port]'")
+    return f"{scheme.lower()}://{host}"
 
 
 def check_section(prefix: str, cls: type, values: Any, unknown_keys: bool = True) -> None:
@@ -217,6 +233,11 @@ def load_service_config(
             values["fusion"] = {name: FusionSettings.from_dict(section) for name, section in values["fusion"].items()}
         if "events_path" in values:
             values["events_path"] = Path(values["events_path"])
+        if "trusted_origins" in values:
+            origins = values["trusted_origins"]
+            if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+                raise ValueError(f"trusted_origins: expected a list of strings, got {_shown(origins)}")
+            values["trusted_origins"] = tuple(parse_origin(o) for o in origins)
         overrides = dict(overrides or {})
         values["backend"] = choose_backend(overrides.pop("backend", None), overrides.pop("es_url", None),
                                            {key: values.pop(key) for key in ("backend", "elasticsearch") if key in values})

@@ -16,7 +16,8 @@ def install(app: FastAPI) -> None:
     from search.app.pages import auth, compare, dashboard, judge, login, search_page
     from search.app.pages.common import STATIC_DIR, STATIC_URL
 
-    app.state.page_auth = auth.PageAuth.from_environment(app.state.serving.config.admin_token)
+    config = app.state.serving.config
+    app.state.page_auth = auth.PageAuth.from_environment(config.admin_token, config.trusted_origins)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="pages-static")
     for router in (search_page.router, login.router, judge.router, compare.router, dashboard.router):
         app.include_router(router)

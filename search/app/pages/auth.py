@@ -49,8 +49,9 @@ class Session:
 class PageAuth:
     """The tokens and the signing key of one app (on `app.state.page_auth`)."""
 
-    def __init__(self, admin_token: str | None, judge_token: str | None = None):
+    def __init__(self, admin_token: str | None, judge_token: str | None = None, trusted_origins: tuple[str, ...] = ()):
         self.admin_token = admin_token
+        self.trusted_origins = frozenset(trusted_origins)  # normalised (search.app.config.parse_origin)
         if judge_token is not None and len(judge_token) < MIN_TOKEN_CHARS:
             logger.error("$%s is shorter than %d characters: the judge token is disabled", JUDGE_TOKEN_ENV_VAR, MIN_TOKEN_CHARS)
             judge_token = None
@@ -60,8 +61,8 @@ class PageAuth:
             else secrets.token_bytes(32)  # no token: nobody logs in, the key only has to exist
 
     @classmethod
-    def from_environment(cls, admin_token: str | None) -> "PageAuth":
-        return cls(admin_token, os.environ.get(JUDGE_TOKEN_ENV_VAR) or None)
+    def from_environment(cls, admin_token: str | None, trusted_origins: tuple[str, ...] = ()) -> "PageAuth":
+        return cls(admin_token, os.environ.get(JUDGE_TOKEN_ENV_VAR) or None, trusted_origins)
 
     @property
     def enabled(self) -> bool:
@@ -114,9 +115,11 @@ def csrf_token(request: Request, session: Session | None) -> str:
 
 def check_csrf(request: Request, session: Session, token: str | None) -> None:
     """Refuse a state-changing request whose CSRF token is missing or not this session's, and
-    one sent from another origin."""
+    one sent from another origin: not the Host it was served under, nor a configured
+    `trusted_origins` entry (the public address behind a proxy that rewrites Host)."""
     origin = request.headers.get("origin")
-    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+    if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host", "") \
+            and origin.rstrip("/").lower() not in page_auth(request).trusted_origins:
         raise ApiError(403, "csrf", f"cross-origin request from {origin[:100]} refused")
     if not token or not hmac.compare_digest(token, page_auth(request).csrf(session)):
         raise ApiError(403, "csrf", "missing or invalid CSRF token: reload the page and try again")
