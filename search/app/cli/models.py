@@ -138,7 +138,6 @@ def run(home: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_train(home: Path, args: argparse.Namespace) -> int:
-
     from eval.datasets import load_dataset  # lazy: start-up time
     from ltr.features import DEFAULT_FEATURE_SET, feature_set, uses_behaviour  # lazy: start-up time
     from ltr.point_in_time import BehaviourHistory  # lazy: start-up time

@@ -44,8 +44,7 @@ def run(home: Path, args: argparse.Namespace) -> int:
     batch = _check_args(args)
     if args.pipeline is None:
         index = open_index(home, args.name, args)
-        args.pipeline, pipeline = default_pipeline(home, index)
-        name = resolve_pipeline(args.pipeline, "serve")
+        args.pipeline, name, pipeline = default_pipeline(home, index)
     else:
         name = resolve_pipeline(args.pipeline, "serve")  # an unknown name fails here, before the index loads
         index = open_index(home, args.name, args)
@@ -56,8 +55,8 @@ def run(home: Path, args: argparse.Namespace) -> int:
     return run_one(args, index, pipeline, name)
 
 
-def default_pipeline(home: Path, index: Any) -> tuple[str, Any]:
-    """(name, pipeline) a search without --pipeline runs: the first of the service's default
+def default_pipeline(home: Path, index: Any) -> tuple[str, str, Any]:
+    """(name, catalogue name, pipeline) a search without --pipeline runs: the first of the service's default
     candidates (`default_candidates`) that can run on `index`, each skipped one said on stderr,
     so that `ltr-search search` ranks as the service would."""
     from search.app.config import load_service_config  # lazy: start-up time
@@ -73,7 +72,7 @@ def default_pipeline(home: Path, index: Any) -> tuple[str, Any]:
             continue
         for note in skipped:
             log(f"default pipeline {note} cannot serve; searching with {candidate}")
-        return candidate, pipeline
+        return candidate, name, pipeline
     raise CliError("no pipeline can run on index '" + str(index.name) + "': " + "; ".join(skipped))
 
 
@@ -160,7 +159,6 @@ def read_query_file(path: Path) -> dict[str, str]:
 
 
 def run_batch(args: argparse.Namespace, index: Any, pipeline: Any) -> int:
-
     queries = read_query_file(Path(args.queries))
     for query_id, query in queries.items():
         _check_query(query, f"{args.queries}: query '{query_id}'")

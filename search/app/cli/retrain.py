@@ -80,7 +80,6 @@ def training_settings(args: argparse.Namespace) -> Any:
 def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Train and store a click-model ranker; (manifest, result, training record). Raises
     ValueError (one line for the user) when the log holds nothing to learn from."""
-
     from eval.click_models import ClickLabelSettings, train_on_click_labels  # lazy: start-up time
     from ltr.click_training import iso_time, parse_time, read_logged_pages  # lazy: start-up time
     from ltr.features import DEFAULT_CLICK_FEATURE_SET, feature_set, leaves_query_out, uses_behaviour  # lazy: start-up time
