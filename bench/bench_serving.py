@@ -45,7 +45,8 @@ from bench.bench_service import B, DEPTH, K1, RRF_K, JsonlFields, peer_tokenizer
 from eval.datasets import load_dataset  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
 from indexing.encoder import EncoderSettings, OnnxEncoder, encoder_dir_for  # noqa: E402
-from ltr.compiled_trees import CompiledTrees, compile_trees  # noqa: E402
+from bench.bench_trees import onnx_scorer, time_scorers  # noqa: E402
+from ltr.compiled_trees import DEFAULT_COMPILER, compile_trees, load_library  # noqa: E402
 from ltr.ranker import LtrPipeline  # noqa: E402
 from ltr.registry import predict_scores, single_threaded  # noqa: E402
 from ltr.training import TrainingSettings  # noqa: E402
@@ -182,7 +183,7 @@ class Peer:
 class CompiledModel:
     """A fitted model whose `predict` runs compiled trees (explanations stay on the original)."""
 
-    def __init__(self, model: Any, compiled: CompiledTrees):
+    def __init__(self, model: Any, compiled: Any):
         self.model, self.compiled, self.version = model, compiled, f"{model.version}+compiled"
 
     @property
@@ -205,7 +206,7 @@ def compiled_copy(pipeline: LtrPipeline, workdir: Path, sample: np.ndarray) -> L
     started = time.perf_counter()
     library = compile_trees(path, sample, workdir / f"{pipeline.backend.name}.so")
     log(f"   compiled {trained.booster.num_boosted_rounds()} trees in {time.perf_counter() - started:.0f}s")
-    twin = LtrPipeline(pipeline.backend, CompiledModel(pipeline.model, CompiledTrees.load(library, trained.booster)),
+    twin = LtrPipeline(pipeline.backend, CompiledModel(pipeline.model, load_library(library, DEFAULT_COMPILER, trained.booster)),
                        pipeline.features, pipeline.fusion, name=f"{pipeline.name}+compiled")
     return twin
 
@@ -239,7 +240,8 @@ def plain_call(pipeline: Any, encoder: TimedEncoder | None) -> Callable[[str, di
 
 
 def trees_section(pipeline: LtrPipeline, compiled: LtrPipeline, queries: list[str], limit: int) -> dict[str, Any]:
-    """XGBoost inplace_predict vs compiled vs ONNX TreeEnsemble on the same real windows."""
+    """XGBoost inplace_predict vs the compiled trees vs ONNX TreeEnsemble on the same real windows
+    (bench/bench_trees.py times more: every compiler and SIMD path, 400-row windows)."""
     from ltr.features import extract_features
     from ltr.ranker import window_base
     from ltr.training import candidate_window
@@ -251,46 +253,16 @@ def trees_section(pipeline: LtrPipeline, compiled: LtrPipeline, queries: list[st
         window = candidate_window(pipeline.backend, query, pipeline.fusion)
         windows.append((extract_features(pipeline.backend, query, window, pipeline.features),
                         window_base(pipeline.model, window)))
-    candidates: dict[str, Callable[[np.ndarray, Any], np.ndarray]] = {
-        "xgboost inplace_predict": lambda x, b: predict_scores(booster, names, x, b),
-        "tl2cgen compiled": compiled.model.predict,
-    }
+    scorers = {"xgboost inplace_predict": lambda x, b: predict_scores(booster, names, x, b),
+               f"{DEFAULT_COMPILER} compiled": compiled.model.predict}
     try:
-        import onnxmltools
-        import onnxruntime as ort
-        from onnxmltools.convert.common.data_types import FloatTensorType
-
-        plain = booster.copy()
-        plain.feature_names = None  # onnxmltools reads features as f0, f1, ...
-        model = onnxmltools.convert_xgboost(plain, initial_types=[("input", FloatTensorType([None, len(names)]))])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        x0, b0 = windows[0]
-        offset = float(np.median(session.run(None, {"input": x0})[0].reshape(-1) - predict_scores(booster, names, x0, b0)
-                                 + (b0 if b0 is not None else 0)))
-
-        def onnx_predict(x: np.ndarray, b: Any) -> np.ndarray:
-            raw = session.run(None, {"input": x})[0].reshape(-1).astype(np.float64) - offset
-            return raw + b if b is not None else raw
-
-        candidates["onnxruntime TreeEnsemble"] = onnx_predict
+        scorers["onnxruntime TreeEnsemble"] = onnx_scorer(booster, len(names), *windows[0], names)
     except Exception as exc:  # an optional candidate
         log(f"   onnx TreeEnsemble unavailable: {exc}")
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    gaps: dict[str, float] = {name: 0.0 for name in candidates}
-    for x, b in windows:
-        want = predict_scores(booster, names, x, b)
-        for name, fn in candidates.items():
-            fn(x, b)
-            started = time.perf_counter()
-            got = fn(x, b)
-            times[name].append((time.perf_counter() - started) * 1000)
-            gaps[name] = max(gaps[name], float(np.max(np.abs(got - want))) if len(x) else 0.0)
+    by_method = time_scorers(scorers, windows, scorers["xgboost inplace_predict"], repeats=1)
     sizes = [len(x) for x, _ in windows]
-    out = {"windows": len(windows), "window_rows_median": int(np.median(sizes)), "trees": booster.num_boosted_rounds(),
-           "by_method": {name: {**pct(times[name]), "max_abs_diff_vs_xgboost": gaps[name]} for name in candidates}}
-    return out
+    return {"windows": len(windows), "window_rows_median": int(np.median(sizes)), "trees": booster.num_boosted_rounds(),
+            "by_method": by_method}
 
 
 # ---------------------------------------------------------------- main

@@ -1,19 +1,23 @@
-"""Compiled trees: a registry model's XGBoost trees as native code (Treelite + TL2cgen, gcc).
+"""Compiled trees: a registry model's XGBoost trees as native code, gcc-compiled next to it.
 
 Why: scoring a window is a few hundred rows through a few hundred trees, and XGBoost's
-`inplace_predict` walks them generically. TL2cgen turns the trees into C with quantised
-thresholds (integer comparisons) and branch annotations from the stored sample rows (the likely
-branch first), compiled by gcc into a shared library. Measured against XGBoost inplace_predict,
-ONNX Runtime's TreeEnsemble (onnxmltools) and this, back to back on the same 400-row window
-(bench/bench_serving.py, `trees` section): see the README.
+`inplace_predict` walks them generically. Two compilers:
+- "simd" (the default, `ltr.simd_trees`): the trees as complete-tree tables in a SIMD kernel,
+  16 rows (AVX-512) or 8 (AVX2) descending together; scores equal XGBoost's;
+- "tl2cgen" (Treelite + TL2cgen): the trees as if-else C with quantised thresholds and branch
+  annotations from the stored sample rows.
+Measured against each other, XGBoost inplace_predict and ONNX Runtime's TreeEnsemble on the same
+real windows (`bench/bench_trees.py`): see the README.
 
 Only the trees are compiled. A staged model's base margin (`BaseStage.margin`) is added in
 numpy, exactly as XGBoost adds `base_margin`: when a base margin is given XGBoost does not add
 its `base_score`, while Treelite's output always includes it, so it is taken off first.
 
-The library is cached next to the model (`HOME/models/mXXXX/trees-<sha12>.so`, named by the
-model file's sha256), written atomically, and made only on request (`compile_model`): compiling
-costs tens of seconds of gcc, which neither training nor loading should pay unasked. Loading a
+The library is cached next to the model (`HOME/models/mXXXX/simd-trees-<sha12>.so`, or
+`trees-<sha12>.so` from TL2cgen, named by the model file's sha256), written atomically, and made
+only on request (`compile_model`): compiling costs seconds (simd) to tens of seconds (TL2cgen)
+of gcc, which neither training nor loading should pay unasked. When both sit next to a model the
+simd one serves. Loading a
 model with a cached library checks it against the stored sample rows like the XGBoost JSON
 (`check_compiled_parity`, within `COMPILED_PARITY_TOLERANCE`) and refuses a library that
 disagrees; explanations (`contributions`) stay on XGBoost.
@@ -32,16 +36,30 @@ import numpy as np
 
 # float32 accumulation over hundreds of trees differs from XGBoost's order by ~1e-6.
 COMPILED_PARITY_TOLERANCE = 1e-5
-LIBRARY_PREFIX = "trees-"
 LIBRARY_SUFFIX = ".so"
+# compiler -> library name prefix, in the order the registry prefers them
+LIBRARY_PREFIXES = {"simd": "simd-trees-", "tl2cgen": "trees-"}
+COMPILERS = tuple(LIBRARY_PREFIXES)
+DEFAULT_COMPILER = "simd"
 
 
 class CompiledTreesError(RuntimeError):
     """The trees could not be compiled, or a compiled library disagrees with the model."""
 
 
-def library_name(model_sha256: str) -> str:
-    return f"{LIBRARY_PREFIX}{model_sha256[:12]}{LIBRARY_SUFFIX}"
+def library_name(model_sha256: str, compiler: str = DEFAULT_COMPILER) -> str:
+    if compiler not in LIBRARY_PREFIXES:
+        raise ValueError(f"compiler must be one of {', '.join(COMPILERS)}, got {compiler!r}")
+    return f"{LIBRARY_PREFIXES[compiler]}{model_sha256[:12]}{LIBRARY_SUFFIX}"
+
+
+def load_library(path: Path, compiler: str, booster: Any) -> Any:
+    """A compiled library of `compiler` for `booster`: `predict(rows, base=None)` -> float64 scores."""
+    if compiler == "simd":
+        from ltr.simd_trees import SimdTrees
+
+        return SimdTrees(path, intercept=base_score(booster))
+    return CompiledTrees.load(path, booster)
 
 
 def base_score(booster: Any) -> float:
@@ -55,7 +73,7 @@ def base_score(booster: Any) -> float:
 
 @dataclass
 class CompiledTrees:
-    """A loaded compiled library: float32 rows -> float64 scores (trees + base margin)."""
+    """A loaded TL2cgen library: float32 rows -> float64 scores (trees + base margin)."""
 
     path: Path
     predictor: Any  # tl2cgen.Predictor
@@ -83,10 +101,19 @@ class CompiledTrees:
         return raw - self.intercept + np.asarray(base, dtype=np.float32).astype(np.float64)
 
 
-def compile_trees(model_file: Path, sample: np.ndarray, out: Path) -> Path:
+def compile_trees(model_file: Path, sample: np.ndarray, out: Path, compiler: str = DEFAULT_COMPILER) -> Path:
     """Compile the XGBoost JSON `model_file` into the shared library `out` (atomic rename).
 
-    `sample` (float32 rows) annotates branches with how often each is taken."""
+    `sample` (float32 rows) annotates TL2cgen's branches with how often each is taken."""
+    if compiler == "simd":
+        from ltr.simd_trees import SimdTreesError, compile_simd_trees
+
+        try:
+            return compile_simd_trees(model_file, out)
+        except SimdTreesError as exc:
+            raise CompiledTreesError(str(exc)) from exc
+    if compiler != "tl2cgen":
+        raise ValueError(f"compiler must be one of {', '.join(COMPILERS)}, got {compiler!r}")
     import tl2cgen  # compile step only: the serving path loads the library, never gcc
     import treelite  # compile step only
 
@@ -106,7 +133,7 @@ def compile_trees(model_file: Path, sample: np.ndarray, out: Path) -> Path:
     return out
 
 
-def parity_gap(compiled: CompiledTrees, booster_scores: np.ndarray, sample: np.ndarray,
+def parity_gap(compiled: Any, booster_scores: np.ndarray, sample: np.ndarray,
                sample_base: np.ndarray | None) -> tuple[float, int]:
     """(largest |compiled - expected|, first row over tolerance or -1) on the sample rows."""
     got = compiled.predict(sample, sample_base)
@@ -115,7 +142,7 @@ def parity_gap(compiled: CompiledTrees, booster_scores: np.ndarray, sample: np.n
     return float(np.nanmax(diff)) if len(diff) else 0.0, int(bad[0]) if bad.size else -1
 
 
-def compile_model(home: Path, version: str) -> Path:
+def compile_model(home: Path, version: str, compiler: str = DEFAULT_COMPILER) -> Path:
     """Compile registry model `version` next to its files and return the library's path.
 
     The model is loaded (and verified) first; the library is then loaded back through the
@@ -128,13 +155,58 @@ def compile_model(home: Path, version: str) -> Path:
         raise CompiledTreesError(f"model {version} is staged on model {loaded.manifest.model_base.version}: "
                                  "only models whose score is their trees plus a fusion base are compiled")
     directory = registry._version_dir(version)
-    out = directory / library_name(loaded.manifest.files[MODEL_FILE]["sha256"])
+    out = directory / library_name(loaded.manifest.files[MODEL_FILE]["sha256"], compiler)
     with registry._lock("compile trees"):
-        compile_trees(directory / MODEL_FILE, loaded.manifest.sample_array(), out)
+        compile_trees(directory / MODEL_FILE, loaded.manifest.sample_array(), out, compiler)
     try:
+        verified_library(out, compiler, loaded)
         if registry.load(version).compiled is None:
             raise CompiledTreesError(f"model {version}: the compiled library {out.name} was not picked up")
     except (ModelParityError, CompiledTreesError):
         out.unlink(missing_ok=True)
         raise
     return out
+
+
+def compile_trained(home: Path, version: str) -> str:
+    """Compile a model just stored by training with the default compiler: a second or two of gcc
+    for scores equal to XGBoost's at a fraction of its time. Returns the line training prints;
+    never fails the training (no compiler: the model serves on XGBoost, and says so)."""
+    import time
+
+    from ltr.registry import ModelParityError, ModelRegistry  # registry imports this module lazily
+
+    manifest = ModelRegistry(home).manifest(version)
+    if manifest.model_base is not None or manifest.trees == 0:
+        return ""  # a behaviour stage (its base model's trees compile) or no trees: nothing to compile
+    started = time.perf_counter()
+    try:
+        path = compile_model(home, version)
+    except (CompiledTreesError, ModelParityError) as exc:
+        return (f"note: model {version}'s trees were not compiled ({exc}); it serves on XGBoost, several times "
+                f"slower; `ltr-search models compile {version}` retries")
+    level = getattr(ModelRegistry(home).load(version).compiled, "level", None)
+    from ltr.simd_trees import SIMD_LEVELS
+
+    return (f"model {version}: trees compiled ({DEFAULT_COMPILER}, {SIMD_LEVELS.get(level, '?')} on this CPU) in "
+            f"{time.perf_counter() - started:.1f} s to {path.name}; served instead of XGBoost, scores equal")
+
+
+def verified_library(path: Path, compiler: str, loaded: Any) -> Any:
+    """The library at `path` for the registry model `loaded`, once it scores the model's stored
+    sample like the model (within COMPILED_PARITY_TOLERANCE); else ModelParityError."""
+    from ltr.registry import ModelParityError  # registry imports this module lazily
+
+    manifest = loaded.manifest
+    try:
+        compiled = load_library(path, compiler, loaded.booster)
+        gap, row = parity_gap(compiled, np.asarray(manifest.sample["predictions"], dtype=np.float64),
+                              manifest.sample_array(), manifest.sample_base())
+    except Exception as exc:  # tl2cgen and ctypes raise their own types for a broken library
+        raise ModelParityError(f"model {manifest.version}: compiled trees {path.name} cannot score: {exc}; "
+                               "delete the file or compile it again") from exc
+    if row >= 0:
+        raise ModelParityError(
+            f"model {manifest.version}: compiled trees {path.name} differ from the model on sample row {row} "
+            f"(|diff| up to {gap:.2g} > {COMPILED_PARITY_TOLERANCE:g}); delete the file or compile it again")
+    return compiled

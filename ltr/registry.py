@@ -767,29 +767,21 @@ def _open_verified(directory: Path, manifest: ModelManifest, base: "LoadedModel 
 
 
 def _attach_compiled(directory: Path, loaded: LoadedModel) -> None:
-    """Serve from the compiled trees next to the model, if any, once they pass the same sample
-    parity check (within their own tolerance); a library that disagrees is refused."""
+    """Serve from the compiled trees next to the model, if any (the first compiler of
+    `compiled_trees.COMPILERS` with a library there), once they pass the same sample parity check
+    (within their own tolerance); a library that disagrees is refused."""
     record = loaded.manifest.files.get(MODEL_FILE, {})
     if loaded.manifest.model_base is not None or "sha256" not in record:
         return
     from ltr import compiled_trees  # only models with a compiled library load the native runtime
 
-    path = directory / compiled_trees.library_name(record["sha256"])
-    if not path.is_file():
+    found = [(compiler, directory / compiled_trees.library_name(record["sha256"], compiler))
+             for compiler in compiled_trees.COMPILERS]
+    found = [(compiler, path) for compiler, path in found if path.is_file()]
+    if not found:
         return
-    manifest = loaded.manifest
-    try:
-        compiled = compiled_trees.CompiledTrees.load(path, loaded.booster)
-        gap, row = compiled_trees.parity_gap(compiled, np.asarray(manifest.sample["predictions"], dtype=np.float64),
-                                             manifest.sample_array(), manifest.sample_base())
-    except Exception as exc:  # tl2cgen raises its own types for a broken library
-        raise ModelParityError(f"model {manifest.version}: compiled trees {path.name} cannot score: {exc}; "
-                               "delete the file or compile it again") from exc
-    if row >= 0:
-        raise ModelParityError(
-            f"model {manifest.version}: compiled trees {path.name} differ from the model on sample row {row} "
-            f"(|diff| up to {gap:.2g} > {compiled_trees.COMPILED_PARITY_TOLERANCE:g}); delete the file or compile it again")
-    loaded.compiled = compiled
+    compiler, path = found[0]
+    loaded.compiled = compiled_trees.verified_library(path, compiler, loaded)
 
 
 def _check_parity(loaded: LoadedModel) -> None:

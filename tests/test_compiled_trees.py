@@ -1,5 +1,6 @@
-"""Compiled trees (Treelite + TL2cgen): parity with XGBoost, base margin in numpy, refusal of a
-library that disagrees, and loading never compiles."""
+"""Compiled trees (the simd kernel by default, Treelite + TL2cgen on request): parity with
+XGBoost, the base margin, refusal of a library that disagrees, the simd library preferred when
+both exist, and loading never compiles."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from indexing.home import registry_dir
-from ltr.compiled_trees import COMPILED_PARITY_TOLERANCE, base_score, compile_model, library_name
+from ltr.compiled_trees import COMPILED_PARITY_TOLERANCE, COMPILERS, base_score, compile_model, compile_trained, library_name
 from ltr.registry import BaseStage, ModelParityError, ModelRegistry, predict_scores
 from search.hybrid import FusionSettings
 
@@ -26,15 +27,25 @@ def staged_sample_base() -> np.ndarray:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """m0001: a plain model, m0002: a staged one (base margin), m0003: plain, never compiled; the
-    first two compiled once for the module (gcc takes seconds)."""
+    first two compiled once for the module with each compiler (gcc takes seconds), m0004 and m0005
+    (copies of m0001 and m0002) with TL2cgen only."""
     home = tmp_path_factory.mktemp("compiled")
     registry = ModelRegistry(home)
     save(registry, train(seed=0, rounds=40))
     save(registry, train(seed=1, rounds=40), stage=STAGE, sample_base=staged_sample_base())
     save(registry, train(seed=2, rounds=5))
+    save(registry, train(seed=0, rounds=40))
+    save(registry, train(seed=1, rounds=40), stage=STAGE, sample_base=staged_sample_base())
     for version in ("m0001", "m0002"):
         compile_model(home, version)
+        compile_model(home, version, "tl2cgen")
+    for version in ("m0004", "m0005"):
+        compile_model(home, version, "tl2cgen")
     return home
+
+
+PLAIN = {"simd": "m0001", "tl2cgen": "m0004"}
+STAGED = {"simd": "m0002", "tl2cgen": "m0005"}
 
 
 def fresh_rows() -> np.ndarray:
@@ -42,16 +53,18 @@ def fresh_rows() -> np.ndarray:
     return x
 
 
-def test_compiled_plain_model_matches_xgboost(home: Path) -> None:
-    loaded = ModelRegistry(home).load("m0001")
-    assert loaded.compiled is not None
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compiled_plain_model_matches_xgboost(home: Path, compiler: str) -> None:
+    loaded = ModelRegistry(home).load(PLAIN[compiler])
+    assert loaded.compiled.path.name.startswith({"simd": "simd-trees-", "tl2cgen": "trees-"}[compiler])
     rows = fresh_rows()
     want = predict_scores(loaded.booster, FEATURES, rows)
     np.testing.assert_allclose(loaded.predict(rows), want, rtol=0, atol=COMPILED_PARITY_TOLERANCE)
 
 
-def test_compiled_staged_model_adds_the_base_margin_as_xgboost_does(home: Path) -> None:
-    loaded = ModelRegistry(home).load("m0002")
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compiled_staged_model_adds_the_base_margin_as_xgboost_does(home: Path, compiler: str) -> None:
+    loaded = ModelRegistry(home).load(STAGED[compiler])
     assert loaded.compiled is not None and loaded.stage == STAGE
     assert base_score(loaded.booster) != 0.0  # the intercept XGBoost drops when given a margin
     rows = fresh_rows()
@@ -63,9 +76,23 @@ def test_compiled_staged_model_adds_the_base_margin_as_xgboost_does(home: Path) 
     np.testing.assert_allclose(contributions.sum(axis=1), loaded.predict(rows[:20], base[:20]), atol=1e-4)
 
 
+def test_simd_scores_equal_xgboost_exactly(home: Path) -> None:
+    """The simd kernel adds the trees in XGBoost's order from XGBoost's starting value."""
+    for version, base in (("m0001", None), ("m0002", np.random.default_rng(8).uniform(0, 4, 400))):
+        loaded = ModelRegistry(home).load(version)
+        rows = fresh_rows()
+        np.testing.assert_array_equal(loaded.predict(rows, base), predict_scores(loaded.booster, FEATURES, rows, base))
+
+
+def test_the_simd_library_serves_when_both_exist(home: Path) -> None:
+    directory = registry_dir(home) / "m0001"
+    assert {path.name.split("-")[0] for path in directory.glob("*.so")} == {"simd", "trees"}
+    assert ModelRegistry(home).load("m0001").compiled.path.name.startswith("simd-trees-")
+
+
 def test_loading_never_compiles(home: Path) -> None:
     assert ModelRegistry(home).load("m0003").compiled is None
-    assert not list((registry_dir(home) / "m0003").glob("trees-*.so"))
+    assert not list((registry_dir(home) / "m0003").glob("*.so"))
 
 
 def test_a_library_that_disagrees_is_refused(home: Path, tmp_path: Path) -> None:
@@ -73,16 +100,19 @@ def test_a_library_that_disagrees_is_refused(home: Path, tmp_path: Path) -> None
     copy = tmp_path / "home"
     shutil.copytree(home, copy, symlinks=True)
     models = registry_dir(copy)
-    target = next((models / "m0001").glob("trees-*.so"))
-    shutil.copyfile(next((models / "m0002").glob("trees-*.so")), target)
-    with pytest.raises(ModelParityError, match=r"compiled trees trees-\w+\.so differ from the model on sample row"):
-        ModelRegistry(copy).load("m0001")
+    for prefix in ("simd-trees", "trees"):
+        target = next((models / "m0001").glob(f"{prefix}-*.so"))
+        shutil.copyfile(next((models / "m0002").glob(f"{prefix}-*.so")), target)
+        with pytest.raises(ModelParityError, match=rf"compiled trees {prefix}-\w+\.so differ from the model on sample row"):
+            ModelRegistry(copy).load("m0001")
+        target.unlink()  # then the other compiler's library is the one loaded
 
 
 def test_library_is_named_by_the_model_file_checksum(home: Path) -> None:
     manifest = ModelRegistry(home).manifest("m0001")
-    name = library_name(manifest.files["model.json"]["sha256"])
-    assert (registry_dir(home) / "m0001" / name).is_file()
+    for compiler in COMPILERS:
+        name = library_name(manifest.files["model.json"]["sha256"], compiler)
+        assert (registry_dir(home) / "m0001" / name).is_file()
 
 
 def test_models_compile_from_the_command_line(tmp_path: Path) -> None:
@@ -92,7 +122,22 @@ def test_models_compile_from_the_command_line(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path)
     save(registry, train(seed=3, rounds=5))
     result = run_cli(tmp_path, "models", "compile", "m0001")
-    assert "compiled trees in" in result.stdout
+    assert "compiled trees (simd) in" in result.stdout
     manifest = registry.manifest("m0001")
     assert (registry_dir(tmp_path) / "m0001" / library_name(manifest.files["model.json"]["sha256"])).is_file()
+    assert registry.load("m0001").compiled is not None
+
+
+
+def test_training_without_a_compiler_still_stores_a_serving_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_trained never fails the training: it says why and the model serves on XGBoost."""
+    registry = ModelRegistry(tmp_path)
+    save(registry, train(seed=4, rounds=5))
+    monkeypatch.setenv("CC", "false")
+    line = compile_trained(tmp_path, "m0001")
+    assert line.startswith("note: model m0001's trees were not compiled (cannot compile") and "models compile m0001" in line
+    loaded = registry.load("m0001")
+    assert loaded.compiled is None and not list((registry_dir(tmp_path) / "m0001").glob("*.so"))
+    monkeypatch.delenv("CC")
+    assert compile_trained(tmp_path, "m0001").startswith("model m0001: trees compiled (simd, ")
     assert registry.load("m0001").compiled is not None

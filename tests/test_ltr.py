@@ -3,6 +3,7 @@ serving through a real `ltr-search serve`, the feature log bit for bit, explanat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ from eval.datasets import load_dataset
 from search.event_store import EventStore
 from ltr.features import feature_set
 from ltr.ranker import LtrPipeline, index_description, registry_pipeline
+from indexing.home import registry_dir
 from ltr.registry import FeatureSetMismatchError, ModelRegistry
 from ltr.training import TrainingSettings, build_rows, split_queries, train_ranker
 from search.embedded import EmbeddedIndex
@@ -78,6 +80,7 @@ def trained(tmp_path_factory, shared_encoder_home: Path):
     result = run_cli(home, "train", "--dataset", str(dataset), "--split", "train", "--config", str(config),
                      "--selection", "holdout", "--valid-fraction", "0.25", "--quiet")  # a plain model (tests/test_staged_*: staged)
     assert "model m0001" in result.stdout and "top features by gain" in result.stdout
+    assert "model m0001: trees compiled (simd" in result.stdout  # compiled by default: served instead of XGBoost
     run_cli(home, "models", "promote", "m0001")
     return {"home": home, "dataset": dataset, "config": config}
 
@@ -97,6 +100,8 @@ def test_train_writes_a_model_with_a_complete_manifest(trained):
     assert any(v is None for row in manifest.sample["features"] for v in row)  # NaN survives as null
     shown = json.loads(run_cli(trained["home"], "models", "show", "m0001").stdout)
     assert shown["active"] and "sample" not in shown
+    compiled = ModelRegistry(trained["home"]).load("m0001").compiled
+    assert compiled is not None and compiled.path.name.startswith("simd-trees-")
     assert not list(trained["home"].rglob("*.pkl")) and not list(trained["home"].rglob("*.pickle"))
 
 
@@ -223,6 +228,16 @@ def test_promotion_gate_refuses_a_significantly_worse_model(trained):
     assert ModelRegistry(home).active() == manifest.version
     run_cli(home, "models", "rollback")
     assert ModelRegistry(home).active() == "m0001"
+
+
+def test_train_no_compile_stores_the_model_uncompiled(trained, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(trained["home"], home, symlinks=True)
+    result = run_cli(home, "train", "--dataset", str(trained["dataset"]), "--split", "train", "--config", str(trained["config"]),
+                     "--selection", "holdout", "--valid-fraction", "0.25", "--quiet", "--no-compile")
+    version = ModelRegistry(home).version_ids()[-1]
+    assert "trees compiled" not in result.stdout and ModelRegistry(home).load(version).compiled is None
+    assert not list((registry_dir(home) / version).glob("*.so"))
 
 
 def test_ltr_pipeline_without_a_model_says_how_to_get_one(trained):

@@ -87,6 +87,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--config", help="service TOML (its fusion window is the candidate window trained on)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--no-compile", action="store_true",
+                       help="store the model without compiling its trees (`models compile` does it later); by default "
+                            "they are compiled (simd kernel, gcc, about 2 s) and served instead of XGBoost")
 
 
 def add_models_arguments(models: argparse.ArgumentParser) -> None:
@@ -106,9 +109,14 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     promote.add_argument("--quiet", action="store_true")
     promote.add_argument("--json", action="store_true", help="print the outcome and the gate's comparisons as JSON")
     commands.add_parser("rollback", help="re-activate the previously active model")
-    compile_ = commands.add_parser("compile", help="compile a model's trees to C (TL2cgen, gcc) next to it: served "
+    compile_ = commands.add_parser("compile", help="compile a model's trees to native code (gcc) next to it: served "
                                                    "instead of XGBoost once it matches it to 1e-5 on the stored sample")
     compile_.add_argument("version", help="a model version, or 'active'")
+    from ltr.compiled_trees import COMPILERS, DEFAULT_COMPILER  # numpy only: loaded when `models` is the command
+
+    compile_.add_argument("--compiler", choices=COMPILERS, default=DEFAULT_COMPILER,
+                          help="simd (default): the trees as tables in a SIMD kernel (AVX-512/AVX2, scalar elsewhere), "
+                               "scores equal to XGBoost's; tl2cgen: Treelite + TL2cgen if-else code (slower, see README)")
     delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
     delete.add_argument("version")
     from search.app.cli.compare import add_compare_parser  # lazy: start-up time
@@ -183,11 +191,13 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
                "window": fusion.to_dict(), "settings": settings.to_dict()}
     link = None
     if fitted.base_fit is not None:  # the text stage was trained here: store it first, the behaviour stage names it
-        text_manifest = save_fitted(registry, fitted.base_fit, text_part(features), index_description(index), context, settings)
+        text_manifest = save_fitted(registry, fitted.base_fit, text_part(features), index_description(index), context, settings,
+                                    compile_trees=not args.no_compile)
         link = replace(fitted.trained.link, version=text_manifest.version)
     elif fitted.trained.link is not None:
         link = replace(fitted.trained.link, version=args.base_model)
-    manifest = save_fitted(registry, fitted, features, index_description(index), context, settings, link)
+    manifest = save_fitted(registry, fitted, features, index_description(index), context, settings, link,
+                           compile_trees=not args.no_compile)
     trained = fitted.trained
     if link is not None:
         print(f"model {manifest.version}: behaviour stage on text model {link.version}; a query with no history ranks "
@@ -197,9 +207,9 @@ def cmd_train(home: Path, args: argparse.Namespace) -> int:
 
 
 def save_fitted(registry: Any, fitted: Any, features: Any, index: dict[str, Any], context: dict[str, Any],
-                settings: Any, link: Any = None) -> Any:
+                settings: Any, link: Any = None, compile_trees: bool = True) -> Any:
     """Store a fitted ranker (its manifest: training context, inner-CV evidence, a scored sample,
-    drift reference) and print what `train` reports of it."""
+    drift reference), compile its trees unless told not to, and print what `train` reports of it."""
     rows, trained, train_ids, valid_ids = fitted.rows, fitted.trained, fitted.train_ids, fitted.valid_ids
     extract_seconds = fitted.feature_seconds
     pairs_per_second = len(rows.labels) / extract_seconds if extract_seconds else float("nan")
@@ -237,7 +247,18 @@ def save_fitted(registry: Any, fitted: Any, features: Any, index: dict[str, Any]
               f"validation nDCG@10 {valid}, trained in {trained.seconds:.1f} s")
     if trained.trees:
         print("top features by gain: " + ", ".join(f"{name} {gain:.0f}" for name, gain in list(trained.importance().items())[:8]))
+    if compile_trees:
+        print_compiled(registry.home, manifest.version)
     return manifest
+
+
+def print_compiled(home: Path, version: str) -> None:
+    """Compile a just-stored model's trees (`ltr.compiled_trees.compile_trained`) and say so."""
+    from ltr.compiled_trees import compile_trained  # lazy: start-up time
+
+    line = compile_trained(home, version)
+    if line:
+        print(line)
 
 
 def inner_cv_report(cv: Any, settings: Any) -> str:
@@ -339,6 +360,8 @@ def cmd_train_pairs_from_events(home: Path, args: argparse.Namespace) -> int:
     print(f"{stopping_note(trained, settings.ranker.max_rounds, plural(len(result.valid_requests), 'held-out request'))}"
           f" (click nDCG@10, position-biased: a stopping rule only): {valid}; trained in {trained.seconds:.1f} s")
     print("top features by gain: " + ", ".join(f"{n} {gain:.0f}" for n, gain in list(trained.importance().items())[:8]))
+    if not args.no_compile:
+        print_compiled(home, manifest.version)
     print(f"serve it with: ltr-search models promote {manifest.version}")
     return 0
 
@@ -513,8 +536,8 @@ def cmd_compile(home: Path, args: argparse.Namespace) -> int:
     if version is None:
         raise CliError("no active model to compile; name a version")
     started = time.perf_counter()
-    path = compile_model(home, version)
-    print(f"model {version}: compiled trees in {path} ({time.perf_counter() - started:.1f} s), parity with XGBoost "
+    path = compile_model(home, version, args.compiler)
+    print(f"model {version}: compiled trees ({args.compiler}) in {path} ({time.perf_counter() - started:.1f} s), parity with XGBoost "
           "checked on the stored sample; a running service uses them after POST /admin/reload")
     return 0
 

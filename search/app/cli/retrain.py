@@ -167,6 +167,12 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
         reference=drift_reference(trained, rows, page_rows=True, base=base),
         stage=trained.stage, sample_base=None if base is None else base[picked],
     )
+    if not args.no_compile:
+        from ltr.compiled_trees import compile_trained  # lazy: start-up time
+
+        line = compile_trained(home, manifest.version)
+        if line:
+            log(line)
     return manifest, result, record
 
 
