@@ -9,18 +9,19 @@ Why: scoring a window is a few hundred rows through a few hundred trees, and XGB
 Measured against each other, XGBoost inplace_predict and ONNX Runtime's TreeEnsemble on the same
 real windows (`bench/bench_trees.py`): see the README.
 
-Only the trees are compiled. A staged model's base margin (`BaseStage.margin`) is added in
-numpy, exactly as XGBoost adds `base_margin`: when a base margin is given XGBoost does not add
-its `base_score`, while Treelite's output always includes it, so it is taken off first.
+Only the trees are compiled. A staged model's base margin (`BaseStage.margin`) is where the
+sum starts, as XGBoost's `base_margin`: when a base margin is given XGBoost does not add its
+`base_score`. The simd kernel starts from the margin (or from base_score); Treelite's output
+always includes base_score, so it is taken off first and the margin added in numpy.
 
 The library is cached next to the model (`HOME/models/mXXXX/simd-trees-<sha12>.so`, or
-`trees-<sha12>.so` from TL2cgen, named by the model file's sha256), written atomically, and made
-only on request (`compile_model`): compiling costs seconds (simd) to tens of seconds (TL2cgen)
-of gcc, which neither training nor loading should pay unasked. When both sit next to a model the
-simd one serves. Loading a
-model with a cached library checks it against the stored sample rows like the XGBoost JSON
-(`check_compiled_parity`, within `COMPILED_PARITY_TOLERANCE`) and refuses a library that
-disagrees; explanations (`contributions`) stay on XGBoost.
+`trees-<sha12>.so` from TL2cgen, named by the model file's sha256) and written atomically.
+Training compiles the model it stores (`compile_trained`: about 2 s of gcc with the simd
+kernel, never a failed training); `compile_model` compiles any stored model; loading never
+compiles. When both libraries sit next to a model the simd one serves. Loading a model with a
+library checks it against the stored sample rows like the XGBoost JSON (`verified_library`,
+within `COMPILED_PARITY_TOLERANCE`) and refuses a library that disagrees; explanations
+(`contributions`) stay on XGBoost.
 """
 from __future__ import annotations
 

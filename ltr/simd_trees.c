@@ -6,10 +6,12 @@
    x < threshold, or when x is missing (NaN) and the node's default is left (bit 31 of FEAT;
    the low bits hold feature * LANE_SCALE, so that a lane offset is added directly).
 
-   Rows are scored LANES at a time with SIMD (AVX-512: 16, AVX2: 8), in a block layout made by
-   `predict`: [block][feature][lane]. The nodes of levels 0-4 (AVX2: 0-3) of a tree come from
-   registers by permutes rather than memory gathers; deeper levels gather. A scalar path serves
-   CPUs without AVX2. Sums run in float32 tree by tree, as XGBoost adds its trees. */
+   Rows are scored 16 (AVX-512) or 8 (AVX2) at a time, one per vector lane, in the layout that
+   `score_simd` makes: [vector][feature][lane]. The nodes of levels 0-5 (AVX2: 0-3) of a tree
+   come from registers by permutes rather than memory gathers; deeper levels gather. Level 0's
+   feature is the same for every lane, so its values are one plain load. A scalar path serves
+   other CPUs. Sums start from the caller's base margin and run in float32 tree by tree, as
+   XGBoost adds its trees, so the scores equal XGBoost's. */
 #include <stdlib.h>
 #include <string.h>
 
