@@ -45,7 +45,7 @@ from bench.bench_service import B, DEPTH, K1, RRF_K, JsonlFields, peer_tokenizer
 from eval.datasets import load_dataset  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
 from indexing.encoder import EncoderSettings, OnnxEncoder, encoder_dir_for  # noqa: E402
-from bench.bench_trees import onnx_scorer, time_scorers  # noqa: E402
+from bench.bench_trees import log, onnx_scorer, pct, time_scorers  # noqa: E402
 from ltr.compiled_trees import DEFAULT_COMPILER, compile_trees, load_library  # noqa: E402
 from ltr.ranker import LtrPipeline  # noqa: E402
 from ltr.registry import predict_scores, single_threaded  # noqa: E402
@@ -55,16 +55,6 @@ from search.hybrid import FusionSettings, HybridPipeline  # noqa: E402
 from search.pipelines import BM25Pipeline, DensePipeline  # noqa: E402
 
 K = 10
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-            "mean": round(float(a.mean()), 3)}
 
 
 class TimedEncoder:
