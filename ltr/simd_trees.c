@@ -18,9 +18,11 @@
 #define FEATURE_MASK 0x7fffffff
 #define LANE_SCALE 16
 
-/* The portable path: 32 rows descend each tree level by level (independent rows keep the
+/* The portable path: 64 rows descend each tree level by level (independent rows keep the
    CPU busy while one row's load is pending), reading rows in place. */
-#define SCALAR_ROWS 32
+#ifndef SCALAR_ROWS
+#define SCALAR_ROWS 64
+#endif
 static void score_rows(const float* rows, int n, const float* init, double* out) {
   for (int r0 = 0; r0 < n; r0 += SCALAR_ROWS) {
     int m = n - r0 < SCALAR_ROWS ? n - r0 : SCALAR_ROWS;
