@@ -8,7 +8,8 @@
                                                         # HOME's index 'scifact' (with vectors) instead
 
 What is measured:
-- throughput: a real `python -m search.app.cli serve --workers N --threads 1 --no-access-log` on
+- throughput: a real `python -m search.app.cli serve --workers N --threads 1 --no-access-log` (or
+  `--serve-threads T`; 0 leaves serve's default, cores / N) on
   127.0.0.1 over the index `scifact` (BM25 only, built with `index build --no-dense` into
   bench/results/workers-home), GET /search?q=...&size=10 with the 300 SciFact test queries in
   turn. Closed loop at saturation: `--client-processes` processes x `--threads` threads, each
@@ -89,13 +90,14 @@ def get(host: str, port: int, path: str, timeout: float = 5) -> tuple[int, str]:
 class Server:
     """`ltr-search serve` in a subprocess; `ready_s`: spawn to ready on every worker."""
 
-    def __init__(self, home: Path, workers: int, config: Path):
+    def __init__(self, home: Path, workers: int, config: Path, threads: int = 1):
         self.port = free_port()
         self.output = tempfile.TemporaryFile()
         started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "search.app.cli", "--home", str(home), "serve", "--name", INDEX, "--port",
-             str(self.port), "--workers", str(workers), "--threads", "1", "--config", str(config)],
+             str(self.port), "--workers", str(workers), *(["--threads", str(threads)] if threads else []),
+             "--config", str(config)],
             cwd=ROOT, stdout=self.output, stderr=subprocess.STDOUT)
         ready: set[str] = set()
         while len(ready) < workers:
@@ -272,7 +274,7 @@ def bench_throughput(home: Path, queries: list[str], args, config: Path) -> dict
     order = [w for r in range(args.rounds) for w in ((1, 2) if r % 2 == 0 else (2, 1))]
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for workers in order:
-        server = Server(home, workers, config)
+        server = Server(home, workers, config, args.serve_threads)
         try:
             run = saturate(server.port, queries, args)
             run["open_loop"] = open_loop(server.port, queries, run["qps"] * args.load_share, args)
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8, help="connections per client process")
     parser.add_argument("--load-share", type=float, default=0.5, help="open-loop rate as a share of saturation")
+    parser.add_argument("--serve-threads", type=int, default=1,
+                        help="serve's --threads (ONNX Runtime intra-op threads per worker); 0: serve's default (cores / workers)")
     parser.add_argument("--ready-home", type=Path, help="a home with a SciFact index 'scifact' to time `serve` to ready on")
     parser.add_argument("--ready-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_workers.json")
