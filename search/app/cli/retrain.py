@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from search.app.cli.common import add_backend_arguments, log, open_index, plural
+from search.app.cli.common import log, open_index, plural
 from indexing.progress import progress_bar
 
 SAMPLE_ROWS = 64  # as `train`: feature rows stored with the model and re-scored on every load
