@@ -146,8 +146,13 @@ def parity_gap(compiled: Any, booster_scores: np.ndarray, sample: np.ndarray,
 def compile_model(home: Path, version: str, compiler: str = DEFAULT_COMPILER) -> Path:
     """Compile registry model `version` next to its files and return the library's path.
 
-    The model is loaded (and verified) first; the library is then loaded back through the
-    registry, whose parity check refuses it - and this removes it - if it disagrees."""
+    The model is loaded (and verified) first; the library is then checked as loading checks it
+    (`verified_library`), which refuses it - and this removes it - if it disagrees."""
+    return _compile_verified(home, version, compiler)[0]
+
+
+def _compile_verified(home: Path, version: str, compiler: str) -> tuple[Path, Any]:
+    """`compile_model`, also returning the library it checked."""
     from ltr.registry import MODEL_FILE, ModelParityError, ModelRegistry  # registry imports this module lazily
 
     registry = ModelRegistry(home)
@@ -160,13 +165,10 @@ def compile_model(home: Path, version: str, compiler: str = DEFAULT_COMPILER) ->
     with registry._lock("compile trees"):
         compile_trees(directory / MODEL_FILE, loaded.manifest.sample_array(), out, compiler)
     try:
-        verified_library(out, compiler, loaded)
-        if registry.load(version).compiled is None:
-            raise CompiledTreesError(f"model {version}: the compiled library {out.name} was not picked up")
-    except (ModelParityError, CompiledTreesError):
+        return out, verified_library(out, compiler, loaded)
+    except ModelParityError:
         out.unlink(missing_ok=True)
         raise
-    return out
 
 
 def compile_trained(home: Path, version: str) -> str:
@@ -176,20 +178,18 @@ def compile_trained(home: Path, version: str) -> str:
     import time
 
     from ltr.registry import ModelParityError, ModelRegistry  # registry imports this module lazily
+    from ltr.simd_trees import SIMD_LEVELS
 
     manifest = ModelRegistry(home).manifest(version)
     if manifest.model_base is not None or manifest.trees == 0:
         return ""  # a behaviour stage (its base model's trees compile) or no trees: nothing to compile
     started = time.perf_counter()
     try:
-        path = compile_model(home, version)
+        path, compiled = _compile_verified(home, version, DEFAULT_COMPILER)
     except (CompiledTreesError, ModelParityError) as exc:
         return (f"note: model {version}'s trees were not compiled ({exc}); it serves on XGBoost, several times "
                 f"slower; `ltr-search models compile {version}` retries")
-    level = getattr(ModelRegistry(home).load(version).compiled, "level", None)
-    from ltr.simd_trees import SIMD_LEVELS
-
-    return (f"model {version}: trees compiled ({DEFAULT_COMPILER}, {SIMD_LEVELS.get(level, '?')} on this CPU) in "
+    return (f"model {version}: trees compiled ({DEFAULT_COMPILER}, {SIMD_LEVELS[compiled.level]} on this CPU) in "
             f"{time.perf_counter() - started:.1f} s to {path.name}; served instead of XGBoost, scores equal")
 
 

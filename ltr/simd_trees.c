@@ -194,7 +194,6 @@ int trees_simd_level(void) {
 }
 
 int trees_num_feature(void) { return NF; }
-int trees_num_tree(void) { return T; }
 
 /* Score n rows (row-major, NF float32 columns) into out (float64), each sum starting from
    init[i] (a base margin) or 0 when init is NULL. Returns 0, or -1 when out of memory. */

@@ -6,11 +6,11 @@ Here every tree is padded to a complete binary tree of its ensemble's depth, so 
 arithmetic (node k -> 2k+1 or 2k+2) and 16 rows (AVX-512) or 8 (AVX2) descend together in one
 vector, the nodes of a tree's upper levels coming from registers by permutes. The kernel source
 is `simd_trees.c`; `trees_source` prepends the model's tables. Chosen by measurement, back to
-back with TL2cgen and XGBoost on the same windows (`bench/bench_serving.py`, `trees`): see the
-README.
+back with TL2cgen and XGBoost on the same windows (`bench/bench_trees.py`): see the README.
 
 The kernel adds trees in float32 in XGBoost's order, starting from the caller's base margin
-(or 0), so its scores equal XGBoost's; the registry's parity check still guards every load.
+(or XGBoost's base_score), so its scores equal XGBoost's; the registry's parity check still
+guards every load.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ class TreeTables:
 
 
 def _table_stride(depth: int) -> int:
-    """Nodes stored per tree: the complete tree's 2**depth - 1, at least 64 so the kernel's
-    16-wide loads of a level's nodes never leave the tree."""
+    """Entries stored per tree: one past the complete tree's 2**depth - 1 nodes, and at least 64
+    so the kernel's 16-wide loads of a level's nodes never leave the tree."""
     return max(2 ** depth, 64)
 
 
@@ -180,7 +180,6 @@ class SimdTrees:
         self.path, self.intercept = Path(path), float(intercept)
         self._library, self._predict = library, predict
         self.num_feature = int(library.trees_num_feature())
-        self.trees = int(library.trees_num_tree())
         supported = int(library.trees_simd_level())
         if level is not None and not 0 <= level <= supported:
             raise SimdTreesError(f"SIMD level {level} ({SIMD_LEVELS.get(level, '?')}) is not available here; "

@@ -537,7 +537,7 @@ def cmd_compile(home: Path, args: argparse.Namespace) -> int:
         raise CliError("no active model to compile; name a version")
     started = time.perf_counter()
     path = compile_model(home, version, args.compiler)
-    print(f"model {version}: compiled trees ({args.compiler}) in {path} ({time.perf_counter() - started:.1f} s), parity with XGBoost "
+    print(f"model {version}: compiled trees in {path} ({args.compiler}, {time.perf_counter() - started:.1f} s), parity with XGBoost "
           "checked on the stored sample; a running service uses them after POST /admin/reload")
     return 0
 
