@@ -59,7 +59,9 @@ sys.path.insert(0, str(ROOT))
 from eval.click_models import UserBehaviour  # noqa: E402
 from eval.datasets import load_dataset, read_run, trec_order  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
-from search.interleaving import TEAM_A, TEAM_B, TEAM_SHARED, team_draft  # noqa: E402
+from search.interleaving import (  # noqa: E402
+    TEAM_A, TEAM_B, TEAM_SHARED, candidate_pages, inverse_rank_credit, optimized_distribution, team_draft,
+)
 
 DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
 RESULTS = ROOT / "bench" / "results"
@@ -95,6 +97,11 @@ class PairPages:
     interleaved_team: np.ndarray  # (queries, patterns, DEPTH) +1 A, -1 B, 0 shared ("=": no credit) or past the page
     a_p: np.ndarray  # (queries, DEPTH)
     b_p: np.ndarray  # (queries, DEPTH)
+    # Optimized interleaving: every query's candidate pages, stacked; query i owns rows
+    # optimized_start[i]:optimized_start[i + 1], drawn with optimized_cum (i + cumulative probability).
+    optimized_p: np.ndarray | None = None  # (pages, DEPTH) click probability, 0 past the page
+    optimized_credit: np.ndarray | None = None  # (pages, DEPTH) credit of a click for A over B
+    optimized_cum: np.ndarray | None = None  # (pages,)
 
 
 def click_probabilities(grades: np.ndarray, max_grade: int) -> np.ndarray:
@@ -126,12 +133,35 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
             grades[i, pattern, : len(docs)] = [judged.get(d, 0) for d in docs]
             teams[i, pattern, : len(docs)] = [CREDIT[t] for t in team]
             shown[i, pattern, : len(docs)] = True
+    optimized = [optimized_pages(rankings[name_a].get(q, []), rankings[name_b].get(q, []), qrels.get(q, {}), max_grade)
+                 for q in queries]
     return PairPages(
         name_a, name_b,
         np.where(shown, click_probabilities(grades, max_grade), 0.0), teams,
         np.where(own_shown[name_a], click_probabilities(own[name_a], max_grade), 0.0),
         np.where(own_shown[name_b], click_probabilities(own[name_b], max_grade), 0.0),
+        np.concatenate([p for p, _, _ in optimized]), np.concatenate([c for _, c, _ in optimized]),
+        np.concatenate([i + np.cumsum(w) for i, (_, _, w) in enumerate(optimized)]),
     )
+
+
+def optimized_pages(ranking_a: list[str], ranking_b: list[str], judged: dict[str, int],
+                    max_grade: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query's optimized-interleaving pages, as `optimized_interleave` (the service's function)
+    draws them: click probabilities, credits and the probability of each page."""
+    pages = candidate_pages(ranking_a, ranking_b, DEPTH)
+    credit = inverse_rank_credit(ranking_a, ranking_b)
+    weights = optimized_distribution(pages, credit)
+    if weights is None:
+        raise AssertionError(f"no fair optimized interleaving for {ranking_a[:DEPTH]} / {ranking_b[:DEPTH]}")
+    grades = np.zeros((len(pages), DEPTH), dtype=np.int64)
+    credits = np.zeros((len(pages), DEPTH))
+    shown = np.zeros((len(pages), DEPTH), dtype=bool)
+    for row, page in enumerate(pages):
+        grades[row, : len(page)] = [judged.get(d, 0) for d in page]
+        credits[row, : len(page)] = [credit[d] for d in page]
+        shown[row, : len(page)] = True
+    return np.where(shown, click_probabilities(grades, max_grade), 0.0), credits, weights
 
 
 def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) -> dict[str, np.ndarray]:
@@ -142,7 +172,9 @@ def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) ->
     probability 1); 0 keeps the issue's identical users and their random stream."""
     rng = np.random.default_rng([seed, 16])  # the users of seed s, whatever the pair
     n_queries, patterns = pages.interleaved_p.shape[:2]
+    page_rng = np.random.default_rng([seed, 16, 1])  # which optimized page: apart from the users' own stream
     out = {key: np.empty(sessions, dtype=np.int8) for key in ("pref", "arm", "clicks")}
+    out["optimized_credit"] = np.zeros(sessions)
     for start in range(0, sessions, CHUNK):
         size = min(CHUNK, sessions - start)
         query = rng.integers(0, n_queries, size)
@@ -153,6 +185,11 @@ def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) ->
         clicked = uniforms < np.minimum(activity * pages.interleaved_p[query, pattern], 1.0)
         credit = (clicked * pages.interleaved_team[query, pattern]).sum(axis=1)  # A's clicks minus B's
         out["pref"][start : start + size] = np.sign(credit)
+        if pages.optimized_cum is not None:
+            page = np.searchsorted(pages.optimized_cum, query + page_rng.random(size) * (1 - 1e-12), side="right")
+            clicked = uniforms < np.minimum(activity * pages.optimized_p[page], 1.0)
+            optimized_credit = (clicked * pages.optimized_credit[page]).sum(axis=1)
+            out["optimized_credit"][start : start + size] = optimized_credit
         ab_p = np.where(arm_a[:, None], pages.a_p[query], pages.b_p[query])
         out["arm"][start : start + size] = arm_a
         out["clicks"][start : start + size] = (uniforms < np.minimum(activity * ab_p, 1.0)).sum(axis=1)
@@ -164,9 +201,12 @@ def study_pair(pages: PairPages, better: int, counts: list[int], seeds: int, spr
     per_seed = [tests_at(simulate(pages, counts[-1], seed, spread), counts) for seed in range(seeds)]
     summary = summarise(per_seed, counts, better, counts[-1])
     inter = summary["interleaving"]["median_sessions_needed"]
+    optimized = summary["optimized_interleaving"]["median_sessions_needed"]
     return {**summary,
             "ab_clicks_over_interleaving": ratio(summary["ab_clicks"]["median_sessions_needed"], inter),
-            "ab_ctr_over_interleaving": ratio(summary["ab_ctr"]["median_sessions_needed"], inter)}
+            "ab_ctr_over_interleaving": ratio(summary["ab_ctr"]["median_sessions_needed"], inter),
+            "ab_clicks_over_optimized_interleaving": ratio(summary["ab_clicks"]["median_sessions_needed"], optimized),
+            "ab_ctr_over_optimized_interleaving": ratio(summary["ab_ctr"]["median_sessions_needed"], optimized)}
 
 
 def expected(pages: PairPages) -> dict[str, float]:
@@ -209,6 +249,8 @@ def tests_at(outcome: dict[str, np.ndarray], counts: Sequence[int]) -> dict[str,
     idx = np.asarray(counts) - 1
     wins = np.cumsum(outcome["pref"] > 0)[idx]
     losses = np.cumsum(outcome["pref"] < 0)[idx]
+    credit = outcome["optimized_credit"]
+    credit_sum, credit_squares = np.cumsum(credit)[idx], np.cumsum(credit**2)[idx]
     arm = outcome["arm"].astype(bool)
     clicks = outcome["clicks"].astype(np.float64)
     n_a = np.cumsum(arm)[idx]
@@ -216,14 +258,31 @@ def tests_at(outcome: dict[str, np.ndarray], counts: Sequence[int]) -> dict[str,
     s_a, s_b = np.cumsum(clicks * arm)[idx], np.cumsum(clicks * ~arm)[idx]
     q_a, q_b = np.cumsum(clicks**2 * arm)[idx], np.cumsum(clicks**2 * ~arm)[idx]
     c_a, c_b = np.cumsum((clicks > 0) & arm)[idx], np.cumsum((clicks > 0) & ~arm)[idx]
-    result: dict[str, list[tuple[float, int]]] = {"interleaving": [], "ab_clicks": [], "ab_ctr": []}
+    result: dict[str, list[tuple[float, int]]] = {"interleaving": [], "optimized_interleaving": [], "ab_clicks": [], "ab_ctr": []}
     for j in range(len(counts)):
-        decided = int(wins[j] + losses[j])
-        p = float(stats.binomtest(int(wins[j]), decided, 0.5).pvalue) if decided else 1.0
-        result["interleaving"].append((p, int(np.sign(wins[j] - losses[j]))))
+        result["interleaving"].append(_sign_test(int(wins[j]), int(losses[j])))
+        result["optimized_interleaving"].append(_one_sample_t(credit_sum[j], credit_squares[j], counts[j]))
         result["ab_clicks"].append(_welch(s_a[j], q_a[j], n_a[j], s_b[j], q_b[j], n_b[j]))
         result["ab_ctr"].append(_two_proportions(c_a[j], n_a[j], c_b[j], n_b[j]))
     return result
+
+
+def _sign_test(wins: int, losses: int) -> tuple[float, int]:
+    """Two-sided binomial test of wins against losses (ties left out), what `models compare` reports."""
+    decided = wins + losses
+    return (float(stats.binomtest(wins, decided, 0.5).pvalue) if decided else 1.0), int(np.sign(wins - losses))
+
+
+def _one_sample_t(total: float, squares: float, n: int) -> tuple[float, int]:
+    """Two-sided one-sample t-test of a mean of zero, from the sum and the sum of squares."""
+    if n < 2:
+        return 1.0, 0
+    mean = total / n
+    variance = max(squares - n * mean**2, 0.0) / (n - 1)
+    if variance <= 0:
+        return (1.0, 0) if mean == 0 else (0.0, int(np.sign(mean)))
+    t = mean / math.sqrt(variance / n)
+    return float(2 * stats.t.sf(abs(t), n - 1)), int(np.sign(mean))
 
 
 def _welch(s_a: float, q_a: float, n_a: int, s_b: float, q_b: float, n_b: int) -> tuple[float, int]:
@@ -332,6 +391,9 @@ def main() -> None:
         "users": {"model": "pbm", "eta": USERS.eta, "click_probs": {str(k): v for k, v in USERS.click_probs.items()},
                   "noise": USERS.noise, "query_choice": "uniform over the split's judged queries"},
         "tests": {"interleaving": "team draft; two-sided binomial sign test on per-session wins vs losses (ties left out)",
+                  "optimized_interleaving": "optimized interleaving (inverse-rank credit, top 10); two-sided one-sample "
+                                            "t-test of the per-session credit (its clicks' summed credit, 0 without "
+                                            "clicks) against a mean of 0",
                   "ab_clicks": "A/B, fair coin per session; clicks@10 per session, Welch two-sided t-test",
                   "ab_ctr": "A/B, fair coin per session; sessions with >= 1 click, two-sided two-proportion z-test"},
         "alpha": ALPHA, "seeds": args.seeds, "grid": counts, "max_sessions": counts[-1],
@@ -360,14 +422,18 @@ def main() -> None:
         }
         report["pairs"].append(pair)
         print(f"{name_a} vs {name_b} (nDCG@10 {ndcg[name_a]:.4f} vs {ndcg[name_b]:.4f}): median sessions to p < {ALPHA}: "
-              f"interleaving {study['interleaving']['median_sessions_needed']}, "
+              f"team-draft interleaving {study['interleaving']['median_sessions_needed']}, "
+              f"optimized interleaving {study['optimized_interleaving']['median_sessions_needed']}, "
               f"A/B clicks@10 {study['ab_clicks']['median_sessions_needed']} ({study['ab_clicks_over_interleaving']}x), "
               f"A/B CTR {study['ab_ctr']['median_sessions_needed']} ({study['ab_ctr_over_interleaving']}x); "
+              f"A/B over optimized: clicks@10 {study['ab_clicks_over_optimized_interleaving']}x, "
+              f"CTR {study['ab_ctr_over_optimized_interleaving']}x; "
               f"closed form at 50% power: {power50}", flush=True)
         for spread in args.spread:
             hetero = study_pair(pages, better, counts, args.seeds, spread)
             report["heterogeneous_users"].append({"a": name_a, "b": name_b, "spread": spread, **hetero})
             print(f"  users with activity spread {spread}: interleaving {hetero['interleaving']['median_sessions_needed']}, "
+                  f"optimized {hetero['optimized_interleaving']['median_sessions_needed']}, "
                   f"A/B clicks@10 {hetero['ab_clicks']['median_sessions_needed']} ({hetero['ab_clicks_over_interleaving']}x), "
                   f"A/B CTR {hetero['ab_ctr']['median_sessions_needed']} ({hetero['ab_ctr_over_interleaving']}x)", flush=True)
     report["wall_s"] = round(time.perf_counter() - started, 1)

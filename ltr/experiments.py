@@ -1,12 +1,14 @@
 """Online model comparisons, in one module: the experiment log, scoring a served window with
-another model, team-draft interleaving of served pages, shadow scoring, and the analysis behind
-`ltr-search models compare` (clicks credited per team, sign test, shadow agreement).
+another model, interleaving of served pages (optimized by default, or team draft), shadow
+scoring, and the analysis behind `ltr-search models compare` (clicks credited per team or per
+document, a t-test or a sign test, shadow agreement).
 
     HOME/experiments/INDEX.sqlite3
-        interleaved      one row per team-draft interleaved page: the two models and, per shown
-                         position, the document and the team (A = the active model) that put it there,
-                         or "=" for the two rankings' common prefix (credited to neither; older logs
-                         hold only A and B)
+        interleaved      one row per interleaved page: the two models and, per shown position, the
+                         document and the team (A = the active model) that put it there, or "=" for
+                         what neither is credited with (team draft: the two rankings' common prefix;
+                         older logs hold only A and B); optimized pages add each document's
+                         "credit" (A over B: + for A, - for B, 0 for "=")
         shadow_rankings  one row per (request, shadow model): the shadow's ranking of the served
                          window's top, next to the served model's ranking of the same window
 
@@ -38,7 +40,9 @@ from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
 from search.backend import Hit
 from search.ranking import WindowView
 from search.event_store import Event
-from search.interleaving import TEAM_A, TEAM_B, TEAM_SHARED, TEAMS, team_draft
+from search.interleaving import (
+    INTERLEAVING_METHODS, OPTIMIZED, TEAM_A, TEAM_B, TEAM_CREDIT, TEAM_SHARED, TEAMS, optimized_interleave, team_draft,
+)
 from search.rules import request_rng
 
 if TYPE_CHECKING:  # ltr.ranker loads xgboost: `models compare` and `--help` never need it
@@ -49,7 +53,7 @@ logger = logging.getLogger("ltr_search.experiments")
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C545258  # "LTRX": marks the file as an experiment log
 SHADOW_TOP = 20  # documents of each ranking kept per shadow row
-ALPHA = 0.05  # significance level of the interleaving sign test
+ALPHA = 0.05  # significance level of the interleaving tests (sign test, t-test)
 MIN_DECIDED = 6  # fewest decided requests whose unanimous outcome is significant: 2 * 0.5**6 = 0.031 < ALPHA
 AGREEMENT_DEPTH = 10
 RBO_PERSISTENCE = 0.9
@@ -64,7 +68,8 @@ _SCHEMA: tuple[str, ...] = (
         model_b     TEXT NOT NULL,  -- the challenger (team B)
         page_offset INTEGER NOT NULL CHECK (page_offset >= 0),
         teams       TEXT NOT NULL   -- JSON [{"position": 1, "doc_id": "d", "team": "A"}, ...], shown positions;
-                                    -- team "A", "B" or "=" (the rankings' common prefix, credited to neither)
+                                    -- team "A", "B" or "=" (credited to neither); optimized pages add
+                                    -- "credit": a click's credit for A over B
     )
     """,
     "CREATE INDEX interleaved_by_time ON interleaved (timestamp, seq)",
@@ -96,7 +101,12 @@ class ExperimentScoringError(ValueError):
 class TeamPick:
     position: int  # absolute, 1-based, as on the page and in click events
     doc_id: str
-    team: str  # "A" (model_a), "B" (model_b) or "=" (both rankings' common prefix: no credit)
+    team: str  # "A" (model_a), "B" (model_b) or "=" (no credit: team draft's shared prefix, or credit 0)
+    credit: float | None = None  # optimized interleaving: a click's credit for A over B; None: team draft's +1 / -1 / 0
+
+    @property
+    def click_credit(self) -> float:
+        return TEAM_CREDIT[self.team] if self.credit is None else self.credit
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ class ExperimentLog:
     # ---- writes ----------------------------------------------------------------------------
 
     def log_interleaved(self, record: InterleavedRequest) -> None:
-        teams = [dataclasses.asdict(pick) for pick in record.teams]
+        teams = [{k: v for k, v in dataclasses.asdict(pick).items() if v is not None} for pick in record.teams]
         wrong = sorted({str(pick["team"]) for pick in teams} - set(TEAMS))
         if wrong:
             raise ValueError(f"{record.request_id}: teams must be 'A', 'B' or '=' (shared), got {', '.join(map(repr, wrong))}")
@@ -185,7 +195,8 @@ class ExperimentLog:
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         for request_id, timestamp, model_a, model_b, offset, teams in self._select(sql + " ORDER BY timestamp, seq", params):
-            picks = tuple(TeamPick(int(p["position"]), str(p["doc_id"]), str(p["team"])) for p in json.loads(teams))
+            picks = tuple(TeamPick(int(p["position"]), str(p["doc_id"]), str(p["team"]),
+                                   None if p.get("credit") is None else float(p["credit"])) for p in json.loads(teams))
             yield InterleavedRequest(request_id, timestamp, model_a, model_b, offset, picks)
 
     def iter_shadow(self, since: float | None = None) -> Iterator[ShadowRanking]:
@@ -277,6 +288,7 @@ class InterleavingSettings(Protocol):
 
     interleave_model: str | None
     interleave_share: float
+    interleave_method: str
     seed: int
 
 
@@ -320,20 +332,25 @@ class WindowCapture:
         return self.inner.search(query, k)
 
 
-class TeamDraftRanker:
+class InterleavingRanker:
     """The `Ranker` of an interleaved request: it sees the window after filters and exclusions
-    and orders it as the team-draft interleaving of the active model's (A) and the challenger's
-    (B) rankings of those same documents; diversity then applies to that order. The documents
-    both rankings hold at the same top ranks come first, labelled "=" (credited to neither team:
-    on the page whatever the coins); the draft starts after them. Returns descending
-    pseudo-scores; the service shows A's scores. If B fails, A's order is served."""
+    and orders it as the interleaving (`method`: optimized or team draft, search.interleaving) of
+    the active model's (A) and the challenger's (B) rankings of those same documents; diversity
+    then applies to that order. Team draft puts the documents both rankings hold at the same top
+    ranks first, labelled "=" (credited to neither team); optimized interleaving credits each
+    document by its ranks (0, "=", when they are equal). Returns descending pseudo-scores; the
+    service shows A's scores. If B fails, A's order is served."""
 
-    def __init__(self, capture: WindowCapture, challenger: "LtrPipeline", rng: np.random.Generator):
-        self.capture, self.challenger, self.rng = capture, challenger, rng
+    def __init__(self, capture: WindowCapture, challenger: "LtrPipeline", rng: np.random.Generator,
+                 method: str = OPTIMIZED):
+        if method not in INTERLEAVING_METHODS:
+            raise ValueError(f"interleaving method must be one of {', '.join(INTERLEAVING_METHODS)}, got {method!r}")
+        self.capture, self.challenger, self.rng, self.method = capture, challenger, rng, method
         self.a_scores: dict[int, float] = {}  # first-stage window position -> A's score
         self.teams: dict[int, str] | None = None  # window position -> "A" | "B" | "="; None when not interleaved
+        self.credits: dict[int, float] | None = None  # window position -> credit for A (optimized only)
         self.error: str | None = None
-        self.version = f"team-draft({capture.version},{challenger.version})"
+        self.version = f"{method}({capture.version},{challenger.version})"
 
     def score(self, query: str, view: WindowView) -> np.ndarray:
         window = self.capture.window
@@ -348,15 +365,22 @@ class TeamDraftRanker:
             return a
         ranking_a = positions[np.argsort(-a, kind="stable")].tolist()  # as A alone would rank them
         ranking_b = positions[np.argsort(-b, kind="stable")].tolist()
-        picked, teams = team_draft(ranking_a, ranking_b, len(positions), self.rng)
+        if self.method == OPTIMIZED:
+            picked, credits = optimized_interleave(ranking_a, ranking_b, len(positions), self.rng)
+            self.credits = dict(zip(picked, credits))
+            teams = [TEAM_A if c > 0 else TEAM_B if c < 0 else TEAM_SHARED for c in credits]
+        else:
+            picked, teams = team_draft(ranking_a, ranking_b, len(positions), self.rng)
         self.teams = dict(zip(picked, teams))
         place = {position: p for p, position in enumerate(picked)}
         return np.array([len(picked) - place[position] for position in positions.tolist()], dtype=np.float64)
 
     def picks(self, shown: Iterable[tuple[int, str, int]]) -> tuple[TeamPick, ...]:
-        """The team of each shown (page position, doc_id, window position), for the experiment log."""
+        """The team (and credit) of each shown (page position, doc_id, window position), for the experiment log."""
         assert self.teams is not None
-        return tuple(TeamPick(position, doc_id, self.teams[window_position]) for position, doc_id, window_position in shown)
+        credits = self.credits or {}
+        return tuple(TeamPick(position, doc_id, self.teams[window_position], credits.get(window_position))
+                     for position, doc_id, window_position in shown)
 
 
 def interleaving_rng(request_id: str, settings: InterleavingSettings) -> np.random.Generator | None:
@@ -390,22 +414,37 @@ def shadow_ranking(shadow: "LtrPipeline", query: str, window: "ScoredWindow", re
 @dataclass
 class RequestOutcome:
     request_id: str
-    clicks_a: int
+    clicks_a: int  # clicks on documents credited to A (team A, or a positive credit)
     clicks_b: int
-    clicks_shared: int = 0  # on the rankings' common prefix ("="): credited to neither, outcome unchanged
+    clicks_shared: int = 0  # on "=" documents: credited to neither, outcome unchanged
+    credit: float | None = None  # the clicks' summed credit for A over B (team draft: clicks_a - clicks_b)
+
+    def __post_init__(self) -> None:
+        if self.credit is None:
+            self.credit = float(self.clicks_a - self.clicks_b)
 
     @property
     def outcome(self) -> str:
-        return "win" if self.clicks_a > self.clicks_b else "loss" if self.clicks_b > self.clicks_a else "tie"
+        credit = round(float(self.credit or 0.0), 12)  # summed float credits: 1/3 - 1/3 is a tie
+        return "win" if credit > 0 else "loss" if credit < 0 else "tie"
 
 
 @dataclass
 class InterleavingComparison:
+    """Which model the interleaved requests prefer. Team-draft pages only: a sign test of wins
+    against losses. Any optimized page: a t-test of the mean per-request credit against 0 (its
+    credit is fair in the mean, not in its sign); team-draft requests count +1 / -1 per click there."""
+
     model_a: str
     model_b: str
     requests: list[RequestOutcome]
     unmatched_clicks: int = 0  # clicks whose position or document is not on the logged page
     shadow: dict[str, Any] | None = None
+    test: str = "sign"  # "sign" (team draft) or "t" (optimized interleaving)
+
+    @property
+    def mean_credit(self) -> float:
+        return float(np.mean([r.credit for r in self.requests])) if self.requests else 0.0
 
     @property
     def wins(self) -> int:
@@ -421,19 +460,33 @@ class InterleavingComparison:
 
     @property
     def p_value(self) -> float:
-        """Two-sided binomial (sign) test of wins against losses under no preference (p = 1/2)."""
+        """Sign test: two-sided binomial of wins against losses under no preference (p = 1/2).
+        t-test: two-sided one-sample t-test of the per-request credit against a mean of 0."""
         decided = self.wins + self.losses
         if decided == 0:
             return 1.0
-        from scipy.stats import binomtest  # scipy.stats takes a few hundred ms to import; only reports need it
+        # scipy.stats takes a few hundred ms to import; only reports need it
+        if self.test == "t":
+            from scipy.stats import ttest_1samp
+
+            credits = np.array([r.credit for r in self.requests], dtype=np.float64)
+            if len(credits) < 2 or not credits.std() > 0:
+                return 1.0
+            return float(ttest_1samp(credits, 0.0).pvalue)
+        from scipy.stats import binomtest
 
         return float(binomtest(self.wins, decided, 0.5, alternative="two-sided").pvalue)
 
+    def _lead(self) -> float:
+        """> 0 when A is ahead: the mean credit (t-test) or wins minus losses (sign test)."""
+        return self.mean_credit if self.test == "t" else float(self.wins - self.losses)
+
     @property
     def preferred(self) -> str | None:
-        if self.p_value >= ALPHA or self.wins == self.losses:
+        lead = self._lead()
+        if self.p_value >= ALPHA or lead == 0:
             return None
-        return self.model_a if self.wins > self.losses else self.model_b
+        return self.model_a if lead > 0 else self.model_b
 
     def verdict(self) -> str:
         preferred = self.preferred
@@ -451,13 +504,24 @@ class InterleavingComparison:
         if decided == 0:
             return ("sample too small to decide: no request with more clicks for one model "
                     "(no clicks, only ties, or clicks only on results both rank alike)")
+        z = NormalDist().inv_cdf(1 - ALPHA / 2)
+        if self.test == "t":
+            credits = np.array([r.credit for r in self.requests], dtype=np.float64)
+            mean, sd = float(credits.mean()), float(credits.std(ddof=1)) if len(credits) > 1 else 0.0
+            if mean == 0:
+                return f"no preference at all in {len(credits)} interleaved requests (mean credit 0)"
+            if sd == 0:
+                return (f"sample too small to decide: all {len(credits)} interleaved requests have credit {mean:+.4f}; "
+                        "a t-test needs them to vary")
+            needed = math.ceil((z * sd / mean) ** 2)
+            return (f"sample too small to decide: at the observed mean credit {mean:+.4f} (sd {sd:.4f}) about "
+                    f"{needed:,} interleaved requests would reach p < {ALPHA}; {len(credits):,} so far")
         if decided < MIN_DECIDED:
             return (f"sample too small to decide: {decided} decided request(s); even {decided}-0 gives p = "
                     f"{2 * 0.5 ** decided:.3g}, at least {MIN_DECIDED} are needed for p < {ALPHA}")
         rate = self.wins / decided
         if rate == 0.5:
             return f"no preference at all in {decided} decided requests (win rate 0.5)"
-        z = NormalDist().inv_cdf(1 - ALPHA / 2)
         needed = math.ceil((z / (2 * abs(rate - 0.5))) ** 2)
         per_request = decided / len(self.requests)
         return (f"sample too small to decide: at the observed win rate {rate:.3f} about {needed:,} decided requests "
@@ -471,7 +535,8 @@ class InterleavingComparison:
             "requests_with_clicks": len(clicked), "wins_a": self.wins, "wins_b": self.losses, "ties": self.ties,
             "clicks_a": sum(r.clicks_a for r in self.requests), "clicks_b": sum(r.clicks_b for r in self.requests),
             "clicks_shared": sum(r.clicks_shared for r in self.requests),
-            "unmatched_clicks": self.unmatched_clicks, "p_value": self.p_value, "alpha": ALPHA,
+            "unmatched_clicks": self.unmatched_clicks, "test": self.test, "mean_credit": self.mean_credit,
+            "p_value": self.p_value, "alpha": ALPHA,
             "preferred": self.preferred, "verdict": self.verdict(), "note": self.note(), "shadow": self.shadow,
             "per_request": [{**asdict(r), "outcome": r.outcome} for r in self.requests],
         }
@@ -479,9 +544,10 @@ class InterleavingComparison:
 
 def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedRequest],
                         clicks: Iterable[Event]) -> InterleavingComparison:
-    """Credit clicks to teams. `pages` of the pair in either order: team labels are turned so that
-    'A' is `model_a` here ("=" stays); pages of other pairs are ignored. A click on a shared
-    ("=") document is counted but credited to neither team."""
+    """Credit clicks to teams, and sum each request's credit. `pages` of the pair in either order:
+    team labels and credits are turned so that 'A' is `model_a` here ("=" stays); pages of other
+    pairs are ignored. A click on a "=" document is counted but credited to neither team. A
+    document clicked twice on one page counts once. Any optimized page makes the test a t-test."""
     oriented: dict[str, tuple[InterleavedRequest, bool]] = {}  # request id -> (page, swapped)
     for page in pages:
         if (page.model_a, page.model_b) == (model_a, model_b):
@@ -489,6 +555,7 @@ def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedR
         elif (page.model_a, page.model_b) == (model_b, model_a):
             oriented[page.request_id] = (page, True)
     credited: dict[str, dict[str, set[str]]] = {rid: {team: set() for team in TEAMS} for rid in oriented}
+    credit: dict[str, dict[str, float]] = {rid: {} for rid in oriented}  # request -> clicked doc -> credit for model_a
     unmatched = 0
     for click in clicks:
         if click.request_id not in oriented or click.type != "click":
@@ -500,9 +567,12 @@ def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedR
             continue
         team = pick.team if not swapped else {TEAM_A: TEAM_B, TEAM_B: TEAM_A}.get(pick.team, pick.team)
         credited[click.request_id][team].add(click.doc_id)
-    outcomes = [RequestOutcome(rid, len(credited[rid][TEAM_A]), len(credited[rid][TEAM_B]), len(credited[rid][TEAM_SHARED]))
+        credit[click.request_id][click.doc_id] = -pick.click_credit if swapped else pick.click_credit
+    outcomes = [RequestOutcome(rid, len(credited[rid][TEAM_A]), len(credited[rid][TEAM_B]), len(credited[rid][TEAM_SHARED]),
+                               float(sum(credit[rid].values())))
                 for rid in oriented]
-    return InterleavingComparison(model_a, model_b, outcomes, unmatched)
+    optimized = any(pick.credit is not None for page, _ in oriented.values() for pick in page.teams)
+    return InterleavingComparison(model_a, model_b, outcomes, unmatched, test="t" if optimized else "sign")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,15 +638,20 @@ def render(report: dict[str, Any]) -> str:
     for r in report["per_request"]:
         shared = r.get("clicks_shared", 0)
         if r["clicks_a"] or r["clicks_b"] or shared:
+            credit = f"  credit {r['credit']:+.3f}" if report.get("test") == "t" else ""
             lines.append(f"  {r['request_id']}  A {r['clicks_a']}  B {r['clicks_b']}"
-                         + (f"  shared {shared}" if shared else "") + f"  {r['outcome']}")
+                         + (f"  shared {shared}" if shared else "") + credit + f"  {r['outcome']}")
     shared = report.get("clicks_shared", 0)
     lines.append(f"wins {a}: {report['wins_a']}, wins {b}: {report['wins_b']}, ties: {report['ties']}; "
                  f"clicks A {report['clicks_a']}, B {report['clicks_b']}"
                  + (f", {shared} on results both rank alike (credited to neither)" if shared else "")
                  + (f"; {report['unmatched_clicks']} clicks not on a logged page position" if report["unmatched_clicks"] else ""))
     p = report["p_value"]
-    lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")
+    if report.get("test") == "t":
+        lines.append(f"t-test (two-sided, mean credit per request {report['mean_credit']:+.4f} vs 0, optimized interleaving): "
+                     f"p = {p:.4g} -> {report['verdict']}")
+    else:
+        lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     shadow = report["shadow"]

@@ -1,11 +1,14 @@
-"""Online model comparison: team-draft interleaving, shadow scoring, the experiment log and
-`models compare` (click credit, sign test), unit-level and through a real `ltr-search serve`."""
+"""Online model comparison: optimized and team-draft interleaving, shadow scoring, the experiment
+log and `models compare` (click credit, t-test and sign test), unit-level and through a real
+`ltr-search serve`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import re
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -20,7 +23,11 @@ from ltr.experiments import (
 from search.app.cli.compare import add_compare_parser, cmd_models_compare
 from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from search.app.config import ExplorationSettings, OnlineExperimentSettings, load_service_config
-from search.interleaving import TEAM_SHARED, shared_prefix, team_draft
+from search import interleaving
+from search.interleaving import (
+    TEAM_SHARED, candidate_pages, inverse_rank_credit, optimized_distribution, optimized_interleave, shared_prefix,
+    team_draft,
+)
 from tests.conftest import home_sharing_encoder, run_cli, running_service
 from tests.test_ltr import _collection
 
@@ -99,6 +106,91 @@ def test_team_draft_example_and_errors():
         team_draft(a, b, -1, np.random.default_rng(1))
 
 
+# ------------------------------------------------------------------------------ optimized interleaving
+
+
+def _is_interleaving(page, a, b) -> bool:
+    """Every document is the highest-ranked one of A or of B not yet on the page."""
+    for i, doc in enumerate(page):
+        before = set(page[:i])
+        heads = [next((d for d in ranking if d not in before), None) for ranking in (a, b)]
+        if doc not in heads:
+            return False
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 14), depth=st.integers(1, 8), overlap=st.booleans())
+def test_optimized_distribution_is_fair_at_every_rank(seed, n, depth, overlap):
+    a, b = _rankings(seed, n, overlap)
+    if seed % 3 == 0:  # a common prefix
+        head = int(seed // 3 % (n + 1))
+        b = a[:head] + [d for d in b if d not in a[:head]]
+    pages = candidate_pages(a, b, depth)
+    assert len(set(pages)) == len(pages) <= 2 ** depth
+    assert all(_is_interleaving(page, a, b) and len(set(page)) == len(page) for page in pages)
+    assert all(len(page) == min(depth, len(set(a) | set(b))) for page in pages)
+    shared = min(depth, shared_prefix(a, b))
+    assert all(page[:shared] == tuple(a[:shared]) for page in pages)  # the common prefix opens every page
+    credit = inverse_rank_credit(a, b)
+    probabilities = optimized_distribution(pages, credit)
+    if probabilities is None:  # rankings of different documents may have none (then: team draft)
+        assert not overlap
+        return
+    assert probabilities.min() >= 0 and probabilities.sum() == pytest.approx(1.0)
+    for rank in range(len(pages[0])):  # a click at any rank credits neither ranker in expectation
+        expected = sum(p * credit[page[rank]] for p, page in zip(probabilities, pages))
+        assert expected == pytest.approx(0.0, abs=1e-7)
+    assert all(credit[doc] == 0 for doc in a[:shared])
+
+
+def test_inverse_rank_credit_and_the_page_of_optimized_interleaving():
+    credit = inverse_rank_credit(["a", "b", "c"], ["b", "a", "d"])
+    assert credit == pytest.approx({"a": 1 - 1 / 2, "b": 1 / 2 - 1, "c": 1 / 3 - 1 / 4, "d": 1 / 4 - 1 / 3})
+    a, b = [f"d{i}" for i in range(30)], [f"d{i}" for i in [1, 0, 5, 4, 3, 2] + list(range(6, 30))]
+    pages = {}
+    for seed in range(30):
+        docs, credits = optimized_interleave(a, b, 14, np.random.default_rng(seed))
+        assert len(docs) == 14 and len(set(docs)) == 14 and _is_interleaving(docs[:10], a, b)
+        full = inverse_rank_credit(a, b)
+        assert credits[:10] == [full[d] for d in docs[:10]] and credits[10:] == [0.0] * 4  # below the top 10: no credit
+        assert docs[10:] == [d for d in a if d not in docs[:10]][:4]  # then A's order
+        assert optimized_interleave(a, b, 14, np.random.default_rng(seed)) == (docs, credits)  # same seed, same page
+        pages[tuple(docs[:6])] = credits[:6]
+    assert len(pages) > 1  # the draw varies the page
+    assert optimized_interleave(a, list(a), 5, np.random.default_rng(0)) == (a[:5], [0.0] * 5)  # alike: nothing to credit
+    assert optimized_interleave(a, b, 0, np.random.default_rng(0)) == ([], [])
+    with pytest.raises(ValueError, match="k must be"):
+        optimized_interleave(a, b, -1, np.random.default_rng(0))
+
+
+def test_optimized_interleaving_falls_back_to_team_draft_without_a_fair_distribution(monkeypatch):
+    a, b = ["a", "b", "c", "d"], ["b", "e", "a", "f"]
+    monkeypatch.setattr(interleaving, "optimized_distribution", lambda pages, credit: None)
+    docs, credits = optimized_interleave(a, b, 4, np.random.default_rng(1))
+    drafted, teams = team_draft(a, b, 4, np.random.default_rng(1))
+    assert docs == drafted and credits == [{"A": 1.0, "B": -1.0, "=": 0.0}[t] for t in teams]
+
+
+def test_optimized_interleaving_prefers_the_ranker_users_click_and_neither_for_random_clicks():
+    """Simulated users (PBM, examination 1/rank): relevance-driven clicks credit the ranker that
+    puts the relevant documents higher; clicks that ignore the documents average to zero credit."""
+    rng = np.random.default_rng(5)
+    docs = [f"d{i}" for i in range(20)]
+    relevant = {"d3", "d7", "d11"}
+    better = sorted(docs, key=lambda d: (d not in relevant, docs.index(d)))
+    worse = list(rng.permutation(docs))
+    examination = 1 / np.arange(1, 11)
+    informed, random_clicks = [], []
+    for _ in range(3000):
+        page, credits = optimized_interleave(better, worse, 10, rng)
+        seen = rng.random(10) < examination
+        informed.append(sum(c for d, c, s in zip(page, credits, seen) if s and (d in relevant or rng.random() < 0.05)))
+        random_clicks.append(sum(c for c, s in zip(credits, seen) if s and rng.random() < 0.5))
+    assert np.mean(informed) > 4 * np.std(informed) / np.sqrt(len(informed))  # clearly for the better ranker
+    assert abs(np.mean(random_clicks)) < 3 * np.std(random_clicks) / np.sqrt(len(random_clicks))
+
+
 # ------------------------------------------------------------------------------ config
 
 
@@ -117,6 +209,7 @@ def _config(tmp_path: Path, text: str):
     ("shadow_model = ''", "experiments.shadow_model must be a model version"),
     ("shadow_model = 3", 'experiments.shadow_model: expected a string, got 3'),
     ("seed = 1.5", 'experiments.seed: expected an integer, got 1.5'),
+    ("interleave_method = 'balanced'", "experiments.interleave_method must be one of optimized, team-draft, got 'balanced'"),
 ])
 def test_experiment_settings_errors_name_the_key(tmp_path, section, message):
     with pytest.raises(ValueError, match="service.toml: " + re.escape(message)):
@@ -126,6 +219,8 @@ def test_experiment_settings_errors_name_the_key(tmp_path, section, message):
 def test_experiment_settings_load(tmp_path):
     config = _config(tmp_path, "[experiments]\nshadow_model = 'm2'\ninterleave_model = 'm3'\ninterleave_share = 1\nseed = 4\n")
     assert config.experiments == OnlineExperimentSettings("m2", "m3", 1, 4) and config.experiments.enabled
+    assert config.experiments.interleave_method == "optimized"  # the default: fewest sessions to decide
+    assert _config(tmp_path, "[experiments]\ninterleave_method = 'team-draft'\n").experiments.interleave_method == "team-draft"
     assert config.experiment_log_path == tmp_path / "home" / "experiments" / "default.sqlite3"
     assert not _config(tmp_path, "rerank_window = 10\n").experiments.enabled
     assert not OnlineExperimentSettings(interleave_model="m3").enabled  # share 0: nothing interleaved
@@ -223,6 +318,46 @@ def test_clicks_on_the_shared_prefix_credit_neither_team_in_either_order():
     assert "both rank alike" not in old_style and "shared" not in old_style
 
 
+def _optimized_page(request_id: str, credits: list[float], models=("m1", "m2")) -> InterleavedRequest:
+    picks = tuple(TeamPick(i + 1, f"{request_id}-d{i}", "A" if c > 0 else "B" if c < 0 else "=", c)
+                  for i, c in enumerate(credits))
+    return InterleavedRequest(request_id, 1000.0, models[0], models[1], 0, picks)
+
+
+def test_optimized_pages_sum_credit_per_request_and_the_t_test_decides():
+    credits = [0.5, -0.5, 1 / 3 - 0.25, 0.0]
+    pages = [_optimized_page(f"r{i}", credits) for i in range(12)]
+    clicks = [_click(pages[i], 1) for i in range(8)]  # +0.5 each
+    clicks += [_click(pages[8], 2), _click(pages[8], 3)]  # -0.5 + 0.083: a loss
+    clicks += [_click(pages[9], 1), _click(pages[9], 2)]  # +0.5 - 0.5: a tie
+    clicks += [_click(pages[10], 4), _click(pages[0], 1)]  # credit 0 ("="); a repeated click counts once
+    result = compare_interleaved("m1", "m2", pages, clicks)
+    per_request = {r.request_id: r for r in result.requests}
+    assert per_request["r0"].credit == pytest.approx(0.5) and per_request["r8"].credit == pytest.approx(-0.5 + 1 / 12)
+    assert per_request["r9"].outcome == "tie" and per_request["r10"].clicks_shared == 1
+    assert (result.wins, result.losses, result.ties) == (8, 1, 3) and result.test == "t"
+    from scipy.stats import ttest_1samp
+
+    values = [r.credit for r in result.requests]
+    assert result.p_value == pytest.approx(ttest_1samp(values, 0.0).pvalue) and result.p_value < 0.05
+    assert result.preferred == "m1" and result.mean_credit == pytest.approx(np.mean(values))
+    flipped = compare_interleaved("m2", "m1", pages, clicks)  # the other order: credits turned
+    assert flipped.mean_credit == pytest.approx(-result.mean_credit) and flipped.preferred == "m1"
+    turned = [_optimized_page(p.request_id, [-c for c in credits], models=("m2", "m1")) for p in pages]
+    assert compare_interleaved("m1", "m2", turned, clicks).mean_credit == pytest.approx(result.mean_credit)
+    report = {**result.to_dict(), "since": None}
+    assert report["test"] == "t" and report["per_request"][0]["credit"] == pytest.approx(0.5)
+    text = render(report)
+    assert "t-test (two-sided, mean credit per request +" in text and "m1 preferred" in text
+    assert "  r8  A 1  B 1  credit -0.417  loss" in text
+    few = compare_interleaved("m1", "m2", pages[:3], clicks[:2])  # +0.5, +0.5, 0: too few to decide
+    assert few.preferred is None and few.note().startswith("sample too small to decide: at the observed mean credit +0.3333")
+    alike = compare_interleaved("m1", "m2", pages[:2], clicks[:2])  # +0.5, +0.5: no spread to test
+    assert alike.p_value == 1.0 and "a t-test needs them to vary" in alike.note()
+    mixed = compare_interleaved("m1", "m2", pages[:2] + [_page("td", "AB")], clicks[:2] + [_click(_page("td", "AB"), 2)])
+    assert mixed.test == "t" and {r.request_id: r.credit for r in mixed.requests}["td"] == -1.0  # a team-draft click: -1
+
+
 def test_the_experiment_log_keeps_shared_labels_and_refuses_unknown_teams(tmp_path):
     with ExperimentLog(tmp_path / "experiments.sqlite3") as log:
         log.log_interleaved(_page("r", "=AB"))
@@ -230,6 +365,12 @@ def test_the_experiment_log_keeps_shared_labels_and_refuses_unknown_teams(tmp_pa
             log.log_interleaved(_page("bad", "=CA"))
         assert [p.team for p in next(log.iter_interleaved()).teams] == ["=", "A", "B"]
         assert [row.request_id for row in log.iter_interleaved()] == ["r"]
+        log.log_interleaved(_optimized_page("o", [0.25, -0.5, 0.0]))
+        rows = {row.request_id: row for row in log.iter_interleaved()}
+        assert [(p.team, p.credit) for p in rows["o"].teams] == [("A", 0.25), ("B", -0.5), ("=", 0.0)]
+        assert [p.credit for p in rows["r"].teams] == [None, None, None]  # team draft: no credit stored
+        raw = log._select("SELECT teams FROM interleaved WHERE request_id = 'r'", [])[0][0]
+        assert "credit" not in raw  # team-draft rows keep their former shape
 
 
 def test_shadow_agreement_measures():
@@ -325,20 +466,25 @@ def two_models(tmp_path_factory, shared_encoder_home: Path):
             "--valid-fraction", "0.25", "--quiet")
     assert _save_inverted_model(home, dataset) == "m0002"
     run_cli(home, "models", "promote", "m0001")
-    experiments = root / "experiments.toml"
+    experiments = root / "experiments.toml"  # the default interleaving method: optimized
     experiments.write_text(base + '[experiments]\nshadow_model = "m0002"\ninterleave_model = "m0002"\n'
                                   'interleave_share = 1.0\nseed = 5\n')
+    team_draft_experiments = root / "team_draft.toml"
+    team_draft_experiments.write_text(experiments.read_text() + 'interleave_method = "team-draft"\n')
     shadow_only = root / "shadow.toml"
     shadow_only.write_text(base.replace("epsilon = 0.5", "epsilon = 0.0") + '[experiments]\nshadow_model = "m0002"\n')
-    return {"home": home, "plain": plain, "experiments": experiments, "shadow_only": shadow_only}
+    return {"home": home, "plain": plain, "optimized": experiments, "team-draft": team_draft_experiments,
+            "shadow_only": shadow_only}
 
 
 QUERIES = ("volcano lava eruption", "ice crevasse glacier melt", "reef", "honeybee waggle dance drone", "saturn rings")
 
 
-def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
+@pytest.mark.parametrize("method", ["optimized", "team-draft"])
+def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys, method):
     home = two_models["home"]
-    with running_service(home, "--name", "topics", "--config", str(two_models["experiments"]), "--threads", "1") as (url, _):
+    since = time.time()  # both methods log to the index's experiment log: compare this test's rows
+    with running_service(home, "--name", "topics", "--config", str(two_models[method]), "--threads", "1") as (url, _):
         with httpx.Client(base_url=url, timeout=30) as client:
             pages = [client.post("/search", json={"query": q, "size": 10, "explain": True}).json() for q in QUERIES]
             excluded = pages[0]["results"][0]["id"]
@@ -361,33 +507,47 @@ def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
         for r in page["results"]:
             assert sum(r["explain"]["contributions"].values()) == pytest.approx(r["score"], abs=1e-4)
     with ExperimentLog(home / "experiments" / "topics.sqlite3", create=False) as log:
-        logged = {row.request_id: row for row in log.iter_interleaved()}
-        shadows = {row.request_id: row for row in log.iter_shadow()}
+        logged = {row.request_id: row for row in log.iter_interleaved(since=since)}
+        shadows = {row.request_id: row for row in log.iter_shadow(since=since)}
     for page in pages + [filtered]:
         row = logged[page["request_id"]]
         assert (row.model_a, row.model_b, row.page_offset) == ("m0001", "m0002", 0)
         assert [(p.position, p.doc_id) for p in row.teams] == [(r["position"], r["id"]) for r in page["results"]]
         teams = [p.team for p in row.teams]
-        shared = teams.count("=")  # the models' common prefix, first on the page, credited to neither
-        assert set(teams) <= {"A", "B", "="} and teams[:shared] == ["="] * shared
-        assert abs(teams.count("A") - teams.count("B")) <= 1
+        assert set(teams) <= {"A", "B", "="}
+        if method == "team-draft":
+            shared = teams.count("=")  # the models' common prefix, first on the page, credited to neither
+            assert teams[:shared] == ["="] * shared and abs(teams.count("A") - teams.count("B")) <= 1
+            assert all(p.credit is None for p in row.teams)
+        else:  # every shown document carries its credit; the team is its sign
+            assert all(p.team == ("A" if p.credit > 0 else "B" if p.credit < 0 else "=") for p in row.teams)
         shadow = shadows[page["request_id"]]  # interleaved requests are shadowed too
         assert shadow.model_version == "m0002" and shadow.served_model == "m0001" and len(shadow.ranking) > 0
-    settings = load_service_config(home, two_models["experiments"]).experiments
+    settings = load_service_config(home, two_models[method]).experiments
+    assert settings.interleave_method == method
     mixed = 0
-    for page in pages:  # the page replays from the request id: team draft of A's and B's window rankings
+    for page in pages:  # the page replays from the request id: the interleaving of A's and B's window rankings
         shadow = shadows[page["request_id"]]  # B (the shadow here too) and A over the whole window (<= 16 < 20)
         ranking_a, ranking_b = [d for d, _ in shadow.served_ranking], [d for d, _ in shadow.ranking]
-        docs, teams = team_draft(ranking_a, ranking_b, len(page["results"]), interleaving_rng(page["request_id"], settings))
+        rng, size = interleaving_rng(page["request_id"], settings), len(page["results"])
+        picks = logged[page["request_id"]].teams
+        if method == "team-draft":
+            docs, teams = team_draft(ranking_a, ranking_b, size, rng)
+            assert teams == [p.team for p in picks]
+        else:
+            docs, credits = optimized_interleave(ranking_a, ranking_b, size, rng)
+            assert credits == pytest.approx([p.credit for p in picks])
+            full = inverse_rank_credit(ranking_a, ranking_b)
+            assert credits[:10] == pytest.approx([full[d] for d in docs[:10]])
         assert docs == [r["id"] for r in page["results"]]
-        assert teams == [p.team for p in logged[page["request_id"]].teams]
         mixed += docs != ranking_a[:len(docs)]
     assert mixed >= 3  # the models disagree: most pages differ from A's own
     assert 'ltr_search_interleaved_requests_total{model_a="m0001",model_b="m0002"} 6.0' in metrics
     assert 'ltr_search_shadow_scorings_total{model="m0002"} 6.0' in metrics
 
     team = logged[pages[1]["request_id"]].pick_at(1).team
-    assert cmd_models_compare(home, _compare_args("m0001", "m0002", "--name", "topics", "--json")) == 0
+    since_iso = datetime.fromtimestamp(since, timezone.utc).isoformat()
+    assert cmd_models_compare(home, _compare_args("m0001", "m0002", "--name", "topics", "--since", since_iso, "--json")) == 0
     report = json.loads(capsys.readouterr().out)
     outcomes = {r["request_id"]: r for r in report["per_request"]}
     assert report["requests"] == 6 and report["requests_with_clicks"] == 1
@@ -395,7 +555,10 @@ def test_interleaved_service_logs_teams_and_credits_clicks(two_models, capsys):
     assert (credited["clicks_a"], credited["clicks_b"], credited["clicks_shared"]) == {
         "A": (1, 0, 0), "B": (0, 1, 0), "=": (0, 0, 1)}[team]
     assert credited["outcome"] == {"A": "win", "B": "loss", "=": "tie"}[team]
-    assert report["p_value"] == 1.0 and report["verdict"] == "no significant preference"
+    assert report["test"] == {"optimized": "t", "team-draft": "sign"}[method]
+    click_credit = logged[pages[1]["request_id"]].pick_at(1).click_credit
+    assert credited["credit"] == pytest.approx(click_credit) and report["mean_credit"] == pytest.approx(click_credit / 6)
+    assert report["p_value"] > 0.05 and report["verdict"] == "no significant preference"
     assert report["shadow"]["requests"] >= 6 and 0.0 <= report["shadow"]["mean_rbo@10"] <= 1.0 + 1e-9
 
 

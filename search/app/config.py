@@ -13,8 +13,9 @@ environment (or the file), never from a flag, so it does not show up in process 
     epsilon = 0.05
     [experiments]               # online comparison of ranking models (see search/interleaving.py)
     shadow_model = "m0004"      # also scores every ltr request's window; logged, never shown
-    interleave_model = "m0004"  # team-draft interleaved against the active model ...
+    interleave_model = "m0004"  # interleaved against the active model ...
     interleave_share = 0.1      # ... on this share of ltr requests (by request id, reproducibly)
+    interleave_method = "optimized"  # the default; or "team-draft"
     [elasticsearch]             # connection settings (indexing/elastic.py), also LTR_SEARCH_ES_*
     url = "https://es.example.internal:9200"
     ca_certs = "/etc/ltr-search/es-ca.pem"
@@ -38,6 +39,7 @@ from typing import Any, Mapping
 from indexing.config import DEFAULT_INDEX_NAME, settings_from_dict
 from indexing.home import event_store_path, experiment_log_path
 from search.backend_factory import BackendChoice, choose_backend
+from search.interleaving import INTERLEAVING_METHODS
 from search.hybrid import FusionSettings
 from search.limits import DEFAULT_RERANK_WINDOW, MAX_BODY_BYTES, MAX_PAGE_SIZE, MAX_QUERY_CHARS, MAX_RERANK_WINDOW
 
@@ -75,6 +77,8 @@ class OnlineExperimentSettings:
     interleave_model: str | None = None  # the challenger (B) interleaved against the active model (A)
     interleave_share: float = 0.0  # share of ltr requests interleaved, decided from the request id
     seed: int = 0  # with the request id, makes the interleaving decision and its coin flips reproducible
+    # "optimized" (default: fewest sessions to decide, bench/bench_interleaving.py) or "team-draft"
+    interleave_method: str = INTERLEAVING_METHODS[0]
 
     def __post_init__(self) -> None:
         for key in ("shadow_model", "interleave_model"):
@@ -87,6 +91,9 @@ class OnlineExperimentSettings:
         if share > 0 and self.interleave_model is None:
             raise ValueError(f"experiments.interleave_share = {share} needs experiments.interleave_model "
                              "(the model to interleave against the active one)")
+        if self.interleave_method not in INTERLEAVING_METHODS:
+            raise ValueError(f"experiments.interleave_method must be one of {', '.join(INTERLEAVING_METHODS)}, "
+                             f"got {self.interleave_method!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"experiments.seed must be an integer, got {self.seed!r}")
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 
 from ltr.experiments import (
-    ExperimentLog, InterleavedRequest, ServedExperiments, ShadowRanking, TeamDraftRanker, WindowCapture, interleaving_rng,
+    ExperimentLog, InterleavedRequest, ServedExperiments, ShadowRanking, InterleavingRanker, WindowCapture, interleaving_rng,
     shadow_ranking,
 )
 from ltr.ranker import stage_contributions
@@ -182,7 +182,7 @@ class ExperimentPlan:
     pipeline: RankingPipeline
     experiments: ServedExperiments | None = None  # None: no experiment on this request
     capture: WindowCapture | None = None  # the scored window, for shadow and challenger
-    interleaver: TeamDraftRanker | None = None  # set on interleaved requests
+    interleaver: InterleavingRanker | None = None  # set on interleaved requests
 
 
 def plan_experiments(pipeline: RankingPipeline, name: str, snapshot: Snapshot, settings: OnlineExperimentSettings,
@@ -196,7 +196,7 @@ def plan_experiments(pipeline: RankingPipeline, name: str, snapshot: Snapshot, s
     interleaver = None
     rng = interleaving_rng(request_id, settings) if experiments.challenger is not None else None
     if rng is not None:  # interleaved pages are not explored: every propensity is 1
-        interleaver = TeamDraftRanker(capture, experiments.challenger, rng)
+        interleaver = InterleavingRanker(capture, experiments.challenger, rng, settings.interleave_method)
         run_pipeline = dataclasses.replace(run_pipeline, ranker=interleaver, epsilon=0.0)
     return ExperimentPlan(run_pipeline, experiments, capture, interleaver)
 
