@@ -1,5 +1,6 @@
-"""How many sessions team-draft interleaving needs to prefer the better of two rankers, next to
-an A/B test on clicks with the same simulated users (issue 16, part 3).
+"""How many sessions interleaving (optimized, the service's default, and team draft) needs to
+prefer the better of two rankers, next to an A/B test on clicks with the same simulated users
+(issue 16, part 3).
 
     .venv/bin/python bench/bench_interleaving.py \
         --run model:m0001=H/runs/scifact-test/model:m0001.run --run hybrid-convex=H/runs/scifact-test/hybrid-convex.run \
@@ -26,6 +27,13 @@ session is a win for the ranker whose team got more clicks (ties, no clicks and 
 shared prefix (plain team draft, a random team for those results too) interleaving needed 2-3x
 fewer sessions than A/B here; the JSON keeps those figures under "before_shared_prefix". Test: two-sided binomial sign test of wins
 against losses (p = 1/2 under no preference), what `models compare` reports.
+
+Optimized interleaving. Per query, every candidate page of the top 10 and its probability, from
+the service's own functions (`candidate_pages`, `inverse_rank_credit`, `optimized_distribution`);
+each session draws its page from a stream of its own (so the users' draws stay those of the other
+experiments) and sums the credit of its clicks (1/rank in A - 1/rank in B). Test: two-sided
+one-sample t-test of the per-session credit (0 without clicks) against 0, what `models compare`
+reports for optimized pages. The credit's sign is not fair (only its mean is), so no sign test.
 
 A/B. Each session is assigned to A or B by a fair coin and shown that ranker's top 10.
 clicks@10: clicks per session, Welch's two-sided t-test. CTR: share of sessions with at least one
@@ -97,11 +105,12 @@ class PairPages:
     interleaved_team: np.ndarray  # (queries, patterns, DEPTH) +1 A, -1 B, 0 shared ("=": no credit) or past the page
     a_p: np.ndarray  # (queries, DEPTH)
     b_p: np.ndarray  # (queries, DEPTH)
-    # Optimized interleaving: every query's candidate pages, stacked; query i owns rows
-    # optimized_start[i]:optimized_start[i + 1], drawn with optimized_cum (i + cumulative probability).
+    # Optimized interleaving: every query's candidate pages, stacked in query order; a session of
+    # query i draws its row by i + u (u uniform) in optimized_cum (i + cumulative probability).
     optimized_p: np.ndarray | None = None  # (pages, DEPTH) click probability, 0 past the page
     optimized_credit: np.ndarray | None = None  # (pages, DEPTH) credit of a click for A over B
     optimized_cum: np.ndarray | None = None  # (pages,)
+    optimized_query: np.ndarray | None = None  # (pages,) the query of each row
 
 
 def click_probabilities(grades: np.ndarray, max_grade: int) -> np.ndarray:
@@ -142,6 +151,7 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
         np.where(own_shown[name_b], click_probabilities(own[name_b], max_grade), 0.0),
         np.concatenate([p for p, _, _ in optimized]), np.concatenate([c for _, c, _ in optimized]),
         np.concatenate([i + np.cumsum(w) for i, (_, _, w) in enumerate(optimized)]),
+        np.concatenate([np.full(len(w), i) for i, (_, _, w) in enumerate(optimized)]),
     )
 
 

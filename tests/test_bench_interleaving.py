@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.interleaving import shared_prefix, team_draft
+from search.interleaving import inverse_rank_credit, optimized_interleave, shared_prefix, team_draft
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_interleaving.py"
 
@@ -97,3 +97,25 @@ def test_heterogeneous_users_only_when_asked_and_they_spread_the_clicks(bench):
     assert all(np.array_equal(same[k], bench.simulate(pages, 20_000, seed=2, spread=0.0)[k]) for k in same)
     spread = bench.simulate(pages, 20_000, seed=2, spread=1.0)
     assert spread["clicks"].var() > 1.2 * same["clicks"].var()
+
+
+def test_optimized_pages_are_the_served_ones_fair_and_favour_the_better_ranker(bench):
+    pages, a, b, qrels, queries = _toy(bench)
+    for i, q in enumerate(queries):
+        rows = pages.optimized_query == i
+        weights = np.diff(np.r_[i, pages.optimized_cum[rows]])
+        assert weights.sum() == pytest.approx(1.0) and (weights >= -1e-12).all()
+        credits = pages.optimized_credit[rows]
+        assert np.abs(weights @ credits).max() < 1e-7  # zero expected credit at every rank
+        full = inverse_rank_credit(a[q], b[q])
+        served = set()
+        for seed in range(20):  # the service's draws are among the enumerated pages
+            docs, credit = optimized_interleave(a[q], b[q], bench.DEPTH, np.random.default_rng(seed))
+            assert credit == pytest.approx([full[d] for d in docs])
+            served.add(tuple(np.round(credit, 9)))
+        assert served <= {tuple(np.round(row, 9)) for row in credits}
+    outcome = bench.simulate(pages, 100_000, seed=1)
+    credit = outcome["optimized_credit"]
+    assert credit.mean() > 5 * credit.std() / np.sqrt(len(credit))  # A (relevant documents on top) is preferred
+    p, direction = bench.tests_at(outcome, [100_000])["optimized_interleaving"][0]
+    assert p < 0.05 and direction == 1

@@ -167,9 +167,11 @@ def test_inverse_rank_credit_and_the_page_of_optimized_interleaving():
 def test_optimized_interleaving_falls_back_to_team_draft_without_a_fair_distribution(monkeypatch):
     a, b = ["a", "b", "c", "d"], ["b", "e", "a", "f"]
     monkeypatch.setattr(interleaving, "optimized_distribution", lambda pages, credit: None)
+    interleaving._fair_pages.cache_clear()  # solved distributions are cached per rankings
     docs, credits = optimized_interleave(a, b, 4, np.random.default_rng(1))
     drafted, teams = team_draft(a, b, 4, np.random.default_rng(1))
     assert docs == drafted and credits == [{"A": 1.0, "B": -1.0, "=": 0.0}[t] for t in teams]
+    interleaving._fair_pages.cache_clear()
 
 
 def test_optimized_interleaving_prefers_the_ranker_users_click_and_neither_for_random_clicks():

@@ -2,15 +2,22 @@
 
     ltr-search models compare A B [--since T] [--events PATH] [--experiments PATH] [--name INDEX] [--json]
 
-Reads the team-draft interleaved pages of the pair (in either order) from the experiment log
-(ltr/experiments.py) and the click events on those pages from the event store. Each click is
-credited to the team whose model put the clicked document at that position (a document clicked
-twice counts once); a click on the rankings' common prefix (team "=", the top results both models
-rank alike) is counted but credited to neither. Per request, more credited clicks for A is a win for A, more for B a loss,
-equal (no clicks included) a tie. A two-sided binomial sign test on wins vs losses (ties left out)
-says whether the preference is significant; an undecided verdict comes with a note when the sample is too
-small to decide (no decided request, fewer than the 6 a unanimous result needs, or how many decided
-requests the observed win rate would need). When the experiment log also has shadow rankings of
+Reads the interleaved pages of the pair (in either order) from the experiment log
+(ltr/experiments.py) and the click events on those pages from the event store; a document clicked
+twice on a page counts once.
+- Optimized interleaving (the service's default): each click adds the clicked document's logged
+  credit (1/rank in A - 1/rank in B; 0, team "=", for a document both rank alike). A two-sided
+  one-sample t-test of the per-request credit (0 without clicks) against 0 says whether the
+  preference is significant; an undecided verdict notes how many requests the observed mean and
+  spread would need.
+- Team draft: each click is credited to the team whose model put the clicked document there; a
+  click on the rankings' common prefix (team "=") is counted but credited to neither. Per request,
+  more credited clicks for A is a win for A, more for B a loss, equal (no clicks included) a tie.
+  A two-sided binomial sign test on wins vs losses (ties left out) decides; an undecided verdict
+  comes with a note when the sample is too small to decide (no decided request, fewer than the 6
+  a unanimous result needs, or how many decided requests the observed win rate would need).
+  A log with both kinds of page is read with the t-test (a team-draft click counts +1 or -1).
+When the experiment log also has shadow rankings of
 one model next to the other's served ranking, their agreement on the top 10 is reported too.
 The analysis lives with the other online-experiment code in ltr/experiments.py; this is the command.
 """
@@ -27,7 +34,7 @@ from search.event_store import CLOCK_SKEW_ALLOWANCE_S, EventStore
 
 def add_compare_parser(models_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     compare = models_subparsers.add_parser(
-        "compare", help="interleaving results of two models: clicks credited per team, sign test, shadow agreement")
+        "compare", help="interleaving results of two models: clicks credited per model, t-test or sign test, shadow agreement")
     compare.add_argument("model_a", help="a model version (team A when it was the active one)")
     compare.add_argument("model_b", help="the other model version")
     compare.add_argument("--since", help="only interleaved requests from this time on: unix seconds or ISO 8601 (UTC unless given)")
