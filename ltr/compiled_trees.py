@@ -48,6 +48,12 @@ class CompiledTreesError(RuntimeError):
     """The trees could not be compiled, or a compiled library disagrees with the model."""
 
 
+class CompiledLibraryUnloadable(CompiledTreesError):
+    """A compiled library this machine cannot load (built for another architecture, or a damaged
+    file). Unlike a library that loads and disagrees, it says nothing about the model: the
+    registry serves the model on XGBoost instead, with a warning."""
+
+
 def library_name(model_sha256: str, compiler: str = DEFAULT_COMPILER) -> str:
     if compiler not in LIBRARY_PREFIXES:
         raise ValueError(f"compiler must be one of {', '.join(COMPILERS)}, got {compiler!r}")
@@ -166,7 +172,7 @@ def _compile_verified(home: Path, version: str, compiler: str) -> tuple[Path, An
         compile_trees(directory / MODEL_FILE, loaded.manifest.sample_array(), out, compiler)
     try:
         return out, verified_library(out, compiler, loaded)
-    except ModelParityError:
+    except (ModelParityError, CompiledLibraryUnloadable):
         out.unlink(missing_ok=True)
         raise
 
@@ -201,6 +207,10 @@ def verified_library(path: Path, compiler: str, loaded: Any) -> Any:
     manifest = loaded.manifest
     try:
         compiled = load_library(path, compiler, loaded.booster)
+    except Exception as exc:  # ctypes: OSError (wrong ELF class, invalid header); tl2cgen its own types
+        raise CompiledLibraryUnloadable(f"model {manifest.version}: compiled trees {path.name} cannot be loaded "
+                                        f"on this machine: {exc}") from exc
+    try:
         gap, row = parity_gap(compiled, np.asarray(manifest.sample["predictions"], dtype=np.float64),
                               manifest.sample_array(), manifest.sample_base())
     except Exception as exc:  # tl2cgen and ctypes raise their own types for a broken library

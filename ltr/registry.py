@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -51,6 +52,8 @@ from indexing.config import DEFAULT_LOCK_TIMEOUT_S, settings_from_dict
 from indexing.durable import LockBusyError, file_lock, file_record, fsync_dir, fsync_tree, write_json_durably
 from ltr.drift import FeatureReference
 from search.hybrid import Candidates, FusionSettings, fused_scores
+
+logger = logging.getLogger("ltr_search.registry")
 
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
@@ -769,7 +772,9 @@ def _open_verified(directory: Path, manifest: ModelManifest, base: "LoadedModel 
 def _attach_compiled(directory: Path, loaded: LoadedModel) -> None:
     """Serve from the compiled trees next to the model, if any (the first compiler of
     `compiled_trees.COMPILERS` with a library there), once they pass the same sample parity check
-    (within their own tolerance); a library that disagrees is refused."""
+    (within their own tolerance); a library that disagrees is refused. One this machine cannot
+    load (a home copied from another architecture) is skipped with a warning: the model then
+    scores on XGBoost, exactly, only slower."""
     record = loaded.manifest.files.get(MODEL_FILE, {})
     if loaded.manifest.model_base is not None or "sha256" not in record:
         return
@@ -781,7 +786,11 @@ def _attach_compiled(directory: Path, loaded: LoadedModel) -> None:
     if not found:
         return
     compiler, path = found[0]
-    loaded.compiled = compiled_trees.verified_library(path, compiler, loaded)
+    try:
+        loaded.compiled = compiled_trees.verified_library(path, compiler, loaded)
+    except compiled_trees.CompiledLibraryUnloadable as exc:
+        logger.warning("%s; scoring with XGBoost instead (same scores, slower): run `ltr-search models compile %s` "
+                       "on this machine", exc, loaded.manifest.version)
 
 
 def _check_parity(loaded: LoadedModel) -> None:

@@ -108,6 +108,41 @@ def test_a_library_that_disagrees_is_refused(home: Path, tmp_path: Path) -> None
         target.unlink()  # then the other compiler's library is the one loaded
 
 
+def test_a_library_this_machine_cannot_load_falls_back_to_xgboost(home: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A home copied from another architecture: its library does not load here (an ELF for
+    another machine, or a damaged file). The model serves on XGBoost, with a warning that says
+    how to compile it again."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy, symlinks=True)
+    directory = registry_dir(copy) / "m0001"
+    for library in directory.glob("*.so"):
+        library.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57) + b"built elsewhere")
+    with caplog.at_level("WARNING", logger="ltr_search.registry"):
+        loaded = ModelRegistry(copy).load("m0001")
+    assert loaded.compiled is None
+    rows = fresh_rows()
+    np.testing.assert_array_equal(loaded.predict(rows), predict_scores(loaded.booster, FEATURES, rows))
+    assert "cannot be loaded on this machine" in caplog.text and "ltr-search models compile m0001" in caplog.text
+    assert "scoring with XGBoost instead" in caplog.text
+
+
+
+def test_compiling_a_library_that_cannot_load_removes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ltr import compiled_trees
+
+    registry = ModelRegistry(tmp_path)
+    save(registry, train(seed=6, rounds=5))
+
+    def unloadable(path, compiler, booster):
+        raise OSError(f"{path}: wrong ELF class: ELFCLASS32")
+
+    monkeypatch.setattr(compiled_trees, "load_library", unloadable)
+    with pytest.raises(compiled_trees.CompiledLibraryUnloadable, match="cannot be loaded on this machine: .*ELFCLASS32"):
+        compile_model(tmp_path, "m0001")
+    assert not list((registry_dir(tmp_path) / "m0001").glob("*.so"))
+
+
 def test_library_is_named_by_the_model_file_checksum(home: Path) -> None:
     manifest = ModelRegistry(home).manifest("m0001")
     for compiler in COMPILERS:
