@@ -7,8 +7,9 @@
    the low bits hold feature * LANE_SCALE, so that a lane offset is added directly).
 
    Rows are scored 16 (AVX-512) or 8 (AVX2) at a time, one per vector lane, in the layout that
-   `score_simd` makes: [vector][feature][lane]. The nodes of levels 0-5 (AVX2: 0-3) of a tree
-   come from registers by permutes rather than memory gathers; deeper levels gather. Level 0's
+   `score_simd` makes: [vector][feature][lane]. The nodes of levels 0-5 of a tree come from
+   registers by permutes (AVX2: levels 4 and 5 blend 2 or 4 of them) rather than memory gathers;
+   deeper levels gather. Level 0's
    feature is the same for every lane, so its values are one plain load. A scalar path serves
    other CPUs. Sums start from the caller's base margin and run in float32 tree by tree, as
    XGBoost adds its trees, so the scores equal XGBoost's. */
@@ -55,7 +56,7 @@ static void score_rows(const float* rows, int n, const float* init, double* out)
    (independent vectors keep the gathers of one busy while another waits); one function per G so
    that a window's last rows pad at most one vector. */
 #define MAX_G512 5
-#define MAX_G256 4
+#define MAX_G256 6
 
 __attribute__((target("avx512f")))
 static inline __attribute__((always_inline)) __m512i lookup16(const int* tab, int level, __m512i idx) {
@@ -111,6 +112,16 @@ static inline __attribute__((always_inline)) __m256i lookup8(const int* tab, int
   int first = (1 << level) - 1;
   __m256i j = _mm256_sub_epi32(idx, _mm256_set1_epi32(first));
   if (level <= 3) return _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i*)(tab + first)), j);
+  if (level <= 5) { /* 16 or 32 nodes: permute each 8, then blend by bit 3 (and bit 4) of j */
+    const __m256i* t = (const __m256i*)(tab + first);
+    __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(j, 28));
+    __m256 lo = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_loadu_si256(t), j)),
+                                 _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_loadu_si256(t + 1), j)), bit3);
+    if (level == 4) return _mm256_castps_si256(lo);
+    __m256 hi = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_loadu_si256(t + 2), j)),
+                                 _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_loadu_si256(t + 3), j)), bit3);
+    return _mm256_castps_si256(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(j, 27))));
+  }
   return _mm256_i32gather_epi32(tab, idx, 4);
 }
 
@@ -148,11 +159,13 @@ SCORE_GROUPS8(1)
 SCORE_GROUPS8(2)
 SCORE_GROUPS8(3)
 SCORE_GROUPS8(4)
+SCORE_GROUPS8(5)
+SCORE_GROUPS8(6)
 
 typedef void (*score_groups_fn)(const float*, float*);
 static const score_groups_fn GROUPS16[MAX_G512 + 1] = {0, score_groups16_1, score_groups16_2, score_groups16_3,
                                                        score_groups16_4, score_groups16_5};
-static const score_groups_fn GROUPS8[MAX_G256 + 1] = {0, score_groups8_1, score_groups8_2, score_groups8_3, score_groups8_4};
+static const score_groups_fn GROUPS8[MAX_G256 + 1] = {0, score_groups8_1, score_groups8_2, score_groups8_3, score_groups8_4, score_groups8_5, score_groups8_6};
 
 /* Rows in the [group][feature][lane] layout, scored by the widest G that the remaining rows fill
    (the last call pads at most one vector of rows with zeros). */

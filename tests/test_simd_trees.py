@@ -58,6 +58,9 @@ def test_scores_equal_xgboost_on_every_simd_path(depth: int, tmp_path: Path) -> 
                                       booster.inplace_predict(x, missing=np.nan, base_margin=margin).astype(np.float64),
                                       err_msg=SIMD_LEVELS[level])
         assert scorer.predict(x[:1]).shape == (1,) and scorer.predict(x[:0]).shape == (0,)
+        want = booster.inplace_predict(x, missing=np.nan).astype(np.float64)
+        for n in range(1, 16 * 7, 5):  # every group count of both SIMD widths, partial blocks too
+            np.testing.assert_array_equal(scorer.predict(x[:n]), want[:n], err_msg=f"{SIMD_LEVELS[level]}, {n} rows")
 
 
 def test_missing_values_follow_each_node_default(tmp_path: Path) -> None:
