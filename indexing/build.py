@@ -15,11 +15,12 @@ import numpy as np
 
 from indexing.analysis import Analyzer, AnalyzerSettings
 from indexing.bm25 import SOURCE_FIELDS, BM25Builder, BM25Settings
-from indexing.bundle import IndexGeneration, IndexStore, utc_now
+from indexing.bundle import IndexCorruptError, IndexGeneration, IndexStore, utc_now
 from indexing.config import DEFAULT_KEEP_GENERATIONS, DEFAULT_LOCK_TIMEOUT_S
 from indexing.corpus import CorpusReadResult, CorpusSpec, Document, SkippedLine, read_corpus
 from indexing.delta import UPSERT, Update, apply_updates, journal_end, read_updates, truncate_after_compaction, updates_entry
 from indexing.docstore import DocStore, write_docstore
+from indexing.durable import LockBusyError
 from indexing.encoder import EncoderSettings, OnnxEncoder, ensure_onnx_encoder
 from indexing.vector_cache import KEYS_FILE, VectorCache, content_keys, encoder_fingerprint, live_keys
 from indexing.vectors import EMBEDDINGS_FILE, VectorIndexSettings, build_vector_index
@@ -187,11 +188,15 @@ def build_index(
     with store.lock(name, purpose="build", create=True):
         first = not store.generations(name) and store.active_generation(name) is None
         try:
+            previous = _readable_active(store, name)
             end = journal_end(store.index_dir(name))
             started = time.perf_counter()
             corpus = read_corpus(settings.corpus, skip_invalid=settings.skip_invalid, progress=progress)
-            return _build_locked(home, store, name, settings, progress, log, corpus, updates_entry(end, end),
-                                 read_seconds=time.perf_counter() - started)
+            summary = _build_locked(home, store, name, settings, progress, log, corpus, updates_entry(end, end),
+                                    read_seconds=time.perf_counter() - started)
+            if previous is not None:  # the superseded journal goes once no kept generation reads it
+                _truncate_journal(store, name, previous, log, lock_timeout_s)
+            return summary
         except BaseException:
             if first:  # a failed first build leaves no empty index behind to be listed
                 store.remove_index_files(name)
@@ -321,8 +326,10 @@ def rebuild_index(home: Path, name: str, progress: bool = True, log: Callable[[s
         updates, end = read_updates(store.index_dir(name), source)
         corpus = _with_updates(corpus, updates)
         seed = [_journal_vectors(updates)]
-        return _build_locked(home, store, name, settings, progress, log, corpus, updates_entry(source, end), seed,
-                             read_seconds=time.perf_counter() - started)
+        summary = _build_locked(home, store, name, settings, progress, log, corpus, updates_entry(source, end), seed,
+                                read_seconds=time.perf_counter() - started)
+        _truncate_journal(store, name, active, log)  # as after a compaction: what every kept generation holds goes
+        return summary
 
 
 def compact_index(home: Path, name: str, progress: bool = False, log: Callable[[str], None] = print,
@@ -355,8 +362,30 @@ def compact_index(home: Path, name: str, progress: bool = False, log: Callable[[
         summary = _build_locked(home, store, name, settings, progress, log, corpus,
                                 updates_entry(int(recorded.get("source", 0)), end), seed, compacted,
                                 read_seconds=time.perf_counter() - started)
-        truncate_after_compaction(store, name, active, lock_timeout_s)  # the journal keeps what no generation holds
+        _truncate_journal(store, name, active, log, lock_timeout_s)  # the journal keeps what no generation holds
         return summary
+
+
+def _readable_active(store: IndexStore, name: str) -> IndexGeneration | None:
+    """The active generation's manifest, or None when there is none or it is damaged (a build
+    replaces it all the same)."""
+    if store.active_generation(name) is None:
+        return None
+    try:
+        return store.open(name, verify=False)
+    except IndexCorruptError:
+        return None
+
+
+def _truncate_journal(store: IndexStore, name: str, previous: IndexGeneration, log: Callable[[str], None],
+                      lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> None:
+    """`truncate_after_compaction` once the new generation is active: housekeeping that never fails
+    the build it follows (a damaged kept generation, a busy appender); the journal then stays whole
+    and the next build, rebuild or compaction truncates it."""
+    try:
+        truncate_after_compaction(store, name, previous, lock_timeout_s)
+    except (IndexCorruptError, LockBusyError, OSError) as exc:
+        log(f"the update journal of '{name}' was not truncated ({exc}); the next build or compaction will")
 
 
 def _with_updates(corpus: CorpusReadResult, updates: list[Update]) -> CorpusReadResult:

@@ -16,7 +16,8 @@ in (source, through]. The live index is the active generation plus the batches a
 `index rebuild` re-reads the source and folds (source, end]; a build from a new dataset starts a
 fresh source (source = through = end).
 
-Truncation (after a compaction, `indexing.updates.truncate_after_compaction`): the batches before
+Truncation (after a compaction, a rebuild or a build from a new source: `truncate_after_compaction`,
+called by `indexing.build`): the batches before
 `base`, which every kept generation already holds, are dropped. A truncated journal starts with
 a fixed-size preamble {"base", "batches_at", "source"} and one line of the net operations of
 (source, base] (`net_updates`: what a rebuild from `source` replays instead of them), then the

@@ -198,3 +198,39 @@ def test_truncation_after_a_new_source_folds_from_that_source(tmp_path: Path, sm
     assert _served(EmbeddedIndex.open(home, "t")) == dict(sorted(expected.items()))
     rebuilt = rebuild_index(home, "t", progress=False, log=quiet)  # re-reads other.jsonl + the folded operations
     assert rebuilt.documents == len(expected) and _served(EmbeddedIndex.open(home, "t")) == dict(sorted(expected.items()))
+
+
+def test_rebuilds_truncate_the_journal_too(tmp_path: Path, small_corpus: Path):
+    """`index rebuild` (same source) and a build from a new dataset drop what every kept generation
+    holds, as a compaction does; the served documents and a later rebuild stay exact."""
+    home = tmp_path / "home"
+    _build(home, small_corpus, keep=0)
+    index_dir = IndexStore(home).index_dir("t")
+    base = [Document(r["_id"], r["title"], r["text"], {"author": r["author"]}) for r in SMALL_DOCS]
+    updates: list[Update] = []
+
+    def write(upserts: list[Document], deletes: list[str] = ()) -> None:
+        write_updates(home, "t", upserts, list(deletes))
+        updates.extend([Update(UPSERT, d.id, d) for d in upserts] + [Update(DELETE, i) for i in deletes])
+
+    write([Document(f"n{i}", "", f"draft {i} " + "padding " * 50) for i in range(40)], ["d1"])
+    write([Document(f"n{i}", "", f"final {i}") for i in range(40)])  # the drafts are dead
+    rebuild_index(home, "t", progress=False, log=quiet)  # the generation before (through 0) may still serve
+    assert journal_path(index_dir).stat().st_size == journal_end(index_dir)
+    write([Document("y1", "", "between the rebuilds")])
+    rebuild_index(home, "t", progress=False, log=quiet)
+    end = journal_end(index_dir)
+    assert journal_path(index_dir).stat().st_size < end / 3  # the 20 kB of drafts are gone
+    final = list(apply_updates(base, updates).values())
+    assert _served(EmbeddedIndex.open(home, "t")) == _expected(final)
+    assert list(apply_updates(base, read_updates(index_dir, 0)[0]).items()) == list(apply_updates(base, updates).items())
+    write([Document("z1", "", "after the rebuilds")], ["n0"])
+    rebuilt = rebuild_index(home, "t", progress=False, log=quiet)  # source + folded net operations + the tail
+    final = list(apply_updates(base, updates).values())
+    assert rebuilt.documents == len(final) and _served(EmbeddedIndex.open(home, "t")) == _expected(final)
+
+    other = write_jsonl(tmp_path / "other.jsonl", SMALL_DOCS[:2])
+    for _ in range(2):  # a new source supersedes the journal: dropped once no kept generation reads it
+        rebuild_index(home, "t", progress=False, log=quiet, dataset=other)
+    assert journal_path(index_dir).stat().st_size < 200  # the preamble and an empty fold
+    assert _served(EmbeddedIndex.open(home, "t")) == {d["_id"]: d["text"] for d in sorted(SMALL_DOCS[:2], key=lambda d: d["_id"])}
