@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from indexing.home import behaviour_store_path
 from indexing.sqlite import SqliteDatabase, SqliteSchema, SqliteStoreError
 from search.event_store import EventStore, ServedRequest
 
@@ -149,6 +150,13 @@ class BehaviourStore:
         in-process simulator); safe because aggregates are derived and catch up from their watermark."""
         self.path = Path(path)
         self._db = SqliteDatabase(self.path, replace(_FILE, synchronous=synchronous))
+
+    @classmethod
+    def for_index(cls, home: Path, index: str, synchronous: str = "FULL") -> "BehaviourStore":
+        """The aggregates of an index, HOME/behaviour/INDEX.sqlite3 (its folder made on first use)."""
+        path = behaviour_store_path(home, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path, synchronous)
 
     def close(self) -> None:
         self._db.close()

@@ -59,16 +59,23 @@ def _files(path: Path) -> dict[str, str]:
     return {name: info["sha256"] for name, info in json.loads((path / "manifest.json").read_text())["files"].items()}
 
 
-def test_compaction_truncates_the_journal_and_rebuilds_still_replay_it(tmp_path: Path, small_corpus: Path):
+def _journal_fixture(tmp_path: Path, small_corpus: Path):
+    """An index of the small corpus (keep=0), its folder, its documents, the updates written so
+    far (in order) and the function that writes more (to the journal and to that list)."""
     home = tmp_path / "home"
     _build(home, small_corpus, keep=0)
-    index_dir = IndexStore(home).index_dir("t")
     base = [Document(r["_id"], r["title"], r["text"], {"author": r["author"]}) for r in SMALL_DOCS]
     updates: list[Update] = []
 
     def write(upserts: list[Document], deletes: list[str] = ()) -> None:
         write_updates(home, "t", upserts, list(deletes))
         updates.extend([Update(UPSERT, d.id, d) for d in upserts] + [Update(DELETE, i) for i in deletes])
+
+    return home, IndexStore(home).index_dir("t"), base, updates, write
+
+
+def test_compaction_truncates_the_journal_and_rebuilds_still_replay_it(tmp_path: Path, small_corpus: Path):
+    home, index_dir, base, updates, write = _journal_fixture(tmp_path, small_corpus)
 
     write([Document(f"n{i}", "", f"draft {i} " + "padding " * 50) for i in range(40)], ["d1"])
     write([Document(f"n{i}", "", f"new document {i}") for i in range(40)])  # the same ids again: the drafts are dead
@@ -203,15 +210,7 @@ def test_truncation_after_a_new_source_folds_from_that_source(tmp_path: Path, sm
 def test_rebuilds_truncate_the_journal_too(tmp_path: Path, small_corpus: Path):
     """`index rebuild` (same source) and a build from a new dataset drop what every kept generation
     holds, as a compaction does; the served documents and a later rebuild stay exact."""
-    home = tmp_path / "home"
-    _build(home, small_corpus, keep=0)
-    index_dir = IndexStore(home).index_dir("t")
-    base = [Document(r["_id"], r["title"], r["text"], {"author": r["author"]}) for r in SMALL_DOCS]
-    updates: list[Update] = []
-
-    def write(upserts: list[Document], deletes: list[str] = ()) -> None:
-        write_updates(home, "t", upserts, list(deletes))
-        updates.extend([Update(UPSERT, d.id, d) for d in upserts] + [Update(DELETE, i) for i in deletes])
+    home, index_dir, base, updates, write = _journal_fixture(tmp_path, small_corpus)
 
     write([Document(f"n{i}", "", f"draft {i} " + "padding " * 50) for i in range(40)], ["d1"])
     write([Document(f"n{i}", "", f"final {i}") for i in range(40)])  # the drafts are dead

@@ -53,11 +53,10 @@ def _open(home: Path, name: str | None):
     from search.app.config import load_service_config  # lazy: start-up time
 
     index = name or load_service_config(home).index
-    events_path, store_path = behaviour_sources(home, index)
+    events_path, _ = behaviour_sources(home, index)
     if not events_path.exists():
         raise ValueError(f"no event store for index '{index}' at {events_path}: serve the index and send events first")
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    return index, EventStore(events_path), BehaviourStore(store_path)
+    return index, EventStore(events_path), BehaviourStore.for_index(home, index)
 
 
 def cmd_update(home: Path, args: argparse.Namespace) -> int:

@@ -289,7 +289,6 @@ def cmd_train_pairs_from_events(home: Path, args: argparse.Namespace) -> int:
     """`--method pairs`: LambdaMART from the request log joined with clicks (`ltr.click_training`), saved like `cmd_train`."""
     from eval.propensity import fit_propensities  # here (and below) for start-up time
     from ltr.behaviour import BehaviourStore
-    from indexing.home import behaviour_store_path  # lazy: start-up time
     from ltr.click_training import ClickTrainingSettings, parse_time, train_from_clicks  # lazy: start-up time
     from search.event_store import EventStore  # lazy: start-up time
     from ltr.features import feature_set  # lazy: start-up time
@@ -314,9 +313,8 @@ def cmd_train_pairs_from_events(home: Path, args: argparse.Namespace) -> int:
     with EventStore(events_path) as store:
         propensities = None
         if settings.debias == "ips":
-            path = behaviour_store_path(home, index.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with BehaviourStore(path) as behaviour:
+            with BehaviourStore.for_index(home, index.name) as behaviour:
+                path = behaviour.path
                 propensities = behaviour.propensities()
                 if propensities is None:
                     fit = fit_propensities(behaviour, store)

@@ -83,7 +83,6 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     from eval.click_models import ClickLabelSettings, train_on_click_labels  # lazy: start-up time
     from ltr.click_training import iso_time, parse_time, read_logged_pages  # lazy: start-up time
     from ltr.features import DEFAULT_CLICK_FEATURE_SET, feature_set, leaves_query_out, uses_behaviour  # lazy: start-up time
-    from indexing.home import behaviour_store_path  # lazy: start-up time
     from ltr.behaviour import BehaviourStore  # lazy: start-up time
     from ltr.point_in_time import BehaviourHistory  # lazy: start-up time
     from ltr.ranker import index_description  # lazy: start-up time
@@ -123,9 +122,7 @@ def train_click_model(home: Path, args: argparse.Namespace, quiet: bool = False)
     history = aggregates = None
     if uses_behaviour(features) and leaves_query_out(features):
         # Other queries' clicks on each document, as the service reads them (caught up first).
-        store_path = behaviour_store_path(home, index.name)
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        aggregates = BehaviourStore(store_path)
+        aggregates = BehaviourStore.for_index(home, index.name)
         with EventStore(events_path) as store:
             aggregates.update(store)
     elif uses_behaviour(features):
@@ -312,7 +309,7 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
     import time
 
     from eval.click_models import NotEnoughClicksError  # lazy: start-up time
-    from indexing.home import behaviour_store_path, reports_dir  # lazy: start-up time
+    from indexing.home import reports_dir  # lazy: start-up time
     from ltr.behaviour import BehaviourStore  # lazy: start-up time
     from search.app.cli.models import PromotionRefused, cmd_promote  # lazy: start-up time
     from search.app.config import load_service_config  # lazy: start-up time
@@ -334,9 +331,7 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         state_path = _state_path(home, index)
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}
         with EventStore(events_path) as events:
-            store_path = behaviour_store_path(home, index)
-            store_path.parent.mkdir(parents=True, exist_ok=True)
-            with BehaviourStore(store_path) as behaviour:
+            with BehaviourStore.for_index(home, index) as behaviour:
                 summary = behaviour.update(events)
             report["aggregates"] = {"events_applied": summary.events_applied, "watermark": summary.watermark}
             last_seq = events.last_event_seq()
