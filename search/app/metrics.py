@@ -38,7 +38,7 @@ class ServiceMetrics:
         self.model_info = Gauge("ltr_search_model_info", "the active ranking model (value 1; 'none' = fused order)",
                                 ["version"], registry=self.registry, multiprocess_mode="liveall")
         self.interleaved = Counter("ltr_search_interleaved_requests_total",
-                                   "ltr requests served as a team-draft interleaving of the active model (A) and B",
+                                   "ltr requests served as an interleaving of the active model (A) and B",
                                    ["model_a", "model_b"], registry=self.registry)
         self.shadow_scorings = Counter("ltr_search_shadow_scorings_total",
                                        "ltr request windows the shadow model also ranked (logged, never shown)",
