@@ -180,11 +180,13 @@ def main() -> int:
                         help="train and evaluate again on the log an earlier run left in --work (no new simulation)")
     args = parser.parse_args()
     out = Path(args.out)
-    runs = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []
+    # --merge adds a run and keeps everything else the file holds (its protocol, earlier defaults' runs)
+    report = json.loads(out.read_text()) if args.merge and out.exists() else {"protocol": "issue 16 (see the module docstring)"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    runs.append({**run_curve(args), "commit": commit, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    report.setdefault("runs", []).append(
+        {**run_curve(args), "commit": commit, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"protocol": "issue 16 (see the module docstring)", "runs": runs}, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"json: {out}")
     return 0
 
