@@ -442,9 +442,13 @@ class InterleavingComparison:
     shadow: dict[str, Any] | None = None
     test: str = "sign"  # "sign" (team draft) or "t" (optimized interleaving)
 
+    def credits(self) -> np.ndarray:
+        """Each request's summed credit for A over B (0 without a credited click)."""
+        return np.array([r.credit for r in self.requests], dtype=np.float64)
+
     @property
     def mean_credit(self) -> float:
-        return float(np.mean([r.credit for r in self.requests])) if self.requests else 0.0
+        return float(self.credits().mean()) if self.requests else 0.0
 
     @property
     def wins(self) -> int:
@@ -469,7 +473,7 @@ class InterleavingComparison:
         if self.test == "t":
             from scipy.stats import ttest_1samp
 
-            credits = np.array([r.credit for r in self.requests], dtype=np.float64)
+            credits = self.credits()
             if len(credits) < 2 or not credits.std() > 0:
                 return 1.0
             return float(ttest_1samp(credits, 0.0).pvalue)
@@ -506,7 +510,7 @@ class InterleavingComparison:
                     "(no clicks, only ties, or clicks only on results both rank alike)")
         z = NormalDist().inv_cdf(1 - ALPHA / 2)
         if self.test == "t":
-            credits = np.array([r.credit for r in self.requests], dtype=np.float64)
+            credits = self.credits()
             mean, sd = float(credits.mean()), float(credits.std(ddof=1)) if len(credits) > 1 else 0.0
             if mean == 0:
                 return f"no preference at all in {len(credits)} interleaved requests (mean credit 0)"

@@ -157,9 +157,8 @@ class LtrPipeline:
     def behaviour_store(self) -> BehaviourStore | None:
         """The live aggregates this pipeline reads (opened on first use, next to the index)."""
         if self._behaviour is None and self.uses_behaviour:
-            events_path, path = behaviour_sources(self.backend.home, self.backend.name, self._events_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = BehaviourStore(path)
+            events_path, _ = behaviour_sources(self.backend.home, self.backend.name, self._events_path)
+            store = BehaviourStore.for_index(self.backend.home, self.backend.name)
             if events_path.exists():  # catch up with events written while nothing applied them
                 with EventStore(events_path) as events:
                     store.update(events)

@@ -137,8 +137,9 @@ def candidate_pages(ranking_a: Sequence[D], ranking_b: Sequence[D], depth: int) 
             i += 1
         while j < len(ranking_b) and ranking_b[j] in seen:
             j += 1
-        nexts = dict.fromkeys(x for x, ok in ((ranking_a[i] if i < len(ranking_a) else None, i < len(ranking_a)),
-                                              (ranking_b[j] if j < len(ranking_b) else None, j < len(ranking_b))) if ok)
+        nexts = [ranking_a[i]] if i < len(ranking_a) else []
+        if j < len(ranking_b) and ranking_b[j] not in nexts:
+            nexts.append(ranking_b[j])
         if len(page) == depth or not nexts:
             pages.append(page)
             return

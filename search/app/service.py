@@ -27,7 +27,6 @@ from fastapi.responses import HTMLResponse  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
-from indexing.home import behaviour_store_path  # noqa: E402
 from ltr.behaviour import BehaviourStore  # noqa: E402
 from ltr.experiments import ExperimentLog  # noqa: E402
 from search.app.config import ServiceConfig, load_service_config  # noqa: E402
@@ -114,9 +113,7 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     if event_store is None:
         config.event_store_path.parent.mkdir(parents=True, exist_ok=True)
     store = event_store or EventStore(config.event_store_path)
-    if behaviour_store is None:
-        behaviour_store_path(config.home, config.index).parent.mkdir(parents=True, exist_ok=True)
-    aggregates = behaviour_store or BehaviourStore(behaviour_store_path(config.home, config.index))  # updated after every stored event batch
+    aggregates = behaviour_store or BehaviourStore.for_index(config.home, config.index)  # updated after every stored event batch
     experiments_log = experiment_log
     if experiments_log is None and config.experiments.enabled:
         try:
