@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 from eval.click_models import UserBehaviour  # noqa: E402
 from eval.datasets import load_dataset, read_run, trec_order  # noqa: E402
 from eval.metrics import evaluate_run  # noqa: E402
+from ltr.sequential_test import SEQUENTIAL_EFFECT, always_valid_p_values, mixture_log_likelihood_ratio  # noqa: E402
 from search.interleaving import (  # noqa: E402
     TEAM_A, TEAM_B, TEAM_SHARED, candidate_pages, inverse_rank_credit, optimized_distribution, team_draft,
 )
@@ -77,6 +78,11 @@ DEPTH = 10
 ROUNDS = DEPTH // 2  # team-draft rounds on a page of DEPTH: one coin each
 ALPHA = 0.05
 USERS = UserBehaviour("pbm", eta=1.0, click_probs={0: 0.05, 1: 0.95, 2: 0.95}, noise=0.1)
+# Users blind to relevance (every document attracts alike): neither ranker is better for them, so
+# every "significant" result is a false one (--null).
+BLIND_USERS = UserBehaviour("pbm", eta=1.0, click_probs={0: 0.5, 1: 0.5, 2: 0.5}, noise=0.0)
+SEQUENTIAL_EFFECTS = (SEQUENTIAL_EFFECT, 0.03, 0.3)  # the service's default first
+SEQUENTIAL_MIN_ARM = 10  # A/B: observations per arm before its plug-in variance is trusted
 CHUNK = 1 << 16
 CREDIT = {TEAM_A: 1, TEAM_B: -1, TEAM_SHARED: 0}  # a click's sign in A's clicks minus B's: "=" counts for neither
 
@@ -113,14 +119,14 @@ class PairPages:
     optimized_query: np.ndarray | None = None  # (pages,) the query of each row
 
 
-def click_probabilities(grades: np.ndarray, max_grade: int) -> np.ndarray:
+def click_probabilities(grades: np.ndarray, max_grade: int, users: UserBehaviour = USERS) -> np.ndarray:
     """PBM: P(click at position r) = examination(r) * attraction(grade), the issue's users."""
-    attraction = USERS.probabilities(grades, max_grade, "click")
-    return USERS.examination_curve(grades.shape[-1]) * attraction
+    attraction = users.probabilities(grades, max_grade, "click")
+    return users.examination_curve(grades.shape[-1]) * attraction
 
 
 def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]]], qrels: dict[str, dict[str, int]],
-               queries: Sequence[str], max_grade: int) -> PairPages:
+               queries: Sequence[str], max_grade: int, users: UserBehaviour = USERS) -> PairPages:
     n, patterns = len(queries), 1 << ROUNDS
     grades = np.zeros((n, patterns, DEPTH), dtype=np.int64)
     teams = np.zeros((n, patterns, DEPTH), dtype=np.int8)
@@ -142,13 +148,13 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
             grades[i, pattern, : len(docs)] = [judged.get(d, 0) for d in docs]
             teams[i, pattern, : len(docs)] = [CREDIT[t] for t in team]
             shown[i, pattern, : len(docs)] = True
-    optimized = [optimized_pages(rankings[name_a].get(q, []), rankings[name_b].get(q, []), qrels.get(q, {}), max_grade)
-                 for q in queries]
+    optimized = [optimized_pages(rankings[name_a].get(q, []), rankings[name_b].get(q, []), qrels.get(q, {}), max_grade,
+                                 users) for q in queries]
     return PairPages(
         name_a, name_b,
-        np.where(shown, click_probabilities(grades, max_grade), 0.0), teams,
-        np.where(own_shown[name_a], click_probabilities(own[name_a], max_grade), 0.0),
-        np.where(own_shown[name_b], click_probabilities(own[name_b], max_grade), 0.0),
+        np.where(shown, click_probabilities(grades, max_grade, users), 0.0), teams,
+        np.where(own_shown[name_a], click_probabilities(own[name_a], max_grade, users), 0.0),
+        np.where(own_shown[name_b], click_probabilities(own[name_b], max_grade, users), 0.0),
         np.concatenate([p for p, _, _ in optimized]), np.concatenate([c for _, c, _ in optimized]),
         np.concatenate([i + np.cumsum(w) for i, (_, _, w) in enumerate(optimized)]),
         np.concatenate([np.full(len(w), i) for i, (_, _, w) in enumerate(optimized)]),
@@ -156,7 +162,7 @@ def pair_pages(name_a: str, name_b: str, rankings: dict[str, dict[str, list[str]
 
 
 def optimized_pages(ranking_a: list[str], ranking_b: list[str], judged: dict[str, int],
-                    max_grade: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    max_grade: int, users: UserBehaviour = USERS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query's optimized-interleaving pages, as `optimized_interleave` (the service's function)
     draws them: click probabilities, credits and the probability of each page."""
     pages = candidate_pages(ranking_a, ranking_b, DEPTH)
@@ -171,7 +177,7 @@ def optimized_pages(ranking_a: list[str], ranking_b: list[str], judged: dict[str
         grades[row, : len(page)] = [judged.get(d, 0) for d in page]
         credits[row, : len(page)] = [credit[d] for d in page]
         shown[row, : len(page)] = True
-    return np.where(shown, click_probabilities(grades, max_grade), 0.0), credits, weights
+    return np.where(shown, click_probabilities(grades, max_grade, users), 0.0), credits, weights
 
 
 def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) -> dict[str, np.ndarray]:
@@ -183,7 +189,7 @@ def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) ->
     rng = np.random.default_rng([seed, 16])  # the users of seed s, whatever the pair
     n_queries, patterns = pages.interleaved_p.shape[:2]
     page_rng = np.random.default_rng([seed, 16, 1])  # which optimized page: apart from the users' own stream
-    out = {key: np.empty(sessions, dtype=np.int8) for key in ("pref", "arm", "clicks")}
+    out = {key: np.empty(sessions, dtype=np.int8) for key in ("pref", "team_credit", "arm", "clicks")}
     out["optimized_credit"] = np.zeros(sessions)
     for start in range(0, sessions, CHUNK):
         size = min(CHUNK, sessions - start)
@@ -195,6 +201,7 @@ def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) ->
         clicked = uniforms < np.minimum(activity * pages.interleaved_p[query, pattern], 1.0)
         credit = (clicked * pages.interleaved_team[query, pattern]).sum(axis=1)  # A's clicks minus B's
         out["pref"][start : start + size] = np.sign(credit)
+        out["team_credit"][start : start + size] = credit
         if pages.optimized_cum is not None:
             page = np.searchsorted(pages.optimized_cum, query + page_rng.random(size) * (1 - 1e-12), side="right")
             clicked = uniforms < np.minimum(activity * pages.optimized_p[page], 1.0)
@@ -206,10 +213,25 @@ def simulate(pages: PairPages, sessions: int, seed: int, spread: float = 0.0) ->
     return out
 
 
-def study_pair(pages: PairPages, better: int, counts: list[int], seeds: int, spread: float) -> dict:
-    """Sessions needed by each experiment over `seeds` seeds, and the A/B-to-interleaving ratios."""
-    per_seed = [tests_at(simulate(pages, counts[-1], seed, spread), counts) for seed in range(seeds)]
+def study_pair(pages: PairPages, better: int, counts: list[int], seeds: int, spread: float,
+               sequential: bool = False) -> dict:
+    """Sessions needed by each experiment over `seeds` seeds, and the A/B-to-interleaving ratios;
+    `sequential`: also read after every session with the always-valid test, per mixing effect."""
+    per_seed, per_seed_sequential = [], {effect: [] for effect in SEQUENTIAL_EFFECTS} if sequential else {}
+    for seed in range(seeds):
+        outcome = simulate(pages, counts[-1], seed, spread)
+        per_seed.append(tests_at(outcome, counts))
+        for effect, results in per_seed_sequential.items():
+            results.append(sequential_tests(outcome, effect))
     summary = summarise(per_seed, counts, better, counts[-1])
+    if sequential:
+        summary["sequential"] = {}
+        for effect, results in per_seed_sequential.items():
+            block = summarise_sequential(results, better, counts[-1])
+            optimized = block["optimized_interleaving"]["median_sessions_needed"]
+            block["ab_clicks_over_optimized_interleaving"] = ratio(block["ab_clicks"]["median_sessions_needed"], optimized)
+            block["ab_ctr_over_optimized_interleaving"] = ratio(block["ab_ctr"]["median_sessions_needed"], optimized)
+            summary["sequential"][f"effect {effect:g}"] = block
     inter = summary["interleaving"]["median_sessions_needed"]
     optimized = summary["optimized_interleaving"]["median_sessions_needed"]
     return {**summary,
@@ -275,6 +297,89 @@ def tests_at(outcome: dict[str, np.ndarray], counts: Sequence[int]) -> dict[str,
         result["ab_clicks"].append(_welch(s_a[j], q_a[j], n_a[j], s_b[j], q_b[j], n_b[j]))
         result["ab_ctr"].append(_two_proportions(c_a[j], n_a[j], c_b[j], n_b[j]))
     return result
+
+
+def sequential_tests(outcome: dict[str, np.ndarray], effect: float) -> dict[str, tuple[int | None, int]]:
+    """(first session count at which the always-valid p < ALPHA, the direction there) of each
+    experiment read after every session (mSPRT, `ltr.sequential_test`; None: never). The
+    interleaving tests are `models compare`'s own function on the per-session credit (team draft:
+    A's clicks minus B's); A/B is the two-sample form of the same normal mixture."""
+    result: dict[str, tuple[int | None, int]] = {}
+    for test, key in (("interleaving", "team_credit"), ("optimized_interleaving", "optimized_credit")):
+        values = outcome[key].astype(np.float64)
+        p = always_valid_p_values(values, effect)
+        result[test] = _first_crossing(p, np.cumsum(values))
+    arm = outcome["arm"].astype(bool)
+    clicks = outcome["clicks"].astype(np.float64)
+    for test, values in (("ab_clicks", clicks), ("ab_ctr", (clicks > 0).astype(np.float64))):
+        p, lead = _two_sample_sequential(values, arm, effect)
+        result[test] = _first_crossing(p, lead)
+    return result
+
+
+def _first_crossing(p: np.ndarray, lead: np.ndarray) -> tuple[int | None, int]:
+    crossed = np.flatnonzero(p < ALPHA)
+    if not len(crossed):
+        return None, 0
+    return int(crossed[0]) + 1, int(np.sign(lead[crossed[0]]))
+
+
+def _two_sample_sequential(values: np.ndarray, arm: np.ndarray, effect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Always-valid p after each session of "arm A's mean equals arm B's" (normal mixture over the
+    difference with sd `effect` x the arms' mean per-session sd; plug-in variances), and A's lead."""
+    stats_by_arm = []
+    for mask in (arm, ~arm):
+        n = np.cumsum(mask).astype(np.float64)
+        total, squares = np.cumsum(values * mask), np.cumsum(values**2 * mask)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, total / np.maximum(n, 1), 0.0)
+            variance = np.maximum(squares - n * mean**2, 0.0) / np.maximum(n - 1, 1)
+        stats_by_arm.append((n, mean, variance))
+    (n_a, m_a, v_a), (n_b, m_b, v_b) = stats_by_arm
+    with np.errstate(invalid="ignore", divide="ignore"):
+        estimate_variance = v_a / np.maximum(n_a, 1) + v_b / np.maximum(n_b, 1)
+        z2 = np.where(estimate_variance > 0, (m_a - m_b) ** 2 / estimate_variance, 0.0)
+        r = np.where(estimate_variance > 0, effect**2 * (v_a + v_b) / 2 / estimate_variance, 0.0)
+    log_ratio = mixture_log_likelihood_ratio(z2, r)
+    log_ratio[(n_a < SEQUENTIAL_MIN_ARM) | (n_b < SEQUENTIAL_MIN_ARM) | ~(estimate_variance > 0)] = 0.0
+    return np.minimum.accumulate(np.minimum(1.0, np.exp(-log_ratio))), m_a - m_b
+
+
+def summarise_sequential(per_seed: list[dict[str, tuple[int | None, int]]], better: int,
+                         max_sessions: int) -> dict[str, dict]:
+    """Per experiment read after every session: the sessions to the first always-valid p < ALPHA
+    in the right direction (a seed whose first crossing is the wrong way is counted as wrong and
+    as undecided: the experiment stopped there), their median."""
+    summary = {}
+    for test in per_seed[0]:
+        needed = [n if n is not None and d == better else None for n, d in (s[test] for s in per_seed)]
+        wrong = sum(1 for s in per_seed if s[test][0] is not None and s[test][1] != better)
+        median = float(np.median([n if n is not None else math.inf for n in needed]))
+        summary[test] = {
+            "sessions_needed_per_seed": [n if n is not None else f">{max_sessions}" for n in needed],
+            "median_sessions_needed": median if math.isfinite(median) else f">{max_sessions}",
+            "seeds_decided": sum(n is not None for n in needed), "seeds_wrong": wrong,
+        }
+    return summary
+
+
+def study_null(pages: PairPages, counts: list[int], seeds: int) -> dict:
+    """Users blind to relevance: the share of seeds each experiment ever calls significant, read
+    at every grid count with its fixed-sample test, and read after every session with the
+    always-valid test (the service's default mixing)."""
+    fixed = np.zeros(4)
+    sequential = np.zeros(4)
+    names: list[str] = []
+    for seed in range(seeds):
+        outcome = simulate(pages, counts[-1], seed)
+        grid_tests = tests_at(outcome, counts)
+        names = list(grid_tests)
+        fixed += [any(p < ALPHA for p, _ in grid_tests[t]) for t in names]
+        crossing = sequential_tests(outcome, SEQUENTIAL_EFFECT)
+        sequential += [crossing[t][0] is not None for t in names]
+    return {"max_sessions": counts[-1], "looks_fixed_sample": len(counts),
+            "false_positive_rate_fixed_sample_read_at_every_grid_count": dict(zip(names, (fixed / seeds).round(3).tolist())),
+            "false_positive_rate_always_valid_read_after_every_session": dict(zip(names, (sequential / seeds).round(3).tolist()))}
 
 
 def _sign_test(wins: int, losses: int) -> tuple[float, int]:
@@ -382,6 +487,10 @@ def main() -> None:
     parser.add_argument("--max-sessions", type=int, default=1 << 20)
     parser.add_argument("--spread", type=float, action="append", default=[],
                         help="also run heterogeneous users with this activity spread (sensitivity; repeatable)")
+    parser.add_argument("--null", action="store_true",
+                        help="also run each pair with users blind to relevance: false-positive rates of reading "
+                             "the fixed-sample tests at every grid count and the always-valid tests after every session")
+    parser.add_argument("--null-max-sessions", type=int, default=1 << 16)
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_interleaving.json")
     args = parser.parse_args()
     if args.seeds < 1:
@@ -406,6 +515,10 @@ def main() -> None:
                                             "clicks) against a mean of 0",
                   "ab_clicks": "A/B, fair coin per session; clicks@10 per session, Welch two-sided t-test",
                   "ab_ctr": "A/B, fair coin per session; sessions with >= 1 click, two-sided two-proportion z-test"},
+        "sequential": "each experiment read after every session with an always-valid p-value (mSPRT, normal mixture "
+                      "with sd 'effect' x the per-session sd, plug-in variance; ltr.sequential_test, what models "
+                      "compare reports as always_valid_p_value): sessions to the first p < alpha; a first crossing "
+                      "the wrong way stops the experiment (counted in seeds_wrong, not decided)",
         "alpha": ALPHA, "seeds": args.seeds, "grid": counts, "max_sessions": counts[-1],
         "runs": {name: {"path": str(path), "nDCG@10": round(ndcg[name], 4)} for name, path in paths.items()},
         "pairs": [],
@@ -419,7 +532,7 @@ def main() -> None:
             raise SystemExit(f"--pair {spec!r}: name two different --run names")
         pages = pair_pages(name_a, name_b, rankings, dataset.qrels, queries, max_grade)
         better = 1 if ndcg[name_a] > ndcg[name_b] else -1
-        study = study_pair(pages, better, counts, args.seeds, 0.0)
+        study = study_pair(pages, better, counts, args.seeds, 0.0, sequential=True)
         closed_form = expected(pages)
         power50 = closed_form["power50_sessions"]
         pair = {
@@ -439,6 +552,23 @@ def main() -> None:
               f"A/B over optimized: clicks@10 {study['ab_clicks_over_optimized_interleaving']}x, "
               f"CTR {study['ab_ctr_over_optimized_interleaving']}x; "
               f"closed form at 50% power: {power50}", flush=True)
+        for effect, block in study["sequential"].items():
+            print(f"  read after every session, always-valid (mSPRT, {effect}): team draft "
+                  f"{block['interleaving']['median_sessions_needed']}, optimized "
+                  f"{block['optimized_interleaving']['median_sessions_needed']}, A/B clicks@10 "
+                  f"{block['ab_clicks']['median_sessions_needed']} ({block['ab_clicks_over_optimized_interleaving']}x), "
+                  f"A/B CTR {block['ab_ctr']['median_sessions_needed']} ({block['ab_ctr_over_optimized_interleaving']}x); "
+                  f"wrong-way stops: " + ", ".join(f"{t} {block[t]['seeds_wrong']}" for t in
+                                                   ("interleaving", "optimized_interleaving", "ab_clicks", "ab_ctr")),
+                  flush=True)
+        if args.null:
+            blind = pair_pages(name_a, name_b, rankings, dataset.qrels, queries, max_grade, BLIND_USERS)
+            pair["null_users"] = study_null(blind, grid(args.null_max_sessions), args.seeds)
+            print(f"  users blind to relevance, up to {args.null_max_sessions:,} sessions: seeds ever significant: "
+                  f"fixed-sample tests read at {pair['null_users']['looks_fixed_sample']} grid counts "
+                  f"{pair['null_users']['false_positive_rate_fixed_sample_read_at_every_grid_count']}; always-valid read "
+                  f"after every session {pair['null_users']['false_positive_rate_always_valid_read_after_every_session']}",
+                  flush=True)
         for spread in args.spread:
             hetero = study_pair(pages, better, counts, args.seeds, spread)
             report["heterogeneous_users"].append({"a": name_a, "b": name_b, "spread": spread, **hetero})

@@ -44,6 +44,7 @@ from search.interleaving import (
     INTERLEAVING_METHODS, OPTIMIZED, TEAM_A, TEAM_B, TEAM_CREDIT, TEAM_SHARED, TEAMS, optimized_interleave, team_draft,
 )
 from search.rules import request_rng
+from ltr.sequential_test import SEQUENTIAL_EFFECT, SEQUENTIAL_MIN, always_valid_p_value, requests_to_decide
 
 if TYPE_CHECKING:  # ltr.ranker loads xgboost: `models compare` and `--help` never need it
     from ltr.ranker import LtrPipeline, ScoredWindow
@@ -55,6 +56,13 @@ APPLICATION_ID = 0x4C545258  # "LTRX": marks the file as an experiment log
 SHADOW_TOP = 20  # documents of each ranking kept per shadow row
 ALPHA = 0.05  # significance level of the interleaving tests (sign test, t-test)
 MIN_DECIDED = 6  # fewest decided requests whose unanimous outcome is significant: 2 * 0.5**6 = 0.031 < ALPHA
+# How `models compare` is read. "sequential" (default): the verdict comes from the always-valid
+# p-value of the mean per-request credit (`ltr.sequential_test`), right however often the
+# comparison is looked at while requests come in; "fixed": from the fixed-sample test (t-test or
+# sign test), right only when the number of requests was fixed before the first look (read at 17
+# growing sample sizes it called 50-60% of no-difference comparisons significant:
+# bench/bench_interleaving.py --null).
+READINGS: tuple[str, ...] = ("sequential", "fixed")
 AGREEMENT_DEPTH = 10
 RBO_PERSISTENCE = 0.9
 
@@ -431,19 +439,26 @@ class RequestOutcome:
 
 @dataclass
 class InterleavingComparison:
-    """Which model the interleaved requests prefer. Team-draft pages only: a sign test of wins
-    against losses. Any optimized page: a t-test of the mean per-request credit against 0 (its
-    credit is fair in the mean, not in its sign); team-draft requests count +1 / -1 per click there."""
+    """Which model the interleaved requests prefer. Read sequentially (the default), the verdict
+    is the always-valid p-value of the mean per-request credit: safe to check as often as one
+    likes. Read as a fixed sample: team-draft pages only, a sign test of wins against losses; any
+    optimized page, a t-test of the mean per-request credit against 0 (its credit is fair in the
+    mean, not in its sign); team-draft requests count +1 / -1 per click there."""
 
     model_a: str
     model_b: str
     requests: list[RequestOutcome]
     unmatched_clicks: int = 0  # clicks whose position or document is not on the logged page
     shadow: dict[str, Any] | None = None
-    test: str = "sign"  # "sign" (team draft) or "t" (optimized interleaving)
+    test: str = "sign"  # the fixed-sample test: "sign" (team draft) or "t" (optimized interleaving)
+    reading: str = READINGS[0]
+
+    def __post_init__(self) -> None:
+        if self.reading not in READINGS:
+            raise ValueError(f"reading must be one of {', '.join(READINGS)}, got {self.reading!r}")
 
     def credits(self) -> np.ndarray:
-        """Each request's summed credit for A over B (0 without a credited click)."""
+        """Each request's summed credit for A over B (0 without a credited click), in log order."""
         return np.array([r.credit for r in self.requests], dtype=np.float64)
 
     @property
@@ -464,8 +479,9 @@ class InterleavingComparison:
 
     @property
     def p_value(self) -> float:
-        """Sign test: two-sided binomial of wins against losses under no preference (p = 1/2).
-        t-test: two-sided one-sample t-test of the per-request credit against a mean of 0."""
+        """The fixed-sample test. Sign test: two-sided binomial of wins against losses under no
+        preference (p = 1/2). t-test: two-sided one-sample t-test of the per-request credit
+        against a mean of 0."""
         decided = self.wins + self.losses
         if decided == 0:
             return 1.0
@@ -481,14 +497,23 @@ class InterleavingComparison:
 
         return float(binomtest(self.wins, decided, 0.5, alternative="two-sided").pvalue)
 
+    @property
+    def always_valid_p_value(self) -> float:
+        """The mSPRT's p-value of a mean per-request credit of 0, as if read after every request."""
+        return always_valid_p_value(self.credits())
+
+    @property
+    def decision_p_value(self) -> float:
+        return self.always_valid_p_value if self.reading == "sequential" else self.p_value
+
     def _lead(self) -> float:
-        """> 0 when A is ahead: the mean credit (t-test) or wins minus losses (sign test)."""
-        return self.mean_credit if self.test == "t" else float(self.wins - self.losses)
+        """> 0 when A is ahead: the mean credit (t-test, sequential) or wins minus losses (sign test)."""
+        return float(self.wins - self.losses) if self.test == "sign" and self.reading == "fixed" else self.mean_credit
 
     @property
     def preferred(self) -> str | None:
         lead = self._lead()
-        if self.p_value >= ALPHA or lead == 0:
+        if self.decision_p_value >= ALPHA or lead == 0:
             return None
         return self.model_a if lead > 0 else self.model_b
 
@@ -496,12 +521,13 @@ class InterleavingComparison:
         preferred = self.preferred
         if preferred is None:
             return "no significant preference"
-        return f"{preferred} preferred (p = {self.p_value:.3g} < {ALPHA})"
+        kind = "always-valid p" if self.reading == "sequential" else "p"
+        return f"{preferred} preferred ({kind} = {self.decision_p_value:.3g} < {ALPHA})"
 
     def note(self) -> str | None:
         """Why an undecided comparison is undecided, when the sample is too small to say more:
-        no decided request, fewer than a unanimous result needs, or the decided requests the
-        observed win rate would need (normal approximation). None once a preference is significant."""
+        no decided request, fewer than a unanimous result needs, or the requests the observed
+        mean credit (or win rate) would need. None once a preference is significant."""
         if self.preferred is not None:
             return None
         decided = self.wins + self.losses
@@ -509,14 +535,22 @@ class InterleavingComparison:
             return ("sample too small to decide: no request with more clicks for one model "
                     "(no clicks, only ties, or clicks only on results both rank alike)")
         z = NormalDist().inv_cdf(1 - ALPHA / 2)
-        if self.test == "t":
+        if self.test == "t" or self.reading == "sequential":
             credits = self.credits()
             mean, sd = float(credits.mean()), float(credits.std(ddof=1)) if len(credits) > 1 else 0.0
             if mean == 0:
                 return f"no preference at all in {len(credits)} interleaved requests (mean credit 0)"
             if sd == 0:
                 return (f"sample too small to decide: all {len(credits)} interleaved requests have credit {mean:+.4f}; "
-                        "a t-test needs them to vary")
+                        "a test of their mean needs them to vary")
+            if self.reading == "sequential":
+                needed = requests_to_decide(mean / sd, ALPHA)
+                fixed = self.p_value
+                read_once = (f"; the fixed-sample p = {fixed:.3g} is below {ALPHA}, which would hold only for a "
+                             "number of requests fixed before the first look" if fixed < ALPHA else "")
+                return (f"sample too small to decide: at the observed mean credit {mean:+.4f} (sd {sd:.4f}) about "
+                        f"{max(needed, SEQUENTIAL_MIN):,} interleaved requests would reach an always-valid p < {ALPHA}; "
+                        f"{len(credits):,} so far" + read_once)
             needed = math.ceil((z * sd / mean) ** 2)
             return (f"sample too small to decide: at the observed mean credit {mean:+.4f} (sd {sd:.4f}) about "
                     f"{needed:,} interleaved requests would reach p < {ALPHA}; {len(credits):,} so far")
@@ -540,18 +574,20 @@ class InterleavingComparison:
             "clicks_a": sum(r.clicks_a for r in self.requests), "clicks_b": sum(r.clicks_b for r in self.requests),
             "clicks_shared": sum(r.clicks_shared for r in self.requests),
             "unmatched_clicks": self.unmatched_clicks, "test": self.test, "mean_credit": self.mean_credit,
-            "p_value": self.p_value, "alpha": ALPHA,
+            "p_value": self.p_value, "alpha": ALPHA, "reading": self.reading,
+            "always_valid_p_value": self.always_valid_p_value, "sequential_effect": SEQUENTIAL_EFFECT,
             "preferred": self.preferred, "verdict": self.verdict(), "note": self.note(), "shadow": self.shadow,
             "per_request": [{**asdict(r), "outcome": r.outcome} for r in self.requests],
         }
 
 
 def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedRequest],
-                        clicks: Iterable[Event]) -> InterleavingComparison:
+                        clicks: Iterable[Event], reading: str = READINGS[0]) -> InterleavingComparison:
     """Credit clicks to teams, and sum each request's credit. `pages` of the pair in either order:
     team labels and credits are turned so that 'A' is `model_a` here ("=" stays); pages of other
     pairs are ignored. A click on a "=" document is counted but credited to neither team. A
-    document clicked twice on one page counts once. Any optimized page makes the test a t-test."""
+    document clicked twice on one page counts once. Any optimized page makes the fixed-sample test
+    a t-test. `reading`: "sequential" (always-valid verdict) or "fixed" (`READINGS`)."""
     oriented: dict[str, tuple[InterleavedRequest, bool]] = {}  # request id -> (page, swapped)
     for page in pages:
         if (page.model_a, page.model_b) == (model_a, model_b):
@@ -576,7 +612,7 @@ def compare_interleaved(model_a: str, model_b: str, pages: Iterable[InterleavedR
                                float(sum(credit[rid].values())))
                 for rid in oriented]
     optimized = any(pick.credit is not None for page, _ in oriented.values() for pick in page.teams)
-    return InterleavingComparison(model_a, model_b, outcomes, unmatched, test="t" if optimized else "sign")
+    return InterleavingComparison(model_a, model_b, outcomes, unmatched, test="t" if optimized else "sign", reading=reading)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,11 +687,14 @@ def render(report: dict[str, Any]) -> str:
                  + (f", {shared} on results both rank alike (credited to neither)" if shared else "")
                  + (f"; {report['unmatched_clicks']} clicks not on a logged page position" if report["unmatched_clicks"] else ""))
     p = report["p_value"]
-    if report.get("test") == "t":
-        lines.append(f"t-test (two-sided, mean credit per request {report['mean_credit']:+.4f} vs 0, optimized interleaving): "
-                     f"p = {p:.4g} -> {report['verdict']}")
+    fixed = (f"t-test (two-sided, mean credit per request {report['mean_credit']:+.4f} vs 0, optimized interleaving): "
+             if report.get("test") == "t" else "sign test (two-sided binomial, wins vs losses): ") + f"p = {p:.4g}"
+    if report.get("reading") == "sequential":
+        lines.append(f"{fixed} (holds for a number of requests fixed before the first look)")
+        lines.append(f"always-valid test (mSPRT, mean credit per request {report['mean_credit']:+.4f} vs 0; holds however "
+                     f"often it is read): p = {report['always_valid_p_value']:.4g} -> {report['verdict']}")
     else:
-        lines.append(f"sign test (two-sided binomial, wins vs losses): p = {p:.4g} -> {report['verdict']}")
+        lines.append(f"{fixed} -> {report['verdict']}")
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     shadow = report["shadow"]

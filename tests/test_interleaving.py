@@ -241,6 +241,12 @@ def _click(page: InterleavedRequest, position: int) -> Event:
     return Event(page.request_id, "click", pick.doc_id, position, page.timestamp + 1)
 
 
+def compare_fixed(*args, **kwargs):
+    """The comparison read as a fixed sample (`models compare --fixed-sample`): these tests check
+    the fixed-sample tests on samples far too small for the always-valid default."""
+    return compare_interleaved(*args, **kwargs, reading="fixed")
+
+
 def test_clicks_are_credited_to_teams_and_the_sign_test_decides():
     pages = [_page(f"r{i}", "ABAB") for i in range(12)]
     clicks = [_click(pages[i], 1) for i in range(10)]  # position 1 is A's: 10 wins for m1
@@ -248,16 +254,16 @@ def test_clicks_are_credited_to_teams_and_the_sign_test_decides():
     clicks += [_click(pages[11], 1), _click(pages[11], 2)]  # one each: a tie
     clicks += [_click(pages[0], 1)]  # the same document clicked again counts once
     clicks += [Event("r1", "click", "not-on-page", 1, 2000.0), Event("elsewhere", "click", "x", 1, 2000.0)]
-    result = compare_interleaved("m1", "m2", pages, clicks)
+    result = compare_fixed("m1", "m2", pages, clicks)
     assert (result.wins, result.losses, result.ties) == (10, 1, 1)
     assert result.unmatched_clicks == 1  # the unknown request is not counted at all
     assert result.p_value == pytest.approx(2 * (1 + 11) / 2 ** 11)  # exact two-sided binomial, n = 11
     assert result.preferred == "m1" and "m1 preferred" in result.verdict()
-    flipped = compare_interleaved("m2", "m1", pages, clicks)  # the other order: the same evidence, turned
+    flipped = compare_fixed("m2", "m1", pages, clicks)  # the other order: the same evidence, turned
     assert (flipped.wins, flipped.losses, flipped.preferred) == (1, 10, "m1")
-    few = compare_interleaved("m1", "m2", pages[:4], clicks)
+    few = compare_fixed("m1", "m2", pages[:4], clicks)
     assert few.wins == 4 and few.p_value == pytest.approx(0.125) and few.verdict() == "no significant preference"
-    assert compare_interleaved("m1", "m2", [], []).p_value == 1.0
+    assert compare_fixed("m1", "m2", [], []).p_value == 1.0
 
 
 def test_an_undecided_comparison_says_when_the_sample_is_too_small():
@@ -267,9 +273,9 @@ def test_an_undecided_comparison_says_when_the_sample_is_too_small():
         clicks = [_click(pages[i], 1) for i in range(wins)]  # position 1: A's document
         clicks += [_click(pages[wins + i], 2) for i in range(losses)]  # position 2: B's
         clicks += [c for i in range(ties) for c in (_click(pages[wins + losses + i], 1), _click(pages[wins + losses + i], 2))]
-        return compare_interleaved("m1", "m2", pages[: wins + losses + ties], clicks)
+        return compare_fixed("m1", "m2", pages[: wins + losses + ties], clicks)
 
-    nothing = compare_interleaved("m1", "m2", pages[:3], [])
+    nothing = compare_fixed("m1", "m2", pages[:3], [])
     assert nothing.note() == ("sample too small to decide: no request with more clicks for one model "
                               "(no clicks, only ties, or clicks only on results both rank alike)")
     unanimous_but_few = compared(5, 0)
@@ -333,7 +339,7 @@ def test_optimized_pages_sum_credit_per_request_and_the_t_test_decides():
     clicks += [_click(pages[8], 2), _click(pages[8], 3)]  # -0.5 + 0.083: a loss
     clicks += [_click(pages[9], 1), _click(pages[9], 2)]  # +0.5 - 0.5: a tie
     clicks += [_click(pages[10], 4), _click(pages[0], 1)]  # credit 0 ("="); a repeated click counts once
-    result = compare_interleaved("m1", "m2", pages, clicks)
+    result = compare_fixed("m1", "m2", pages, clicks)
     per_request = {r.request_id: r for r in result.requests}
     assert per_request["r0"].credit == pytest.approx(0.5) and per_request["r8"].credit == pytest.approx(-0.5 + 1 / 12)
     assert per_request["r9"].outcome == "tie" and per_request["r10"].clicks_shared == 1
@@ -343,20 +349,20 @@ def test_optimized_pages_sum_credit_per_request_and_the_t_test_decides():
     values = [r.credit for r in result.requests]
     assert result.p_value == pytest.approx(ttest_1samp(values, 0.0).pvalue) and result.p_value < 0.05
     assert result.preferred == "m1" and result.mean_credit == pytest.approx(np.mean(values))
-    flipped = compare_interleaved("m2", "m1", pages, clicks)  # the other order: credits turned
+    flipped = compare_fixed("m2", "m1", pages, clicks)  # the other order: credits turned
     assert flipped.mean_credit == pytest.approx(-result.mean_credit) and flipped.preferred == "m1"
     turned = [_optimized_page(p.request_id, [-c for c in credits], models=("m2", "m1")) for p in pages]
-    assert compare_interleaved("m1", "m2", turned, clicks).mean_credit == pytest.approx(result.mean_credit)
+    assert compare_fixed("m1", "m2", turned, clicks).mean_credit == pytest.approx(result.mean_credit)
     report = {**result.to_dict(), "since": None}
     assert report["test"] == "t" and report["per_request"][0]["credit"] == pytest.approx(0.5)
     text = render(report)
     assert "t-test (two-sided, mean credit per request +" in text and "m1 preferred" in text
     assert "  r8  A 1  B 1  credit -0.417  loss" in text
-    few = compare_interleaved("m1", "m2", pages[:3], clicks[:2])  # +0.5, +0.5, 0: too few to decide
+    few = compare_fixed("m1", "m2", pages[:3], clicks[:2])  # +0.5, +0.5, 0: too few to decide
     assert few.preferred is None and few.note().startswith("sample too small to decide: at the observed mean credit +0.3333")
-    alike = compare_interleaved("m1", "m2", pages[:2], clicks[:2])  # +0.5, +0.5: no spread to test
-    assert alike.p_value == 1.0 and "a t-test needs them to vary" in alike.note()
-    mixed = compare_interleaved("m1", "m2", pages[:2] + [_page("td", "AB")], clicks[:2] + [_click(_page("td", "AB"), 2)])
+    alike = compare_fixed("m1", "m2", pages[:2], clicks[:2])  # +0.5, +0.5: no spread to test
+    assert alike.p_value == 1.0 and "a test of their mean needs them to vary" in alike.note()
+    mixed = compare_fixed("m1", "m2", pages[:2] + [_page("td", "AB")], clicks[:2] + [_click(_page("td", "AB"), 2)])
     assert mixed.test == "t" and {r.request_id: r.credit for r in mixed.requests}["td"] == -1.0  # a team-draft click: -1
 
 
@@ -421,6 +427,14 @@ def test_models_compare_reads_the_experiment_log_and_the_event_store(tmp_path, c
     assert cmd_models_compare(home, _compare_args("m1", "m2", *common[:-1])) == 0
     text = capsys.readouterr().out
     assert "wins m1: 7, wins m2: 2" in text and "no significant preference" in text and "overlap@10 0.500" in text
+    assert "sign test (two-sided binomial, wins vs losses): p = 0.1797 (holds for a number of requests fixed" in text
+    assert "always-valid test (mSPRT, mean credit per request +0.5556 vs 0" in text
+    assert "note: sample too small to decide: at the observed mean credit +0.5556" in text  # read sequentially (default)
+    assert report["reading"] == "sequential" and report["always_valid_p_value"] == 1.0  # 9 < 20: too few to trust
+    assert cmd_models_compare(home, _compare_args("m1", "m2", *common[:-1], "--fixed-sample")) == 0
+    text = capsys.readouterr().out
+    assert "sign test (two-sided binomial, wins vs losses): p = 0.1797 -> no significant preference" in text
+    assert "always-valid" not in text
     assert "note: sample too small to decide: at the observed win rate 0.778 about 13 decided requests" in text
     with pytest.raises(ValueError, match="no experiment log"):
         cmd_models_compare(home, _compare_args("m1", "m2", "--events", str(events_path), "--experiments", str(tmp_path / "none")))

@@ -1,6 +1,6 @@
 """`ltr-search models compare A B`: which of two models users prefer, from interleaved traffic.
 
-    ltr-search models compare A B [--since T] [--events PATH] [--experiments PATH] [--name INDEX] [--json]
+    ltr-search models compare A B [--since T] [--events PATH] [--experiments PATH] [--name INDEX] [--fixed-sample] [--json]
 
 Reads the interleaved pages of the pair (in either order) from the experiment log
 (ltr/experiments.py) and the click events on those pages from the event store; a document clicked
@@ -17,6 +17,10 @@ twice on a page counts once.
   comes with a note when the sample is too small to decide (no decided request, fewer than the 6
   a unanimous result needs, or how many decided requests the observed win rate would need).
   A log with both kinds of page is read with the t-test (a team-draft click counts +1 or -1).
+- The verdict, by default, comes from neither: it comes from an always-valid p-value of the mean
+  per-request credit (mSPRT, ltr/sequential_test.py), which stays right however often the
+  comparison is read while requests come in; the fixed-sample test above is printed next to it
+  and decides with --fixed-sample, for a number of requests fixed before the first look.
 When the experiment log also has shadow rankings of
 one model next to the other's served ranking, their agreement on the top 10 is reported too.
 The analysis lives with the other online-experiment code in ltr/experiments.py; this is the command.
@@ -42,6 +46,10 @@ def add_compare_parser(models_subparsers: argparse._SubParsersAction) -> argpars
     compare.add_argument("--experiments", help="experiment log (default HOME/experiments/INDEX.sqlite3)")
     compare.add_argument("--name", help="index (default: the service config's)")
     compare.add_argument("--config", help="service TOML (default $LTR_SEARCH_CONFIG)")
+    compare.add_argument("--fixed-sample", action="store_true",
+                         help="take the verdict from the fixed-sample test (t-test or sign test): right only when the "
+                              "number of requests was fixed before the first look. Default: the always-valid "
+                              "(sequential) p-value, right however often the comparison is read")
     compare.add_argument("--json", action="store_true")
     return compare
 
@@ -67,7 +75,8 @@ def cmd_models_compare(home: Path, args: argparse.Namespace) -> int:
     with EventStore(events_path) as store:
         after = None if since is None else since - CLOCK_SKEW_ALLOWANCE_S
         clicks = [e for e in store.iter_events(since=after, types=["click"]) if e.request_id in wanted]
-    comparison = compare_interleaved(args.model_a, args.model_b, pages, clicks)
+    comparison = compare_interleaved(args.model_a, args.model_b, pages, clicks,
+                                     reading="fixed" if args.fixed_sample else "sequential")
     comparison.shadow = shadow_agreement(args.model_a, args.model_b, shadows)
     report = comparison.to_dict()
     report["since"] = since
