@@ -38,7 +38,8 @@ from search.event_store import CLOCK_SKEW_ALLOWANCE_S, EventStore
 
 def add_compare_parser(models_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     compare = models_subparsers.add_parser(
-        "compare", help="interleaving results of two models: clicks credited per model, t-test or sign test, shadow agreement")
+        "compare", help="interleaving results of two models: clicks credited per model, an always-valid p-value (or "
+        "the fixed-sample t-test / sign test), shadow agreement")
     compare.add_argument("model_a", help="a model version (team A when it was the active one)")
     compare.add_argument("model_b", help="the other model version")
     compare.add_argument("--since", help="only interleaved requests from this time on: unix seconds or ISO 8601 (UTC unless given)")

@@ -7,7 +7,7 @@
     ltr-search models show VERSION
     ltr-search models promote VERSION [--dataset PATH --split SPLIT] [--force]
     ltr-search models rollback
-    ltr-search models compare A B [--since T] [--json]
+    ltr-search models compare A B [--since T] [--fixed-sample] [--json]
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
     delete.add_argument("version")
     from search.app.cli.compare import add_compare_parser  # lazy: start-up time
 
-    add_compare_parser(commands)  # `models compare A B`: interleaving wins/losses and a binomial test
+    add_compare_parser(commands)  # `models compare A B`: interleaving credit, always-valid p (or fixed-sample tests)
 
 
 def run(home: Path, args: argparse.Namespace) -> int:
