@@ -91,6 +91,9 @@ def press_and_wait(page: Page, action) -> None:
     shown = page.locator("input[name=doc_id]").get_attribute("value")
     action()
     page.locator(f"input[name=doc_id]:not([value='{shown}'])").or_(page.locator("#query-done")).first.wait_for(state="attached")
+    # The new document's input can be in the DOM before the page's key handler runs: a key pressed
+    # then was lost under full-suite load (the next wait timed out); wait for the page to finish.
+    page.wait_for_load_state("load")
 
 
 def wait_for(condition, timeout: float = 10.0):
