@@ -59,9 +59,9 @@ MIN_DECIDED = 6  # fewest decided requests whose unanimous outcome is significan
 # How `models compare` is read. "sequential" (default): the verdict comes from the always-valid
 # p-value of the mean per-request credit (`ltr.sequential_test`), right however often the
 # comparison is looked at while requests come in; "fixed": from the fixed-sample test (t-test or
-# sign test), right only when the number of requests was fixed before the first look (read at 17
-# growing sample sizes it called 50-60% of no-difference comparisons significant:
-# bench/bench_interleaving.py --null).
+# sign test), right only when the number of requests was fixed before the first look (read at 21
+# growing sample sizes it called 22-49% of no-difference comparisons significant, the always-valid
+# p 0-6%: bench/bench_interleaving.py --null).
 READINGS: tuple[str, ...] = ("sequential", "fixed")
 AGREEMENT_DEPTH = 10
 RBO_PERSISTENCE = 0.9
