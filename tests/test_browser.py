@@ -8,6 +8,7 @@ Without Chromium (or the playwright package) every test here skips, saying what 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -208,11 +209,14 @@ def test_keyboard_only_judging_pass(served, page):
     assert len(pool) == 5
     assert query_id == query_id_for(query)
     page.goto(f"{url}/login?next=/judge/q/{query_id}")
-    page.keyboard.type(JUDGE_TOKEN)  # the token field has the focus
+    # The token field has the focus (autofocus), which Chromium applies after the load event: keys
+    # typed before it were lost under full-suite load, the login failed and the page stayed there.
+    page.wait_for_function("document.activeElement && document.activeElement.name === 'token'")
+    page.keyboard.type(JUDGE_TOKEN)
     page.keyboard.press("Tab")
     page.keyboard.type("kim")
     page.keyboard.press("Enter")
-    page.wait_for_url(f"**/judge/q/{query_id}")
+    page.wait_for_url(re.compile(rf"^{re.escape(url)}/judge/q/{query_id}$"))  # not the login URL's ?next=
     keys = ["2", "3", "s", "0", "1"]
     for key in keys:
         press_and_wait(page, lambda: page.keyboard.press(key))  # each key submits; the next document loads
