@@ -307,6 +307,9 @@ class ServedExperiments:
     shadow: "LtrPipeline | None" = None  # scores every ltr request's window; logged, never shown
     challenger: "LtrPipeline | None" = None  # team B of interleaved pages (A: the active model)
     errors: tuple[tuple[str, str], ...] = ()  # (experiment, why) for a configured model not used
+    # What interleaving reads (share, method, seed): the config's `[experiments]`, or with the
+    # registry's challenge (`ltr.registry.Challenge`) its model and share.
+    settings: InterleavingSettings | None = None
 
 
 class WindowCapture:

@@ -58,6 +58,7 @@ logger = logging.getLogger("ltr_search.registry")
 MODEL_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "active.json"
+CHALLENGE_FILE = "challenge.json"  # the model interleaved against the active one (`ltr-search retrain --interleave`)
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"
 VERSION_PATTERN = re.compile(r"^m(\d{4,})$")
@@ -487,6 +488,25 @@ def staged_base(stage: BaseStage | None, base: np.ndarray | None, version: str) 
     return base
 
 
+@dataclass(frozen=True)
+class Challenge:
+    """A challenger interleaved against the active model for a share of `ltr` requests until a
+    verdict (`ltr-search retrain --interleave`): the service reads it on every (re)load, unless
+    its config names an `[experiments] interleave_model` of its own."""
+
+    version: str  # the challenger (team B)
+    against: str  # the active model when the challenge started (team A); void once another is active
+    share: float  # of `ltr` requests interleaved
+    started: float  # unix time: its verdict reads the interleaved requests from here on
+
+    def __post_init__(self) -> None:
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0.0 < self.share <= 1.0:
+            raise ValueError(f"a challenge's share of requests must be in (0, 1], got {self.share!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "against": self.against, "share": self.share, "started": self.started}
+
+
 class ModelRegistry:
     """All model versions of one engine home, and which one is active."""
 
@@ -677,6 +697,40 @@ class ModelRegistry:
             self._write_active(previous, state["history"][:-1])
             return previous
 
+    def start_challenge(self, version: str, share: float, started: float) -> Challenge:
+        """Interleave `version` against the active model for `share` of `ltr` requests (replacing
+        any earlier challenge); it must load cleanly and differ from the active model."""
+        with self._lock(f"challenge {version}"):
+            active = self._read_active()["active"]
+            if active is None:
+                raise RegistryError("no active model to interleave a challenger against: promote one first")
+            if version == active:
+                raise RegistryError(f"{version} is the active model: interleaving it with itself compares nothing")
+            self.load(version)
+            challenge = Challenge(version, active, share, float(started))
+            write_json_durably(self.root / CHALLENGE_FILE, challenge.to_dict())
+            fsync_dir(self.root)
+            return challenge
+
+    def challenge(self) -> Challenge | None:
+        """The running challenge, or None."""
+        path = self.root / CHALLENGE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return Challenge(str(data["version"]), str(data["against"]), data["share"], float(data["started"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelCorruptError(f"{path} is unreadable: {exc}") from None
+
+    def end_challenge(self) -> Challenge | None:
+        """Stop interleaving (the service stops on its next reload); the challenge that ran, if any."""
+        with self._lock("end challenge"):
+            challenge = self.challenge()
+            (self.root / CHALLENGE_FILE).unlink(missing_ok=True)
+            fsync_dir(self.root)
+            return challenge
+
     def delete(self, version: str) -> None:
         """Delete a model version for good, refusing the active one. It leaves the rollback
         history too. Durable: the directory is renamed to a temp name (removed by the next save if
@@ -694,6 +748,10 @@ class ModelRegistry:
                 raise ModelInUseError(
                     f"model {version} is the base of the active model {active.version} (a behaviour stage adds to "
                     f"its scores); promote another model before deleting it")
+            challenge = self.challenge()
+            if challenge is not None and challenge.version == version:
+                raise ModelInUseError(f"model {version} is being interleaved against {challenge.against}; end the "
+                                      "challenge (`ltr-search retrain`'s verdict, or `ltr-search models challenge --end`) first")
             if version in state["history"]:
                 self._write_active(state["active"], [v for v in state["history"] if v != version])
             trash = self.root / f".{version}-deleted{TMP_SUFFIX}"

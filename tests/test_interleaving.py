@@ -621,6 +621,44 @@ def test_a_challenger_ranking_alike_shares_every_result_and_its_clicks_credit_no
     assert report["preferred"] is None and "both rank alike" in report["note"]
 
 
+def test_the_service_interleaves_the_registry_challenge_from_its_next_reload(two_models, tmp_path):
+    """`models challenge` (what `retrain --interleave` starts): a real `ltr-search serve` with no
+    [experiments] of its own interleaves the challenger on the challenge's share once reloaded, and
+    stops once the challenge ends and it reloads again."""
+    home = two_models["home"]
+    events = tmp_path / "events.sqlite3"
+    config = tmp_path / "plain.toml"
+    config.write_text(f'events_path = "{events}"\n' + two_models["plain"].read_text())
+    token = {"Authorization": "Bearer challenge-test-token"}
+    with running_service(home, "--name", "topics", "--config", str(config), "--threads", "1",
+                         env={"LTR_SEARCH_ADMIN_TOKEN": "challenge-test-token"}) as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            before = client.post("/search", json={"query": QUERIES[0]}).json()
+            try:
+                started = run_cli(home, "models", "challenge", "m0002", "--share", "1")
+                assert "m0002 interleaved against m0001 on 100% of ltr requests" in started.stdout
+                assert "interleaved against m0001" in run_cli(home, "models", "challenge").stdout
+                not_yet = client.post("/search", json={"query": QUERIES[1]}).json()  # read on reload only
+                assert client.post("/admin/reload", headers=token).status_code == 200
+                during = [client.post("/search", json={"query": q}).json() for q in QUERIES[:3]]
+                hybrid = client.post("/search", json={"query": QUERIES[0], "pipeline": "hybrid"}).json()
+            finally:
+                ended = run_cli(home, "models", "challenge", "--end")
+            assert "challenge ended: m0002" in ended.stdout
+            assert client.post("/admin/reload", headers=token).status_code == 200
+            after = client.post("/search", json={"query": QUERIES[0]}).json()
+    assert not before.get("interleaved") and not not_yet.get("interleaved") and not after.get("interleaved")
+    assert all(page["interleaved"] is True and page["model_version"] == "m0001" for page in during)
+    assert "interleaved" not in hybrid
+    with ExperimentLog(home / "experiments" / "topics.sqlite3", create=False) as log:
+        logged = {row.request_id: row for row in log.iter_interleaved(models=("m0001", "m0002"))}
+    for page in during:
+        row = logged[page["request_id"]]
+        assert (row.model_a, row.model_b) == ("m0001", "m0002") and all(p.credit is not None for p in row.teams)
+    assert after["request_id"] not in logged and not_yet["request_id"] not in logged
+    assert "no challenge running" in run_cli(home, "models", "challenge").stdout
+
+
 def test_shadow_scoring_logs_and_never_changes_the_page(two_models, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -333,3 +333,36 @@ def test_concurrent_saves_get_distinct_versions(registry, booster):
     assert registry.version_ids() == ["m0001", "m0002", "m0003", "m0004"]
     for version in registry.version_ids():
         registry.load(version)
+
+
+def test_a_challenge_interleaves_a_loadable_model_against_the_active_one(registry, booster):
+    from ltr.registry import Challenge, ModelInUseError
+
+    for seed in range(3):
+        save(registry, train(seed, rounds=3))
+    with pytest.raises(RegistryError, match="no active model to interleave a challenger against"):
+        registry.start_challenge("m0002", 0.2, 100.0)
+    registry.promote("m0001")
+    with pytest.raises(RegistryError, match="m0001 is the active model"):
+        registry.start_challenge("m0001", 0.2, 100.0)
+    with pytest.raises(ModelNotFoundError):
+        registry.start_challenge("m0009", 0.2, 100.0)
+    for share in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match=r"share of requests must be in \(0, 1\]"):
+            registry.start_challenge("m0002", share, 100.0)
+    assert registry.challenge() is None and registry.end_challenge() is None
+    challenge = registry.start_challenge("m0002", 0.25, 100.0)
+    assert challenge == Challenge("m0002", "m0001", 0.25, 100.0) == registry.challenge()
+    assert json.loads((registry_dir(registry.home) / "challenge.json").read_text()) == challenge.to_dict()
+    with pytest.raises(ModelInUseError, match="m0002 is being interleaved against m0001"):
+        registry.delete("m0002")
+    assert registry.start_challenge("m0003", 1.0, 200.0).version == "m0003"  # replaces the running one
+    model_path = registry_dir(registry.home) / "m0002" / "model.json"
+    model_path.write_bytes(model_path.read_bytes() + b" ")
+    with pytest.raises(ModelCorruptError, match="m0002"):  # a challenger must load cleanly, as a promoted model
+        registry.start_challenge("m0002", 0.5, 300.0)
+    assert registry.challenge().version == "m0003"
+    assert registry.end_challenge().version == "m0003" and registry.challenge() is None
+    (registry_dir(registry.home) / "challenge.json").write_text("{not json")
+    with pytest.raises(ModelCorruptError, match="challenge.json is unreadable"):
+        registry.challenge()

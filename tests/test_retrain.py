@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from ltr.registry import ModelRegistry
-from search.app.cli.retrain import EXIT_BUSY, EXIT_ERROR, EXIT_NOTHING_NEW, EXIT_PROMOTED, EXIT_REFUSED
-from search.event_store import EventStore
+from ltr.experiments import ExperimentLog, InterleavedRequest, TeamPick
+from search.app.cli.retrain import (
+    EXIT_BUSY, EXIT_ERROR, EXIT_INTERLEAVING, EXIT_NOTHING_NEW, EXIT_PROMOTED, EXIT_REFUSED,
+)
+from search.event_store import Event, EventStore, ServedRequest, ServedResult
 from tests.conftest import home_sharing_encoder, run_cli
 from tests.test_ltr import _collection
 
@@ -183,3 +186,82 @@ def test_too_little_click_evidence_trains_nothing_and_says_why(tmp_path, shared_
     assert report["outcome"] == "nothing new" and "too little click evidence" in report["reason"]
     assert "nothing trained: too little click evidence" in next((tmp_path / "reports").glob("*.md")).read_text()
     assert registry.version_ids() == [] and not (home / "retrain" / "topics.json").exists()
+
+
+def _interleaved_traffic(home: Path, a: str, b: str, clicks_for: str, requests: int = 40) -> None:
+    """What a service interleaving `a` (team A) with `b` logs: pages with a document credited to
+    each, and a click on `clicks_for`'s document in three requests of four (none in the fourth)."""
+    now = time.time()
+    with ExperimentLog(home / "experiments" / "topics.sqlite3") as log, EventStore(home / "events" / "topics.sqlite3") as store:
+        for i in range(requests):
+            request_id = f"trial-{a}-{b}-{now:.0f}-{i}"
+            picks = (TeamPick(1, "d-a", "A", 0.5), TeamPick(2, "d-b", "B", -0.5))
+            log.log_interleaved(InterleavedRequest(request_id, now + i * 0.01, a, b, 0, picks))
+            store.log_request(ServedRequest(request_id, now + i * 0.01, "trial query", "ltr", "topics", "g-trial", a, None,
+                                            None, 0, [ServedResult(p.doc_id, p.position, 1.0) for p in picks],
+                                            explored=False, interleaved=True))
+            if i % 4:
+                position = 1 if clicks_for == a else 2
+                store.append_events([Event(request_id, "click", picks[position - 1].doc_id, position, now + i * 0.01 + 1)])
+
+
+def test_retrain_interleaves_a_candidate_before_promoting_it(logged, tmp_path):
+    """--interleave: a candidate that passes the gate becomes the registry's challenge (exit 6, the
+    service interleaves it from its next reload); later runs read the interleaved requests with the
+    always-valid test: still undecided -> 6 again; the active model preferred -> refused (3); no
+    preference after --interleave-days -> refused; a promotion since the start -> the trial is void
+    and the run trains anew; the challenger preferred -> promoted (0). Every end removes the challenge."""
+    home = logged["home"]
+    registry = ModelRegistry(home)
+    state = home / "retrain" / "topics.json"
+    if registry.active() is None:  # run alone: a first model, promoted at once (nothing to interleave against)
+        state.unlink(missing_ok=True)
+        first_run = retrain(home, "--interleave", "0.5", "--force")
+        assert first_run.returncode == EXIT_PROMOTED and registry.challenge() is None, first_run.stderr
+
+    def start_trial() -> tuple[str, str]:
+        state.unlink(missing_ok=True)  # every logged page counts as new
+        run = retrain(home, "--interleave", "0.5", "--force", "--json", str(tmp_path / "start.json"))
+        assert run.returncode == EXIT_INTERLEAVING, run.stderr
+        report = json.loads((tmp_path / "start.json").read_text())
+        challenge = registry.challenge()
+        assert report["outcome"] == "interleaving" and report["challenge"] == challenge.to_dict()
+        assert challenge.version == report["candidate"] and challenge.against == registry.active() and challenge.share == 0.5
+        return challenge.against, challenge.version
+
+    active, challenger = start_trial()
+    waiting = retrain(home, "--interleave", "0.5", "--json", str(tmp_path / "wait.json"))
+    assert waiting.returncode == EXIT_INTERLEAVING, waiting.stderr
+    report = json.loads((tmp_path / "wait.json").read_text())
+    assert report["interleaving"]["requests"] == 0 and report["interleaving"]["preferred"] is None
+    assert registry.challenge().version == challenger and registry.active() == active
+    _interleaved_traffic(home, active, challenger, clicks_for=active)
+    refused = retrain(home, "--interleave", "0.5", "--report", str(tmp_path / "reports"))
+    assert refused.returncode == EXIT_REFUSED, refused.stderr
+    assert registry.challenge() is None and registry.active() == active
+    markdown = sorted((tmp_path / "reports").glob("retrain-topics-*.md"))[-1].read_text()
+    assert f"interleaving `{active}` (A) vs `{challenger}` (B)" in markdown and "always-valid p" in markdown
+    assert f"users preferred the active model {active}" in markdown
+
+    active, challenger = start_trial()
+    expired = retrain(home, "--interleave", "0.5", "--interleave-days", "0", "--json", str(tmp_path / "expired.json"))
+    assert expired.returncode == EXIT_REFUSED, expired.stderr
+    assert "no preference after" in json.loads((tmp_path / "expired.json").read_text())["refused"]
+    assert registry.challenge() is None and registry.active() == active
+
+    active, first = start_trial()
+    run_cli(home, "models", "promote", first, "--force")  # an operator promotes the challenger by hand
+    state.unlink()
+    void = retrain(home, "--interleave", "0.5", "--force", "--json", str(tmp_path / "void.json"))
+    assert void.returncode == EXIT_INTERLEAVING, void.stderr  # the void trial ended; a new candidate is interleaved
+    report = json.loads((tmp_path / "void.json").read_text())
+    assert report["challenge_void"]["version"] == first and report["challenge"]["against"] == first
+    active, challenger = registry.active(), registry.challenge().version
+    _interleaved_traffic(home, active, challenger, clicks_for=challenger)
+    promoted = retrain(home, "--interleave", "0.5", "--json", str(tmp_path / "promoted.json"))
+    assert promoted.returncode == EXIT_PROMOTED, promoted.stderr
+    report = json.loads((tmp_path / "promoted.json").read_text())
+    assert report["interleaving"]["preferred"] == challenger and report["interleaving"]["always_valid_p_value"] < 0.05
+    assert registry.active() == challenger and registry.challenge() is None
+    bad = retrain(home, "--interleave", "1.5")
+    assert bad.returncode == EXIT_ERROR and "--interleave must be a share of requests in [0, 1]" in bad.stderr

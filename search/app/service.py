@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
+from indexing.home import registry_dir  # noqa: E402
 from ltr.behaviour import BehaviourStore  # noqa: E402
 from ltr.experiments import ExperimentLog  # noqa: E402
 from search.app.config import ServiceConfig, load_service_config  # noqa: E402
@@ -115,7 +116,9 @@ def create_app(config: ServiceConfig, event_store: EventStore | None = None,
     store = event_store or EventStore(config.event_store_path)
     aggregates = behaviour_store or BehaviourStore.for_index(config.home, config.index)  # updated after every stored event batch
     experiments_log = experiment_log
-    if experiments_log is None and config.experiments.enabled:
+    # Open whenever a model could be interleaved: configured, or a registry challenge started by
+    # `ltr-search retrain --interleave` while the service runs (it is read on reload).
+    if experiments_log is None and (config.experiments.enabled or registry_dir(config.home).is_dir()):
         try:
             experiments_log = ExperimentLog(config.experiment_log_path)
         except Exception as exc:  # experiments are off without their log; serving goes on

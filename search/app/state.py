@@ -7,6 +7,7 @@ change (one `os.stat` per request) and reloads before answering its next request
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from indexing.elastic import ElasticsearchError
 from ltr.drift import DriftMonitor
 from ltr.experiments import ServedExperiments, scoring_problem
 from ltr.ranker import LtrPipeline, ModelUnavailableError
-from ltr.registry import RegistryError
+from ltr.registry import Challenge, ModelRegistry, RegistryError
 from search.app.config import ServiceConfig
 from search.app.errors import ApiError
 from search.app.preload import load_model
@@ -178,8 +179,9 @@ class ServingState:
                 pipelines["ltr"] = self._serve(index, learned)
                 model_version = learned.version
                 drift = DriftMonitor.for_manifest(learned.model.manifest)
-                if config.experiments.enabled:
-                    experiments = self._experiments(index, learned)
+                challenge = self._challenge(learned)
+                if config.experiments.enabled or challenge is not None:
+                    experiments = self._experiments(index, learned, challenge)
             except ModelUnavailableError as exc:
                 model_error = str(exc)
             except RegistryError as exc:  # refused: parity, checksum or feature-set mismatch
@@ -192,10 +194,29 @@ class ServingState:
             logger.warning("default pipeline %s unavailable on index %s; using %s", config.default_pipeline, index.name, default)
         return Snapshot(index, pipelines, default, model_version, model_error, experiments, drift)
 
-    def _experiments(self, index: SearchBackend, served: LtrPipeline) -> ServedExperiments:
+    def _challenge(self, served: LtrPipeline) -> Challenge | None:
+        """The registry's challenge against the served model (`ltr-search retrain --interleave`), unless
+        the config names a challenger of its own; None when there is none, or it was started against
+        another model (void since a promotion)."""
+        if self.config.experiments.interleave_model is not None:
+            return None
+        try:
+            challenge = ModelRegistry(self.config.home).challenge()
+        except RegistryError as exc:  # an unreadable challenge never breaks serving
+            logger.error("the registry's challenge is not used: %s", exc)
+            return None
+        if challenge is not None and challenge.against != served.version:
+            logger.warning("the registry's challenge of %s was started against %s, not the served %s: not interleaved",
+                           challenge.version, challenge.against, served.version)
+            return None
+        return challenge
+
+    def _experiments(self, index: SearchBackend, served: LtrPipeline, challenge: Challenge | None = None) -> ServedExperiments:
         """Load the shadow and challenger models; one that cannot be used is logged and left out,
         never failing the generation (the active model serves as usual)."""
         settings = self.config.experiments
+        if challenge is not None:
+            settings = dataclasses.replace(settings, interleave_model=challenge.version, interleave_share=challenge.share)
         wanted = {"shadow": settings.shadow_model,
                   "interleave": settings.interleave_model if settings.interleave_share > 0 else None}
         loaded: dict[str, LtrPipeline] = {}
@@ -220,7 +241,7 @@ class ServingState:
                 logger.error("%s", errors[-1][1])
         if chosen["interleave"] is not None and settings.interleave_method == OPTIMIZED:
             import scipy.optimize  # noqa: F401  # its first import takes ~0.3 s: here, not in an interleaved request
-        return ServedExperiments(chosen["shadow"], chosen["interleave"], tuple(errors))
+        return ServedExperiments(chosen["shadow"], chosen["interleave"], tuple(errors), settings)
 
 
 @dataclass

@@ -32,7 +32,9 @@ import json
 from pathlib import Path
 
 from ltr.click_training import parse_time
-from ltr.experiments import ExperimentLog, ExperimentLogError, compare_interleaved, render, shadow_agreement
+from ltr.experiments import (
+    ExperimentLog, ExperimentLogError, InterleavingComparison, ShadowRanking, compare_interleaved, render, shadow_agreement,
+)
 from search.event_store import CLOCK_SKEW_ALLOWANCE_S, EventStore
 
 
@@ -55,6 +57,24 @@ def add_compare_parser(models_subparsers: argparse._SubParsersAction) -> argpars
     return compare
 
 
+def read_comparison(log_path: Path, events_path: Path, model_a: str, model_b: str, since: float | None,
+                    reading: str = "sequential") -> tuple[InterleavingComparison, list[ShadowRanking]]:
+    """The pair's interleaved pages since `since` (experiment log) credited with their clicks
+    (event store), and the shadow rankings of that time; what `models compare` and `retrain`'s
+    interleaving verdict read."""
+    try:
+        with ExperimentLog(log_path, create=False) as log:
+            pages = list(log.iter_interleaved(since, (model_a, model_b)))
+            shadows = list(log.iter_shadow(since))
+    except ExperimentLogError as exc:
+        raise ValueError(str(exc)) from None
+    wanted = {page.request_id for page in pages}
+    with EventStore(events_path) as store:
+        after = None if since is None else since - CLOCK_SKEW_ALLOWANCE_S
+        clicks = [e for e in store.iter_events(since=after, types=["click"]) if e.request_id in wanted]
+    return compare_interleaved(model_a, model_b, pages, clicks, reading=reading), shadows
+
+
 def cmd_models_compare(home: Path, args: argparse.Namespace) -> int:
     from search.app.config import load_service_config  # its backend factory loads the index code: only when run
 
@@ -66,18 +86,8 @@ def cmd_models_compare(home: Path, args: argparse.Namespace) -> int:
     if not events_path.is_file():
         raise ValueError(f"{events_path}: no event store (pass --events PATH)")
     log_path = Path(args.experiments) if args.experiments else config.experiment_log_path
-    try:
-        with ExperimentLog(log_path, create=False) as log:
-            pages = list(log.iter_interleaved(since, (args.model_a, args.model_b)))
-            shadows = list(log.iter_shadow(since))
-    except ExperimentLogError as exc:
-        raise ValueError(str(exc)) from None
-    wanted = {page.request_id for page in pages}
-    with EventStore(events_path) as store:
-        after = None if since is None else since - CLOCK_SKEW_ALLOWANCE_S
-        clicks = [e for e in store.iter_events(since=after, types=["click"]) if e.request_id in wanted]
-    comparison = compare_interleaved(args.model_a, args.model_b, pages, clicks,
-                                     reading="fixed" if args.fixed_sample else "sequential")
+    comparison, shadows = read_comparison(log_path, events_path, args.model_a, args.model_b, since,
+                                          "fixed" if args.fixed_sample else "sequential")
     comparison.shadow = shadow_agreement(args.model_a, args.model_b, shadows)
     report = comparison.to_dict()
     report["since"] = since

@@ -8,6 +8,7 @@
     ltr-search models promote VERSION [--dataset PATH --split SPLIT] [--force]
     ltr-search models rollback
     ltr-search models compare A B [--since T] [--fixed-sample] [--json]
+    ltr-search models challenge [VERSION --share S | --end]
 """
 from __future__ import annotations
 
@@ -119,6 +120,12 @@ def add_models_arguments(models: argparse.ArgumentParser) -> None:
                                "scores equal to XGBoost's; tl2cgen: Treelite + TL2cgen if-else code (slower, see README)")
     delete = commands.add_parser("delete", help="delete a stored model (never the active one)")
     delete.add_argument("version")
+    challenge = commands.add_parser(
+        "challenge", help="interleave a model against the active one for a share of ltr requests (read by the "
+                          "service on reload), show the running challenge, or --end it")
+    challenge.add_argument("version", nargs="?", help="the challenger; without it (and --end): show the challenge")
+    challenge.add_argument("--share", type=float, default=0.2, help="share of ltr requests interleaved (default 0.2)")
+    challenge.add_argument("--end", action="store_true", help="stop interleaving (on the service's next reload)")
     from search.app.cli.compare import add_compare_parser  # lazy: start-up time
 
     add_compare_parser(commands)  # `models compare A B`: interleaving credit, always-valid p (or fixed-sample tests)
@@ -141,7 +148,7 @@ def run(home: Path, args: argparse.Namespace) -> int:
 
         return cmd_models_compare(home, args)
     handler = {"list": cmd_list, "show": cmd_show, "promote": cmd_promote, "rollback": cmd_rollback,
-               "delete": cmd_delete, "compile": cmd_compile}
+               "delete": cmd_delete, "compile": cmd_compile, "challenge": cmd_challenge}
     return handler[args.models_command](home, args)
 
 
@@ -424,12 +431,13 @@ def cmd_show(home: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_promote(home: Path, args: argparse.Namespace, gated: Any = None) -> int:
+def cmd_promote(home: Path, args: argparse.Namespace, gated: Any = None, dry_run: bool = False) -> int:
     """Make a model active if the gate lets it: on held-out queries it must not be significantly
     worse than the fusion baseline nor than the active model (`eval.gate`); without held-out
     queries, its inner-CV evidence from training decides, and replacing an active model needs a
     split or --force. `gated`: the gate's result for this candidate and the current active model,
-    already computed by the caller (`retrain` choosing between candidates), not run again."""
+    already computed by the caller (`retrain` choosing between candidates), not run again.
+    `dry_run`: every check (PromotionRefused when one fails), nothing promoted (`retrain --interleave`)."""
     from eval.gate import training_evidence  # lazy: start-up time (eval and xgboost)
     from ltr.registry import ModelRegistry  # lazy: start-up time
 
@@ -477,6 +485,8 @@ def cmd_promote(home: Path, args: argparse.Namespace, gated: Any = None) -> int:
             f"promoting {args.version} over the active {active} needs the held-out judged queries of the gate "
             "(--dataset PATH --split SPLIT), or --force"
         )
+    if dry_run:
+        return 0
     registry.promote(args.version)
     if args.json:
         print(json.dumps({"active": args.version, "previous": active, "gate": gate}, indent=2))
@@ -509,6 +519,33 @@ def cmd_rollback(home: Path, args: argparse.Namespace) -> int:
     previous = registry.active()
     now = registry.rollback()
     print(f"active model: {now} (rolled back from {previous}); reload a running service with POST /admin/reload")
+    return 0
+
+
+def cmd_challenge(home: Path, args: argparse.Namespace) -> int:
+    """`models challenge [VERSION --share S | --end]`: the registry's challenge, which the service
+    interleaves against the active model and `ltr-search retrain` judges (`models compare`)."""
+    import time
+
+    from ltr.registry import ModelRegistry  # lazy: start-up time
+
+    registry = ModelRegistry(home)
+    if args.end or not args.version:
+        if args.end and args.version:
+            raise ValueError("--end takes no version: it ends the running challenge")
+        challenge = registry.end_challenge() if args.end else registry.challenge()
+        if challenge is None:
+            print("no challenge running")
+            return 0
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(challenge.started))
+        print(f"challenge {'ended' if args.end else 'running'}: {challenge.version} interleaved against "
+              f"{challenge.against} on {challenge.share:.0%} of ltr requests since {started}; compare: "
+              f"ltr-search models compare {challenge.against} {challenge.version} --since {started}"
+              + ("; reload a running service with POST /admin/reload" if args.end else ""))
+        return 0
+    challenge = registry.start_challenge(args.version, args.share, time.time())
+    print(f"challenge: {challenge.version} interleaved against {challenge.against} on {challenge.share:.0%} of ltr "
+          "requests once a running service reloads (POST /admin/reload)")
     return 0
 
 

@@ -216,8 +216,10 @@ EXIT_ERROR = 1  # anything unexpected; 2 stays argparse's usage error
 EXIT_REFUSED = 3  # a candidate was trained and the gate refused it: the active model is unchanged
 EXIT_NOTHING_NEW = 4  # no clicked page since the last run, or too little click evidence: nothing trained
 EXIT_BUSY = 5  # another retrain of this index holds the lock
+EXIT_INTERLEAVING = 6  # --interleave: a challenger is interleaved (just started, or still undecided): reload the service
 OUTCOMES = {EXIT_PROMOTED: "promoted", EXIT_ERROR: "error", EXIT_REFUSED: "refused", EXIT_NOTHING_NEW: "nothing new",
-            EXIT_BUSY: "busy"}
+            EXIT_BUSY: "busy", EXIT_INTERLEAVING: "interleaving"}
+DEFAULT_INTERLEAVE_DAYS = 14.0
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -230,8 +232,10 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Bring the behaviour aggregates up to date, train a candidate from the logged clicks (click-model method), "
         "gate it (held-out judgments when --dataset/--split are given, else the off-policy estimate) and promote it "
-        "or refuse. Exit status: 0 promoted, 3 refused, 4 nothing new, 5 another retrain holds the lock, 1 error. "
-        "Holds a lock per index; killing it at any point leaves the active model and the events intact.")
+        "or refuse; with --interleave, a candidate that passes the gate is first interleaved against the active "
+        "model and promoted only once users prefer it. Exit status: 0 promoted, 3 refused, 4 nothing new, 5 another "
+        "retrain holds the lock, 6 interleaving (started or undecided), 1 error. Holds a lock per index; killing it "
+        "at any point leaves the active model and the events intact.")
     add_train_arguments(parser)
     parser.set_defaults(from_events=True)
     job = parser.add_argument_group("the retraining job")
@@ -242,6 +246,14 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
                      help="judgments too: also train a candidate on this BEIR dataset's --train-split (as `train "
                           "--dataset`); the gate (--dataset/--split, required then) promotes the better candidate")
     job.add_argument("--train-split", default="train", help="the judged split of --train-dataset (default train)")
+    job.add_argument("--interleave", type=float, default=0.0, metavar="SHARE",
+                     help="interleave a candidate that passes the gate against the active model on this share of ltr "
+                          "requests (0 < SHARE <= 1; the service reads it on reload), instead of promoting it; later "
+                          "runs promote it once the always-valid interleaving test prefers it, or end the trial when "
+                          "it prefers the active model or after --interleave-days (default 0: promote at once)")
+    job.add_argument("--interleave-days", type=float, default=DEFAULT_INTERLEAVE_DAYS, metavar="DAYS",
+                     help=f"end an undecided interleaving trial after this many days, keeping the active model "
+                          f"(default {DEFAULT_INTERLEAVE_DAYS:g})")
     job.add_argument("--report", metavar="DIR", help="where the markdown report and plot go (default HOME/reports)")
     job.add_argument("--json", dest="json_out", metavar="OUT", help="also write the report as JSON")
 
@@ -311,10 +323,15 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
     from eval.click_models import NotEnoughClicksError  # lazy: start-up time
     from indexing.home import reports_dir  # lazy: start-up time
     from ltr.behaviour import BehaviourStore  # lazy: start-up time
+    from ltr.registry import ModelRegistry  # lazy: start-up time
     from search.app.cli.models import PromotionRefused, cmd_promote  # lazy: start-up time
     from search.app.config import load_service_config  # lazy: start-up time
     from search.event_store import EventStore  # lazy: start-up time
 
+    if not 0.0 <= args.interleave <= 1.0:
+        raise ValueError(f"--interleave must be a share of requests in [0, 1], got {args.interleave:g}")
+    if args.interleave_days < 0:
+        raise ValueError(f"--interleave-days must be >= 0, got {args.interleave_days:g}")
     started = time.time()
     index = events_index(home, args.name, args.config)
     args.name = index
@@ -339,6 +356,12 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         report["new_clicked_pages"] = new_pages
         log(f"retrain[{index}]: aggregates +{summary.events_applied:,} events; {new_pages:,} clicked pages since the "
             "last run")
+        registry = ModelRegistry(home)
+        challenge = registry.challenge()
+        if challenge is not None:
+            code = _judge_challenge(home, args, report, registry, challenge, config, events_path)
+            if code is not None:
+                return _finish(home, args, report, code, state_path, state, None)
         if new_pages < max(args.min_new_pages, 1):
             return _finish(home, args, report, EXIT_NOTHING_NEW, state_path, state, None)
         if args.train_dataset and not (args.dataset and args.split):
@@ -367,14 +390,77 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
             es_url=getattr(args, "es_url", None))
         new_state = {**state, "last_request_ts": record["time_range"]["last_ts"], "last_event_seq": last_seq,
                      "last_candidate": manifest.version}
+        trial = args.interleave > 0 and registry.active() is not None  # without an active model: nothing to interleave against
         try:
-            cmd_promote(home, promote_args, gated)
+            cmd_promote(home, promote_args, gated, dry_run=trial)
         except PromotionRefused as exc:
             report["refused"] = str(exc)
             return _finish(home, args, report, EXIT_REFUSED, state_path, new_state, result)
+        if trial:
+            challenge = registry.start_challenge(manifest.version, args.interleave, time.time())
+            report["challenge"] = challenge.to_dict()
+            log(f"retrain[{index}]: {manifest.version} passed the gate; interleaved against {challenge.against} on "
+                f"{challenge.share:.0%} of ltr requests from the service's next reload, until users prefer one (or "
+                f"{args.interleave_days:g} days)")
+            return _finish(home, args, report, EXIT_INTERLEAVING, state_path, new_state, result)
         return _finish(home, args, report, EXIT_PROMOTED, state_path, new_state, result)
     finally:
         lock.release()
+
+
+def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any], registry: Any, challenge: Any,
+                     config: Any, events_path: Path) -> int | None:
+    """A running interleaving trial: promote the challenger once the always-valid test prefers it,
+    end the trial when it prefers the active model or when it has run --interleave-days undecided,
+    else keep interleaving. None: the trial was void (another model was promoted since it
+    started): ended, and this run goes on to train as usual."""
+    import time
+
+    from search.app.cli.compare import read_comparison  # lazy: start-up time
+    from search.app.cli.models import cmd_promote  # lazy: start-up time
+
+    index = report["index"]
+    if registry.active() != challenge.against:
+        registry.end_challenge()
+        log(f"retrain[{index}]: the interleaving trial of {challenge.version} against {challenge.against} is void: "
+            f"{registry.active()} was made active since; ended")
+        report["challenge_void"] = challenge.to_dict()
+        return None
+    log_path = config.experiment_log_path
+    if log_path.is_file():
+        comparison, _ = read_comparison(log_path, events_path, challenge.against, challenge.version, challenge.started)
+        summary = comparison.to_dict()
+    else:  # the service has not interleaved a request yet
+        summary = {"requests": 0, "requests_with_clicks": 0, "mean_credit": 0.0, "p_value": 1.0,
+                   "always_valid_p_value": 1.0, "preferred": None, "verdict": "no significant preference",
+                   "note": "no interleaved request logged yet: reload the service (POST /admin/reload)"}
+    days = (time.time() - challenge.started) / 86400
+    report["challenge"] = challenge.to_dict()
+    report["interleaving"] = {**{k: summary[k] for k in ("requests", "requests_with_clicks", "mean_credit", "p_value",
+                                                         "always_valid_p_value", "preferred", "verdict", "note")},
+                              "days": round(days, 3)}
+    report["candidate"] = challenge.version
+    log(f"retrain[{index}]: interleaving {challenge.against} (A) vs {challenge.version} (B) for {days:.1f} days: "
+        f"{summary['requests']:,} requests, mean credit {summary['mean_credit']:+.4f}, always-valid p "
+        f"{summary['always_valid_p_value']:.3g} -> {summary['verdict']}")
+    if summary["preferred"] == challenge.version:
+        promote_args = argparse.Namespace(version=challenge.version, dataset=None, split=None, name=index, force=True,
+                                          quiet=True, json=False, backend=getattr(args, "backend", None),
+                                          es_url=getattr(args, "es_url", None))
+        cmd_promote(home, promote_args)  # the gate passed when the trial started; users prefer it now
+        registry.end_challenge()
+        return EXIT_PROMOTED
+    if summary["preferred"] == challenge.against:
+        registry.end_challenge()
+        report["refused"] = (f"users preferred the active model {challenge.against} over {challenge.version} "
+                             f"({summary['verdict']})")
+        return EXIT_REFUSED
+    if days >= args.interleave_days:
+        registry.end_challenge()
+        report["refused"] = (f"no preference after {days:.1f} days of interleaving (--interleave-days "
+                             f"{args.interleave_days:g}): {challenge.against} stays active")
+        return EXIT_REFUSED
+    return EXIT_INTERLEAVING
 
 
 def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report: dict[str, Any]) -> tuple[Any, Any]:
@@ -433,7 +519,7 @@ def _finish(home: Path, args: argparse.Namespace, report: dict[str, Any], code: 
     _write_atomically(markdown, _markdown(report, plot))
     if args.json_out:
         _write_atomically(Path(args.json_out), json.dumps(report, indent=2, default=str) + "\n")
-    if code in (EXIT_PROMOTED, EXIT_REFUSED):
+    if code in (EXIT_PROMOTED, EXIT_REFUSED, EXIT_INTERLEAVING):
         _write_atomically(state_path, json.dumps(state, indent=2) + "\n")
     print(f"retrain[{report['index']}]: {report['outcome']}"
           + (f" ({report['candidate']})" if report.get("candidate") else "") + f"; report {markdown}")
@@ -449,7 +535,7 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
              f"- event store: `{report['event_store']}`",
              f"- behaviour aggregates: +{report['aggregates']['events_applied']:,} events applied",
              f"- clicked pages since the last run: {report['new_clicked_pages']:,}"]
-    if report.get("candidate"):
+    if report.get("training"):  # a candidate trained by this run (not a running trial's challenger)
         training = report["training"]
         lines += [f"- click-trained candidate: `{report['click_candidate']}` ({report['trees']} trees), from {training['clicked_pages']:,} "
                   f"clicked pages of {training['queries']:,} queries, click model {training['labels']['model']}, "
@@ -467,6 +553,21 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
                   + (f", significantly worse than {', '.join(gate['worse_than'])}" if gate["worse_than"] else "")]
     if report.get("candidates"):
         lines += [f"- chosen: `{report['candidate']}`"]
+    if report.get("challenge_void"):
+        void = report["challenge_void"]
+        lines += [f"- the interleaving trial of `{void['version']}` against `{void['against']}` was void (another model "
+                  "was made active since it started): ended"]
+    if report.get("interleaving"):
+        trial, challenge = report["interleaving"], report["challenge"]
+        lines += [f"- interleaving `{challenge['against']}` (A) vs `{challenge['version']}` (B) on {challenge['share']:.0%} "
+                  f"of ltr requests for {trial['days']:.1f} days: {trial['requests']:,} requests "
+                  f"({trial['requests_with_clicks']:,} with clicks), mean credit {trial['mean_credit']:+.4f}, "
+                  f"always-valid p {trial['always_valid_p_value']:.3g} (fixed-sample p {trial['p_value']:.3g}): "
+                  f"{trial['verdict']}" + (f"; {trial['note']}" if trial.get("note") else "")]
+    elif report.get("challenge"):
+        challenge = report["challenge"]
+        lines += [f"- interleaving trial started: `{challenge['version']}` against `{challenge['against']}` on "
+                  f"{challenge['share']:.0%} of ltr requests, from the service's next reload"]
     if report.get("refused"):
         lines += [f"- refused: {report['refused']}"]
     if report.get("reason"):

@@ -194,6 +194,7 @@ def plan_experiments(pipeline: RankingPipeline, name: str, snapshot: Snapshot, s
     capture = WindowCapture(pipeline.first_stage)
     run_pipeline = dataclasses.replace(pipeline, first_stage=capture)
     interleaver = None
+    settings = experiments.settings or settings  # with the registry's challenge: its model and share
     rng = interleaving_rng(request_id, settings) if experiments.challenger is not None else None
     if rng is not None:  # interleaved pages are not explored: every propensity is 1
         interleaver = InterleavingRanker(capture, experiments.challenger, rng, settings.interleave_method)
