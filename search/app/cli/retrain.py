@@ -1,7 +1,7 @@
 """Training from clicks without judgments, and `ltr-search retrain`, the job a scheduler runs.
 
     ltr-search train --from-events [--method click-model|pairs] [--label-model pbm|dbn] [--events PATH]
-    ltr-search retrain [--name INDEX] [--dataset PATH --split SPLIT] [--report DIR] [--force]
+    ltr-search retrain [--name INDEX] [--dataset PATH --split SPLIT] [--interleave SHARE] [--report DIR] [--force]
 
 `train --from-events` (method `click-model`, the default) reads every page the request log holds,
 whichever pipeline served it (bm25, hybrid, hybrid-convex or a model; interleaved pages skipped),
