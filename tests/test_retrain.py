@@ -242,6 +242,8 @@ def test_retrain_interleaves_a_candidate_before_promoting_it(logged, tmp_path):
     markdown = sorted((tmp_path / "reports").glob("retrain-topics-*.md"))[-1].read_text()
     assert f"interleaving `{active}` (A) vs `{challenger}` (B)" in markdown and "always-valid p" in markdown
     assert f"users preferred the active model {active}" in markdown
+    plot = sorted((tmp_path / "reports").glob("retrain-topics-*-interleaving.png"))[-1]
+    assert f"![the interleaving trial's p-values, request by request]({plot.name})" in markdown and plot.stat().st_size > 0
 
     active, challenger = start_trial()
     expired = retrain(home, "--interleave", "0.5", "--interleave-days", "0", "--json", str(tmp_path / "expired.json"))

@@ -359,9 +359,9 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
         registry = ModelRegistry(home)
         challenge = registry.challenge()
         if challenge is not None:
-            code = _judge_challenge(home, args, report, registry, challenge, config, events_path)
+            code, credits = _judge_challenge(home, args, report, registry, challenge, config, events_path)
             if code is not None:
-                return _finish(home, args, report, code, state_path, state, None)
+                return _finish(home, args, report, code, state_path, state, None, credits)
         if new_pages < max(args.min_new_pages, 1):
             return _finish(home, args, report, EXIT_NOTHING_NEW, state_path, state, None)
         if args.train_dataset and not (args.dataset and args.split):
@@ -409,11 +409,12 @@ def cmd_retrain(home: Path, args: argparse.Namespace) -> int:
 
 
 def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any], registry: Any, challenge: Any,
-                     config: Any, events_path: Path) -> int | None:
+                     config: Any, events_path: Path) -> tuple[int | None, np.ndarray | None]:
     """A running interleaving trial: promote the challenger once the always-valid test prefers it,
     end the trial when it prefers the active model or when it has run --interleave-days undecided,
-    else keep interleaving. None: the trial was void (another model was promoted since it
-    started): ended, and this run goes on to train as usual."""
+    else keep interleaving; (exit status, the per-request credits read, for the report's plot).
+    None: the trial was void (another model was promoted since it started): ended, and this run
+    goes on to train as usual."""
     import time
 
     from search.app.cli.compare import read_comparison  # lazy: start-up time
@@ -425,11 +426,12 @@ def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any
         log(f"retrain[{index}]: the interleaving trial of {challenge.version} against {challenge.against} is void: "
             f"{registry.active()} was made active since; ended")
         report["challenge_void"] = challenge.to_dict()
-        return None
+        return None, None
     log_path = config.experiment_log_path
+    credits = None
     if log_path.is_file():
         comparison, _ = read_comparison(log_path, events_path, challenge.against, challenge.version, challenge.started)
-        summary = comparison.to_dict()
+        summary, credits = comparison.to_dict(), comparison.credits()
     else:  # the service has not interleaved a request yet
         summary = {"requests": 0, "requests_with_clicks": 0, "mean_credit": 0.0, "p_value": 1.0,
                    "always_valid_p_value": 1.0, "preferred": None, "verdict": "no significant preference",
@@ -449,18 +451,18 @@ def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any
                                           es_url=getattr(args, "es_url", None))
         cmd_promote(home, promote_args)  # the gate passed when the trial started; users prefer it now
         registry.end_challenge()
-        return EXIT_PROMOTED
+        return EXIT_PROMOTED, credits
     if summary["preferred"] == challenge.against:
         registry.end_challenge()
         report["refused"] = (f"users preferred the active model {challenge.against} over {challenge.version} "
                              f"({summary['verdict']})")
-        return EXIT_REFUSED
+        return EXIT_REFUSED, credits
     if days >= args.interleave_days:
         registry.end_challenge()
         report["refused"] = (f"no preference after {days:.1f} days of interleaving (--interleave-days "
                              f"{args.interleave_days:g}): {challenge.against} stays active")
-        return EXIT_REFUSED
-    return EXIT_INTERLEAVING
+        return EXIT_REFUSED, credits
+    return EXIT_INTERLEAVING, credits
 
 
 def _better_candidate(home: Path, args: argparse.Namespace, clicked: Any, report: dict[str, Any]) -> tuple[Any, Any]:
@@ -501,9 +503,10 @@ def _clicked_pages_since(events: Any, since: float | None) -> int:
 
 
 def _finish(home: Path, args: argparse.Namespace, report: dict[str, Any], code: int, state_path: Path,
-            state: dict[str, Any], result: Any) -> int:
-    """Write the report (markdown, plot, optional JSON) and the run's state; the state last, so
-    a run killed before it is simply redone by the next one."""
+            state: dict[str, Any], result: Any, credits: np.ndarray | None = None) -> int:
+    """Write the report (markdown, plots, optional JSON) and the run's state; the state last, so
+    a run killed before it is simply redone by the next one. `credits`: an interleaving trial's
+    per-request credits, plotted as its p-values request by request."""
     import json
     import time
 
@@ -513,10 +516,13 @@ def _finish(home: Path, args: argparse.Namespace, report: dict[str, Any], code: 
     directory = Path(args.report) if args.report else reports_dir(home)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(report["started"]))
     markdown = directory / f"retrain-{report['index']}-{stamp}.md"
-    plot = None
+    plots = []
     if result is not None:
-        plot = _plot_examination(result, markdown.with_suffix(".png"))
-    _write_atomically(markdown, _markdown(report, plot))
+        plots.append(("examination by position and label grades", _plot_examination(result, markdown.with_suffix(".png"))))
+    if credits is not None and len(credits):
+        plots.append(("the interleaving trial's p-values, request by request",
+                      _plot_trial(credits, markdown.with_name(f"{markdown.stem}-interleaving.png"))))
+    _write_atomically(markdown, _markdown(report, [(alt, path) for alt, path in plots if path is not None]))
     if args.json_out:
         _write_atomically(Path(args.json_out), json.dumps(report, indent=2, default=str) + "\n")
     if code in (EXIT_PROMOTED, EXIT_REFUSED, EXIT_INTERLEAVING):
@@ -526,7 +532,7 @@ def _finish(home: Path, args: argparse.Namespace, report: dict[str, Any], code: 
     return code
 
 
-def _markdown(report: dict[str, Any], plot: Path | None) -> str:
+def _markdown(report: dict[str, Any], plots: list[tuple[str, Path]]) -> str:
     from datetime import datetime, timezone
 
     when = datetime.fromtimestamp(report["started"], timezone.utc).isoformat(timespec="seconds")
@@ -572,9 +578,45 @@ def _markdown(report: dict[str, Any], plot: Path | None) -> str:
         lines += [f"- refused: {report['refused']}"]
     if report.get("reason"):
         lines += [f"- nothing trained: {report['reason']}"]
-    if plot is not None:
-        lines += ["", f"![examination by position and label grades]({plot.name})"]
+    for alt, plot in plots:
+        lines += ["", f"![{alt}]({plot.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _plot_trial(credits: np.ndarray, path: Path) -> Path | None:
+    """The always-valid p (what decides) and the fixed-sample t-test's p after each interleaved
+    request: the second dips below 0.05 and back when read too often; the first never comes back."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional
+        return None
+    from scipy.stats import t as student_t
+
+    from ltr.experiments import ALPHA  # lazy: start-up time
+    from ltr.sequential_test import always_valid_p_values  # lazy: start-up time
+
+    n = np.arange(1, len(credits) + 1, dtype=np.float64)
+    mean = np.cumsum(credits) / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.sqrt(np.maximum(np.cumsum(credits**2) - n * mean**2, 0.0) / np.maximum(n - 1, 1))
+        fixed = np.where((n > 1) & (sd > 0), 2 * student_t.sf(np.abs(mean) / (sd / np.sqrt(n)), np.maximum(n - 1, 1)), 1.0)
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    axis.plot(n, always_valid_p_values(credits), label="always-valid p (decides)")
+    axis.plot(n, fixed, alpha=0.6, label="fixed-sample t-test p")
+    axis.axhline(ALPHA, color="grey", linestyle="--", linewidth=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("interleaved requests")
+    axis.set_ylabel("p-value")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _plot_examination(result: Any, path: Path) -> Path | None:
