@@ -366,3 +366,20 @@ def test_a_challenge_interleaves_a_loadable_model_against_the_active_one(registr
     (registry_dir(registry.home) / "challenge.json").write_text("{not json")
     with pytest.raises(ModelCorruptError, match="challenge.json is unreadable"):
         registry.challenge()
+
+
+def test_the_dashboard_marks_the_challenger_next_to_the_active_model(registry, booster):
+    from search.app.pages.dashboard import model_rows
+
+    for seed in range(3):
+        save(registry, train(seed, rounds=3))
+    registry.promote("m0001")
+    registry.promote("m0002")
+    registry.start_challenge("m0003", 0.2, 0.0)
+    rows, error = model_rows(registry.home)
+    assert error is None
+    assert [(r.version, r.status) for r in rows] == [
+        ("m0002", "active"), ("m0003", "challenger: 20% of ltr requests vs m0002 since 1970-01-01 00:00 UTC"),
+        ("m0001", "previous")]
+    registry.end_challenge()
+    assert [r.status for r in model_rows(registry.home)[0]] == ["active", "previous", ""]

@@ -46,11 +46,24 @@ def model_rows(home: Path) -> tuple[list[ModelRow], str | None]:
         manifests: list[ModelManifest] = registry.versions()
     except (RegistryError, OSError, ValueError) as exc:
         return [], str(exc)
-    rows = [ModelRow(m.version, m.created_at, "active" if m.version == active else "previous" if m.version == previous else "",
+    try:  # an unreadable challenge file leaves the table as it is
+        challenge = registry.challenge()
+    except RegistryError:
+        challenge = None
+
+    def status(version: str) -> str:
+        if version == active:
+            return "active"
+        if challenge is not None and version == challenge.version:
+            since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(challenge.started))
+            return f"challenger: {challenge.share:.0%} of ltr requests vs {challenge.against} since {since} UTC"
+        return "previous" if version == previous else ""
+
+    rows = [ModelRow(m.version, m.created_at, status(m.version),
                      f"{m.feature_set.get('name', '?')} v{m.feature_set.get('version', '?')}",
                      {k: v for k, v in m.metrics.items() if isinstance(v, (int, float))})
             for m in reversed(manifests)]
-    rows.sort(key=lambda r: (r.status != "active", r.status != "previous"))
+    rows.sort(key=lambda r: (r.status != "active", not r.status.startswith("challenger"), r.status != "previous"))
     return rows[:MODELS_SHOWN], None
 
 
