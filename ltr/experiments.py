@@ -44,7 +44,9 @@ from search.interleaving import (
     INTERLEAVING_METHODS, OPTIMIZED, TEAM_A, TEAM_B, TEAM_CREDIT, TEAM_SHARED, TEAMS, optimized_interleave, team_draft,
 )
 from search.rules import request_rng
-from ltr.sequential_test import SEQUENTIAL_EFFECT, SEQUENTIAL_MIN, always_valid_p_value, requests_to_decide
+from ltr.sequential_test import (
+    SEQUENTIAL_EFFECT, SEQUENTIAL_MIN, always_valid_p_value, always_valid_p_values, requests_to_decide,
+)
 
 if TYPE_CHECKING:  # ltr.ranker loads xgboost: `models compare` and `--help` never need it
     from ltr.ranker import LtrPipeline, ScoredWindow
@@ -510,8 +512,14 @@ class InterleavingComparison:
         return self.always_valid_p_value if self.reading == "sequential" else self.p_value
 
     def _lead(self) -> float:
-        """> 0 when A is ahead: the mean credit (t-test, sequential) or wins minus losses (sign test)."""
-        return float(self.wins - self.losses) if self.test == "sign" and self.reading == "fixed" else self.mean_credit
+        """> 0 when A is ahead: wins minus losses (sign test), the mean credit (t-test), or read
+        sequentially the mean credit when the always-valid p first fell below ALPHA (the test
+        stops there: a lead that turned later does not turn its verdict)."""
+        if self.reading == "fixed":
+            return float(self.wins - self.losses) if self.test == "sign" else self.mean_credit
+        credits = self.credits()
+        crossed = np.flatnonzero(always_valid_p_values(credits) < ALPHA)
+        return float(credits[: crossed[0] + 1].mean()) if len(crossed) else self.mean_credit
 
     @property
     def preferred(self) -> str | None:

@@ -95,3 +95,18 @@ def test_models_compare_decides_by_the_always_valid_p_by_default():
     assert "would reach an always-valid p < 0.05" in early.note() and "fixed before the first look" in early.note()
     with pytest.raises(ValueError, match="reading must be one of"):
         compare_interleaved("m1", "m2", pages, clicks, reading="peek")
+
+
+def test_the_sequential_verdict_keeps_the_direction_it_stopped_on():
+    """The always-valid test stops at its first crossing: if the lead turns afterwards (a later
+    reader still sees p < 0.05, the running minimum), the verdict stays the crossing's."""
+    rng = np.random.default_rng(4)
+    ahead = list(np.where(rng.random(300) < 0.6, rng.choice([0.5, -0.5], 300, p=[0.8, 0.2]), 0.0))
+    behind = [-c for c in ahead] * 2  # then B leads for twice as long
+    pages, clicks = _log(ahead + behind)
+    result = compare_interleaved("m1", "m2", pages, clicks)
+    assert result.mean_credit < 0 and result.always_valid_p_value < 0.05
+    first = int(np.argmax(always_valid_p_values(np.array(ahead + behind)) < 0.05))
+    assert first < 300 and np.mean((ahead + behind)[: first + 1]) > 0
+    assert result.preferred == "m1"  # the crossing's direction, not today's mean
+    assert compare_interleaved("m1", "m2", pages, clicks, reading="fixed").preferred == "m2"
