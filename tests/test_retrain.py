@@ -234,6 +234,7 @@ def test_retrain_interleaves_a_candidate_before_promoting_it(logged, tmp_path):
     assert waiting.returncode == EXIT_INTERLEAVING, waiting.stderr
     report = json.loads((tmp_path / "wait.json").read_text())
     assert report["interleaving"]["requests"] == 0 and report["interleaving"]["preferred"] is None
+    assert "from its next reload (POST /admin/reload)" in report["interleaving"]["note"]
     assert registry.challenge().version == challenger and registry.active() == active
     _interleaved_traffic(home, active, challenger, clicks_for=active)
     refused = retrain(home, "--interleave", "0.5", "--report", str(tmp_path / "reports"))

@@ -432,10 +432,12 @@ def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any
     if log_path.is_file():
         comparison, _ = read_comparison(log_path, events_path, challenge.against, challenge.version, challenge.started)
         summary, credits = comparison.to_dict(), comparison.credits()
-    else:  # the service has not interleaved a request yet
+    else:
         summary = {"requests": 0, "requests_with_clicks": 0, "mean_credit": 0.0, "p_value": 1.0,
-                   "always_valid_p_value": 1.0, "preferred": None, "verdict": "no significant preference",
-                   "note": "no interleaved request logged yet: reload the service (POST /admin/reload)"}
+                   "always_valid_p_value": 1.0, "preferred": None, "verdict": "no significant preference"}
+    if not summary["requests"]:  # the usual cause: the service was not reloaded after the trial started
+        summary["note"] = (f"no interleaved request of {challenge.against} and {challenge.version} logged since the trial "
+                           "started: a running service interleaves from its next reload (POST /admin/reload)")
     days = (time.time() - challenge.started) / 86400
     report["challenge"] = challenge.to_dict()
     report["interleaving"] = {**{k: summary[k] for k in ("requests", "requests_with_clicks", "mean_credit", "p_value",
