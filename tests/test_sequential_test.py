@@ -110,3 +110,13 @@ def test_the_sequential_verdict_keeps_the_direction_it_stopped_on():
     assert first < 300 and np.mean((ahead + behind)[: first + 1]) > 0
     assert result.preferred == "m1"  # the crossing's direction, not today's mean
     assert compare_interleaved("m1", "m2", pages, clicks, reading="fixed").preferred == "m2"
+
+
+def test_the_fixed_sample_p_path_is_the_t_test_at_every_prefix():
+    from ltr.sequential_test import t_test_p_values
+
+    x = np.random.default_rng(1).normal(0.1, 1.0, 300)
+    p = t_test_p_values(x)
+    assert p[0] == 1.0 and t_test_p_values(np.full(30, 0.5)).tolist() == [1.0] * 30
+    for k in (2, 50, 300):
+        assert p[k - 1] == pytest.approx(ttest_1samp(x[:k], 0.0).pvalue, rel=1e-9)

@@ -417,6 +417,7 @@ def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any
     goes on to train as usual."""
     import time
 
+    from ltr.experiments import compare_interleaved  # lazy: start-up time
     from search.app.cli.compare import read_comparison  # lazy: start-up time
     from search.app.cli.models import cmd_promote  # lazy: start-up time
 
@@ -428,13 +429,11 @@ def _judge_challenge(home: Path, args: argparse.Namespace, report: dict[str, Any
         report["challenge_void"] = challenge.to_dict()
         return None, None
     log_path = config.experiment_log_path
-    credits = None
     if log_path.is_file():
         comparison, _ = read_comparison(log_path, events_path, challenge.against, challenge.version, challenge.started)
-        summary, credits = comparison.to_dict(), comparison.credits()
-    else:
-        summary = {"requests": 0, "requests_with_clicks": 0, "mean_credit": 0.0, "p_value": 1.0,
-                   "always_valid_p_value": 1.0, "preferred": None, "verdict": "no significant preference"}
+    else:  # nothing interleaved yet: the empty comparison
+        comparison = compare_interleaved(challenge.against, challenge.version, [], [])
+    summary, credits = comparison.to_dict(), comparison.credits()
     if not summary["requests"]:  # the usual cause: the service was not reloaded after the trial started
         summary["note"] = (f"no interleaved request of {challenge.against} and {challenge.version} logged since the trial "
                            "started: a running service interleaves from its next reload (POST /admin/reload)")
@@ -595,19 +594,13 @@ def _plot_trial(credits: np.ndarray, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:  # plots are optional
         return None
-    from scipy.stats import t as student_t
-
     from ltr.experiments import ALPHA  # lazy: start-up time
-    from ltr.sequential_test import always_valid_p_values  # lazy: start-up time
+    from ltr.sequential_test import always_valid_p_values, t_test_p_values  # lazy: start-up time
 
-    n = np.arange(1, len(credits) + 1, dtype=np.float64)
-    mean = np.cumsum(credits) / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.sqrt(np.maximum(np.cumsum(credits**2) - n * mean**2, 0.0) / np.maximum(n - 1, 1))
-        fixed = np.where((n > 1) & (sd > 0), 2 * student_t.sf(np.abs(mean) / (sd / np.sqrt(n)), np.maximum(n - 1, 1)), 1.0)
+    n = np.arange(1, len(credits) + 1)
     figure, axis = plt.subplots(figsize=(7, 3.5))
     axis.plot(n, always_valid_p_values(credits), label="always-valid p (decides)")
-    axis.plot(n, fixed, alpha=0.6, label="fixed-sample t-test p")
+    axis.plot(n, t_test_p_values(credits), alpha=0.6, label="fixed-sample t-test p")
     axis.axhline(ALPHA, color="grey", linestyle="--", linewidth=1)
     axis.set_yscale("log")
     axis.set_xlabel("interleaved requests")
